@@ -1,0 +1,305 @@
+//! Providers and models: what Carrel can route to.
+
+use std::net::IpAddr;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use carrel_core::config::{validate_base_url, validate_model_name, validate_price};
+use carrel_core::domain::{Model, Provider, ProviderKind, Source, Tier};
+use carrel_core::store::{NewModel, NewProvider};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::AdminState;
+use crate::error::{AdminError, ErrorBody};
+use crate::json::AdminJson;
+
+/// Body of `POST /admin/v1/providers`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateProvider {
+    /// Unique name that models refer to.
+    #[schema(example = "openai")]
+    pub name: String,
+    /// How the provider is reached; `openai` (default) for any OpenAI-compatible server.
+    #[serde(default)]
+    pub kind: Option<ProviderKind>,
+    /// Base URL including the version path; required for `openai` providers.
+    #[schema(example = "https://api.openai.com/v1")]
+    #[serde(default)]
+    pub base_url: Option<String>,
+    /// The provider's API key. Stored, never returned.
+    #[serde(default)]
+    pub api_key: Option<String>,
+}
+
+/// A provider as the admin API shows it: the API key is never returned.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ProviderView {
+    /// Stable id.
+    pub id: String,
+    /// Unique name.
+    pub name: String,
+    /// How it is reached.
+    pub kind: ProviderKind,
+    /// Base URL.
+    pub base_url: Option<String>,
+    /// Whether an API key is set.
+    pub has_api_key: bool,
+    /// Config file or admin API.
+    pub source: Source,
+    /// RFC 3339 creation time.
+    pub created_at: String,
+}
+
+impl ProviderView {
+    /// The view of a stored provider. `config_key` says whether the config supplied a key.
+    pub fn of(p: Provider, config_key: bool) -> Self {
+        ProviderView {
+            has_api_key: p.api_key.is_some() || config_key,
+            id: p.id,
+            name: p.name,
+            kind: p.kind,
+            base_url: p.base_url,
+            source: p.source,
+            created_at: p.created_at,
+        }
+    }
+}
+
+/// Body of `POST /admin/v1/models`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateModel {
+    /// Public model name that clients send.
+    #[schema(example = "gpt-4o-mini")]
+    pub name: String,
+    /// Name of the provider that serves it.
+    pub provider: String,
+    /// The provider's own name for the model (defaults to `name`).
+    #[serde(default)]
+    pub upstream_model: Option<String>,
+    /// How much control the model needs.
+    pub tier: Tier,
+    /// Price of a million prompt tokens.
+    #[serde(default)]
+    pub input_price_per_mtok: f64,
+    /// Price of a million completion tokens.
+    #[serde(default)]
+    pub output_price_per_mtok: f64,
+}
+
+/// A model as the admin API shows it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ModelView {
+    /// Stable id.
+    pub id: String,
+    /// Public name.
+    pub name: String,
+    /// Provider name.
+    pub provider: String,
+    /// The provider's name for it.
+    pub upstream_model: String,
+    /// Tier.
+    pub tier: Tier,
+    /// Price of a million prompt tokens.
+    pub input_price_per_mtok: f64,
+    /// Price of a million completion tokens.
+    pub output_price_per_mtok: f64,
+    /// Config file or admin API.
+    pub source: Source,
+    /// RFC 3339 creation time.
+    pub created_at: String,
+}
+
+impl From<Model> for ModelView {
+    fn from(m: Model) -> Self {
+        ModelView {
+            id: m.id,
+            name: m.name,
+            provider: m.provider,
+            upstream_model: m.upstream_model,
+            tier: m.tier,
+            input_price_per_mtok: m.input_price_per_mtok,
+            output_price_per_mtok: m.output_price_per_mtok,
+            source: m.source,
+            created_at: m.created_at,
+        }
+    }
+}
+
+/// Creates a provider.
+#[utoipa::path(post, path = "/admin/v1/providers", tag = "catalog",
+    request_body = CreateProvider,
+    responses(
+        (status = 201, body = ProviderView),
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 401, description = "No or wrong admin token", body = ErrorBody),
+        (status = 409, description = "Name taken", body = ErrorBody),
+        (status = 422, description = "A field is invalid; `param` names it", body = ErrorBody),
+    ),
+    security(("admin_token" = [])))]
+pub async fn create_provider(
+    State(state): State<AdminState>,
+    AdminJson(body): AdminJson<CreateProvider>,
+) -> Result<(StatusCode, Json<ProviderView>), AdminError> {
+    if body.name.trim().is_empty() || body.name.len() > 64 {
+        return Err(AdminError::field(
+            "name",
+            "name: must be 1 to 64 characters",
+        ));
+    }
+    let kind = body.kind.unwrap_or(ProviderKind::OpenAi);
+    let base_url = match (kind, body.base_url) {
+        (ProviderKind::OpenAi, None) => {
+            return Err(AdminError::field(
+                "base_url",
+                "base_url: required for an `openai` provider",
+            ));
+        }
+        (ProviderKind::OpenAi, Some(url)) => {
+            let url = validate_base_url(&url)
+                .and_then(|url| refuse_link_local(&url).map(|()| url))
+                .map_err(|m| AdminError::field("base_url", format!("base_url: {m}")))?;
+            Some(url)
+        }
+        (ProviderKind::Demo, Some(_)) => {
+            return Err(AdminError::field(
+                "base_url",
+                "base_url: the built-in `demo` provider takes none",
+            ));
+        }
+        (ProviderKind::Demo, None) => None,
+    };
+    let provider = state
+        .store
+        .create_provider(NewProvider {
+            name: body.name,
+            kind,
+            base_url,
+            api_key: body.api_key.filter(|k| !k.is_empty()),
+        })
+        .await?;
+    tracing::info!(provider = %provider.name, id = %provider.id, "provider created");
+    state.hooks.catalog_changed();
+    Ok((StatusCode::CREATED, Json(ProviderView::of(provider, false))))
+}
+
+/// Refuses link-local and cloud metadata addresses as upstreams (SSRF, OWASP API7).
+fn refuse_link_local(url: &str) -> Result<(), String> {
+    let parsed = url::Url::parse(url).map_err(|e| e.to_string())?;
+    let blocked = match parsed.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_link_local() || ip.is_unspecified(),
+        Some(url::Host::Ipv6(ip)) => {
+            (ip.segments()[0] & 0xffc0) == 0xfe80
+                || ip.is_unspecified()
+                || ip
+                    .to_ipv4_mapped()
+                    .is_some_and(|v4| IpAddr::V4(v4).is_unspecified() || v4.is_link_local())
+        }
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("metadata.google.internal"),
+        None => true,
+    };
+    if blocked {
+        Err("link-local and metadata addresses are not allowed as upstreams".to_owned())
+    } else {
+        Ok(())
+    }
+}
+
+/// Lists providers.
+#[utoipa::path(get, path = "/admin/v1/providers", tag = "catalog",
+    responses((status = 200, body = [ProviderView]), (status = 401, body = ErrorBody)),
+    security(("admin_token" = [])))]
+pub async fn list_providers(
+    State(state): State<AdminState>,
+) -> Result<Json<Vec<ProviderView>>, AdminError> {
+    let providers = state.store.list_providers().await?;
+    Ok(Json(
+        providers
+            .into_iter()
+            // Config-declared providers may hold a key from the environment, in memory only.
+            .map(|p| {
+                let env_key =
+                    p.source == Source::Config && state.env_keyed_providers.contains(&p.name);
+                ProviderView::of(p, env_key)
+            })
+            .collect(),
+    ))
+}
+
+/// Creates a model.
+#[utoipa::path(post, path = "/admin/v1/models", tag = "catalog",
+    request_body = CreateModel,
+    responses(
+        (status = 201, body = ModelView),
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 409, description = "Name taken", body = ErrorBody),
+        (status = 422, description = "A field is invalid or the provider is unknown", body = ErrorBody),
+    ),
+    security(("admin_token" = [])))]
+pub async fn create_model(
+    State(state): State<AdminState>,
+    AdminJson(body): AdminJson<CreateModel>,
+) -> Result<(StatusCode, Json<ModelView>), AdminError> {
+    validate_model_name(&body.name).map_err(|m| AdminError::field("name", format!("name: {m}")))?;
+    let upstream_model = body.upstream_model.unwrap_or_else(|| body.name.clone());
+    validate_model_name(&upstream_model)
+        .map_err(|m| AdminError::field("upstream_model", format!("upstream_model: {m}")))?;
+    for (field, price) in [
+        ("input_price_per_mtok", body.input_price_per_mtok),
+        ("output_price_per_mtok", body.output_price_per_mtok),
+    ] {
+        validate_price(price).map_err(|m| AdminError::field(field, format!("{field}: {m}")))?;
+    }
+    let provider = body.provider.clone();
+    let model = state
+        .store
+        .create_model(NewModel {
+            name: body.name,
+            provider: body.provider,
+            upstream_model,
+            tier: body.tier,
+            input_price_per_mtok: body.input_price_per_mtok,
+            output_price_per_mtok: body.output_price_per_mtok,
+        })
+        .await
+        .map_err(|e| match e {
+            carrel_core::store::StoreError::NotFound(_) => AdminError::field(
+                "provider",
+                format!("provider: no provider named `{provider}`"),
+            ),
+            other => other.into(),
+        })?;
+    tracing::info!(model = %model.name, id = %model.id, tier = %model.tier, "model created");
+    state.hooks.catalog_changed();
+    Ok((StatusCode::CREATED, Json(model.into())))
+}
+
+/// Lists models.
+#[utoipa::path(get, path = "/admin/v1/models", tag = "catalog",
+    responses((status = 200, body = [ModelView]), (status = 401, body = ErrorBody)),
+    security(("admin_token" = [])))]
+pub async fn list_models(
+    State(state): State<AdminState>,
+) -> Result<Json<Vec<ModelView>>, AdminError> {
+    let models = state.store.list_models().await?;
+    Ok(Json(models.into_iter().map(ModelView::from).collect()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_local_upstreams_are_refused() {
+        assert!(refuse_link_local("http://169.254.169.254/v1").is_err());
+        assert!(refuse_link_local("http://[fe80::1]/v1").is_err());
+        assert!(refuse_link_local("http://metadata.google.internal/v1").is_err());
+        assert!(refuse_link_local("http://0.0.0.0/v1").is_err());
+        assert!(refuse_link_local("http://127.0.0.1:9000/v1").is_ok());
+        assert!(refuse_link_local("https://api.openai.com/v1").is_ok());
+    }
+}

@@ -1,0 +1,140 @@
+//! Errors of the admin API, as OpenAI-shaped JSON bodies.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use carrel_core::store::StoreError;
+use serde::Serialize;
+use utoipa::ToSchema;
+
+/// An admin request that failed; each variant has one status and one `code`.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// The body is not JSON.
+    #[error("request body is not valid JSON: {0}")]
+    MalformedJson(String),
+    /// A field is missing, unknown or has a bad value.
+    #[error("{message}")]
+    InvalidField {
+        /// The field, as a dotted path.
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// No or wrong admin credential.
+    #[error("a valid admin bearer token is required")]
+    Unauthorized,
+    /// No admin credential is configured, so nothing can pass.
+    #[error("the admin API is locked: set CARREL_ADMIN_TOKEN to enable it")]
+    Locked,
+    /// The record does not exist.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// The record exists already.
+    #[error("{0} already exists")]
+    Conflict(String),
+    /// The store failed; details are logged, not returned.
+    #[error("internal error")]
+    Internal(#[source] StoreError),
+}
+
+/// The error body: `{"error": {...}}`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    /// The error.
+    pub error: ErrorDetail,
+}
+
+/// What went wrong.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Human-readable explanation.
+    pub message: String,
+    /// Error class, as in the OpenAI API.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// The offending field, when there is one.
+    pub param: Option<String>,
+    /// Stable machine-readable code.
+    pub code: &'static str,
+}
+
+impl AdminError {
+    /// A field error.
+    pub fn field(field: impl Into<String>, message: impl Into<String>) -> Self {
+        AdminError::InvalidField {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    fn status(&self) -> StatusCode {
+        match self {
+            AdminError::MalformedJson(_) => StatusCode::BAD_REQUEST,
+            AdminError::InvalidField { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            AdminError::Unauthorized | AdminError::Locked => StatusCode::UNAUTHORIZED,
+            AdminError::NotFound(_) => StatusCode::NOT_FOUND,
+            AdminError::Conflict(_) => StatusCode::CONFLICT,
+            AdminError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn code(&self) -> &'static str {
+        match self {
+            AdminError::MalformedJson(_) => "invalid_json",
+            AdminError::InvalidField { .. } => "invalid_field",
+            AdminError::Unauthorized => "invalid_admin_token",
+            AdminError::Locked => "admin_locked",
+            AdminError::NotFound(_) => "not_found",
+            AdminError::Conflict(_) => "conflict",
+            AdminError::Internal(_) => "internal_error",
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            AdminError::MalformedJson(_)
+            | AdminError::InvalidField { .. }
+            | AdminError::NotFound(_)
+            | AdminError::Conflict(_) => "invalid_request_error",
+            AdminError::Unauthorized | AdminError::Locked => "authentication_error",
+            AdminError::Internal(_) => "api_error",
+        }
+    }
+}
+
+impl From<StoreError> for AdminError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Conflict(what) => AdminError::Conflict(what),
+            StoreError::NotFound(what) => AdminError::NotFound(what),
+            other => AdminError::Internal(other),
+        }
+    }
+}
+
+impl IntoResponse for AdminError {
+    fn into_response(self) -> Response {
+        if let AdminError::Internal(source) = &self {
+            tracing::error!(error = %source, "admin request failed");
+        }
+        let param = match &self {
+            AdminError::InvalidField { field, .. } => Some(field.clone()),
+            _ => None,
+        };
+        let body = ErrorBody {
+            error: ErrorDetail {
+                message: self.to_string(),
+                kind: self.kind(),
+                param,
+                code: self.code(),
+            },
+        };
+        (self.status(), Json(body)).into_response()
+    }
+}
+
+/// Fallback for unknown admin paths.
+pub async fn not_found() -> AdminError {
+    AdminError::NotFound("route".to_owned())
+}

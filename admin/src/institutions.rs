@@ -1,0 +1,273 @@
+//! Institutions and their API keys.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use carrel_core::domain::{
+    ApiKey, Institution, InstitutionKind, KeyKind, Tier, validate_region, validate_timezone,
+};
+use carrel_core::keys::NewKey;
+use carrel_core::store::{NewApiKey, NewInstitution};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::AdminState;
+use crate::error::{AdminError, ErrorBody};
+use crate::json::AdminJson;
+
+/// Body of `POST /admin/v1/institutions`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateInstitution {
+    /// Display name.
+    #[schema(example = "Springfield Public Library")]
+    pub name: String,
+    /// Sector.
+    pub kind: InstitutionKind,
+    /// ISO 3166-2 subdivision code.
+    #[schema(example = "US-IL")]
+    pub region: String,
+    /// IANA time zone its days and months are counted in.
+    #[schema(example = "America/Chicago")]
+    pub timezone: String,
+}
+
+/// An institution.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct InstitutionView {
+    /// Stable id (`inst_…`).
+    pub id: String,
+    /// Display name.
+    pub name: String,
+    /// Sector.
+    pub kind: InstitutionKind,
+    /// ISO 3166-2 code.
+    pub region: String,
+    /// IANA time zone.
+    pub timezone: String,
+    /// RFC 3339 creation time.
+    pub created_at: String,
+}
+
+impl From<Institution> for InstitutionView {
+    fn from(i: Institution) -> Self {
+        InstitutionView {
+            id: i.id,
+            name: i.name,
+            kind: i.kind,
+            region: i.region,
+            timezone: i.timezone,
+            created_at: i.created_at,
+        }
+    }
+}
+
+/// Body of `POST /admin/v1/institutions/{id}/keys`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateKey {
+    /// Display name, e.g. the kiosk's location.
+    #[schema(example = "Main branch kiosk 3")]
+    pub name: String,
+    /// What the key is for.
+    pub kind: KeyKind,
+    /// Highest model tier the key may reach (default `advanced`; `frontier` must be asked for).
+    #[serde(default)]
+    pub tier_ceiling: Option<Tier>,
+}
+
+/// An API key (without its secret).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct KeyView {
+    /// Public id; also the middle of the key string, safe to log.
+    pub id: String,
+    /// Owning institution.
+    pub institution_id: String,
+    /// Display name.
+    pub name: String,
+    /// What it is for.
+    pub kind: KeyKind,
+    /// Highest model tier it may reach.
+    pub tier_ceiling: Tier,
+    /// RFC 3339 creation time.
+    pub created_at: String,
+    /// RFC 3339 revocation time, once revoked.
+    pub revoked_at: Option<String>,
+}
+
+impl From<ApiKey> for KeyView {
+    fn from(k: ApiKey) -> Self {
+        KeyView {
+            id: k.id,
+            institution_id: k.institution_id,
+            name: k.name,
+            kind: k.kind,
+            tier_ceiling: k.tier_ceiling,
+            created_at: k.created_at,
+            revoked_at: k.revoked_at,
+        }
+    }
+}
+
+/// A key just created: the only response that ever carries its secret.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CreatedKey {
+    /// The key.
+    #[serde(flatten)]
+    pub key: KeyView,
+    /// The whole API key (`crl_…`) to send as `Authorization: Bearer`. Shown once.
+    pub secret: String,
+}
+
+/// Creates an institution.
+#[utoipa::path(post, path = "/admin/v1/institutions", tag = "institutions",
+    request_body = CreateInstitution,
+    responses(
+        (status = 201, body = InstitutionView),
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 422, description = "A field is invalid; `param` names it", body = ErrorBody),
+    ),
+    security(("admin_token" = [])))]
+pub async fn create_institution(
+    State(state): State<AdminState>,
+    AdminJson(body): AdminJson<CreateInstitution>,
+) -> Result<(StatusCode, Json<InstitutionView>), AdminError> {
+    if body.name.trim().is_empty() || body.name.len() > 200 {
+        return Err(AdminError::field(
+            "name",
+            "name: must be 1 to 200 characters",
+        ));
+    }
+    validate_region(&body.region)
+        .map_err(|m| AdminError::field("region", format!("region: {m}")))?;
+    validate_timezone(&body.timezone)
+        .map_err(|m| AdminError::field("timezone", format!("timezone: {m}")))?;
+    let inst = state
+        .store
+        .create_institution(NewInstitution {
+            name: body.name,
+            kind: body.kind,
+            region: body.region,
+            timezone: body.timezone,
+        })
+        .await?;
+    tracing::info!(institution = %inst.id, kind = %inst.kind, region = %inst.region, "institution created");
+    Ok((StatusCode::CREATED, Json(inst.into())))
+}
+
+/// Lists institutions.
+#[utoipa::path(get, path = "/admin/v1/institutions", tag = "institutions",
+    responses((status = 200, body = [InstitutionView]), (status = 401, body = ErrorBody)),
+    security(("admin_token" = [])))]
+pub async fn list_institutions(
+    State(state): State<AdminState>,
+) -> Result<Json<Vec<InstitutionView>>, AdminError> {
+    let all = state.store.list_institutions().await?;
+    Ok(Json(all.into_iter().map(InstitutionView::from).collect()))
+}
+
+/// One institution.
+#[utoipa::path(get, path = "/admin/v1/institutions/{id}", tag = "institutions",
+    params(("id" = String, Path, description = "Institution id")),
+    responses((status = 200, body = InstitutionView), (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody)),
+    security(("admin_token" = [])))]
+pub async fn get_institution(
+    State(state): State<AdminState>,
+    Path(id): Path<String>,
+) -> Result<Json<InstitutionView>, AdminError> {
+    let inst = state
+        .store
+        .get_institution(&id)
+        .await?
+        .ok_or_else(|| AdminError::NotFound(format!("institution `{id}`")))?;
+    Ok(Json(inst.into()))
+}
+
+/// Creates an API key for an institution. The response is the only time the secret is shown.
+#[utoipa::path(post, path = "/admin/v1/institutions/{id}/keys", tag = "keys",
+    params(("id" = String, Path, description = "Institution id")),
+    request_body = CreateKey,
+    responses(
+        (status = 201, body = CreatedKey),
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 404, description = "No such institution", body = ErrorBody),
+        (status = 422, description = "A field is invalid; `param` names it", body = ErrorBody),
+    ),
+    security(("admin_token" = [])))]
+pub async fn create_key(
+    State(state): State<AdminState>,
+    Path(institution_id): Path<String>,
+    AdminJson(body): AdminJson<CreateKey>,
+) -> Result<(StatusCode, Json<CreatedKey>), AdminError> {
+    if body.name.trim().is_empty() || body.name.len() > 200 {
+        return Err(AdminError::field(
+            "name",
+            "name: must be 1 to 200 characters",
+        ));
+    }
+    let minted = NewKey::generate();
+    let key = state
+        .store
+        .create_key(NewApiKey {
+            id: minted.id.clone(),
+            institution_id,
+            name: body.name,
+            kind: body.kind,
+            tier_ceiling: body.tier_ceiling.unwrap_or(Tier::Advanced),
+            secret_hash: state.pepper.hash_secret(minted.secret()),
+        })
+        .await?;
+    tracing::info!(key = %key.id, institution = %key.institution_id, kind = %key.kind, "api key created");
+    Ok((
+        StatusCode::CREATED,
+        Json(CreatedKey {
+            key: key.into(),
+            secret: minted.token,
+        }),
+    ))
+}
+
+/// Lists an institution's keys (never their secrets).
+#[utoipa::path(get, path = "/admin/v1/institutions/{id}/keys", tag = "keys",
+    params(("id" = String, Path, description = "Institution id")),
+    responses((status = 200, body = [KeyView]), (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody)),
+    security(("admin_token" = [])))]
+pub async fn list_keys(
+    State(state): State<AdminState>,
+    Path(institution_id): Path<String>,
+) -> Result<Json<Vec<KeyView>>, AdminError> {
+    if state
+        .store
+        .get_institution(&institution_id)
+        .await?
+        .is_none()
+    {
+        return Err(AdminError::NotFound(format!(
+            "institution `{institution_id}`"
+        )));
+    }
+    let keys = state.store.list_keys(&institution_id).await?;
+    Ok(Json(keys.into_iter().map(KeyView::from).collect()))
+}
+
+/// Revokes a key; it stops working on every listener at once.
+#[utoipa::path(delete, path = "/admin/v1/keys/{id}", tag = "keys",
+    params(("id" = String, Path, description = "Key id")),
+    responses((status = 204, description = "Revoked"), (status = 401, body = ErrorBody),
+        (status = 404, description = "No live key with that id", body = ErrorBody)),
+    security(("admin_token" = [])))]
+pub async fn revoke_key(
+    State(state): State<AdminState>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, AdminError> {
+    if !state.store.revoke_key(&id).await? {
+        return Err(AdminError::NotFound(format!("key `{id}`")));
+    }
+    state.hooks.key_revoked(&id);
+    tracing::info!(key = %id, "api key revoked");
+    Ok(StatusCode::NO_CONTENT)
+}

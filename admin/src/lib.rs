@@ -1,0 +1,91 @@
+//! Carrel's control plane: the admin API that institutions and operators script against.
+//!
+//! Served on the admin listener, never on the public one. Every route but `/healthz` needs an
+//! admin credential; today that is the operator's bearer token from `CARREL_ADMIN_TOKEN`.
+//! The router is axum: the admin plane is not the hot path, and axum + utoipa keep handlers and
+//! the published OpenAPI contract (`openapi/openapi.json`) side by side.
+//!
+//! # Layout
+//!
+//! - [`error`]: [`error::AdminError`], rendered as the OpenAI-shaped error body.
+//! - [`json`]: the JSON body extractor: 400 for malformed JSON, 422 naming the bad field.
+//! - [`auth`]: the admin credential check.
+//! - [`catalog`]: providers and models.
+//! - [`institutions`]: institutions and their API keys.
+//! - [`doc`]: the OpenAPI document.
+
+pub mod auth;
+pub mod catalog;
+pub mod doc;
+pub mod error;
+pub mod institutions;
+pub mod json;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::routing::{delete, get};
+use carrel_core::keys::Pepper;
+use carrel_core::store::Store;
+
+/// What the data plane must hear about at once when the control plane changes something.
+/// The gateway implements it; on several replicas the same calls arrive from pub/sub.
+pub trait ControlHooks: Send + Sync + 'static {
+    /// A key was revoked: stop honouring it now (drop it from every cache).
+    fn key_revoked(&self, key_id: &str);
+    /// Providers or models changed: reload the routing catalog.
+    fn catalog_changed(&self);
+}
+
+/// Shared state of the admin handlers.
+#[derive(Clone)]
+pub struct AdminState {
+    /// The control-data store.
+    pub store: Store,
+    /// Keys the hash of new API key secrets.
+    pub pepper: Pepper,
+    /// The operator's bearer token; `None` locks every admin route.
+    pub operator_token: Option<Arc<str>>,
+    /// Tells the data plane about changes.
+    pub hooks: Arc<dyn ControlHooks>,
+    /// Names of config-declared providers whose API key came from the environment (kept in
+    /// memory only, so the store cannot tell).
+    pub env_keyed_providers: Arc<HashSet<String>>,
+}
+
+/// The admin router: `/healthz`, `/admin/v1/...` and `/admin/openapi.json`.
+pub fn router(state: AdminState) -> Router {
+    let admin = Router::new()
+        .route(
+            "/admin/v1/providers",
+            get(catalog::list_providers).post(catalog::create_provider),
+        )
+        .route(
+            "/admin/v1/models",
+            get(catalog::list_models).post(catalog::create_model),
+        )
+        .route(
+            "/admin/v1/institutions",
+            get(institutions::list_institutions).post(institutions::create_institution),
+        )
+        .route(
+            "/admin/v1/institutions/{id}",
+            get(institutions::get_institution),
+        )
+        .route(
+            "/admin/v1/institutions/{id}/keys",
+            get(institutions::list_keys).post(institutions::create_key),
+        )
+        .route("/admin/v1/keys/{id}", delete(institutions::revoke_key))
+        .route("/admin/openapi.json", get(doc::serve))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_admin,
+        ));
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .merge(admin)
+        .fallback(error::not_found)
+        .with_state(state)
+}

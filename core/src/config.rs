@@ -1,0 +1,787 @@
+//! Configuration: a TOML file, overridden by `CARREL__SECTION__KEY` environment variables.
+//!
+//! Parsing is two steps. The raw tree ([`RawConfig`]) mirrors the file with
+//! `deny_unknown_fields`, so a typo is an error, and is read through `serde_path_to_error` so
+//! every error names its dotted key. [`Config::try_from`] then checks values and cross-field rules
+//! and produces typed settings (`SocketAddr`, `Duration`, resolved secrets).
+//!
+//! `deploy/carrel.example.toml` documents every key; keep it in step with this file.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::domain::{ProviderKind, Tier};
+
+/// Prefix of environment overrides: `CARREL__SERVER__LISTEN=0.0.0.0:8080` sets `server.listen`.
+pub const ENV_PREFIX: &str = "CARREL__";
+
+/// A configuration that cannot be used. Its `Display` is the one line printed before exiting.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML.
+    #[error("config file {path}: {message}")]
+    Syntax {
+        /// The file.
+        path: String,
+        /// The parser's message, with line and column.
+        message: String,
+    },
+    /// A key is unknown or has a bad value.
+    #[error("{key}: {message}")]
+    Invalid {
+        /// The dotted key path, e.g. `server.listen` or `models[2].tier`.
+        key: String,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+impl ConfigError {
+    fn invalid(key: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+
+    /// The dotted key the error is about, when it is about one.
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            ConfigError::Invalid { key, .. } => Some(key),
+            ConfigError::Read { .. } | ConfigError::Syntax { .. } => None,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw tree: what the file may say.
+
+/// The file as written. Every section is optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawConfig {
+    server: RawServer,
+    upstream: RawUpstream,
+    auth: RawAuth,
+    log: RawLog,
+    providers: Vec<RawProvider>,
+    models: Vec<RawModel>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawServer {
+    listen: Option<String>,
+    admin_listen: Option<String>,
+    data_dir: Option<PathBuf>,
+    max_body_bytes: Option<i64>,
+    header_read_timeout_ms: Option<i64>,
+    shutdown_grace_ms: Option<i64>,
+    h2_max_concurrent_streams: Option<i64>,
+    tls: Option<RawTls>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawUpstream {
+    connect_timeout_ms: Option<i64>,
+    response_timeout_ms: Option<i64>,
+    idle_timeout_ms: Option<i64>,
+    pool_max_idle_per_host: Option<i64>,
+    pool_idle_timeout_ms: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawAuth {
+    key_cache_ttl_ms: Option<i64>,
+    key_cache_capacity: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawLog {
+    level: Option<String>,
+    format: Option<LogFormat>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProvider {
+    name: String,
+    #[serde(default)]
+    kind: Option<ProviderKind>,
+    #[serde(default)]
+    base_url: Option<String>,
+    #[serde(default)]
+    api_key_env: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModel {
+    name: String,
+    provider: String,
+    #[serde(default)]
+    upstream_model: Option<String>,
+    tier: Tier,
+    #[serde(default)]
+    input_price_per_mtok: f64,
+    #[serde(default)]
+    output_price_per_mtok: f64,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validated settings.
+
+/// Validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Listeners, limits and the data directory.
+    pub server: ServerConfig,
+    /// How Carrel talks to providers.
+    pub upstream: UpstreamConfig,
+    /// API key verification.
+    pub auth: AuthConfig,
+    /// Logging.
+    pub log: LogConfig,
+    /// Providers declared in the file (re-applied to the store at every start).
+    pub providers: Vec<ProviderConfig>,
+    /// Models declared in the file (re-applied to the store at every start).
+    pub models: Vec<ModelConfig>,
+}
+
+/// `[server]`.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Public (data plane) listener.
+    pub listen: SocketAddr,
+    /// Admin listener.
+    pub admin_listen: SocketAddr,
+    /// Where the embedded store and the pepper live.
+    pub data_dir: PathBuf,
+    /// Largest request body accepted; larger gets 413.
+    pub max_body_bytes: usize,
+    /// Time a client has to send a whole HTTP/1 request head (slowloris bound).
+    pub header_read_timeout: Duration,
+    /// How long in-flight requests may run on after a shutdown signal.
+    pub shutdown_grace: Duration,
+    /// HTTP/2 streams one client connection may have open at once.
+    pub h2_max_concurrent_streams: u32,
+    /// TLS on the public listener, when configured.
+    pub tls: Option<TlsConfig>,
+}
+
+/// `[server.tls]`: PEM files.
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    /// Certificate chain.
+    pub cert: PathBuf,
+    /// Private key.
+    pub key: PathBuf,
+}
+
+/// `[upstream]`.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// TCP (and TLS) connect timeout; past it the request gets 502.
+    pub connect_timeout: Duration,
+    /// Time from sending the request to the upstream's response head; past it, 504.
+    pub response_timeout: Duration,
+    /// Longest silence between two body chunks of an upstream response.
+    pub idle_timeout: Duration,
+    /// Idle keep-alive connections kept per upstream host.
+    pub pool_max_idle_per_host: usize,
+    /// How long an idle pooled connection is kept.
+    pub pool_idle_timeout: Duration,
+}
+
+/// `[auth]`.
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    /// How long a verified key stays cached; revocation also evicts it at once.
+    pub key_cache_ttl: Duration,
+    /// Most keys cached at once.
+    pub key_cache_capacity: u64,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    /// A `tracing` filter directive such as `info` or `carrel_gateway=debug,info`.
+    pub level: String,
+    /// Output format.
+    pub format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[[providers]]`.
+#[derive(Debug, Clone)]
+pub struct ProviderConfig {
+    /// Unique name.
+    pub name: String,
+    /// How it is reached.
+    pub kind: ProviderKind,
+    /// Base URL including the version path, for `openai` providers.
+    pub base_url: Option<String>,
+    /// The API key read from the environment variable named by `api_key_env`.
+    pub api_key: Option<String>,
+}
+
+/// `[[models]]`.
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    /// Public model name.
+    pub name: String,
+    /// Provider name.
+    pub provider: String,
+    /// The provider's name for it (defaults to `name`).
+    pub upstream_model: String,
+    /// Tier.
+    pub tier: Tier,
+    /// Price per million prompt tokens.
+    pub input_price_per_mtok: f64,
+    /// Price per million completion tokens.
+    pub output_price_per_mtok: f64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config::from_raw(RawConfig::default(), &|_| None).expect("the defaults are valid")
+    }
+}
+
+impl Config {
+    /// Reads `path` (or nothing: all defaults), applies `CARREL__…` overrides from `vars`, and
+    /// validates. `lookup` resolves the environment variables that hold provider API keys.
+    pub fn load(
+        path: Option<&Path>,
+        vars: impl IntoIterator<Item = (String, String)>,
+        lookup: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let (mut table, origin) = match path {
+            Some(path) => {
+                let origin = path.display().to_string();
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: origin.clone(),
+                    source,
+                })?;
+                let table = text
+                    .parse::<toml::Table>()
+                    .map_err(|e| ConfigError::Syntax {
+                        path: origin.clone(),
+                        message: e.to_string().trim().replace('\n', " "),
+                    })?;
+                (table, origin)
+            }
+            None => (toml::Table::new(), "defaults".to_owned()),
+        };
+        apply_env_overrides(&mut table, vars)?;
+        tracing::debug!(%origin, "configuration read");
+        let raw = deserialize_raw(toml::Value::Table(table))?;
+        Config::from_raw(raw, lookup)
+    }
+
+    /// Reads the configuration from the process environment.
+    pub fn load_from_env(path: Option<&Path>) -> Result<Config, ConfigError> {
+        Config::load(path, std::env::vars(), &|name| std::env::var(name).ok())
+    }
+
+    fn from_raw(
+        raw: RawConfig,
+        lookup: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let s = raw.server;
+        let server = ServerConfig {
+            listen: socket_addr("server.listen", s.listen.as_deref(), "127.0.0.1:8080")?,
+            admin_listen: socket_addr(
+                "server.admin_listen",
+                s.admin_listen.as_deref(),
+                "127.0.0.1:8081",
+            )?,
+            data_dir: s.data_dir.unwrap_or_else(|| PathBuf::from("./carrel-data")),
+            max_body_bytes: bounded(
+                "server.max_body_bytes",
+                s.max_body_bytes,
+                2 * 1024 * 1024,
+                1024,
+                256 * 1024 * 1024,
+            )? as usize,
+            header_read_timeout: millis(
+                "server.header_read_timeout_ms",
+                s.header_read_timeout_ms,
+                10_000,
+            )?,
+            shutdown_grace: millis("server.shutdown_grace_ms", s.shutdown_grace_ms, 30_000)?,
+            h2_max_concurrent_streams: bounded(
+                "server.h2_max_concurrent_streams",
+                s.h2_max_concurrent_streams,
+                100,
+                1,
+                10_000,
+            )? as u32,
+            tls: s.tls.map(|t| TlsConfig {
+                cert: t.cert,
+                key: t.key,
+            }),
+        };
+        let u = raw.upstream;
+        let upstream = UpstreamConfig {
+            connect_timeout: millis("upstream.connect_timeout_ms", u.connect_timeout_ms, 5_000)?,
+            response_timeout: millis(
+                "upstream.response_timeout_ms",
+                u.response_timeout_ms,
+                300_000,
+            )?,
+            idle_timeout: millis("upstream.idle_timeout_ms", u.idle_timeout_ms, 120_000)?,
+            pool_max_idle_per_host: bounded(
+                "upstream.pool_max_idle_per_host",
+                u.pool_max_idle_per_host,
+                512,
+                0,
+                1_000_000,
+            )? as usize,
+            pool_idle_timeout: millis(
+                "upstream.pool_idle_timeout_ms",
+                u.pool_idle_timeout_ms,
+                90_000,
+            )?,
+        };
+        let a = raw.auth;
+        let auth = AuthConfig {
+            key_cache_ttl: millis("auth.key_cache_ttl_ms", a.key_cache_ttl_ms, 60_000)?,
+            key_cache_capacity: bounded(
+                "auth.key_cache_capacity",
+                a.key_cache_capacity,
+                100_000,
+                1,
+                100_000_000,
+            )? as u64,
+        };
+        let log = LogConfig {
+            level: raw.log.level.unwrap_or_else(|| "info".to_owned()),
+            format: raw.log.format.unwrap_or(LogFormat::Text),
+        };
+
+        let mut names = HashSet::new();
+        let mut providers = Vec::with_capacity(raw.providers.len());
+        for (i, p) in raw.providers.into_iter().enumerate() {
+            let key = |field: &str| format!("providers[{i}].{field}");
+            if p.name.trim().is_empty() {
+                return Err(ConfigError::invalid(key("name"), "must not be empty"));
+            }
+            if !names.insert(p.name.clone()) {
+                return Err(ConfigError::invalid(
+                    key("name"),
+                    format!("provider `{}` is declared twice", p.name),
+                ));
+            }
+            let kind = p.kind.unwrap_or(ProviderKind::OpenAi);
+            let base_url = match (kind, p.base_url) {
+                (ProviderKind::OpenAi, None) => {
+                    return Err(ConfigError::invalid(
+                        key("base_url"),
+                        "missing: an `openai` provider needs a base URL such as https://api.openai.com/v1",
+                    ));
+                }
+                (ProviderKind::OpenAi, Some(url)) => Some(
+                    validate_base_url(&url)
+                        .map_err(|m| ConfigError::invalid(key("base_url"), m))?,
+                ),
+                (ProviderKind::Demo, Some(_)) => {
+                    return Err(ConfigError::invalid(
+                        key("base_url"),
+                        "the built-in `demo` provider takes no base URL",
+                    ));
+                }
+                (ProviderKind::Demo, None) => None,
+            };
+            let api_key = match p.api_key_env {
+                Some(var) => Some(lookup(&var).filter(|v| !v.is_empty()).ok_or_else(|| {
+                    ConfigError::invalid(
+                        key("api_key_env"),
+                        format!("environment variable {var} is not set"),
+                    )
+                })?),
+                None => None,
+            };
+            providers.push(ProviderConfig {
+                name: p.name,
+                kind,
+                base_url,
+                api_key,
+            });
+        }
+
+        let mut model_names = HashSet::new();
+        let mut models = Vec::with_capacity(raw.models.len());
+        for (i, m) in raw.models.into_iter().enumerate() {
+            let key = |field: &str| format!("models[{i}].{field}");
+            if let Err(message) = validate_model_name(&m.name) {
+                return Err(ConfigError::invalid(key("name"), message));
+            }
+            if !model_names.insert(m.name.clone()) {
+                return Err(ConfigError::invalid(
+                    key("name"),
+                    format!("model `{}` is declared twice", m.name),
+                ));
+            }
+            if !names.contains(&m.provider) {
+                return Err(ConfigError::invalid(
+                    key("provider"),
+                    format!("no provider named `{}` is declared", m.provider),
+                ));
+            }
+            for (field, price) in [
+                ("input_price_per_mtok", m.input_price_per_mtok),
+                ("output_price_per_mtok", m.output_price_per_mtok),
+            ] {
+                if let Err(message) = validate_price(price) {
+                    return Err(ConfigError::invalid(key(field), message));
+                }
+            }
+            models.push(ModelConfig {
+                upstream_model: m.upstream_model.unwrap_or_else(|| m.name.clone()),
+                name: m.name,
+                provider: m.provider,
+                tier: m.tier,
+                input_price_per_mtok: m.input_price_per_mtok,
+                output_price_per_mtok: m.output_price_per_mtok,
+            });
+        }
+
+        Ok(Config {
+            server,
+            upstream,
+            auth,
+            log,
+            providers,
+            models,
+        })
+    }
+}
+
+/// Checks an OpenAI-compatible base URL and returns it without a trailing slash.
+pub fn validate_base_url(url: &str) -> Result<String, String> {
+    let parsed = url::Url::parse(url).map_err(|e| format!("not a URL ({e})"))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(format!(
+            "scheme `{}` is not supported, use http or https",
+            parsed.scheme()
+        ));
+    }
+    if parsed.host_str().is_none_or(str::is_empty) {
+        return Err("the URL has no host".to_owned());
+    }
+    if parsed.query().is_some() || parsed.fragment().is_some() {
+        return Err("the URL must not have a query or fragment".to_owned());
+    }
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return Err("put credentials in api_key, not in the URL".to_owned());
+    }
+    Ok(url.trim_end_matches('/').to_owned())
+}
+
+/// Checks a public model name: what clients send in `model`.
+pub fn validate_model_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 128 {
+        return Err("must be 1 to 128 characters".to_owned());
+    }
+    if name.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err("must not contain whitespace or control characters".to_owned());
+    }
+    Ok(())
+}
+
+/// Checks a price per million tokens.
+pub fn validate_price(price: f64) -> Result<(), String> {
+    if price.is_finite() && price >= 0.0 {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid value: {price}, expected a non-negative number"
+        ))
+    }
+}
+
+fn socket_addr(key: &str, value: Option<&str>, default: &str) -> Result<SocketAddr, ConfigError> {
+    let text = value.unwrap_or(default);
+    text.parse().map_err(|_| {
+        ConfigError::invalid(
+            key,
+            format!("invalid value: \"{text}\", expected an IP:port such as 127.0.0.1:8080"),
+        )
+    })
+}
+
+fn bounded(
+    key: &str,
+    value: Option<i64>,
+    default: i64,
+    min: i64,
+    max: i64,
+) -> Result<i64, ConfigError> {
+    let v = value.unwrap_or(default);
+    if (min..=max).contains(&v) {
+        Ok(v)
+    } else {
+        Err(ConfigError::invalid(
+            key,
+            format!("invalid value: integer {v}, expected a number from {min} to {max}"),
+        ))
+    }
+}
+
+fn millis(key: &str, value: Option<i64>, default: i64) -> Result<Duration, ConfigError> {
+    let v = value.unwrap_or(default);
+    if v > 0 {
+        Ok(Duration::from_millis(v as u64))
+    } else {
+        Err(ConfigError::invalid(
+            key,
+            format!("invalid value: integer {v}, expected a positive number of milliseconds"),
+        ))
+    }
+}
+
+fn deserialize_raw(value: toml::Value) -> Result<RawConfig, ConfigError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let mut key = dotted(e.path());
+        let message = e.inner().to_string();
+        // A missing key is reported at its parent; name the key itself. (An unknown key's path
+        // already ends in the key.)
+        if let Some(rest) = message.strip_prefix("missing field `")
+            && let Some((field, _)) = rest.split_once('`')
+        {
+            key = if key.is_empty() {
+                field.to_owned()
+            } else {
+                format!("{key}.{field}")
+            };
+        }
+        if key.is_empty() || key == "." {
+            key = "(top level)".to_owned();
+        }
+        ConfigError::invalid(key, message.trim().replace('\n', " "))
+    })
+}
+
+fn dotted(path: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    let mut out = String::new();
+    for seg in path.iter() {
+        match seg {
+            Segment::Seq { index } => out.push_str(&format!("[{index}]")),
+            Segment::Map { key } => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(key);
+            }
+            Segment::Enum { variant } => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(variant);
+            }
+            Segment::Unknown => {}
+        }
+    }
+    out
+}
+
+/// Applies `CARREL__SECTION__KEY=value` variables onto the parsed file. Values are read as TOML
+/// when they parse as a TOML value (`8080`, `true`, `"text"`) and as plain strings otherwise.
+fn apply_env_overrides(
+    table: &mut toml::Table,
+    vars: impl IntoIterator<Item = (String, String)>,
+) -> Result<(), ConfigError> {
+    let mut overrides: Vec<(String, String)> = vars
+        .into_iter()
+        .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+        .collect();
+    overrides.sort();
+    for (name, raw_value) in overrides {
+        let path: Vec<String> = name[ENV_PREFIX.len()..]
+            .split("__")
+            .map(str::to_ascii_lowercase)
+            .collect();
+        let dotted_key = path.join(".");
+        if path.iter().any(String::is_empty) {
+            return Err(ConfigError::invalid(
+                dotted_key,
+                format!("environment variable {name} is not of the form CARREL__SECTION__KEY"),
+            ));
+        }
+        let value = format!("v = {raw_value}")
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or(toml::Value::String(raw_value));
+        let (last, parents) = path.split_last().expect("split yields at least one part");
+        let mut cursor = &mut *table;
+        for part in parents {
+            let entry = cursor
+                .entry(part.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            cursor = entry.as_table_mut().ok_or_else(|| {
+                ConfigError::invalid(
+                    dotted_key.clone(),
+                    format!("{name} sets a key inside `{part}`, which is not a table"),
+                )
+            })?;
+        }
+        cursor.insert(last.clone(), value);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("carrel.toml");
+        std::fs::write(&path, text).unwrap();
+        let vars = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        Config::load(Some(&path), vars, &|name| {
+            (name == "UPSTREAM_KEY").then(|| "sk-test".to_owned())
+        })
+    }
+
+    fn key_of(err: ConfigError) -> String {
+        err.key().expect("an error about a key").to_owned()
+    }
+
+    #[test]
+    fn an_empty_file_gives_the_documented_defaults() {
+        let c = load("", &[]).unwrap();
+        assert_eq!(c.server.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.server.admin_listen.to_string(), "127.0.0.1:8081");
+        assert_eq!(c.server.data_dir, PathBuf::from("./carrel-data"));
+        assert!(c.providers.is_empty());
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        assert_eq!(
+            key_of(load("[server]\nlisen = \"x\"\n", &[]).unwrap_err()),
+            "server.lisen"
+        );
+        assert_eq!(key_of(load("[sever]\n", &[]).unwrap_err()), "sever");
+        let err = load(
+            "[[providers]]\nname = \"a\"\nbase_url = \"http://h/v1\"\nbase = 1\n",
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(key_of(err), "providers[0].base");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let err = load("[server]\nlisten = \"nowhere\"\n", &[]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "server.listen: invalid value: \"nowhere\", expected an IP:port such as 127.0.0.1:8080"
+        );
+        let err = load("[upstream]\nconnect_timeout_ms = 0\n", &[]).unwrap_err();
+        assert_eq!(key_of(err), "upstream.connect_timeout_ms");
+        let err = load("[server]\nmax_body_bytes = \"big\"\n", &[]).unwrap_err();
+        assert_eq!(key_of(err), "server.max_body_bytes");
+    }
+
+    #[test]
+    fn models_are_checked_against_providers() {
+        let base = "[[providers]]\nname = \"up\"\nbase_url = \"http://127.0.0.1:9/v1\"\napi_key_env = \"UPSTREAM_KEY\"\n";
+        let ok = load(
+            &format!("{base}[[models]]\nname = \"m\"\nprovider = \"up\"\ntier = \"baseline\"\n"),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(ok.models[0].upstream_model, "m");
+        assert_eq!(ok.providers[0].api_key.as_deref(), Some("sk-test"));
+
+        let err = load(
+            &format!("{base}[[models]]\nname = \"m\"\nprovider = \"nope\"\ntier = \"baseline\"\n"),
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(key_of(err), "models[0].provider");
+        let err = load(
+            &format!("{base}[[models]]\nname = \"m\"\nprovider = \"up\"\ntier = \"ultra\"\n"),
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(key_of(err), "models[0].tier");
+        let err = load(
+            "[[providers]]\nname = \"up\"\nbase_url = \"http://h/v1\"\napi_key_env = \"MISSING\"\n",
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "providers[0].api_key_env: environment variable MISSING is not set"
+        );
+        let err = load(
+            "[[providers]]\nname = \"up\"\nbase_url = \"ftp://h\"\n",
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(key_of(err), "providers[0].base_url");
+    }
+
+    #[test]
+    fn environment_overrides_win_and_are_checked() {
+        let c = load(
+            "[server]\nlisten = \"127.0.0.1:1\"\n",
+            &[
+                ("CARREL__SERVER__LISTEN", "127.0.0.1:2"),
+                ("CARREL__SERVER__MAX_BODY_BYTES", "4096"),
+                ("CARREL_ADMIN_TOKEN", "ignored: single underscore"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.server.listen.port(), 2);
+        assert_eq!(c.server.max_body_bytes, 4096);
+        let err = load("", &[("CARREL__SERVER__NOPE", "1")]).unwrap_err();
+        assert_eq!(key_of(err), "server.nope");
+        let err = load("", &[("CARREL__UPSTREAM__IDLE_TIMEOUT_MS", "-5")]).unwrap_err();
+        assert_eq!(key_of(err), "upstream.idle_timeout_ms");
+    }
+
+    #[test]
+    fn syntax_errors_name_the_file() {
+        let err = load("[server\n", &[]).unwrap_err();
+        assert!(matches!(err, ConfigError::Syntax { .. }), "{err}");
+        assert!(err.to_string().contains("carrel.toml"));
+    }
+}

@@ -1,0 +1,336 @@
+//! The domain: who calls Carrel, which models they reach, and through which providers.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// Declares a closed string enum: serde names, `as_str`, `FromStr` and `Display` in one place.
+macro_rules! string_enum {
+    ($(#[$meta:meta])* pub enum $name:ident { $($(#[$vmeta:meta])* $variant:ident => $text:literal,)+ }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+        pub enum $name {
+            $($(#[$vmeta])* #[serde(rename = $text)] $variant,)+
+        }
+
+        impl $name {
+            /// Every value, in declaration order.
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            /// The wire name.
+            pub const fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $text,)+ }
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = UnknownVariant;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                match s {
+                    $($text => Ok($name::$variant),)+
+                    _ => Err(UnknownVariant {
+                        got: s.to_owned(),
+                        expected: &[$($text),+],
+                    }),
+                }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+/// A string that is not one of an enum's wire names.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("unknown value `{got}`, expected one of {}", expected.join(", "))]
+pub struct UnknownVariant {
+    got: String,
+    expected: &'static [&'static str],
+}
+
+string_enum! {
+    /// How much control a model needs: ordinary models are broadly available, frontier ones are
+    /// gated. Ordered, so a principal's ceiling is a plain comparison.
+    #[derive(PartialOrd, Ord)]
+    pub enum Tier {
+        /// Ordinary models, open to every principal.
+        Baseline => "baseline",
+        /// Stronger models, open to principals whose ceiling allows them.
+        Advanced => "advanced",
+        /// Frontier models, behind the thickest controls.
+        Frontier => "frontier",
+    }
+}
+
+string_enum! {
+    /// What sort of institution an account belongs to; drives defaults and reports.
+    pub enum InstitutionKind {
+        /// A public or academic library.
+        Library => "library",
+        /// A school or school district.
+        School => "school",
+        /// A small business.
+        SmallBusiness => "small_business",
+        /// A nonprofit organisation.
+        Nonprofit => "nonprofit",
+    }
+}
+
+string_enum! {
+    /// What an API key is for.
+    pub enum KeyKind {
+        /// A back-office tool or application calling with a long-lived key.
+        Service => "service",
+        /// A public kiosk; patrons sign in on top of it.
+        Kiosk => "kiosk",
+    }
+}
+
+string_enum! {
+    /// How Carrel reaches a provider.
+    pub enum ProviderKind {
+        /// Any OpenAI-compatible HTTP server (OpenAI, Azure OpenAI, vLLM, llama.cpp, Ollama, ...).
+        OpenAi => "openai",
+        /// The built-in, in-process demo model: deterministic, free, clearly labelled.
+        Demo => "demo",
+    }
+}
+
+/// Where a control-plane record came from: config records are re-applied at every start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    /// Declared in the config file.
+    Config,
+    /// Created through the admin API.
+    Admin,
+}
+
+impl Source {
+    /// The stored name.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Source::Config => "config",
+            Source::Admin => "admin",
+        }
+    }
+
+    /// Parses the stored name; anything unknown is treated as admin-made.
+    pub fn parse(s: &str) -> Self {
+        if s == "config" {
+            Source::Config
+        } else {
+            Source::Admin
+        }
+    }
+}
+
+/// A model provider, as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Provider {
+    /// Stable identifier (`prov_…`).
+    pub id: String,
+    /// Unique name that models refer to.
+    pub name: String,
+    /// How the provider is reached.
+    pub kind: ProviderKind,
+    /// Base URL of the OpenAI-compatible API, including its version path (e.g. `…/v1`).
+    pub base_url: Option<String>,
+    /// The upstream API key. Never returned by the admin API, never logged.
+    pub api_key: Option<String>,
+    /// Where the record came from.
+    pub source: Source,
+    /// RFC 3339 creation time.
+    pub created_at: String,
+}
+
+/// A public model name, mapped onto one provider's model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Model {
+    /// Stable identifier (`model_…`).
+    pub id: String,
+    /// The public name clients send in `model`.
+    pub name: String,
+    /// Name of the provider that serves it.
+    pub provider: String,
+    /// The provider's own name for the model.
+    pub upstream_model: String,
+    /// How much control it needs.
+    pub tier: Tier,
+    /// Price of a million prompt tokens, in the operator's currency.
+    pub input_price_per_mtok: f64,
+    /// Price of a million completion tokens, in the operator's currency.
+    pub output_price_per_mtok: f64,
+    /// Where the record came from.
+    pub source: Source,
+    /// RFC 3339 creation time.
+    pub created_at: String,
+}
+
+/// An institution: a library system, a school district, a small business.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Institution {
+    /// Stable identifier (`inst_…`).
+    pub id: String,
+    /// Display name.
+    pub name: String,
+    /// What sort of institution it is.
+    pub kind: InstitutionKind,
+    /// ISO 3166-2 subdivision code, e.g. `US-CA`.
+    pub region: String,
+    /// IANA time zone that its days and months are counted in.
+    pub timezone: String,
+    /// RFC 3339 creation time.
+    pub created_at: String,
+}
+
+/// An API key as stored: only a keyed hash of its secret is ever kept.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiKey {
+    /// The public identifier, also embedded in the key string.
+    pub id: String,
+    /// The institution the key belongs to.
+    pub institution_id: String,
+    /// Display name.
+    pub name: String,
+    /// What the key is for.
+    pub kind: KeyKind,
+    /// The highest model tier the key may reach.
+    pub tier_ceiling: Tier,
+    /// RFC 3339 creation time.
+    pub created_at: String,
+    /// RFC 3339 revocation time, once revoked.
+    pub revoked_at: Option<String>,
+}
+
+/// What the authenticate stage needs to check a presented key and build its principal.
+#[derive(Debug, Clone)]
+pub struct KeyCredential {
+    /// The key record.
+    pub key: ApiKey,
+    /// HMAC-SHA256 of the secret under the server pepper.
+    pub secret_hash: [u8; 32],
+    /// The institution the key belongs to.
+    pub institution: Institution,
+}
+
+/// Who a request runs as, after authentication. Cheap to clone (shared strings).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Principal {
+    /// The institution whose pool pays.
+    pub institution_id: std::sync::Arc<str>,
+    /// The institution's sector, for metrics and defaults.
+    pub institution_kind: InstitutionKind,
+    /// The API key the request came in with.
+    pub key_id: std::sync::Arc<str>,
+    /// The highest model tier this principal may reach.
+    pub tier_ceiling: Tier,
+}
+
+impl Principal {
+    /// The principal a valid key runs as.
+    pub fn for_key(cred: &KeyCredential) -> Self {
+        Principal {
+            institution_id: cred.institution.id.as_str().into(),
+            institution_kind: cred.institution.kind,
+            key_id: cred.key.id.as_str().into(),
+            tier_ceiling: cred.key.tier_ceiling,
+        }
+    }
+
+    /// Whether this principal may use a model of `tier`.
+    pub fn may_use(&self, tier: Tier) -> bool {
+        tier <= self.tier_ceiling
+    }
+}
+
+/// ISO 3166-1 alpha-2 country codes: the first part of every ISO 3166-2 region code.
+const COUNTRIES: &str = "AD AE AF AG AI AL AM AO AQ AR AS AT AU AW AX AZ BA BB BD BE BF BG BH BI \
+BJ BL BM BN BO BQ BR BS BT BV BW BY BZ CA CC CD CF CG CH CI CK CL CM CN CO CR CU CV CW CX CY CZ DE \
+DJ DK DM DO DZ EC EE EG EH ER ES ET FI FJ FK FM FO FR GA GB GD GE GF GG GH GI GL GM GN GP GQ GR GS \
+GT GU GW GY HK HM HN HR HT HU ID IE IL IM IN IO IQ IR IS IT JE JM JO JP KE KG KH KI KM KN KP KR KW \
+KY KZ LA LB LC LI LK LR LS LT LU LV LY MA MC MD ME MF MG MH MK ML MM MN MO MP MQ MR MS MT MU MV MW \
+MX MY MZ NA NC NE NF NG NI NL NO NP NR NU NZ OM PA PE PF PG PH PK PL PM PN PR PS PT PW PY QA RE RO \
+RS RU RW SA SB SC SD SE SG SH SI SJ SK SL SM SN SO SR SS ST SV SX SY SZ TC TD TF TG TH TJ TK TL TM \
+TN TO TR TT TV TW TZ UA UG UM US UY UZ VA VC VE VG VI VN VU WF WS YE YT ZA ZM ZW";
+
+/// Checks an ISO 3166-2 subdivision code such as `US-CA` or `GB-LND`: an assigned country code,
+/// a hyphen, and one to three upper-case letters or digits.
+pub fn validate_region(code: &str) -> Result<(), String> {
+    let expected = || format!("`{code}` is not an ISO 3166-2 code such as US-CA or GB-LND");
+    let (country, subdivision) = code.split_once('-').ok_or_else(expected)?;
+    let country_ok = country.len() == 2
+        && country.bytes().all(|b| b.is_ascii_uppercase())
+        && COUNTRIES.split_ascii_whitespace().any(|c| c == country);
+    let subdivision_ok = (1..=3).contains(&subdivision.len())
+        && subdivision
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit());
+    if country_ok && subdivision_ok {
+        Ok(())
+    } else {
+        Err(expected())
+    }
+}
+
+/// Checks an IANA time zone name such as `America/Chicago` against the bundled tz database.
+pub fn validate_timezone(name: &str) -> Result<(), String> {
+    // Only names the database knows; fixed offsets and POSIX strings are not time zones.
+    if name.is_empty() || name.starts_with(['+', '-']) || jiff::tz::TimeZone::get(name).is_err() {
+        return Err(format!(
+            "`{name}` is not an IANA time zone such as Europe/Paris"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn regions_and_time_zones_are_checked() {
+        for ok in ["US-CA", "GB-LND", "FR-75", "DE-BY"] {
+            assert!(validate_region(ok).is_ok(), "{ok}");
+        }
+        for bad in ["US", "us-ca", "XX-CA", "US-CALI", "US_CA", ""] {
+            assert!(validate_region(bad).is_err(), "{bad}");
+        }
+        assert!(validate_timezone("America/Chicago").is_ok());
+        assert!(validate_timezone("UTC").is_ok());
+        assert!(validate_timezone("Mars/Olympus").is_err());
+        assert!(validate_timezone("").is_err());
+    }
+
+    #[test]
+    fn tiers_are_ordered_and_round_trip() {
+        assert!(Tier::Baseline < Tier::Advanced && Tier::Advanced < Tier::Frontier);
+        for t in Tier::ALL {
+            assert_eq!(t.as_str().parse::<Tier>().unwrap(), *t);
+        }
+        let err = "ultra".parse::<Tier>().unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "unknown value `ultra`, expected one of baseline, advanced, frontier"
+        );
+    }
+
+    #[test]
+    fn serde_uses_the_wire_names() {
+        assert_eq!(
+            serde_json::to_string(&InstitutionKind::SmallBusiness).unwrap(),
+            "\"small_business\""
+        );
+        assert_eq!(
+            serde_json::from_str::<ProviderKind>("\"openai\"").unwrap(),
+            ProviderKind::OpenAi
+        );
+    }
+}

@@ -1,0 +1,222 @@
+//! API keys: the `crl_` format, the server pepper and the keyed hash of secrets.
+//!
+//! A key reads `crl_<id>_<secret><check>`: a 16-character public id (the lookup handle, safe to
+//! log), a 32-character secret (≈190 bits from the OS CSPRNG) and a 6-character CRC32 checksum of
+//! everything before it, so scanners and the gateway can reject noise without a store lookup. All
+//! parts are base62, so a double-click selects the whole key.
+//!
+//! Secrets are high-entropy, so a slow KDF buys nothing: the store keeps
+//! HMAC-SHA256(pepper, secret) and the gateway compares digests in constant time.
+
+use std::fs;
+use std::io::Write;
+use std::path::Path;
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use subtle::ConstantTimeEq;
+
+use crate::ids;
+
+/// The prefix every Carrel key starts with.
+pub const KEY_PREFIX: &str = "crl_";
+/// Length of the public id.
+pub const ID_LEN: usize = 16;
+const SECRET_LEN: usize = 32;
+const CHECK_LEN: usize = 6;
+/// Length of a whole key string.
+pub const KEY_LEN: usize = KEY_PREFIX.len() + ID_LEN + 1 + SECRET_LEN + CHECK_LEN;
+
+/// Environment variable that supplies the pepper (64 hex characters) instead of the data dir.
+pub const PEPPER_ENV: &str = "CARREL_PEPPER";
+const PEPPER_FILE: &str = "pepper";
+
+/// A freshly minted key: the string is shown to its owner once and never stored.
+#[derive(Debug, Clone)]
+pub struct NewKey {
+    /// The public id.
+    pub id: String,
+    /// The whole key string, `crl_…`.
+    pub token: String,
+}
+
+impl NewKey {
+    /// Mints a key with a new random id and secret.
+    pub fn generate() -> Self {
+        let id = ids::random_base62(ID_LEN);
+        let secret = ids::random_base62(SECRET_LEN);
+        let body = format!("{KEY_PREFIX}{id}_{secret}");
+        let token = format!("{body}{}", checksum(&body));
+        NewKey { id, token }
+    }
+
+    /// The secret part of the token.
+    pub fn secret(&self) -> &str {
+        ParsedKey::parse(&self.token)
+            .expect("a generated key parses")
+            .secret
+    }
+}
+
+/// A presented key, split into its parts after the format and checksum were checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ParsedKey<'a> {
+    /// The public id.
+    pub id: &'a str,
+    /// The secret.
+    pub secret: &'a str,
+}
+
+impl<'a> ParsedKey<'a> {
+    /// Splits a key string; `None` for anything that is not a well-formed Carrel key.
+    pub fn parse(token: &'a str) -> Option<Self> {
+        if token.len() != KEY_LEN || !token.starts_with(KEY_PREFIX) {
+            return None;
+        }
+        let rest = &token[KEY_PREFIX.len()..];
+        let (id, tail) = rest.split_at(ID_LEN);
+        let tail = tail.strip_prefix('_')?;
+        let (secret, check) = tail.split_at(SECRET_LEN);
+        if !ids::is_base62(id) || !ids::is_base62(secret) || !ids::is_base62(check) {
+            return None;
+        }
+        let body = &token[..token.len() - CHECK_LEN];
+        if checksum(body) != check {
+            return None;
+        }
+        Some(ParsedKey { id, secret })
+    }
+}
+
+fn checksum(body: &str) -> String {
+    ids::base62_fixed(u64::from(crc32fast::hash(body.as_bytes())), CHECK_LEN)
+}
+
+/// The server-wide secret that keys the hash of API key secrets.
+#[derive(Clone)]
+pub struct Pepper([u8; 32]);
+
+impl std::fmt::Debug for Pepper {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Pepper(..)")
+    }
+}
+
+/// Why the pepper could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum PepperError {
+    /// The environment variable is not 64 hex characters.
+    #[error("{PEPPER_ENV}: expected 64 hex characters (32 bytes)")]
+    BadEnv,
+    /// The file in the data dir could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The pepper file.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file in the data dir is not 32 bytes.
+    #[error("{0}: expected exactly 32 bytes")]
+    BadFile(String),
+}
+
+impl Pepper {
+    /// A pepper from raw bytes (tests and tools).
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        Pepper(bytes)
+    }
+
+    /// The pepper from `CARREL_PEPPER` when given, else from `<data_dir>/pepper`, created with
+    /// fresh random bytes (mode 0600) at first start.
+    pub fn load_or_create(data_dir: &Path, env: Option<&str>) -> Result<Self, PepperError> {
+        if let Some(hex_text) = env {
+            let bytes = hex::decode(hex_text.trim()).map_err(|_| PepperError::BadEnv)?;
+            return bytes
+                .try_into()
+                .map(Pepper)
+                .map_err(|_| PepperError::BadEnv);
+        }
+        let path = data_dir.join(PEPPER_FILE);
+        let io = |source| PepperError::Io {
+            path: path.display().to_string(),
+            source,
+        };
+        match fs::read(&path) {
+            Ok(bytes) => bytes
+                .try_into()
+                .map(Pepper)
+                .map_err(|_| PepperError::BadFile(path.display().to_string())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let bytes = ids::random_bytes::<32>();
+                let mut options = fs::OpenOptions::new();
+                options.write(true).create_new(true);
+                #[cfg(unix)]
+                std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+                let mut file = options.open(&path).map_err(io)?;
+                file.write_all(&bytes).map_err(io)?;
+                file.sync_all().map_err(io)?;
+                Ok(Pepper(bytes))
+            }
+            Err(e) => Err(io(e)),
+        }
+    }
+
+    /// HMAC-SHA256 of a key secret.
+    pub fn hash_secret(&self, secret: &str) -> [u8; 32] {
+        let mut mac =
+            Hmac::<Sha256>::new_from_slice(&self.0).expect("HMAC takes a key of any length");
+        mac.update(secret.as_bytes());
+        mac.finalize().into_bytes().into()
+    }
+
+    /// Whether `secret` hashes to `stored`, compared in constant time.
+    pub fn verify_secret(&self, secret: &str, stored: &[u8; 32]) -> bool {
+        self.hash_secret(secret).ct_eq(stored).into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_keys_parse_back() {
+        let key = NewKey::generate();
+        assert_eq!(key.token.len(), KEY_LEN);
+        let parsed = ParsedKey::parse(&key.token).unwrap();
+        assert_eq!(parsed.id, key.id);
+        assert_eq!(parsed.secret, key.secret());
+    }
+
+    #[test]
+    fn a_changed_character_fails_the_checksum() {
+        let key = NewKey::generate();
+        let mut bytes = key.token.clone().into_bytes();
+        let i = KEY_PREFIX.len() + ID_LEN + 5;
+        bytes[i] = if bytes[i] == b'a' { b'b' } else { b'a' };
+        assert!(ParsedKey::parse(std::str::from_utf8(&bytes).unwrap()).is_none());
+        assert!(ParsedKey::parse("crl_short").is_none());
+        assert!(ParsedKey::parse("sk-not-a-carrel-key").is_none());
+    }
+
+    #[test]
+    fn verify_accepts_only_the_right_secret_and_pepper() {
+        let pepper = Pepper::from_bytes([7; 32]);
+        let stored = pepper.hash_secret("s3cret");
+        assert!(pepper.verify_secret("s3cret", &stored));
+        assert!(!pepper.verify_secret("s3cres", &stored));
+        assert!(!Pepper::from_bytes([8; 32]).verify_secret("s3cret", &stored));
+    }
+
+    #[test]
+    fn pepper_is_created_once_and_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Pepper::load_or_create(dir.path(), None).unwrap();
+        let b = Pepper::load_or_create(dir.path(), None).unwrap();
+        assert_eq!(a.0, b.0);
+        let from_env = Pepper::load_or_create(dir.path(), Some(&"ab".repeat(32))).unwrap();
+        assert_eq!(from_env.0, [0xab; 32]);
+        assert!(Pepper::load_or_create(dir.path(), Some("nothex")).is_err());
+    }
+}

@@ -1,0 +1,20 @@
+//! Carrel's core: the domain, its configuration and its state, with no HTTP framework in sight.
+//!
+//! Everything here is shared by the data plane (`carrel-gateway`) and the control plane
+//! (`carrel-admin`); dependencies point only this way.
+//!
+//! # Layout
+//!
+//! - [`config`]: the TOML + environment configuration, parsed in two steps (raw serde tree, then
+//!   validated types); every error names the dotted key.
+//! - [`domain`]: institutions, providers, models, tiers, API keys and the [`domain::Principal`] a
+//!   request runs as.
+//! - [`keys`]: the API key format (`crl_…`), the server pepper and the keyed hash of key secrets.
+//! - [`store`]: the embedded state store (SQLite in WAL mode, versioned migrations).
+//! - [`ids`]: random identifiers and base62 encoding.
+
+pub mod config;
+pub mod domain;
+pub mod ids;
+pub mod keys;
+pub mod store;

@@ -1,0 +1,779 @@
+//! The embedded state store: one SQLite file in WAL mode in the data directory.
+//!
+//! Control data (providers, models, institutions, API keys) lives here. SQLite calls block, so
+//! every method runs its statement on tokio's blocking pool; one connection behind a mutex is
+//! plenty for control-plane traffic, and the data plane only reaches the store on a key-cache
+//! miss. Schema changes are numbered migrations tracked in `PRAGMA user_version`.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use rusqlite::{Connection, OptionalExtension, Row, params};
+
+use crate::config::{ModelConfig, ProviderConfig};
+use crate::domain::{
+    ApiKey, Institution, InstitutionKind, KeyCredential, KeyKind, Model, Provider, ProviderKind,
+    Source, Tier,
+};
+use crate::ids;
+
+/// File name of the database inside the data directory.
+pub const DB_FILE: &str = "carrel.db";
+
+/// Numbered schema migrations; entry `i` moves the schema from version `i` to `i + 1`.
+/// Append only: never edit a migration that has shipped.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE providers (
+    id          TEXT PRIMARY KEY,
+    name        TEXT NOT NULL UNIQUE,
+    kind        TEXT NOT NULL,
+    base_url    TEXT,
+    api_key     TEXT,
+    source      TEXT NOT NULL,
+    created_at  TEXT NOT NULL
+);
+CREATE TABLE models (
+    id                    TEXT PRIMARY KEY,
+    name                  TEXT NOT NULL UNIQUE,
+    provider              TEXT NOT NULL REFERENCES providers(name) ON UPDATE CASCADE,
+    upstream_model        TEXT NOT NULL,
+    tier                  TEXT NOT NULL,
+    input_price_per_mtok  REAL NOT NULL,
+    output_price_per_mtok REAL NOT NULL,
+    source                TEXT NOT NULL,
+    created_at            TEXT NOT NULL
+);
+CREATE TABLE institutions (
+    id          TEXT PRIMARY KEY,
+    name        TEXT NOT NULL,
+    kind        TEXT NOT NULL,
+    region      TEXT NOT NULL,
+    timezone    TEXT NOT NULL,
+    created_at  TEXT NOT NULL
+);
+CREATE TABLE api_keys (
+    id              TEXT PRIMARY KEY,
+    institution_id  TEXT NOT NULL REFERENCES institutions(id),
+    name            TEXT NOT NULL,
+    kind            TEXT NOT NULL,
+    tier_ceiling    TEXT NOT NULL,
+    secret_hash     BLOB NOT NULL,
+    created_at      TEXT NOT NULL,
+    revoked_at      TEXT
+);
+CREATE INDEX api_keys_by_institution ON api_keys(institution_id);
+"#];
+
+/// A store operation that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A record with the same unique name exists.
+    #[error("{0} already exists")]
+    Conflict(String),
+    /// A record that the operation refers to does not exist.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// A stored value does not parse (the file was edited by hand or is from a newer version).
+    #[error("corrupt record: {0}")]
+    Corrupt(String),
+    /// The database file is from a newer Carrel.
+    #[error("the database schema is version {found}, newer than this build knows ({known})")]
+    TooNew {
+        /// Version in the file.
+        found: i64,
+        /// Highest version this build knows.
+        known: i64,
+    },
+    /// SQLite failed.
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The data directory could not be created.
+    #[error("data directory {path}: {source}")]
+    Io {
+        /// The directory.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The blocking task running the statement panicked or was cancelled.
+    #[error("store task failed: {0}")]
+    Task(String),
+}
+
+/// A provider to create through the admin API.
+#[derive(Debug, Clone)]
+pub struct NewProvider {
+    /// Unique name.
+    pub name: String,
+    /// How it is reached.
+    pub kind: ProviderKind,
+    /// Validated base URL for `openai` providers.
+    pub base_url: Option<String>,
+    /// Upstream API key.
+    pub api_key: Option<String>,
+}
+
+/// A model to create through the admin API.
+#[derive(Debug, Clone)]
+pub struct NewModel {
+    /// Public name.
+    pub name: String,
+    /// Provider name.
+    pub provider: String,
+    /// The provider's name for it.
+    pub upstream_model: String,
+    /// Tier.
+    pub tier: Tier,
+    /// Price per million prompt tokens.
+    pub input_price_per_mtok: f64,
+    /// Price per million completion tokens.
+    pub output_price_per_mtok: f64,
+}
+
+/// An institution to create.
+#[derive(Debug, Clone)]
+pub struct NewInstitution {
+    /// Display name.
+    pub name: String,
+    /// Sector.
+    pub kind: InstitutionKind,
+    /// ISO 3166-2 code.
+    pub region: String,
+    /// IANA time zone.
+    pub timezone: String,
+}
+
+/// An API key to record; the caller minted it and hashed its secret.
+#[derive(Debug, Clone)]
+pub struct NewApiKey {
+    /// Public id from the key string.
+    pub id: String,
+    /// Owning institution.
+    pub institution_id: String,
+    /// Display name.
+    pub name: String,
+    /// What it is for.
+    pub kind: KeyKind,
+    /// Highest tier it may reach.
+    pub tier_ceiling: Tier,
+    /// HMAC of the secret.
+    pub secret_hash: [u8; 32],
+}
+
+/// Handle to the embedded store. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    /// The one connection. A `std` mutex is right: it is only ever held inside a blocking-pool
+    /// task, for one statement or transaction, never across an `.await`.
+    conn: Arc<Mutex<Connection>>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Store(sqlite)")
+    }
+}
+
+fn now() -> String {
+    jiff::Timestamp::now().to_string()
+}
+
+impl Store {
+    /// Opens (creating if needed) `<dir>/carrel.db` and brings its schema up to date.
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
+            path: dir.display().to_string(),
+            source,
+        })?;
+        let conn = Connection::open(dir.join(DB_FILE))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        Store::init(conn)
+    }
+
+    /// A private in-memory store, for tests.
+    pub fn open_in_memory() -> Result<Store, StoreError> {
+        Store::init(Connection::open_in_memory()?)
+    }
+
+    fn init(mut conn: Connection) -> Result<Store, StoreError> {
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        migrate(&mut conn)?;
+        Ok(Store {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    /// The schema version in the file.
+    pub async fn schema_version(&self) -> Result<i64, StoreError> {
+        self.call(|c| Ok(c.query_row("PRAGMA user_version", [], |r| r.get(0))?))
+            .await
+    }
+
+    async fn call<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let conn = Arc::clone(&self.conn);
+        tokio::task::spawn_blocking(move || {
+            // A panic while holding the lock leaves the connection usable: SQLite rolls back
+            // any open transaction when the statement handle drops.
+            let mut guard = conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            f(&mut guard)
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
+    /// Cheap liveness check for `/readyz`.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.call(|c| Ok(c.query_row("SELECT 1", [], |_| Ok(()))?))
+            .await
+    }
+
+    /// Upserts the providers and models declared in the config file. Config wins over an
+    /// admin-made record of the same name. Provider API keys from the environment are not
+    /// written to disk: they stay in memory (see [`Store::list_providers`] callers).
+    pub async fn apply_config(
+        &self,
+        providers: Vec<ProviderConfig>,
+        models: Vec<ModelConfig>,
+    ) -> Result<(), StoreError> {
+        self.call(move |c| {
+            let tx = c.transaction()?;
+            for p in &providers {
+                tx.execute(
+                    "INSERT INTO providers (id, name, kind, base_url, api_key, source, created_at)
+                     VALUES (?1, ?2, ?3, ?4, NULL, 'config', ?5)
+                     ON CONFLICT(name) DO UPDATE SET kind = excluded.kind,
+                        base_url = excluded.base_url, api_key = NULL, source = 'config'",
+                    params![
+                        ids::new_id("prov"),
+                        p.name,
+                        p.kind.as_str(),
+                        p.base_url,
+                        now()
+                    ],
+                )?;
+            }
+            for m in &models {
+                tx.execute(
+                    "INSERT INTO models (id, name, provider, upstream_model, tier,
+                        input_price_per_mtok, output_price_per_mtok, source, created_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'config', ?8)
+                     ON CONFLICT(name) DO UPDATE SET provider = excluded.provider,
+                        upstream_model = excluded.upstream_model, tier = excluded.tier,
+                        input_price_per_mtok = excluded.input_price_per_mtok,
+                        output_price_per_mtok = excluded.output_price_per_mtok,
+                        source = 'config'",
+                    params![
+                        ids::new_id("model"),
+                        m.name,
+                        m.provider,
+                        m.upstream_model,
+                        m.tier.as_str(),
+                        m.input_price_per_mtok,
+                        m.output_price_per_mtok,
+                        now()
+                    ],
+                )?;
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Creates a provider; a taken name is a conflict.
+    pub async fn create_provider(&self, new: NewProvider) -> Result<Provider, StoreError> {
+        self.call(move |c| {
+            let provider = Provider {
+                id: ids::new_id("prov"),
+                name: new.name,
+                kind: new.kind,
+                base_url: new.base_url,
+                api_key: new.api_key,
+                source: Source::Admin,
+                created_at: now(),
+            };
+            c.execute(
+                "INSERT INTO providers (id, name, kind, base_url, api_key, source, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 'admin', ?6)",
+                params![
+                    provider.id,
+                    provider.name,
+                    provider.kind.as_str(),
+                    provider.base_url,
+                    provider.api_key,
+                    provider.created_at
+                ],
+            )
+            .map_err(|e| unique_conflict(e, || format!("provider `{}`", provider.name)))?;
+            Ok(provider)
+        })
+        .await
+    }
+
+    /// All providers, by name.
+    pub async fn list_providers(&self) -> Result<Vec<Provider>, StoreError> {
+        self.call(|c| {
+            let mut stmt = c.prepare(
+                "SELECT id, name, kind, base_url, api_key, source, created_at
+                 FROM providers ORDER BY name",
+            )?;
+            let rows = stmt.query_map([], |r| Ok(provider_row(r)))?;
+            rows.map(|r| r?).collect()
+        })
+        .await
+    }
+
+    /// Creates a model; its provider must exist and its name must be free.
+    pub async fn create_model(&self, new: NewModel) -> Result<Model, StoreError> {
+        self.call(move |c| {
+            let exists: bool = c.query_row(
+                "SELECT EXISTS(SELECT 1 FROM providers WHERE name = ?1)",
+                [&new.provider],
+                |r| r.get(0),
+            )?;
+            if !exists {
+                return Err(StoreError::NotFound(format!("provider `{}`", new.provider)));
+            }
+            let model = Model {
+                id: ids::new_id("model"),
+                name: new.name,
+                provider: new.provider,
+                upstream_model: new.upstream_model,
+                tier: new.tier,
+                input_price_per_mtok: new.input_price_per_mtok,
+                output_price_per_mtok: new.output_price_per_mtok,
+                source: Source::Admin,
+                created_at: now(),
+            };
+            c.execute(
+                "INSERT INTO models (id, name, provider, upstream_model, tier,
+                    input_price_per_mtok, output_price_per_mtok, source, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'admin', ?8)",
+                params![
+                    model.id,
+                    model.name,
+                    model.provider,
+                    model.upstream_model,
+                    model.tier.as_str(),
+                    model.input_price_per_mtok,
+                    model.output_price_per_mtok,
+                    model.created_at
+                ],
+            )
+            .map_err(|e| unique_conflict(e, || format!("model `{}`", model.name)))?;
+            Ok(model)
+        })
+        .await
+    }
+
+    /// All models, by name.
+    pub async fn list_models(&self) -> Result<Vec<Model>, StoreError> {
+        self.call(|c| {
+            let mut stmt = c.prepare(
+                "SELECT id, name, provider, upstream_model, tier, input_price_per_mtok,
+                    output_price_per_mtok, source, created_at
+                 FROM models ORDER BY name",
+            )?;
+            let rows = stmt.query_map([], |r| Ok(model_row(r)))?;
+            rows.map(|r| r?).collect()
+        })
+        .await
+    }
+
+    /// Creates an institution.
+    pub async fn create_institution(&self, new: NewInstitution) -> Result<Institution, StoreError> {
+        self.call(move |c| {
+            let inst = Institution {
+                id: ids::new_id("inst"),
+                name: new.name,
+                kind: new.kind,
+                region: new.region,
+                timezone: new.timezone,
+                created_at: now(),
+            };
+            c.execute(
+                "INSERT INTO institutions (id, name, kind, region, timezone, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    inst.id,
+                    inst.name,
+                    inst.kind.as_str(),
+                    inst.region,
+                    inst.timezone,
+                    inst.created_at
+                ],
+            )?;
+            Ok(inst)
+        })
+        .await
+    }
+
+    /// One institution.
+    pub async fn get_institution(&self, id: &str) -> Result<Option<Institution>, StoreError> {
+        let id = id.to_owned();
+        self.call(move |c| {
+            c.query_row(
+                "SELECT id, name, kind, region, timezone, created_at FROM institutions WHERE id = ?1",
+                [id],
+                |r| Ok(institution_row(r, 0)),
+            )
+            .optional()?
+            .transpose()
+        })
+        .await
+    }
+
+    /// All institutions, oldest first.
+    pub async fn list_institutions(&self) -> Result<Vec<Institution>, StoreError> {
+        self.call(|c| {
+            let mut stmt = c.prepare(
+                "SELECT id, name, kind, region, timezone, created_at
+                 FROM institutions ORDER BY created_at, id",
+            )?;
+            let rows = stmt.query_map([], |r| Ok(institution_row(r, 0)))?;
+            rows.map(|r| r?).collect()
+        })
+        .await
+    }
+
+    /// Records a new API key for an existing institution.
+    pub async fn create_key(&self, new: NewApiKey) -> Result<ApiKey, StoreError> {
+        self.call(move |c| {
+            let exists: bool = c.query_row(
+                "SELECT EXISTS(SELECT 1 FROM institutions WHERE id = ?1)",
+                [&new.institution_id],
+                |r| r.get(0),
+            )?;
+            if !exists {
+                return Err(StoreError::NotFound(format!(
+                    "institution `{}`",
+                    new.institution_id
+                )));
+            }
+            let key = ApiKey {
+                id: new.id,
+                institution_id: new.institution_id,
+                name: new.name,
+                kind: new.kind,
+                tier_ceiling: new.tier_ceiling,
+                created_at: now(),
+                revoked_at: None,
+            };
+            c.execute(
+                "INSERT INTO api_keys (id, institution_id, name, kind, tier_ceiling, secret_hash,
+                    created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    key.id,
+                    key.institution_id,
+                    key.name,
+                    key.kind.as_str(),
+                    key.tier_ceiling.as_str(),
+                    &new.secret_hash[..],
+                    key.created_at
+                ],
+            )
+            .map_err(|e| unique_conflict(e, || format!("key `{}`", key.id)))?;
+            Ok(key)
+        })
+        .await
+    }
+
+    /// The keys of one institution, newest first.
+    pub async fn list_keys(&self, institution_id: &str) -> Result<Vec<ApiKey>, StoreError> {
+        let id = institution_id.to_owned();
+        self.call(move |c| {
+            let mut stmt = c.prepare(
+                "SELECT id, institution_id, name, kind, tier_ceiling, created_at, revoked_at
+                 FROM api_keys WHERE institution_id = ?1 ORDER BY created_at DESC, id",
+            )?;
+            let rows = stmt.query_map([id], |r| Ok(key_row(r)))?;
+            rows.map(|r| r?).collect()
+        })
+        .await
+    }
+
+    /// What is needed to verify a presented key: `None` when the id is unknown or revoked.
+    pub async fn key_credential(&self, key_id: &str) -> Result<Option<KeyCredential>, StoreError> {
+        let id = key_id.to_owned();
+        self.call(move |c| {
+            c.query_row(
+                "SELECT k.id, k.institution_id, k.name, k.kind, k.tier_ceiling, k.created_at,
+                        k.revoked_at, k.secret_hash,
+                        i.id, i.name, i.kind, i.region, i.timezone, i.created_at
+                 FROM api_keys k JOIN institutions i ON i.id = k.institution_id
+                 WHERE k.id = ?1 AND k.revoked_at IS NULL",
+                [id],
+                |r| {
+                    let hash: Vec<u8> = r.get(7)?;
+                    Ok((key_row(r), hash, institution_row(r, 8)))
+                },
+            )
+            .optional()?
+            .map(|(key, hash, inst)| {
+                Ok(KeyCredential {
+                    key: key?,
+                    secret_hash: hash
+                        .try_into()
+                        .map_err(|_| StoreError::Corrupt("api_keys.secret_hash".into()))?,
+                    institution: inst?,
+                })
+            })
+            .transpose()
+        })
+        .await
+    }
+
+    /// Revokes a key. `Ok(false)` when no live key has that id.
+    pub async fn revoke_key(&self, key_id: &str) -> Result<bool, StoreError> {
+        let id = key_id.to_owned();
+        self.call(move |c| {
+            let n = c.execute(
+                "UPDATE api_keys SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
+                params![id, now()],
+            )?;
+            Ok(n == 1)
+        })
+        .await
+    }
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let known = MIGRATIONS.len() as i64;
+    let found: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if found > known {
+        return Err(StoreError::TooNew { found, known });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", i as i64 + 1)?;
+        tx.commit()?;
+        tracing::info!(version = i + 1, "store schema migrated");
+    }
+    Ok(())
+}
+
+fn unique_conflict(e: rusqlite::Error, what: impl FnOnce() -> String) -> StoreError {
+    match e {
+        rusqlite::Error::SqliteFailure(err, _)
+            if err.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
+                || err.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY =>
+        {
+            StoreError::Conflict(what())
+        }
+        other => StoreError::Sqlite(other),
+    }
+}
+
+fn parse<T: std::str::FromStr>(column: &str, value: String) -> Result<T, StoreError> {
+    value
+        .parse()
+        .map_err(|_| StoreError::Corrupt(format!("{column} = `{value}`")))
+}
+
+fn provider_row(r: &Row<'_>) -> Result<Provider, StoreError> {
+    Ok(Provider {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        kind: parse("providers.kind", r.get(2)?)?,
+        base_url: r.get(3)?,
+        api_key: r.get(4)?,
+        source: Source::parse(&r.get::<_, String>(5)?),
+        created_at: r.get(6)?,
+    })
+}
+
+fn model_row(r: &Row<'_>) -> Result<Model, StoreError> {
+    Ok(Model {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        provider: r.get(2)?,
+        upstream_model: r.get(3)?,
+        tier: parse("models.tier", r.get(4)?)?,
+        input_price_per_mtok: r.get(5)?,
+        output_price_per_mtok: r.get(6)?,
+        source: Source::parse(&r.get::<_, String>(7)?),
+        created_at: r.get(8)?,
+    })
+}
+
+fn institution_row(r: &Row<'_>, at: usize) -> Result<Institution, StoreError> {
+    Ok(Institution {
+        id: r.get(at)?,
+        name: r.get(at + 1)?,
+        kind: parse("institutions.kind", r.get(at + 2)?)?,
+        region: r.get(at + 3)?,
+        timezone: r.get(at + 4)?,
+        created_at: r.get(at + 5)?,
+    })
+}
+
+fn key_row(r: &Row<'_>) -> Result<ApiKey, StoreError> {
+    Ok(ApiKey {
+        id: r.get(0)?,
+        institution_id: r.get(1)?,
+        name: r.get(2)?,
+        kind: parse("api_keys.kind", r.get(3)?)?,
+        tier_ceiling: parse("api_keys.tier_ceiling", r.get(4)?)?,
+        created_at: r.get(5)?,
+        revoked_at: r.get(6)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::{NewKey, Pepper};
+
+    async fn seeded() -> (Store, Institution) {
+        let store = Store::open_in_memory().unwrap();
+        let inst = store
+            .create_institution(NewInstitution {
+                name: "Springfield Library".into(),
+                kind: InstitutionKind::Library,
+                region: "US-IL".into(),
+                timezone: "America/Chicago".into(),
+            })
+            .await
+            .unwrap();
+        (store, inst)
+    }
+
+    #[tokio::test]
+    async fn migrations_run_once_and_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(
+            store.schema_version().await.unwrap(),
+            MIGRATIONS.len() as i64
+        );
+        drop(store);
+        let again = Store::open(dir.path()).unwrap();
+        assert_eq!(
+            again.schema_version().await.unwrap(),
+            MIGRATIONS.len() as i64
+        );
+    }
+
+    #[tokio::test]
+    async fn a_newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(Store::open(dir.path()).unwrap());
+        let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+        conn.pragma_update(None, "user_version", 99).unwrap();
+        drop(conn);
+        assert!(matches!(
+            Store::open(dir.path()),
+            Err(StoreError::TooNew { found: 99, .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn keys_verify_until_revoked() {
+        let (store, inst) = seeded().await;
+        let pepper = Pepper::from_bytes([1; 32]);
+        let minted = NewKey::generate();
+        store
+            .create_key(NewApiKey {
+                id: minted.id.clone(),
+                institution_id: inst.id.clone(),
+                name: "front desk".into(),
+                kind: KeyKind::Kiosk,
+                tier_ceiling: Tier::Advanced,
+                secret_hash: pepper.hash_secret(minted.secret()),
+            })
+            .await
+            .unwrap();
+        let cred = store.key_credential(&minted.id).await.unwrap().unwrap();
+        assert!(pepper.verify_secret(minted.secret(), &cred.secret_hash));
+        assert_eq!(cred.institution, inst);
+        assert!(store.revoke_key(&minted.id).await.unwrap());
+        assert!(!store.revoke_key(&minted.id).await.unwrap());
+        assert!(store.key_credential(&minted.id).await.unwrap().is_none());
+        let listed = store.list_keys(&inst.id).await.unwrap();
+        assert!(listed[0].revoked_at.is_some());
+    }
+
+    #[tokio::test]
+    async fn keys_need_an_institution() {
+        let store = Store::open_in_memory().unwrap();
+        let err = store
+            .create_key(NewApiKey {
+                id: "x".into(),
+                institution_id: "inst_missing".into(),
+                name: "k".into(),
+                kind: KeyKind::Service,
+                tier_ceiling: Tier::Baseline,
+                secret_hash: [0; 32],
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::NotFound(_)));
+    }
+
+    #[tokio::test]
+    async fn config_upserts_and_admin_conflicts() {
+        let store = Store::open_in_memory().unwrap();
+        let provider = ProviderConfig {
+            name: "up".into(),
+            kind: ProviderKind::OpenAi,
+            base_url: Some("http://127.0.0.1:9/v1".into()),
+            api_key: Some("sk-secret".into()),
+        };
+        let model = ModelConfig {
+            name: "m".into(),
+            provider: "up".into(),
+            upstream_model: "m-upstream".into(),
+            tier: Tier::Baseline,
+            input_price_per_mtok: 0.5,
+            output_price_per_mtok: 1.5,
+        };
+        store
+            .apply_config(vec![provider.clone()], vec![model.clone()])
+            .await
+            .unwrap();
+        store
+            .apply_config(vec![provider], vec![model])
+            .await
+            .unwrap();
+        let providers = store.list_providers().await.unwrap();
+        assert_eq!(providers.len(), 1);
+        assert_eq!(
+            providers[0].api_key, None,
+            "env secrets are not written to disk"
+        );
+        assert_eq!(
+            store.list_models().await.unwrap()[0].upstream_model,
+            "m-upstream"
+        );
+
+        let dup = store
+            .create_provider(NewProvider {
+                name: "up".into(),
+                kind: ProviderKind::OpenAi,
+                base_url: Some("http://h/v1".into()),
+                api_key: None,
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(dup, StoreError::Conflict(_)), "{dup}");
+        let orphan = store
+            .create_model(NewModel {
+                name: "n".into(),
+                provider: "nope".into(),
+                upstream_model: "n".into(),
+                tier: Tier::Frontier,
+                input_price_per_mtok: 0.0,
+                output_price_per_mtok: 0.0,
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(orphan, StoreError::NotFound(_)));
+    }
+}
