@@ -182,7 +182,7 @@ pub async fn create_provider(
         })
         .await?;
     tracing::info!(provider = %provider.name, id = %provider.id, "provider created");
-    state.hooks.catalog_changed();
+    state.hooks.catalog_changed().await;
     Ok((StatusCode::CREATED, Json(ProviderView::of(provider, false))))
 }
 
@@ -274,7 +274,7 @@ pub async fn create_model(
             other => other.into(),
         })?;
     tracing::info!(model = %model.name, id = %model.id, tier = %model.tier, "model created");
-    state.hooks.catalog_changed();
+    state.hooks.catalog_changed().await;
     Ok((StatusCode::CREATED, Json(model.into())))
 }
 

@@ -267,7 +267,7 @@ pub async fn revoke_key(
     if !state.store.revoke_key(&id).await? {
         return Err(AdminError::NotFound(format!("key `{id}`")));
     }
-    state.hooks.key_revoked(&id);
+    state.hooks.key_revoked(&id).await;
     tracing::info!(key = %id, "api key revoked");
     Ok(StatusCode::NO_CONTENT)
 }

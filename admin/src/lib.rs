@@ -22,6 +22,8 @@ pub mod institutions;
 pub mod json;
 
 use std::collections::HashSet;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use axum::Router;
@@ -29,13 +31,16 @@ use axum::routing::{delete, get};
 use carrel_core::keys::Pepper;
 use carrel_core::store::Store;
 
+/// A hook's work; the admin handler awaits it before answering, so a 2xx means "in effect".
+pub type HookFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+
 /// What the data plane must hear about at once when the control plane changes something.
 /// The gateway implements it; on several replicas the same calls arrive from pub/sub.
 pub trait ControlHooks: Send + Sync + 'static {
     /// A key was revoked: stop honouring it now (drop it from every cache).
-    fn key_revoked(&self, key_id: &str);
+    fn key_revoked(&self, key_id: &str) -> HookFuture;
     /// Providers or models changed: reload the routing catalog.
-    fn catalog_changed(&self);
+    fn catalog_changed(&self) -> HookFuture;
 }
 
 /// Shared state of the admin handlers.

@@ -251,6 +251,14 @@ impl Principal {
     }
 }
 
+/// Unix seconds of an RFC 3339 timestamp as the store writes them.
+pub fn unix_seconds(rfc3339: &str) -> Option<i64> {
+    rfc3339
+        .parse::<jiff::Timestamp>()
+        .ok()
+        .map(|t| t.as_second())
+}
+
 /// ISO 3166-1 alpha-2 country codes: the first part of every ISO 3166-2 region code.
 const COUNTRIES: &str = "AD AE AF AG AI AL AM AO AQ AR AS AT AU AW AX AZ BA BB BD BE BF BG BH BI \
 BJ BL BM BN BO BQ BR BS BT BV BW BY BZ CA CC CD CF CG CH CI CK CL CM CN CO CR CU CV CW CX CY CZ DE \

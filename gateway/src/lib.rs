@@ -1,1 +1,33 @@
-//! placeholder
+//! Carrel's data plane: an OpenAI-compatible reverse proxy with policy, and the `carrel`
+//! binary that also mounts the admin plane.
+//!
+//! A request on the public listener goes through [`pipeline::handle`], which runs these stages
+//! in order over a typed [`pipeline::RequestCtx`] (the order lives in `pipeline/mod.rs` only):
+//!
+//! 1. authenticate: API key → principal
+//! 2. read body: bounded read, parse only `model` and `stream`
+//! 3. authorize: model exists, tier within the principal's ceiling
+//! 4. safeguards, 5. rate limit, 6. quota reserve, 7. cache, 8. route: arriving with later issues
+//! 9. forward: to the provider (or the built-in demo model), streamed back chunk by chunk
+//!
+//! # Layout
+//!
+//! - [`server`]: listeners, HTTP/1.1 + HTTP/2, TLS, graceful shutdown.
+//! - [`startup`]: config → ready [`startup::App`]; the demo seed; [`startup::InitError`].
+//! - [`app`]: [`app::AppState`], the swappable catalog, the control-plane hooks.
+//! - [`pipeline`]: routing and the stages.
+//! - [`upstream`]: the pooled provider client, the catalog, the streaming upstream body.
+//! - [`openai`]: the wire types Carrel reads and writes.
+//! - [`error`]: [`error::GatewayError`] and its status, type, code and metric label.
+//! - [`body`]: the response body type.
+//! - [`demo`]: the built-in demo model.
+
+pub mod app;
+pub mod body;
+pub mod demo;
+pub mod error;
+pub mod openai;
+pub mod pipeline;
+pub mod server;
+pub mod startup;
+pub mod upstream;

@@ -1,0 +1,147 @@
+//! Shared application state: long-lived handles, and the swappable routing catalog.
+
+use std::collections::HashMap;
+use std::ops::Deref;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use carrel_admin::{ControlHooks, HookFuture};
+use carrel_core::keys::Pepper;
+use carrel_core::store::{Store, StoreError};
+
+use crate::pipeline::authenticate::KeyCache;
+use crate::upstream::Upstream;
+use crate::upstream::catalog::Catalog;
+
+/// Handle to the shared state; cloning is one reference-count increment.
+#[derive(Clone, Debug)]
+pub struct AppState(Arc<Inner>);
+
+/// Request limits from `[server]`.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest accepted request body.
+    pub max_body_bytes: usize,
+}
+
+/// The state itself.
+#[derive(Debug)]
+pub struct Inner {
+    /// Control data.
+    pub store: Store,
+    /// Keys the hash of API key secrets.
+    pub pepper: Pepper,
+    /// Models and their routes. Loaded once per request (`load()` is lock-free); replaced whole
+    /// by [`AppState::reload_catalog`], so a request sees one consistent snapshot.
+    pub catalog: ArcSwap<Catalog>,
+    /// Verified API keys.
+    pub keys: KeyCache,
+    /// The pooled upstream client.
+    pub upstream: Upstream,
+    /// Request limits.
+    pub limits: Limits,
+    /// Pause between the demo model's streamed words.
+    pub demo_word_delay: Duration,
+    /// Provider API keys from the environment, by provider name (never written to the store).
+    env_keys: HashMap<String, String>,
+    /// Serialises catalog rebuilds, so two concurrent reloads cannot store an older snapshot
+    /// after a newer one. Held across the store reads of one rebuild.
+    reload_lock: tokio::sync::Mutex<()>,
+    /// Set when shutdown begins; `/readyz` turns 503 so load balancers stop sending traffic.
+    draining: AtomicBool,
+}
+
+impl Deref for AppState {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+/// Everything [`AppState::new`] needs.
+#[derive(Debug)]
+pub struct StateParts {
+    /// Control data.
+    pub store: Store,
+    /// The pepper.
+    pub pepper: Pepper,
+    /// Verified-key cache.
+    pub keys: KeyCache,
+    /// Upstream client.
+    pub upstream: Upstream,
+    /// Request limits.
+    pub limits: Limits,
+    /// Demo pacing.
+    pub demo_word_delay: Duration,
+    /// Provider API keys from the environment.
+    pub env_keys: HashMap<String, String>,
+}
+
+impl AppState {
+    /// State with an empty catalog; call [`AppState::reload_catalog`] before serving.
+    pub fn new(parts: StateParts) -> Self {
+        AppState(Arc::new(Inner {
+            store: parts.store,
+            pepper: parts.pepper,
+            catalog: ArcSwap::from_pointee(Catalog::default()),
+            keys: parts.keys,
+            upstream: parts.upstream,
+            limits: parts.limits,
+            demo_word_delay: parts.demo_word_delay,
+            env_keys: parts.env_keys,
+            reload_lock: tokio::sync::Mutex::new(()),
+            draining: AtomicBool::new(false),
+        }))
+    }
+
+    /// Rebuilds the catalog from the store and swaps it in. Returns the number of models.
+    pub async fn reload_catalog(&self) -> Result<usize, StoreError> {
+        let _serial = self.reload_lock.lock().await;
+        let providers = self.store.list_providers().await?;
+        let models = self.store.list_models().await?;
+        let catalog = Catalog::build(&providers, &models, &self.env_keys);
+        let n = catalog.len();
+        self.catalog.store(Arc::new(catalog));
+        tracing::debug!(models = n, "catalog reloaded");
+        Ok(n)
+    }
+
+    /// Names of providers whose API key came from the environment.
+    pub fn env_keyed_providers(&self) -> impl Iterator<Item = &String> {
+        self.env_keys.keys()
+    }
+
+    /// Whether shutdown has begun.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Marks the start of shutdown.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The gateway's side of the control-plane hooks.
+#[derive(Debug, Clone)]
+pub struct GatewayHooks(pub AppState);
+
+impl ControlHooks for GatewayHooks {
+    fn key_revoked(&self, key_id: &str) -> HookFuture {
+        let state = self.0.clone();
+        let id = key_id.to_owned();
+        Box::pin(async move { state.keys.evict(&id).await })
+    }
+
+    fn catalog_changed(&self) -> HookFuture {
+        let state = self.0.clone();
+        Box::pin(async move {
+            // The change is committed; a failed reload keeps the previous snapshot and says so.
+            if let Err(e) = state.reload_catalog().await {
+                tracing::error!(error = %e, "catalog reload failed; serving the previous catalog");
+            }
+        })
+    }
+}

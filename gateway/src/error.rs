@@ -1,0 +1,254 @@
+//! [`GatewayError`]: everything the data plane can answer with instead of the upstream's answer.
+//!
+//! Every variant decides its status, OpenAI `type`, `code` and metric label in exhaustive
+//! matches (no `_` arm), so a new variant forces each decision. Errors are logged once, here, at
+//! the response boundary; a 5xx never carries internals to the client.
+
+use http::StatusCode;
+
+/// A request the gateway answers itself, with the OpenAI error body.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// No `Authorization: Bearer` header.
+    #[error("You didn't provide an API key. Send it as 'Authorization: Bearer crl_...'.")]
+    MissingApiKey,
+    /// The key is malformed, unknown or revoked.
+    #[error("Incorrect API key provided.")]
+    InvalidApiKey,
+    /// No such path.
+    #[error("Unknown request URL: {method} {path}.")]
+    UnknownRoute {
+        /// Request method.
+        method: String,
+        /// Request path.
+        path: String,
+    },
+    /// The path exists but not with this method.
+    #[error("Method {method} is not allowed on {path}.")]
+    MethodNotAllowed {
+        /// Request method.
+        method: String,
+        /// Request path.
+        path: String,
+    },
+    /// The body is larger than `server.max_body_bytes`.
+    #[error("Request body is larger than the limit of {limit} bytes.")]
+    BodyTooLarge {
+        /// The limit.
+        limit: usize,
+    },
+    /// The client stopped sending the body.
+    #[error("The request body could not be read.")]
+    BodyReadFailed,
+    /// The body is not JSON (or not a JSON object).
+    #[error("We could not parse the JSON body of your request: {0}")]
+    MalformedJson(String),
+    /// A field Carrel reads has the wrong type or is missing.
+    #[error("{message}")]
+    InvalidParameter {
+        /// The field.
+        param: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+    /// No model of that name is configured.
+    #[error("The model `{0}` does not exist or you do not have access to it.")]
+    ModelNotFound(String),
+    /// The model exists but is above the caller's tier ceiling.
+    #[error("The model `{model}` is a {tier} model, which this key may not use.")]
+    ModelNotPermitted {
+        /// The model.
+        model: String,
+        /// Its tier.
+        tier: carrel_core::domain::Tier,
+    },
+    /// The upstream could not be connected to.
+    #[error("The model provider could not be reached.")]
+    UpstreamUnreachable(#[source] BoxError),
+    /// The upstream connection broke before a response head arrived.
+    #[error("The model provider failed to answer.")]
+    UpstreamFailed(#[source] BoxError),
+    /// The upstream sent no response head within `upstream.response_timeout_ms`.
+    #[error("The model provider did not answer in time.")]
+    UpstreamTimeout,
+    /// The state store failed while checking the key.
+    #[error("The service is temporarily unable to check credentials.")]
+    StoreUnavailable(#[source] std::sync::Arc<carrel_core::store::StoreError>),
+    /// The server is draining for shutdown.
+    #[error("The server is shutting down.")]
+    ShuttingDown,
+}
+
+/// A boxed error from a lower layer.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl GatewayError {
+    /// HTTP status.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            GatewayError::MissingApiKey | GatewayError::InvalidApiKey => StatusCode::UNAUTHORIZED,
+            GatewayError::UnknownRoute { .. } | GatewayError::ModelNotFound(_) => {
+                StatusCode::NOT_FOUND
+            }
+            GatewayError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            GatewayError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            GatewayError::BodyReadFailed
+            | GatewayError::MalformedJson(_)
+            | GatewayError::InvalidParameter { .. } => StatusCode::BAD_REQUEST,
+            GatewayError::ModelNotPermitted { .. } => StatusCode::FORBIDDEN,
+            GatewayError::UpstreamUnreachable(_) | GatewayError::UpstreamFailed(_) => {
+                StatusCode::BAD_GATEWAY
+            }
+            GatewayError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            GatewayError::StoreUnavailable(_) | GatewayError::ShuttingDown => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+        }
+    }
+
+    /// OpenAI error `type`.
+    pub fn openai_type(&self) -> &'static str {
+        match self {
+            GatewayError::MissingApiKey
+            | GatewayError::InvalidApiKey
+            | GatewayError::UnknownRoute { .. }
+            | GatewayError::MethodNotAllowed { .. }
+            | GatewayError::BodyTooLarge { .. }
+            | GatewayError::BodyReadFailed
+            | GatewayError::MalformedJson(_)
+            | GatewayError::InvalidParameter { .. }
+            | GatewayError::ModelNotFound(_) => "invalid_request_error",
+            GatewayError::ModelNotPermitted { .. } => "permission_error",
+            GatewayError::UpstreamUnreachable(_)
+            | GatewayError::UpstreamFailed(_)
+            | GatewayError::UpstreamTimeout
+            | GatewayError::StoreUnavailable(_)
+            | GatewayError::ShuttingDown => "api_error",
+        }
+    }
+
+    /// Stable machine-readable `code`, distinct per variant.
+    pub fn code(&self) -> &'static str {
+        match self {
+            GatewayError::MissingApiKey => "missing_api_key",
+            GatewayError::InvalidApiKey => "invalid_api_key",
+            GatewayError::UnknownRoute { .. } => "unknown_url",
+            GatewayError::MethodNotAllowed { .. } => "method_not_allowed",
+            GatewayError::BodyTooLarge { .. } => "request_too_large",
+            GatewayError::BodyReadFailed => "body_read_failed",
+            GatewayError::MalformedJson(_) => "invalid_json",
+            GatewayError::InvalidParameter { .. } => "invalid_parameter",
+            GatewayError::ModelNotFound(_) => "model_not_found",
+            GatewayError::ModelNotPermitted { .. } => "model_not_permitted",
+            GatewayError::UpstreamUnreachable(_) => "upstream_unreachable",
+            GatewayError::UpstreamFailed(_) => "upstream_failed",
+            GatewayError::UpstreamTimeout => "upstream_timeout",
+            GatewayError::StoreUnavailable(_) => "store_unavailable",
+            GatewayError::ShuttingDown => "shutting_down",
+        }
+    }
+
+    /// Label for the error counter (low cardinality, no request data).
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            GatewayError::MissingApiKey | GatewayError::InvalidApiKey => "auth",
+            GatewayError::UnknownRoute { .. } | GatewayError::MethodNotAllowed { .. } => "route",
+            GatewayError::BodyTooLarge { .. }
+            | GatewayError::BodyReadFailed
+            | GatewayError::MalformedJson(_)
+            | GatewayError::InvalidParameter { .. } => "bad_request",
+            GatewayError::ModelNotFound(_) | GatewayError::ModelNotPermitted { .. } => "model",
+            GatewayError::UpstreamUnreachable(_)
+            | GatewayError::UpstreamFailed(_)
+            | GatewayError::UpstreamTimeout => "upstream",
+            GatewayError::StoreUnavailable(_) => "store",
+            GatewayError::ShuttingDown => "draining",
+        }
+    }
+
+    /// The request field the error is about.
+    pub fn param(&self) -> Option<&'static str> {
+        match self {
+            GatewayError::InvalidParameter { param, .. } => Some(param),
+            GatewayError::ModelNotFound(_) | GatewayError::ModelNotPermitted { .. } => {
+                Some("model")
+            }
+            GatewayError::MissingApiKey
+            | GatewayError::InvalidApiKey
+            | GatewayError::UnknownRoute { .. }
+            | GatewayError::MethodNotAllowed { .. }
+            | GatewayError::BodyTooLarge { .. }
+            | GatewayError::BodyReadFailed
+            | GatewayError::MalformedJson(_)
+            | GatewayError::UpstreamUnreachable(_)
+            | GatewayError::UpstreamFailed(_)
+            | GatewayError::UpstreamTimeout
+            | GatewayError::StoreUnavailable(_)
+            | GatewayError::ShuttingDown => None,
+        }
+    }
+
+    /// Logs the error once: server-side failures at warn with their cause, client errors at
+    /// debug. Only ids and codes are logged, never request content.
+    pub fn log(&self, endpoint: &str) {
+        let status = self.status().as_u16();
+        if self.status().is_server_error() {
+            let cause = std::error::Error::source(self).map(|s| s.to_string());
+            tracing::warn!(
+                status,
+                code = self.code(),
+                endpoint,
+                cause,
+                "request failed"
+            );
+        } else {
+            tracing::debug!(status, code = self.code(), endpoint, "request refused");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_distinct() {
+        let all = [
+            GatewayError::MissingApiKey,
+            GatewayError::InvalidApiKey,
+            GatewayError::UnknownRoute {
+                method: "GET".into(),
+                path: "/x".into(),
+            },
+            GatewayError::MethodNotAllowed {
+                method: "GET".into(),
+                path: "/x".into(),
+            },
+            GatewayError::BodyTooLarge { limit: 1 },
+            GatewayError::BodyReadFailed,
+            GatewayError::MalformedJson(String::new()),
+            GatewayError::InvalidParameter {
+                param: "stream",
+                message: String::new(),
+            },
+            GatewayError::ModelNotFound("m".into()),
+            GatewayError::ModelNotPermitted {
+                model: "m".into(),
+                tier: carrel_core::domain::Tier::Frontier,
+            },
+            GatewayError::UpstreamUnreachable("x".into()),
+            GatewayError::UpstreamFailed("x".into()),
+            GatewayError::UpstreamTimeout,
+            GatewayError::StoreUnavailable(std::sync::Arc::new(
+                carrel_core::store::StoreError::Task("x".into()),
+            )),
+            GatewayError::ShuttingDown,
+        ];
+        let codes: std::collections::HashSet<_> = all.iter().map(GatewayError::code).collect();
+        assert_eq!(codes.len(), all.len());
+        assert!(
+            all.iter()
+                .all(|e| e.status().is_client_error() || e.status().is_server_error())
+        );
+    }
+}

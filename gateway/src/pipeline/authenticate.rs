@@ -1,0 +1,137 @@
+//! Stage 1, authenticate: `Authorization: Bearer crl_…` → [`Principal`].
+//!
+//! The key's format and checksum are checked first, so noise never reaches the store. Verified
+//! keys are cached by public id (the cache holds the secret's keyed hash, never the secret); the
+//! secret is compared against it in constant time on every request. Revocation evicts the entry
+//! at once ([`KeyCache::evict`]); the TTL bounds staleness if an eviction is ever missed.
+
+use std::sync::Arc;
+
+use carrel_core::domain::Principal;
+use carrel_core::keys::ParsedKey;
+use carrel_core::store::Store;
+use http::HeaderMap;
+
+use crate::app::AppState;
+use crate::error::GatewayError;
+use crate::pipeline::{Flow, RequestCtx};
+
+/// A verified key as cached.
+#[derive(Debug)]
+pub struct CachedKey {
+    secret_hash: [u8; 32],
+    principal: Principal,
+}
+
+/// Verified keys by public id.
+#[derive(Clone)]
+pub struct KeyCache {
+    cache: moka::future::Cache<Arc<str>, Arc<CachedKey>>,
+}
+
+impl std::fmt::Debug for KeyCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyCache")
+            .field("entries", &self.cache.entry_count())
+            .finish()
+    }
+}
+
+/// Why a lookup found no key; shared by every waiter of a coalesced miss.
+enum Miss {
+    Unknown,
+    Store(Arc<carrel_core::store::StoreError>),
+}
+
+impl KeyCache {
+    /// A cache of at most `capacity` keys, each kept at most `ttl`.
+    pub fn new(capacity: u64, ttl: std::time::Duration) -> Self {
+        KeyCache {
+            cache: moka::future::Cache::builder()
+                .max_capacity(capacity)
+                .time_to_live(ttl)
+                .build(),
+        }
+    }
+
+    /// The cached key, loading it from the store on a miss. Concurrent misses for one id share
+    /// one store lookup. Unknown and revoked ids are not cached.
+    async fn get(&self, id: &str, store: &Store) -> Result<Option<Arc<CachedKey>>, GatewayError> {
+        if let Some(hit) = self.cache.get(id).await {
+            return Ok(Some(hit));
+        }
+        let loaded = self
+            .cache
+            .try_get_with(Arc::from(id), async {
+                match store.key_credential(id).await {
+                    Ok(Some(cred)) => Ok(Arc::new(CachedKey {
+                        secret_hash: cred.secret_hash,
+                        principal: Principal::for_key(&cred),
+                    })),
+                    Ok(None) => Err(Miss::Unknown),
+                    Err(e) => Err(Miss::Store(Arc::new(e))),
+                }
+            })
+            .await;
+        match loaded {
+            Ok(key) => Ok(Some(key)),
+            Err(miss) => match &*miss {
+                Miss::Unknown => Ok(None),
+                Miss::Store(e) => Err(GatewayError::StoreUnavailable(Arc::clone(e))),
+            },
+        }
+    }
+
+    /// Forgets a key at once (revocation).
+    pub async fn evict(&self, id: &str) {
+        self.cache.invalidate(id).await;
+    }
+}
+
+/// The bearer token of a request, if any.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// Verifies the request's key and returns who it runs as.
+pub async fn principal(state: &AppState, headers: &HeaderMap) -> Result<Principal, GatewayError> {
+    let token = bearer(headers).ok_or(GatewayError::MissingApiKey)?;
+    let parsed = ParsedKey::parse(token).ok_or(GatewayError::InvalidApiKey)?;
+    let key = state
+        .keys
+        .get(parsed.id, &state.store)
+        .await?
+        .ok_or(GatewayError::InvalidApiKey)?;
+    if !state.pepper.verify_secret(parsed.secret, &key.secret_hash) {
+        return Err(GatewayError::InvalidApiKey);
+    }
+    Ok(key.principal.clone())
+}
+
+/// Stage 1.
+pub async fn run(
+    state: &AppState,
+    ctx: &mut RequestCtx,
+    headers: &HeaderMap,
+) -> Result<Flow, GatewayError> {
+    ctx.principal = Some(principal(state, headers).await?);
+    Ok(Flow::Continue)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    #[test]
+    fn bearer_is_case_insensitive_and_trimmed() {
+        let mut h = HeaderMap::new();
+        assert_eq!(bearer(&h), None);
+        h.insert("authorization", HeaderValue::from_static("bearer  crl_x "));
+        assert_eq!(bearer(&h), Some("crl_x"));
+        h.insert("authorization", HeaderValue::from_static("Basic abc"));
+        assert_eq!(bearer(&h), None);
+    }
+}

@@ -1,0 +1,24 @@
+//! Stage 3, authorize: the model exists and the principal may use its tier.
+
+use std::sync::Arc;
+
+use crate::app::AppState;
+use crate::error::GatewayError;
+use crate::pipeline::{Flow, RequestCtx};
+
+/// Stage 3.
+pub fn run(state: &AppState, ctx: &mut RequestCtx) -> Result<Flow, GatewayError> {
+    let catalog = state.catalog.load();
+    let model = &ctx.fields().model;
+    let route = catalog
+        .get(model)
+        .ok_or_else(|| GatewayError::ModelNotFound(model.clone()))?;
+    if !ctx.principal().may_use(route.tier) {
+        return Err(GatewayError::ModelNotPermitted {
+            model: model.clone(),
+            tier: route.tier,
+        });
+    }
+    ctx.route = Some(Arc::clone(route));
+    Ok(Flow::Continue)
+}

@@ -1,0 +1,289 @@
+//! The data-plane pipeline: one [`handle`] function that routes a request and, for inference
+//! endpoints, runs the stages below **in this order** over a typed [`RequestCtx`].
+//!
+//! | # | stage | module | may answer with |
+//! |---|-------|--------|-----------------|
+//! | 1 | authenticate | [`authenticate`] | 401 `missing_api_key`, 401 `invalid_api_key`, 503 `store_unavailable` |
+//! | 2 | read body | [`read_body`] | 413 `request_too_large`, 400 `body_read_failed`, 400 `invalid_json`, 400 `invalid_parameter` |
+//! | 3 | authorize | [`authorize`] | 404 `model_not_found`, 403 `model_not_permitted` |
+//! | 4–8 | safeguards, rate limit, quota, cache, routing | (issues 4, 7, 8) | |
+//! | 9 | forward | [`forward`] | the upstream's own status, 502 `upstream_unreachable`, 502 `upstream_failed`, 504 `upstream_timeout` |
+//!
+//! Routing itself answers 404 `unknown_url` and 405 `method_not_allowed`. Adding a stage means
+//! editing [`inference`] and this table, nowhere else.
+
+pub mod authenticate;
+pub mod authorize;
+pub mod forward;
+pub mod read_body;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use carrel_core::domain::Principal;
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+
+use crate::app::AppState;
+use crate::body::{self, ResponseBody};
+use crate::error::GatewayError;
+use crate::openai::{ModelList, ModelObject, RequestFields};
+use crate::upstream::catalog::ModelRoute;
+
+/// An inference endpoint of the OpenAI API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `POST /v1/chat/completions`.
+    ChatCompletions,
+    /// `POST /v1/completions`.
+    Completions,
+    /// `POST /v1/embeddings`.
+    Embeddings,
+}
+
+impl Endpoint {
+    /// Short label for logs and metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions => "chat_completions",
+            Endpoint::Completions => "completions",
+            Endpoint::Embeddings => "embeddings",
+        }
+    }
+}
+
+/// What a stage tells the pipeline.
+#[derive(Debug)]
+pub enum Flow {
+    /// Go on to the next stage.
+    Continue,
+    /// Answer now with this response (a cache hit, say); later stages do not run.
+    Respond(Response<ResponseBody>),
+}
+
+/// Per-request state, filled in stage by stage.
+#[derive(Debug)]
+pub struct RequestCtx {
+    /// Which endpoint was called.
+    pub endpoint: Endpoint,
+    /// The client's `Accept` header, forwarded as is.
+    pub accept: Option<HeaderValue>,
+    /// Set by authenticate.
+    pub principal: Option<Principal>,
+    /// Set by read body: the fields Carrel reads.
+    pub fields: Option<RequestFields>,
+    /// Set by read body: the original request bytes, forwarded unless a field must change.
+    pub body: Bytes,
+    /// Set by authorize: where the model is served.
+    pub route: Option<Arc<ModelRoute>>,
+}
+
+impl RequestCtx {
+    fn new(endpoint: Endpoint, accept: Option<HeaderValue>) -> Self {
+        RequestCtx {
+            endpoint,
+            accept,
+            principal: None,
+            fields: None,
+            body: Bytes::new(),
+            route: None,
+        }
+    }
+
+    /// The authenticated principal. Stages after authenticate may rely on it.
+    pub fn principal(&self) -> &Principal {
+        self.principal
+            .as_ref()
+            .expect("stage order: authenticate runs before this stage")
+    }
+
+    /// The parsed request fields. Stages after read body may rely on them.
+    pub fn fields(&self) -> &RequestFields {
+        self.fields
+            .as_ref()
+            .expect("stage order: read body runs before this stage")
+    }
+
+    /// The model's route. Stages after authorize may rely on it.
+    pub fn route(&self) -> &Arc<ModelRoute> {
+        self.route
+            .as_ref()
+            .expect("stage order: authorize runs before this stage")
+    }
+}
+
+/// What a request path and method name.
+enum Route<'a> {
+    Inference(Endpoint),
+    Models,
+    Model(&'a str),
+    Healthz,
+    Readyz,
+}
+
+fn route<'a>(method: &Method, path: &'a str) -> Result<Route<'a>, GatewayError> {
+    let (route, allowed) = match path {
+        "/v1/chat/completions" => (Route::Inference(Endpoint::ChatCompletions), Method::POST),
+        "/v1/completions" => (Route::Inference(Endpoint::Completions), Method::POST),
+        "/v1/embeddings" => (Route::Inference(Endpoint::Embeddings), Method::POST),
+        "/v1/models" => (Route::Models, Method::GET),
+        "/healthz" => (Route::Healthz, Method::GET),
+        "/readyz" => (Route::Readyz, Method::GET),
+        _ => match path.strip_prefix("/v1/models/") {
+            Some(id) if !id.is_empty() => (Route::Model(id), Method::GET),
+            _ => {
+                return Err(GatewayError::UnknownRoute {
+                    method: method.to_string(),
+                    path: path.to_owned(),
+                });
+            }
+        },
+    };
+    if *method == allowed {
+        Ok(route)
+    } else {
+        Err(GatewayError::MethodNotAllowed {
+            method: method.to_string(),
+            path: path.to_owned(),
+        })
+    }
+}
+
+/// Answers one data-plane request. Never fails: every error becomes its OpenAI-shaped response,
+/// logged once here.
+pub async fn handle(state: &AppState, req: Request<Incoming>) -> Response<ResponseBody> {
+    let result = match route(req.method(), req.uri().path()) {
+        Ok(Route::Inference(endpoint)) => inference(state, endpoint, req).await,
+        Ok(Route::Models) => list_models(state, req).await,
+        Ok(Route::Model(id)) => {
+            let id = id.to_owned();
+            get_model(state, req, &id).await
+        }
+        Ok(Route::Healthz) => Ok(body::json(StatusCode::OK, &br#"{"status":"ok"}"#[..])),
+        Ok(Route::Readyz) => Ok(readyz(state).await),
+        Err(e) => Err(e),
+    };
+    result.unwrap_or_else(|err| {
+        err.log(err.metric_label());
+        body::error(&err)
+    })
+}
+
+/// The inference stages, in order.
+async fn inference(
+    state: &AppState,
+    endpoint: Endpoint,
+    req: Request<Incoming>,
+) -> Result<Response<ResponseBody>, GatewayError> {
+    let (parts, body) = req.into_parts();
+    let mut ctx = RequestCtx::new(endpoint, parts.headers.get(http::header::ACCEPT).cloned());
+
+    macro_rules! stage {
+        ($stage:expr) => {
+            if let Flow::Respond(resp) = $stage? {
+                return Ok(resp);
+            }
+        };
+    }
+
+    stage!(authenticate::run(state, &mut ctx, &parts.headers).await);
+    stage!(read_body::run(state, &mut ctx, &parts.headers, body).await);
+    stage!(authorize::run(state, &mut ctx));
+    forward::run(state, &mut ctx).await
+}
+
+async fn list_models(
+    state: &AppState,
+    req: Request<Incoming>,
+) -> Result<Response<ResponseBody>, GatewayError> {
+    let principal = authenticate::principal(state, req.headers()).await?;
+    let catalog = state.catalog.load();
+    let list = ModelList {
+        object: "list",
+        data: catalog
+            .iter()
+            .filter(|m| principal.may_use(m.tier))
+            .map(|m| model_object(m))
+            .collect(),
+    };
+    Ok(body::json(
+        StatusCode::OK,
+        serde_json::to_vec(&list).expect("the model list serialises"),
+    ))
+}
+
+async fn get_model(
+    state: &AppState,
+    req: Request<Incoming>,
+    id: &str,
+) -> Result<Response<ResponseBody>, GatewayError> {
+    let principal = authenticate::principal(state, req.headers()).await?;
+    let catalog = state.catalog.load();
+    let model = catalog
+        .get(id)
+        .filter(|m| principal.may_use(m.tier))
+        .ok_or_else(|| GatewayError::ModelNotFound(id.to_owned()))?;
+    Ok(body::json(
+        StatusCode::OK,
+        serde_json::to_vec(&model_object(model)).expect("a model serialises"),
+    ))
+}
+
+fn model_object(m: &ModelRoute) -> ModelObject<'_> {
+    ModelObject {
+        id: &m.name,
+        object: "model",
+        created: m.created,
+        owned_by: &m.provider,
+    }
+}
+
+async fn readyz(state: &AppState) -> Response<ResponseBody> {
+    let draining = state.is_draining();
+    let store = state.store.ping().await;
+    let ready = !draining && store.is_ok();
+    let body = serde_json::json!({
+        "status": if ready { "ready" } else { "not_ready" },
+        "store": if store.is_ok() { "ok" } else { "unavailable" },
+        "draining": draining,
+        "models": state.catalog.load().len(),
+    });
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    body::json(status, body.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_and_methods() {
+        assert!(matches!(
+            route(&Method::POST, "/v1/chat/completions"),
+            Ok(Route::Inference(Endpoint::ChatCompletions))
+        ));
+        assert!(matches!(
+            route(&Method::GET, "/v1/models/gpt-x"),
+            Ok(Route::Model("gpt-x"))
+        ));
+        assert_eq!(
+            route(&Method::GET, "/v1/chat/completions")
+                .err()
+                .unwrap()
+                .code(),
+            "method_not_allowed"
+        );
+        assert_eq!(
+            route(&Method::GET, "/v2/nothing").err().unwrap().code(),
+            "unknown_url"
+        );
+        assert_eq!(
+            route(&Method::GET, "/v1/models/").err().unwrap().code(),
+            "unknown_url"
+        );
+    }
+}

@@ -1,0 +1,207 @@
+//! Start-up: from a validated [`Config`] to a ready [`App`] (store opened and migrated, config
+//! catalog applied, catalog loaded), plus the demo seed. Failures are [`InitError`]s: one line,
+//! non-zero exit.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use carrel_admin::AdminState;
+use carrel_core::config::{Config, ConfigError, ModelConfig, ProviderConfig};
+use carrel_core::domain::{InstitutionKind, KeyKind, ProviderKind, Tier};
+use carrel_core::keys::{NewKey, Pepper, PepperError};
+use carrel_core::store::{NewApiKey, NewInstitution, Store, StoreError};
+
+use crate::app::{AppState, GatewayHooks, Limits, StateParts};
+use crate::demo;
+use crate::pipeline::authenticate::KeyCache;
+use crate::upstream::Upstream;
+
+/// Why Carrel could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    /// The configuration is invalid.
+    #[error("config error: {0}")]
+    Config(#[from] ConfigError),
+    /// The store could not be opened or migrated.
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    /// The pepper could not be read or created.
+    #[error("pepper: {0}")]
+    Pepper(#[from] PepperError),
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// TLS could not be set up.
+    #[error("tls: {0}")]
+    Tls(String),
+}
+
+/// Settings that come from the process rather than the config file.
+#[derive(Debug, Clone)]
+pub struct StartOptions {
+    /// `CARREL_PEPPER`, if set.
+    pub pepper_env: Option<String>,
+    /// `CARREL_ADMIN_TOKEN`, if set.
+    pub admin_token: Option<String>,
+    /// Pause between the demo model's streamed words.
+    pub demo_word_delay: Duration,
+}
+
+impl StartOptions {
+    /// Options read from the process environment.
+    pub fn from_env() -> Self {
+        StartOptions {
+            pepper_env: std::env::var(carrel_core::keys::PEPPER_ENV).ok(),
+            admin_token: std::env::var(carrel_admin::auth::ADMIN_TOKEN_ENV)
+                .ok()
+                .filter(|t| !t.is_empty()),
+            demo_word_delay: demo::DEFAULT_WORD_DELAY,
+        }
+    }
+}
+
+/// A started-up application, ready to serve.
+#[derive(Clone)]
+pub struct App {
+    /// Data-plane state.
+    pub state: AppState,
+    /// Control-plane state.
+    pub admin: AdminState,
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App")
+            .field("state", &self.state)
+            .finish_non_exhaustive()
+    }
+}
+
+impl App {
+    /// Opens the store in `server.data_dir`, applies the config's providers and models, and
+    /// loads the catalog.
+    pub async fn build(config: &Config, opts: &StartOptions) -> Result<App, InitError> {
+        let store = Store::open(&config.server.data_dir)?;
+        App::build_with_store(config, opts, store).await
+    }
+
+    /// Like [`App::build`] with a given store (tests use an in-memory one).
+    pub async fn build_with_store(
+        config: &Config,
+        opts: &StartOptions,
+        store: Store,
+    ) -> Result<App, InitError> {
+        std::fs::create_dir_all(&config.server.data_dir).map_err(|source| StoreError::Io {
+            path: config.server.data_dir.display().to_string(),
+            source,
+        })?;
+        let pepper = Pepper::load_or_create(&config.server.data_dir, opts.pepper_env.as_deref())?;
+        store
+            .apply_config(config.providers.clone(), config.models.clone())
+            .await?;
+        let env_keys: HashMap<String, String> = config
+            .providers
+            .iter()
+            .filter_map(|p| p.api_key.clone().map(|k| (p.name.clone(), k)))
+            .collect();
+        let upstream = Upstream::new(&config.upstream)
+            .map_err(|e| InitError::Tls(format!("upstream client: {e}")))?;
+        let state = AppState::new(StateParts {
+            store: store.clone(),
+            pepper: pepper.clone(),
+            keys: KeyCache::new(config.auth.key_cache_capacity, config.auth.key_cache_ttl),
+            upstream,
+            limits: Limits {
+                max_body_bytes: config.server.max_body_bytes,
+            },
+            demo_word_delay: opts.demo_word_delay,
+            env_keys,
+        });
+        let models = state.reload_catalog().await?;
+        tracing::info!(models, "catalog loaded");
+        let env_keyed: HashSet<String> = state.env_keyed_providers().cloned().collect();
+        let admin = AdminState {
+            store,
+            pepper,
+            operator_token: opts.admin_token.as_deref().map(Arc::from),
+            hooks: Arc::new(GatewayHooks(state.clone())),
+            env_keyed_providers: Arc::new(env_keyed),
+        };
+        if admin.operator_token.is_none() {
+            tracing::warn!(
+                "CARREL_ADMIN_TOKEN is not set: the admin API answers 401 to every request"
+            );
+        }
+        Ok(App { state, admin })
+    }
+
+    /// The admin router over this app's state.
+    pub fn admin_router(&self) -> axum::Router {
+        carrel_admin::router(self.admin.clone())
+    }
+}
+
+/// Adds the built-in demo provider and model to a config.
+pub fn add_demo_model(config: &mut Config) {
+    if !config.providers.iter().any(|p| p.name == "demo") {
+        config.providers.push(ProviderConfig {
+            name: "demo".to_owned(),
+            kind: ProviderKind::Demo,
+            base_url: None,
+            api_key: None,
+        });
+    }
+    if !config.models.iter().any(|m| m.name == demo::DEMO_MODEL) {
+        config.models.push(ModelConfig {
+            name: demo::DEMO_MODEL.to_owned(),
+            provider: "demo".to_owned(),
+            upstream_model: demo::DEMO_MODEL.to_owned(),
+            tier: Tier::Baseline,
+            input_price_per_mtok: 0.0,
+            output_price_per_mtok: 0.0,
+        });
+    }
+}
+
+/// The demo institution and its key.
+#[derive(Debug, Clone)]
+pub struct DemoTenant {
+    /// Institution id.
+    pub institution_id: String,
+    /// The API key string.
+    pub api_key: String,
+}
+
+/// Seeds a demo institution and a service key for `carrel demo`.
+pub async fn seed_demo_tenant(app: &App) -> Result<DemoTenant, InitError> {
+    let store = &app.state.store;
+    let inst = store
+        .create_institution(NewInstitution {
+            name: "Carrel Demo Library".to_owned(),
+            kind: InstitutionKind::Library,
+            region: "US-IL".to_owned(),
+            timezone: "America/Chicago".to_owned(),
+        })
+        .await?;
+    let minted = NewKey::generate();
+    store
+        .create_key(NewApiKey {
+            id: minted.id.clone(),
+            institution_id: inst.id.clone(),
+            name: "demo key".to_owned(),
+            kind: KeyKind::Service,
+            tier_ceiling: Tier::Advanced,
+            secret_hash: app.state.pepper.hash_secret(minted.secret()),
+        })
+        .await?;
+    Ok(DemoTenant {
+        institution_id: inst.id,
+        api_key: minted.token,
+    })
+}

@@ -1,0 +1,120 @@
+//! The upstream response body, passed through frame by frame (never buffered whole), with a
+//! bound on the silence between frames.
+
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use tokio::time::{Instant, Sleep};
+
+use crate::error::BoxError;
+
+pin_project_lite::pin_project! {
+    /// An upstream body with an idle timeout. When the upstream fails or goes quiet mid-stream,
+    /// an SSE client gets a final `data: {"error": ...}` event (the status line is long gone, so
+    /// this is the only way to tell it why); any other client sees the body end in an error,
+    /// which aborts the response.
+    pub struct UpstreamBody {
+        #[pin]
+        inner: Incoming,
+        #[pin]
+        idle: Sleep,
+        idle_timeout: Duration,
+        sse: bool,
+        done: bool,
+        provider: String,
+    }
+}
+
+impl UpstreamBody {
+    /// Wraps an upstream body.
+    pub fn new(inner: Incoming, idle_timeout: Duration, sse: bool, provider: &str) -> Self {
+        UpstreamBody {
+            inner,
+            idle: tokio::time::sleep(idle_timeout),
+            idle_timeout,
+            sse,
+            done: false,
+            provider: provider.to_owned(),
+        }
+    }
+}
+
+/// Why a stream ended early.
+#[derive(Debug, thiserror::Error)]
+enum StreamError {
+    #[error("the model provider sent nothing for {0:?}")]
+    Idle(Duration),
+    #[error("the model provider's stream broke")]
+    Broken(#[source] hyper::Error),
+}
+
+impl StreamError {
+    fn code(&self) -> &'static str {
+        match self {
+            StreamError::Idle(_) => "upstream_idle_timeout",
+            StreamError::Broken(_) => "upstream_stream_failed",
+        }
+    }
+}
+
+fn sse_error_event(err: &StreamError) -> Bytes {
+    let body = serde_json::json!({
+        "error": {
+            "message": err.to_string(),
+            "type": "api_error",
+            "param": null,
+            "code": err.code(),
+        }
+    });
+    Bytes::from(format!("data: {body}\n\n"))
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut this = self.project();
+        if *this.done {
+            return Poll::Ready(None);
+        }
+        let failure = match this.inner.as_mut().poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                let deadline = Instant::now() + *this.idle_timeout;
+                this.idle.as_mut().reset(deadline);
+                return Poll::Ready(Some(Ok(frame)));
+            }
+            Poll::Ready(None) => {
+                *this.done = true;
+                return Poll::Ready(None);
+            }
+            Poll::Ready(Some(Err(e))) => StreamError::Broken(e),
+            Poll::Pending => {
+                ready!(this.idle.as_mut().poll(cx));
+                StreamError::Idle(*this.idle_timeout)
+            }
+        };
+        *this.done = true;
+        tracing::warn!(provider = %this.provider, code = failure.code(), error = %failure, "upstream stream ended early");
+        if *this.sse {
+            Poll::Ready(Some(Ok(Frame::data(sse_error_event(&failure)))))
+        } else {
+            Poll::Ready(Some(Err(Box::new(failure))))
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
