@@ -44,9 +44,7 @@ impl NewKey {
     /// Mints a key with a new random id and secret.
     pub fn generate() -> Self {
         let id = ids::random_base62(ID_LEN);
-        let secret = ids::random_base62(SECRET_LEN);
-        let body = format!("{KEY_PREFIX}{id}_{secret}");
-        let token = format!("{body}{}", checksum(&body));
+        let token = compose(&id, &ids::random_base62(SECRET_LEN));
         NewKey { id, token }
     }
 
@@ -56,6 +54,13 @@ impl NewKey {
             .expect("a generated key parses")
             .secret
     }
+}
+
+/// The key string for an id and a secret, with its checksum.
+pub fn compose(id: &str, secret: &str) -> String {
+    let body = format!("{KEY_PREFIX}{id}_{secret}");
+    let check = checksum(&body);
+    body + &check
 }
 
 /// A presented key, split into its parts after the format and checksum were checked.

@@ -1,1 +1,198 @@
-//! placeholder
+//! Carrel's end-to-end test kit: a scriptable mock upstream ([`mock`]) and a harness that runs
+//! the real server on port 0 ([`Gateway`]). The tests themselves are in `tests/e2e/`.
+
+#![allow(clippy::disallowed_methods)]
+
+pub mod mock;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use carrel_core::config::Config;
+use carrel_gateway::startup::{App, StartOptions};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// The operator token every test gateway accepts.
+pub const ADMIN_TOKEN: &str = "test-admin-token";
+
+/// A Carrel server running in this process on two port-0 listeners. Dropping it shuts it down.
+pub struct Gateway {
+    /// Public listener address.
+    pub public: SocketAddr,
+    /// Admin listener address.
+    pub admin: SocketAddr,
+    /// The application (state and store), for white-box checks.
+    pub app: App,
+    /// HTTP client for the tests.
+    pub http: reqwest::Client,
+    stop: CancellationToken,
+    _data_dir: tempfile::TempDir,
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+impl Gateway {
+    /// Starts Carrel with `toml` as its config file (listeners and data dir are overridden).
+    pub async fn start(toml: &str) -> Gateway {
+        Gateway::start_with(toml, |_| {}).await
+    }
+
+    /// Starts Carrel after letting `tweak` adjust the parsed config.
+    pub async fn start_with(toml: &str, tweak: impl FnOnce(&mut Config)) -> Gateway {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("carrel.toml");
+        std::fs::write(&path, toml).expect("write config");
+        let mut config = Config::load(Some(&path), std::iter::empty(), &|name| {
+            (name == "MOCK_API_KEY").then(|| "sk-mock-provider-key".to_owned())
+        })
+        .expect("test config is valid");
+        config.server.data_dir = dir.path().join("data");
+        tweak(&mut config);
+        let opts = StartOptions {
+            pepper_env: None,
+            admin_token: Some(ADMIN_TOKEN.to_owned()),
+            demo_word_delay: Duration::ZERO,
+        };
+        let app = App::build(&config, &opts).await.expect("app builds");
+        let public = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (public_addr, admin_addr) = (public.local_addr().unwrap(), admin.local_addr().unwrap());
+        let stop = CancellationToken::new();
+        let (state, router, server_cfg, token) = (
+            app.state.clone(),
+            app.admin_router(),
+            config.server.clone(),
+            stop.clone(),
+        );
+        tokio::spawn(async move {
+            carrel_gateway::server::run(public, admin, state, router, &server_cfg, token)
+                .await
+                .expect("server runs");
+        });
+        Gateway {
+            public: public_addr,
+            admin: admin_addr,
+            app,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .unwrap(),
+            stop,
+            _data_dir: dir,
+        }
+    }
+
+    /// A URL on the public listener.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.public)
+    }
+
+    /// A URL on the admin listener.
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
+    }
+
+    /// Sends an admin request with the operator token; returns status and JSON body.
+    pub async fn admin(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut req = self
+            .http
+            .request(method, self.admin_url(path))
+            .bearer_auth(ADMIN_TOKEN);
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        let resp = req.send().await.expect("admin request");
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap_or_default();
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    /// Creates an institution and a key through the admin API; returns (key id, key string).
+    pub async fn new_key(&self, tier_ceiling: Option<&str>) -> (String, String) {
+        let (status, inst) = self
+            .admin(
+                reqwest::Method::POST,
+                "/admin/v1/institutions",
+                Some(
+                    json!({"name": "Test Library", "kind": "library", "region": "US-IL",
+                            "timezone": "America/Chicago"}),
+                ),
+            )
+            .await;
+        assert_eq!(status, 201, "{inst}");
+        let mut body = json!({"name": "test key", "kind": "service"});
+        if let Some(t) = tier_ceiling {
+            body["tier_ceiling"] = json!(t);
+        }
+        let path = format!(
+            "/admin/v1/institutions/{}/keys",
+            inst["id"].as_str().unwrap()
+        );
+        let (status, key) = self.admin(reqwest::Method::POST, &path, Some(body)).await;
+        assert_eq!(status, 201, "{key}");
+        (
+            key["id"].as_str().unwrap().to_owned(),
+            key["secret"].as_str().unwrap().to_owned(),
+        )
+    }
+
+    /// POSTs JSON to a public path with a key.
+    pub async fn post(&self, path: &str, key: &str, body: &Value) -> reqwest::Response {
+        self.http
+            .post(self.url(path))
+            .bearer_auth(key)
+            .json(body)
+            .send()
+            .await
+            .expect("request")
+    }
+}
+
+/// A config with the mock as provider `mock` and models of every tier:
+/// `mock-model` (baseline), `renamed` → `mock-upstream-name` (advanced), `frontier-model`.
+pub fn config_for(mock_base_url: &str, extra: &str) -> String {
+    format!(
+        r#"
+[[providers]]
+name = "mock"
+base_url = "{mock_base_url}"
+api_key_env = "MOCK_API_KEY"
+
+[[models]]
+name = "mock-model"
+provider = "mock"
+tier = "baseline"
+input_price_per_mtok = 0.15
+output_price_per_mtok = 0.6
+
+[[models]]
+name = "renamed"
+provider = "mock"
+upstream_model = "mock-upstream-name"
+tier = "advanced"
+
+[[models]]
+name = "frontier-model"
+provider = "mock"
+tier = "frontier"
+{extra}
+"#
+    )
+}
+
+/// An address on which nothing listens (bound, then released).
+pub async fn closed_port() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    l.local_addr().unwrap()
+}

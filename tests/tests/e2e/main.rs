@@ -1,0 +1,8 @@
+//! End-to-end tests: the real server on port 0, a mock upstream on port 0, real clients.
+
+#![allow(clippy::disallowed_methods)]
+
+mod admin;
+mod openai_sdk;
+mod proxy;
+mod transport;
