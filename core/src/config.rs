@@ -668,6 +668,16 @@ fn apply_env_overrides(
 mod tests {
     use super::*;
 
+    fn load_with(
+        text: &str,
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("carrel.toml");
+        std::fs::write(&path, text).unwrap();
+        Config::load(Some(&path), std::iter::empty(), &lookup)
+    }
+
     fn load(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("carrel.toml");
@@ -783,5 +793,47 @@ mod tests {
         let err = load("[server\n", &[]).unwrap_err();
         assert!(matches!(err, ConfigError::Syntax { .. }), "{err}");
         assert!(err.to_string().contains("carrel.toml"));
+    }
+
+    #[test]
+    fn the_example_file_documents_real_keys_and_their_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/carrel.example.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let as_file = Config::load(Some(&path), std::iter::empty(), &|_| None).unwrap();
+        let defaults = Config::default();
+        assert_eq!(
+            format!("{:?}", as_file.server),
+            format!("{:?}", defaults.server)
+        );
+        assert_eq!(
+            format!("{:?}", as_file.upstream),
+            format!("{:?}", defaults.upstream)
+        );
+        assert_eq!(
+            format!("{:?}", as_file.auth),
+            format!("{:?}", defaults.auth)
+        );
+
+        // Uncommenting every example line must still give a valid config: the commented keys
+        // are real keys too.
+        let uncommented: String = text
+            .lines()
+            .map(|l| match l.strip_prefix("# ") {
+                Some(rest)
+                    if rest.starts_with('[')
+                        || rest.split_once(" = ").is_some_and(|(k, _)| {
+                            !k.is_empty() && k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+                        }) =>
+                {
+                    rest
+                }
+                _ => l,
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let c = load_with(&uncommented, |_| Some("sk-example".to_owned())).unwrap();
+        assert!(c.server.tls.is_some());
+        assert_eq!(c.providers.len(), 2);
+        assert_eq!(c.models.len(), 1);
     }
 }

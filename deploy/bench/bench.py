@@ -1,0 +1,258 @@
+#!/usr/bin/env python3
+"""Drives the load benchmark; deploy/bench/run.sh builds and installs what it needs first.
+
+Three targets on one machine, in one run: the mock upstream directly, nginx as a plain reverse
+proxy in front of it, and Carrel (release build, API-key auth on) in front of it. For each
+scenario the targets run back to back, so each ratio compares numbers from the same minutes.
+Every process binds port 0 or a port the OS just handed out; everything stops at the end.
+"""
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+RELEASE = ROOT / "target" / "release"
+MODEL = "bench-model"
+CHAT = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "Hello, library!"}]})
+STREAM = json.dumps({"model": MODEL, "stream": True,
+                     "messages": [{"role": "user", "content": "Hello, library!"}]})
+SCENARIOS = [
+    # name, concurrency, body
+    ("chat c=1", 1, CHAT),
+    ("chat c=64", 64, CHAT),
+    ("stream c=64", 64, STREAM),
+]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(cmd, env=None):
+    """Starts a process and returns it with its first stdout line."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env={**os.environ, **(env or {})})
+    line = proc.stdout.readline().strip()
+    if not line:
+        raise SystemExit(f"{cmd[0]} exited before it was ready")
+    return proc, line
+
+
+def http_json(method, url, body=None, token=None):
+    req = urllib.request.Request(url, method=method,
+                                 data=json.dumps(body).encode() if body is not None else None)
+    req.add_header("content-type", "application/json")
+    if token:
+        req.add_header("authorization", f"Bearer {token}")
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.load(resp)
+
+
+def wait_http(url, attempts=100):
+    for _ in range(attempts):
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"{url} did not come up")
+
+
+def nginx_conf(work, port, upstream):
+    return f"""
+worker_processes 2;
+pid {work}/nginx.pid;
+error_log {work}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {work}/body;
+    proxy_temp_path {work}/proxy;
+    fastcgi_temp_path {work}/fastcgi;
+    uwsgi_temp_path {work}/uwsgi;
+    scgi_temp_path {work}/scgi;
+    upstream mock {{ server {upstream}; keepalive 128; }}
+    server {{
+        listen 127.0.0.1:{port};
+        client_max_body_size 2m;
+        location / {{
+            proxy_pass http://mock;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+        }}
+    }}
+}}
+"""
+
+
+def oha(url, concurrency, body, seconds, token):
+    cmd = ["oha", "-z", f"{seconds}s", "-c", str(concurrency), "--no-tui", "--output-format", "json",
+           "-m", "POST", "-H", "content-type: application/json", "-d", body, url]
+    if token:
+        cmd[1:1] = ["-H", f"authorization: Bearer {token}"]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    data = json.loads(out)
+    codes = data.get("statusCodeDistribution", {})
+    ok = sum(v for k, v in codes.items() if k.startswith("2"))
+    bad = sum(v for k, v in codes.items() if not k.startswith("2"))
+    errors = sum(data.get("errorDistribution", {}).values())
+    p = data["latencyPercentiles"]
+    return {
+        "rps": data["summary"]["requestsPerSec"] * (ok / max(ok + bad, 1)),
+        "p50_us": p["p50"] * 1e6,
+        "p99_us": p["p99"] * 1e6,
+        "non2xx": bad,
+        "errors": errors,
+    }
+
+
+def machine():
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    nginx_v = subprocess.run([nginx_bin(), "-v"], capture_output=True, text=True).stderr.strip()
+    oha_v = subprocess.run(["oha", "--version"], capture_output=True, text=True).stdout.strip()
+    return (f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB, {platform.system()} "
+            f"{platform.release()}; {nginx_v}; {oha_v}")
+
+
+def nginx_bin():
+    return shutil.which("nginx") or "/usr/sbin/nginx"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--duration", type=int, default=15, help="seconds per target and scenario")
+    ap.add_argument("--out", help="write a Markdown report here")
+    args = ap.parse_args()
+
+    procs = []
+    work = Path(tempfile.mkdtemp(prefix="carrel-bench-"))
+    try:
+        mock, line = start([str(RELEASE / "mock-upstream")])
+        procs.append(mock)
+        mock_addr = line.split("http://", 1)[1]
+
+        cfg = work / "carrel.toml"
+        cfg.write_text(f"""
+[log]
+level = "warn"
+[[providers]]
+name = "mock"
+base_url = "http://{mock_addr}/v1"
+[[models]]
+name = "{MODEL}"
+provider = "mock"
+tier = "baseline"
+""")
+        admin_token = "bench-admin-token"
+        carrel, line = start([str(RELEASE / "carrel"), "serve", "--config", str(cfg),
+                              "--data-dir", str(work / "data"), "--listen", "127.0.0.1:0",
+                              "--admin-listen", "127.0.0.1:0"],
+                             env={"CARREL_ADMIN_TOKEN": admin_token})
+        procs.append(carrel)
+        words = dict(w.split("=", 1) for w in line.split()[1:])
+        carrel_url, admin_url = words["public"], words["admin"]
+        inst = http_json("POST", f"{admin_url}/admin/v1/institutions",
+                         {"name": "Bench Library", "kind": "library", "region": "US-IL",
+                          "timezone": "America/Chicago"}, admin_token)
+        key = http_json("POST", f"{admin_url}/admin/v1/institutions/{inst['id']}/keys",
+                        {"name": "bench", "kind": "service"}, admin_token)["secret"]
+
+        nginx_port = free_port()
+        (work / "nginx.conf").write_text(nginx_conf(work, nginx_port, mock_addr))
+        nginx = subprocess.Popen([nginx_bin(), "-p", str(work), "-c", str(work / "nginx.conf"),
+                                  "-g", "daemon off;"], stderr=subprocess.DEVNULL)
+        procs.append(nginx)
+        wait_http(f"http://127.0.0.1:{nginx_port}/v1/models")
+
+        targets = [
+            ("direct", f"http://{mock_addr}/v1/chat/completions", None),
+            ("nginx", f"http://127.0.0.1:{nginx_port}/v1/chat/completions", None),
+            ("carrel", f"{carrel_url}/v1/chat/completions", key),
+        ]
+        # Warm every path (connection pools, caches) before measuring.
+        for _, url, token in targets:
+            oha(url, 8, CHAT, 2, token)
+
+        results = {}
+        for scenario, conc, body in SCENARIOS:
+            for name, url, token in targets:
+                r = oha(url, conc, body, args.duration, token)
+                results[(scenario, name)] = r
+                print(f"{scenario:12} {name:7} {r['rps']:10.0f} req/s  p50 {r['p50_us']:8.0f} µs"
+                      f"  p99 {r['p99_us']:8.0f} µs  non-2xx {r['non2xx']}  errors {r['errors']}",
+                      flush=True)
+
+        lines = ["| scenario | direct req/s | nginx req/s | Carrel req/s | Carrel/nginx req/s "
+                 "| nginx p50 µs | Carrel p50 µs | Carrel−nginx p50 µs | nginx p99 µs | Carrel p99 µs |",
+                 "|---|---|---|---|---|---|---|---|---|---|"]
+        for scenario, _, _ in SCENARIOS:
+            d, n, c = (results[(scenario, t)] for t in ("direct", "nginx", "carrel"))
+            lines.append(
+                f"| {scenario} | {d['rps']:.0f} | {n['rps']:.0f} | {c['rps']:.0f} | "
+                f"{c['rps'] / n['rps']:.2f} | {n['p50_us']:.0f} | {c['p50_us']:.0f} | "
+                f"{c['p50_us'] - n['p50_us']:+.0f} | {n['p99_us']:.0f} | {c['p99_us']:.0f} |")
+        table = "\n".join(lines)
+        print()
+        print(table)
+        print()
+        print(f"machine: {machine()}")
+        failures = sum(r["non2xx"] + r["errors"] for r in results.values())
+        print(f"non-2xx responses and transport errors across all runs: {failures}")
+        if args.out:
+            Path(args.out).write_text(report(table, args.duration, failures))
+            print(f"wrote {args.out}")
+    finally:
+        for p in reversed(procs):
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def report(table, duration, failures):
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    return f"""# Benchmark results
+
+Produced by `deploy/bench/run.sh --out deploy/bench/RESULTS.md` on {stamp}.
+
+- Machine: {machine()}.
+- Everything shares the machine's cores: the mock upstream, nginx (2 workers, keep-alive pool to
+  the mock, buffering off), Carrel (release build, API-key auth on, 2 tokio workers) and oha.
+- Each target runs {duration} s per scenario, back to back, after a 2 s warm-up of every path.
+- `chat` posts a small chat completion and gets ~330 bytes of JSON; `stream` gets 7 SSE events.
+- req/s counts only 2xx answers; non-2xx responses and transport errors across all runs: {failures}.
+
+{table}
+
+Targets for issue 2: Carrel ≥ 0.8× nginx req/s at concurrency 64; at concurrency 1, Carrel's p50
+≤ nginx's p50 + 50 µs.
+"""
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Load benchmark: a fast mock upstream, Carrel (release, auth on) and nginx as a plain reverse
+# proxy, each driven by oha. Not a test: it prints numbers for deploy/bench/RESULTS.md.
+#
+#   deploy/bench/run.sh [--duration 15] [--out deploy/bench/RESULTS.md]
+#
+# Installs what it needs when missing: nginx (Debian) and oha (crates.io).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null \
+    || as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null
+fi
+command -v oha >/dev/null 2>&1 || cargo install --locked oha
+cargo build --release --locked -p carrel-gateway -p carrel-tests --bin carrel --bin mock-upstream
+exec python3 deploy/bench/bench.py "$@"
