@@ -280,7 +280,41 @@ impl Store {
                     ],
                 )?;
             }
+            // Entries dropped from the config file stop being served. A provider that an
+            // admin-made model still uses is kept, handed over to the admin API.
+            let models_json = json_names(models.iter().map(|m| m.name.as_str()));
+            let removed = tx.execute(
+                "DELETE FROM models WHERE source = 'config'
+                 AND name NOT IN (SELECT value FROM json_each(?1))",
+                [&models_json],
+            )?;
+            let providers_json = json_names(providers.iter().map(|p| p.name.as_str()));
+            let kept = tx.execute(
+                "UPDATE providers SET source = 'admin' WHERE source = 'config'
+                 AND name NOT IN (SELECT value FROM json_each(?1))
+                 AND name IN (SELECT provider FROM models)",
+                [&providers_json],
+            )?;
+            let removed_providers = tx.execute(
+                "DELETE FROM providers WHERE source = 'config'
+                 AND name NOT IN (SELECT value FROM json_each(?1))",
+                [&providers_json],
+            )?;
             tx.commit()?;
+            if removed + removed_providers > 0 {
+                tracing::info!(
+                    models = removed,
+                    providers = removed_providers,
+                    "removed entries no longer in the config file"
+                );
+            }
+            if kept > 0 {
+                tracing::warn!(
+                    providers = kept,
+                    "providers removed from the config file are still used by admin-made models; \
+                     kept as admin-managed"
+                );
+            }
             Ok(())
         })
         .await
@@ -543,6 +577,11 @@ impl Store {
     }
 }
 
+/// A JSON array of names, for `json_each` in a `NOT IN` filter.
+fn json_names<'a>(names: impl Iterator<Item = &'a str>) -> String {
+    serde_json::to_string(&names.collect::<Vec<_>>()).expect("strings serialise")
+}
+
 fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     let known = MIGRATIONS.len() as i64;
     let found: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
@@ -752,6 +791,34 @@ mod tests {
             store.list_models().await.unwrap()[0].upstream_model,
             "m-upstream"
         );
+
+        // Dropping the model from the config file stops it being served; the provider goes
+        // too, since nothing else uses it.
+        store.apply_config(vec![], vec![]).await.unwrap();
+        assert!(store.list_models().await.unwrap().is_empty());
+        assert!(store.list_providers().await.unwrap().is_empty());
+        let provider = ProviderConfig {
+            name: "up".into(),
+            kind: ProviderKind::OpenAi,
+            base_url: Some("http://127.0.0.1:9/v1".into()),
+            api_key: None,
+        };
+        store.apply_config(vec![provider], vec![]).await.unwrap();
+        store
+            .create_model(NewModel {
+                name: "admin-made".into(),
+                provider: "up".into(),
+                upstream_model: "x".into(),
+                tier: Tier::Baseline,
+                input_price_per_mtok: 0.0,
+                output_price_per_mtok: 0.0,
+            })
+            .await
+            .unwrap();
+        store.apply_config(vec![], vec![]).await.unwrap();
+        let providers = store.list_providers().await.unwrap();
+        assert_eq!(providers.len(), 1, "still used by an admin-made model");
+        assert_eq!(providers[0].source, Source::Admin);
 
         let dup = store
             .create_provider(NewProvider {

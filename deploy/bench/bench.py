@@ -109,15 +109,40 @@ def oha(url, concurrency, body, seconds, token):
     codes = data.get("statusCodeDistribution", {})
     ok = sum(v for k, v in codes.items() if k.startswith("2"))
     bad = sum(v for k, v in codes.items() if not k.startswith("2"))
-    errors = sum(data.get("errorDistribution", {}).values())
+    # In-flight requests cut off when the duration ends are not failures of the target.
+    errors = sum(v for k, v in data.get("errorDistribution", {}).items()
+                 if "deadline" not in k)
     p = data["latencyPercentiles"]
     return {
+        "requests": ok + bad,
         "rps": data["summary"]["requestsPerSec"] * (ok / max(ok + bad, 1)),
         "p50_us": p["p50"] * 1e6,
         "p99_us": p["p99"] * 1e6,
         "non2xx": bad,
         "errors": errors,
     }
+
+
+def cpu_seconds(root_pid):
+    """User + system CPU time of a process and its direct children (nginx's workers)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid, ppid = int(entry.name), int(fields[1])
+        if pid == root_pid or ppid == root_pid:
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def median(values):
+    values = sorted(values)
+    return values[len(values) // 2]
 
 
 def machine():
@@ -144,6 +169,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--duration", type=int, default=15, help="seconds per target and scenario")
     ap.add_argument("--out", help="write a Markdown report here")
+    ap.add_argument("--only", help="comma-separated scenario names to run (default: all)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="alternating rounds per scenario; the report shows each target's median")
     args = ap.parse_args()
 
     procs = []
@@ -187,41 +215,52 @@ tier = "baseline"
         wait_http(f"http://127.0.0.1:{nginx_port}/v1/models")
 
         targets = [
-            ("direct", f"http://{mock_addr}/v1/chat/completions", None),
-            ("nginx", f"http://127.0.0.1:{nginx_port}/v1/chat/completions", None),
-            ("carrel", f"{carrel_url}/v1/chat/completions", key),
+            ("direct", f"http://{mock_addr}/v1/chat/completions", None, None),
+            ("nginx", f"http://127.0.0.1:{nginx_port}/v1/chat/completions", None, nginx.pid),
+            ("carrel", f"{carrel_url}/v1/chat/completions", key, carrel.pid),
         ]
         # Warm every path (connection pools, caches) before measuring.
-        for _, url, token in targets:
+        for _, url, token, _ in targets:
             oha(url, 8, CHAT, 2, token)
 
-        results = {}
-        for scenario, conc, body in SCENARIOS:
-            for name, url, token in targets:
-                r = oha(url, conc, body, args.duration, token)
-                results[(scenario, name)] = r
-                print(f"{scenario:12} {name:7} {r['rps']:10.0f} req/s  p50 {r['p50_us']:8.0f} µs"
-                      f"  p99 {r['p99_us']:8.0f} µs  non-2xx {r['non2xx']}  errors {r['errors']}",
-                      flush=True)
+        runs = {}
+        scenarios = [s for s in SCENARIOS if not args.only or s[0] in args.only.split(",")]
+        for scenario, conc, body in scenarios:
+            for rnd in range(args.rounds):
+                # Alternate the order each round so no target always runs first.
+                order = targets if rnd % 2 == 0 else list(reversed(targets))
+                for name, url, token, pid in order:
+                    before = cpu_seconds(pid) if pid else 0.0
+                    r = oha(url, conc, body, args.duration, token)
+                    if pid:
+                        r["cpu_us"] = (cpu_seconds(pid) - before) * 1e6 / max(r["requests"], 1)
+                    runs.setdefault((scenario, name), []).append(r)
+                    cpu = f"  proxy CPU {r['cpu_us']:6.1f} µs/req" if pid else ""
+                    print(f"{scenario:12} {name:7} {r['rps']:10.0f} req/s  p50 {r['p50_us']:8.0f} µs"
+                          f"  p99 {r['p99_us']:8.0f} µs{cpu}  non-2xx {r['non2xx']}"
+                          f"  errors {r['errors']}", flush=True)
+        results = {k: {m: median([r[m] for r in v]) for m in v[0]} for k, v in runs.items()}
 
         lines = ["| scenario | direct req/s | nginx req/s | Carrel req/s | Carrel/nginx req/s "
-                 "| nginx p50 µs | Carrel p50 µs | Carrel−nginx p50 µs | nginx p99 µs | Carrel p99 µs |",
-                 "|---|---|---|---|---|---|---|---|---|---|"]
-        for scenario, _, _ in SCENARIOS:
+                 "| nginx p50 µs | Carrel p50 µs | Carrel−nginx p50 µs | nginx p99 µs | Carrel p99 µs "
+                 "| nginx CPU µs/req | Carrel CPU µs/req |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for scenario, _, _ in scenarios:
             d, n, c = (results[(scenario, t)] for t in ("direct", "nginx", "carrel"))
             lines.append(
                 f"| {scenario} | {d['rps']:.0f} | {n['rps']:.0f} | {c['rps']:.0f} | "
                 f"{c['rps'] / n['rps']:.2f} | {n['p50_us']:.0f} | {c['p50_us']:.0f} | "
-                f"{c['p50_us'] - n['p50_us']:+.0f} | {n['p99_us']:.0f} | {c['p99_us']:.0f} |")
+                f"{c['p50_us'] - n['p50_us']:+.0f} | {n['p99_us']:.0f} | {c['p99_us']:.0f} | "
+                f"{n['cpu_us']:.1f} | {c['cpu_us']:.1f} |")
         table = "\n".join(lines)
         print()
         print(table)
         print()
         print(f"machine: {machine()}")
-        failures = sum(r["non2xx"] + r["errors"] for r in results.values())
+        failures = sum(r["non2xx"] + r["errors"] for v in runs.values() for r in v)
         print(f"non-2xx responses and transport errors across all runs: {failures}")
         if args.out:
-            Path(args.out).write_text(report(table, args.duration, failures))
+            Path(args.out).write_text(report(table, args.duration, args.rounds, failures))
             print(f"wrote {args.out}")
     finally:
         for p in reversed(procs):
@@ -234,7 +273,7 @@ tier = "baseline"
         shutil.rmtree(work, ignore_errors=True)
 
 
-def report(table, duration, failures):
+def report(table, duration, rounds, failures):
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     return f"""# Benchmark results
 
@@ -243,7 +282,11 @@ Produced by `deploy/bench/run.sh --out deploy/bench/RESULTS.md` on {stamp}.
 - Machine: {machine()}.
 - Everything shares the machine's cores: the mock upstream, nginx (2 workers, keep-alive pool to
   the mock, buffering off), Carrel (release build, API-key auth on, 2 tokio workers) and oha.
-- Each target runs {duration} s per scenario, back to back, after a 2 s warm-up of every path.
+- Each target runs {duration} s per scenario, back to back, in {rounds} rounds whose order alternates,
+  after a 2 s warm-up of every path; the table shows each target's median over the rounds.
+- CPU µs/req is the proxy's own user + system CPU time (nginx: master and workers) divided by the
+  requests it served: the steadiest measure on a shared machine, where req/s moves with whatever
+  else runs.
 - `chat` posts a small chat completion and gets ~330 bytes of JSON; `stream` gets 7 SSE events.
 - req/s counts only 2xx answers; non-2xx responses and transport errors across all runs: {failures}.
 

@@ -74,9 +74,6 @@ pub enum GatewayError {
     /// The state store failed while checking the key.
     #[error("The service is temporarily unable to check credentials.")]
     StoreUnavailable(#[source] std::sync::Arc<carrel_core::store::StoreError>),
-    /// The server is draining for shutdown.
-    #[error("The server is shutting down.")]
-    ShuttingDown,
 }
 
 /// A boxed error from a lower layer.
@@ -100,9 +97,7 @@ impl GatewayError {
                 StatusCode::BAD_GATEWAY
             }
             GatewayError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
-            GatewayError::StoreUnavailable(_) | GatewayError::ShuttingDown => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            GatewayError::StoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -122,8 +117,7 @@ impl GatewayError {
             GatewayError::UpstreamUnreachable(_)
             | GatewayError::UpstreamFailed(_)
             | GatewayError::UpstreamTimeout
-            | GatewayError::StoreUnavailable(_)
-            | GatewayError::ShuttingDown => "api_error",
+            | GatewayError::StoreUnavailable(_) => "api_error",
         }
     }
 
@@ -144,7 +138,6 @@ impl GatewayError {
             GatewayError::UpstreamFailed(_) => "upstream_failed",
             GatewayError::UpstreamTimeout => "upstream_timeout",
             GatewayError::StoreUnavailable(_) => "store_unavailable",
-            GatewayError::ShuttingDown => "shutting_down",
         }
     }
 
@@ -162,7 +155,6 @@ impl GatewayError {
             | GatewayError::UpstreamFailed(_)
             | GatewayError::UpstreamTimeout => "upstream",
             GatewayError::StoreUnavailable(_) => "store",
-            GatewayError::ShuttingDown => "draining",
         }
     }
 
@@ -183,26 +175,20 @@ impl GatewayError {
             | GatewayError::UpstreamUnreachable(_)
             | GatewayError::UpstreamFailed(_)
             | GatewayError::UpstreamTimeout
-            | GatewayError::StoreUnavailable(_)
-            | GatewayError::ShuttingDown => None,
+            | GatewayError::StoreUnavailable(_) => None,
         }
     }
 
     /// Logs the error once: server-side failures at warn with their cause, client errors at
-    /// debug. Only ids and codes are logged, never request content.
-    pub fn log(&self, endpoint: &str) {
+    /// debug. Only codes and causes are logged, never request content.
+    pub fn log(&self) {
         let status = self.status().as_u16();
+        let kind = self.metric_label();
         if self.status().is_server_error() {
             let cause = std::error::Error::source(self).map(|s| s.to_string());
-            tracing::warn!(
-                status,
-                code = self.code(),
-                endpoint,
-                cause,
-                "request failed"
-            );
+            tracing::warn!(status, code = self.code(), kind, cause, "request failed");
         } else {
-            tracing::debug!(status, code = self.code(), endpoint, "request refused");
+            tracing::debug!(status, code = self.code(), kind, "request refused");
         }
     }
 }
@@ -242,7 +228,6 @@ mod tests {
             GatewayError::StoreUnavailable(std::sync::Arc::new(
                 carrel_core::store::StoreError::Task("x".into()),
             )),
-            GatewayError::ShuttingDown,
         ];
         let codes: std::collections::HashSet<_> = all.iter().map(GatewayError::code).collect();
         assert_eq!(codes.len(), all.len());

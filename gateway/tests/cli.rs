@@ -163,3 +163,68 @@ fn demo_starts_on_a_fresh_data_dir_and_answers_with_the_printed_key() {
     );
     assert!(refused.starts_with("HTTP/1.1 401"), "{refused}");
 }
+
+#[test]
+fn sigterm_lets_an_open_stream_finish_then_exits_cleanly() {
+    let mut child = Command::new(CARREL)
+        .args([
+            "demo",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id().to_string();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    let public = first
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("public=http://"))
+        .unwrap()
+        .to_owned();
+    let key = lines
+        .by_ref()
+        .map(Result::unwrap)
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("API key")
+                .map(|r| r.trim().to_owned())
+        })
+        .unwrap();
+
+    let body =
+        r#"{"model":"carrel-demo","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+    let mut stream = TcpStream::connect(&public).unwrap();
+    write!(
+        stream,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: demo\r\nAuthorization: Bearer {key}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut reader = BufReader::new(stream);
+    let mut status = String::new();
+    reader.read_line(&mut status).unwrap();
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    // Wait for the first event, so the signal lands mid-stream.
+    let mut line = String::new();
+    while !line.starts_with("data: ") {
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+    }
+
+    let killed = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(killed.success());
+    let mut rest = String::new();
+    reader.read_to_string(&mut rest).unwrap();
+    assert!(
+        rest.contains("data: [DONE]"),
+        "the stream finished after SIGTERM: {rest}"
+    );
+    let exit = child.wait().unwrap();
+    assert!(exit.success(), "clean exit after draining: {exit:?}");
+}

@@ -164,7 +164,7 @@ pub async fn handle(state: &AppState, req: Request<Incoming>) -> Response<Respon
         Err(e) => Err(e),
     };
     result.unwrap_or_else(|err| {
-        err.log(err.metric_label());
+        err.log();
         body::error(&err)
     })
 }

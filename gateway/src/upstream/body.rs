@@ -17,11 +17,16 @@ pin_project_lite::pin_project! {
     /// an SSE client gets a final `data: {"error": ...}` event (the status line is long gone, so
     /// this is the only way to tell it why); any other client sees the body end in an error,
     /// which aborts the response.
+    ///
+    /// The timer is re-armed lazily: a frame only records the time, and the sleep is moved to
+    /// `last_frame + idle_timeout` when it fires early. Re-registering the timer on every frame
+    /// cost a timer-wheel update per SSE event.
     pub struct UpstreamBody {
         #[pin]
         inner: Incoming,
         #[pin]
         idle: Sleep,
+        last_frame: Instant,
         idle_timeout: Duration,
         sse: bool,
         done: bool,
@@ -35,6 +40,7 @@ impl UpstreamBody {
         UpstreamBody {
             inner,
             idle: tokio::time::sleep(idle_timeout),
+            last_frame: Instant::now(),
             idle_timeout,
             sse,
             done: false,
@@ -87,8 +93,7 @@ impl Body for UpstreamBody {
         }
         let failure = match this.inner.as_mut().poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
-                let deadline = Instant::now() + *this.idle_timeout;
-                this.idle.as_mut().reset(deadline);
+                *this.last_frame = Instant::now();
                 return Poll::Ready(Some(Ok(frame)));
             }
             Poll::Ready(None) => {
@@ -96,10 +101,15 @@ impl Body for UpstreamBody {
                 return Poll::Ready(None);
             }
             Poll::Ready(Some(Err(e))) => StreamError::Broken(e),
-            Poll::Pending => {
+            Poll::Pending => loop {
                 ready!(this.idle.as_mut().poll(cx));
-                StreamError::Idle(*this.idle_timeout)
-            }
+                let deadline = *this.last_frame + *this.idle_timeout;
+                if deadline <= Instant::now() {
+                    break StreamError::Idle(*this.idle_timeout);
+                }
+                // A frame arrived since the sleep was armed: wait out the rest.
+                this.idle.as_mut().reset(deadline);
+            },
         };
         *this.done = true;
         tracing::warn!(provider = %this.provider, code = failure.code(), error = %failure, "upstream stream ended early");
