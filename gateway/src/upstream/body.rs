@@ -2,6 +2,7 @@
 //! bound on the silence between frames.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -30,13 +31,13 @@ pin_project_lite::pin_project! {
         idle_timeout: Duration,
         sse: bool,
         done: bool,
-        provider: String,
+        provider: Arc<str>,
     }
 }
 
 impl UpstreamBody {
     /// Wraps an upstream body.
-    pub fn new(inner: Incoming, idle_timeout: Duration, sse: bool, provider: &str) -> Self {
+    pub fn new(inner: Incoming, idle_timeout: Duration, sse: bool, provider: Arc<str>) -> Self {
         UpstreamBody {
             inner,
             idle: tokio::time::sleep(idle_timeout),
@@ -44,7 +45,7 @@ impl UpstreamBody {
             idle_timeout,
             sse,
             done: false,
-            provider: provider.to_owned(),
+            provider,
         }
     }
 }

@@ -21,8 +21,8 @@ pub enum Target {
 /// A provider's endpoints, parsed once per catalog build rather than once per request.
 #[derive(Debug)]
 pub struct HttpTarget {
-    /// Provider name (for logs and metrics).
-    pub provider: String,
+    /// Provider name (for logs and metrics); shared by every response body from it.
+    pub provider: Arc<str>,
     /// `{base}/chat/completions`.
     pub chat: Uri,
     /// `{base}/completions`.
@@ -31,6 +31,8 @@ pub struct HttpTarget {
     pub embeddings: Uri,
     /// `Authorization: Bearer <provider key>`, marked sensitive so it is never logged.
     pub authorization: Option<HeaderValue>,
+    /// `Host` for HTTP/1 requests, built once here; otherwise the client formats it per request.
+    pub host: HeaderValue,
 }
 
 impl HttpTarget {
@@ -165,9 +167,15 @@ fn http_target(name: &str, base: &str, key: Option<&str>) -> Result<HttpTarget, 
             Ok::<_, String>(v)
         })
         .transpose()?;
+    let chat = uri("chat/completions")?;
+    let host = chat
+        .authority()
+        .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        .ok_or_else(|| format!("bad base_url {base}: no host"))?;
     Ok(HttpTarget {
-        provider: name.to_owned(),
-        chat: uri("chat/completions")?,
+        provider: name.into(),
+        host,
+        chat,
         completions: uri("completions")?,
         embeddings: uri("embeddings")?,
         authorization,

@@ -111,6 +111,7 @@ impl Upstream {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
+        headers.insert(header::HOST, target.host.clone());
         headers.insert(header::USER_AGENT, HeaderValue::from_static(USER_AGENT));
         if let Some(accept) = accept {
             headers.insert(header::ACCEPT, accept.clone());
@@ -136,7 +137,12 @@ impl Upstream {
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|ct| ct.starts_with("text/event-stream"));
-        let body = body::UpstreamBody::new(incoming, self.idle_timeout, sse, &target.provider);
+        let body = body::UpstreamBody::new(
+            incoming,
+            self.idle_timeout,
+            sse,
+            Arc::clone(&target.provider),
+        );
         Ok(Response::from_parts(parts, body.boxed()))
     }
 }

@@ -62,6 +62,7 @@ async fn chat_json_passes_through_and_only_provider_headers_cross() {
         ("POST", "/v1/chat/completions")
     );
     assert_eq!(req.headers["authorization"], "Bearer sk-mock-provider-key");
+    assert_eq!(req.headers["host"], mock.addr().to_string().as_str());
     for private in [
         "x-forwarded-for",
         "cookie",
