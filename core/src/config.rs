@@ -90,6 +90,7 @@ struct RawServer {
     header_read_timeout_ms: Option<i64>,
     shutdown_grace_ms: Option<i64>,
     h2_max_concurrent_streams: Option<i64>,
+    workers: Option<i64>,
     tls: Option<RawTls>,
 }
 
@@ -187,6 +188,8 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// HTTP/2 streams one client connection may have open at once.
     pub h2_max_concurrent_streams: u32,
+    /// Threads serving the public listener, each with its own runtime and upstream pool.
+    pub workers: usize,
     /// TLS on the public listener, when configured.
     pub tls: Option<TlsConfig>,
 }
@@ -348,6 +351,10 @@ impl Config {
                 1,
                 10_000,
             )? as u32,
+            workers: match bounded("server.workers", s.workers, 0, 0, 256)? {
+                0 => std::thread::available_parallelism().map_or(1, usize::from),
+                n => n as usize,
+            },
             tls: s.tls.map(|t| TlsConfig {
                 cert: t.cert,
                 key: t.key,

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use carrel_admin::{ControlHooks, HookFuture};
+use carrel_core::config::UpstreamConfig;
 use carrel_core::keys::Pepper;
 use carrel_core::store::{Store, StoreError};
 
@@ -15,9 +16,15 @@ use crate::pipeline::authenticate::KeyCache;
 use crate::upstream::Upstream;
 use crate::upstream::catalog::Catalog;
 
-/// Handle to the shared state; cloning is one reference-count increment.
+/// Handle to the state a request runs with: the shared [`Inner`] plus this worker thread's own
+/// upstream client. Each worker owns a client so its pooled connections are driven by the same
+/// thread as the requests that use them (see `server.rs`).
 #[derive(Clone, Debug)]
-pub struct AppState(Arc<Inner>);
+pub struct AppState {
+    inner: Arc<Inner>,
+    /// Pooled upstream client of this worker; cloning shares its pool.
+    pub upstream: Upstream,
+}
 
 /// Request limits from `[server]`.
 #[derive(Debug, Clone, Copy)]
@@ -38,8 +45,8 @@ pub struct Inner {
     pub catalog: ArcSwap<Catalog>,
     /// Verified API keys.
     pub keys: KeyCache,
-    /// The pooled upstream client.
-    pub upstream: Upstream,
+    /// Settings for each worker's upstream client.
+    upstream_config: UpstreamConfig,
     /// Request limits.
     pub limits: Limits,
     /// Pause between the demo model's streamed words.
@@ -56,7 +63,7 @@ pub struct Inner {
 impl Deref for AppState {
     type Target = Inner;
     fn deref(&self) -> &Inner {
-        &self.0
+        &self.inner
     }
 }
 
@@ -69,8 +76,8 @@ pub struct StateParts {
     pub pepper: Pepper,
     /// Verified-key cache.
     pub keys: KeyCache,
-    /// Upstream client.
-    pub upstream: Upstream,
+    /// Upstream client settings.
+    pub upstream: UpstreamConfig,
     /// Request limits.
     pub limits: Limits,
     /// Demo pacing.
@@ -81,19 +88,29 @@ pub struct StateParts {
 
 impl AppState {
     /// State with an empty catalog; call [`AppState::reload_catalog`] before serving.
-    pub fn new(parts: StateParts) -> Self {
-        AppState(Arc::new(Inner {
+    pub fn new(parts: StateParts) -> Result<Self, rustls::Error> {
+        let upstream = Upstream::new(&parts.upstream)?;
+        let inner = Arc::new(Inner {
             store: parts.store,
             pepper: parts.pepper,
             catalog: ArcSwap::from_pointee(Catalog::default()),
             keys: parts.keys,
-            upstream: parts.upstream,
+            upstream_config: parts.upstream,
             limits: parts.limits,
             demo_word_delay: parts.demo_word_delay,
             env_keys: parts.env_keys,
             reload_lock: tokio::sync::Mutex::new(()),
             draining: AtomicBool::new(false),
-        }))
+        });
+        Ok(AppState { inner, upstream })
+    }
+
+    /// The same shared state with a fresh upstream client, for one worker thread.
+    pub fn for_worker(&self) -> Result<Self, rustls::Error> {
+        Ok(AppState {
+            inner: Arc::clone(&self.inner),
+            upstream: Upstream::new(&self.upstream_config)?,
+        })
     }
 
     /// Rebuilds the catalog from the store and swaps it in. Returns the number of models.

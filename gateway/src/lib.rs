@@ -12,7 +12,7 @@
 //!
 //! # Layout
 //!
-//! - [`server`]: listeners, HTTP/1.1 + HTTP/2, TLS, graceful shutdown.
+//! - [`server`]: listeners, thread-per-core workers, HTTP/1.1 + HTTP/2, TLS, graceful shutdown.
 //! - [`startup`]: config → ready [`startup::App`]; the demo seed; [`startup::InitError`].
 //! - [`app`]: [`app::AppState`], the swappable catalog, the control-plane hooks.
 //! - [`pipeline`]: routing and the stages.

@@ -15,6 +15,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -75,6 +76,13 @@ fn http_builder(cfg: &ServerConfig) -> auto::Builder<TokioExecutor> {
 /// Serves the public listener (the pipeline) and the admin listener (the admin router) until
 /// `shutdown` is cancelled, then stops accepting, lets in-flight requests finish for up to
 /// `server.shutdown_grace_ms`, and returns.
+///
+/// The public listener is served thread per core: `server.workers` threads, each running its own
+/// single-threaded runtime with its own upstream connection pool. This task accepts and hands
+/// each connection to the next worker in turn; from then on a connection, its requests, and the
+/// upstream connections they use are driven by one thread, so a request never waits for another
+/// thread to be woken (the profile showed those wake-ups costing ~20 µs at concurrency 1).
+/// The admin listener runs on the calling runtime.
 pub async fn run(
     public: TcpListener,
     admin: TcpListener,
@@ -85,13 +93,10 @@ pub async fn run(
 ) -> Result<(), InitError> {
     let tls = cfg.tls.as_ref().map(tls_acceptor).transpose()?;
     let builder = http_builder(cfg);
-    // Every connection task is tracked so shutdown can wait for them.
-    let tracker = TaskTracker::new();
-    // Tells open connections to finish their current requests and close.
-    let graceful = GracefulShutdown::new();
 
     let admin_shutdown = shutdown.clone();
-    let admin_task = tracker.spawn(async move {
+    let admin_tracker = TaskTracker::new();
+    let admin_task = admin_tracker.spawn(async move {
         let served = axum::serve(admin, admin_router)
             .with_graceful_shutdown(admin_shutdown.cancelled_owned())
             .await;
@@ -100,6 +105,33 @@ pub async fn run(
         }
     });
 
+    let mut workers = Vec::with_capacity(cfg.workers);
+    for i in 0..cfg.workers {
+        let worker = Worker {
+            state: Arc::new(
+                state
+                    .for_worker()
+                    .map_err(|e| InitError::Tls(format!("upstream client: {e}")))?,
+            ),
+            builder: builder.clone(),
+            tls: tls.clone(),
+            handshake_timeout: cfg.header_read_timeout,
+            grace: cfg.shutdown_grace,
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(InitError::Runtime)?;
+        // Dropping the sender is the worker's signal to stop taking connections and drain.
+        let (tx, rx) = mpsc::unbounded_channel::<std::net::TcpStream>();
+        let thread = std::thread::Builder::new()
+            .name(format!("carrel-worker-{i}"))
+            .spawn(move || runtime.block_on(worker.serve(rx)))
+            .map_err(InitError::Runtime)?;
+        workers.push((tx, thread));
+    }
+
+    let mut next = 0;
     loop {
         let (stream, _peer) = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -114,14 +146,88 @@ pub async fn run(
             },
         };
         let _ = stream.set_nodelay(true);
-        let state = state.clone();
+        match stream.into_std() {
+            Ok(stream) => {
+                // A worker only goes away when its thread died; the connection is dropped.
+                if workers[next].0.send(stream).is_err() {
+                    tracing::error!(worker = next, "worker thread is gone; connection dropped");
+                }
+                next = (next + 1) % workers.len();
+            }
+            Err(e) => tracing::warn!(error = %e, "could not hand over a connection"),
+        }
+    }
+
+    state.start_draining();
+    drop(public);
+    tracing::info!(grace = ?cfg.shutdown_grace, "shutting down: draining connections");
+    let threads: Vec<_> = workers
+        .into_iter()
+        .map(|(tx, thread)| {
+            drop(tx);
+            thread
+        })
+        .collect();
+    let joined = tokio::task::spawn_blocking(move || {
+        for thread in threads {
+            if thread.join().is_err() {
+                tracing::error!("a worker thread panicked");
+            }
+        }
+    });
+    let _ = joined.await;
+    admin_tracker.close();
+    let _ = tokio::time::timeout(cfg.shutdown_grace, admin_task).await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// One worker thread's share of the public listener.
+struct Worker {
+    /// Shared state plus this worker's own upstream client.
+    state: Arc<AppState>,
+    builder: auto::Builder<TokioExecutor>,
+    tls: Option<TlsAcceptor>,
+    handshake_timeout: Duration,
+    grace: Duration,
+}
+
+impl Worker {
+    /// Serves the connections handed over on `rx` until it closes, then drains.
+    async fn serve(self, mut rx: mpsc::UnboundedReceiver<std::net::TcpStream>) {
+        // Every connection task is tracked so the drain can wait for them.
+        let tracker = TaskTracker::new();
+        // Tells open connections to finish their current requests and close.
+        let graceful = GracefulShutdown::new();
+        while let Some(stream) = rx.recv().await {
+            match tokio::net::TcpStream::from_std(stream) {
+                Ok(stream) => self.connection(stream, &tracker, &graceful),
+                Err(e) => tracing::warn!(error = %e, "could not register a connection"),
+            }
+        }
+        if tokio::time::timeout(self.grace, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!("grace period over; closing remaining connections");
+        }
+        tracker.close();
+    }
+
+    fn connection(
+        &self,
+        stream: tokio::net::TcpStream,
+        tracker: &TaskTracker,
+        graceful: &GracefulShutdown,
+    ) {
+        let state = Arc::clone(&self.state);
         let service = service_fn(move |req| {
-            let state = state.clone();
+            let state = Arc::clone(&state);
             async move { Ok::<_, Infallible>(pipeline::handle(&state, req).await) }
         });
-        let builder = builder.clone();
+        let builder = self.builder.clone();
         let watcher = graceful.watcher();
-        match &tls {
+        match &self.tls {
             None => {
                 let conn = builder
                     .serve_connection(TokioIo::new(stream), service)
@@ -135,7 +241,7 @@ pub async fn run(
             }
             Some(acceptor) => {
                 let acceptor = acceptor.clone();
-                let handshake_timeout = cfg.header_read_timeout;
+                let handshake_timeout = self.handshake_timeout;
                 tracker.spawn(async move {
                     let tls_stream = match tokio::time::timeout(
                         handshake_timeout,
@@ -163,18 +269,4 @@ pub async fn run(
             }
         }
     }
-
-    state.start_draining();
-    drop(public);
-    tracing::info!(grace = ?cfg.shutdown_grace, "shutting down: draining connections");
-    if tokio::time::timeout(cfg.shutdown_grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("grace period over; closing remaining connections");
-    }
-    tracker.close();
-    let _ = tokio::time::timeout(cfg.shutdown_grace, admin_task).await;
-    tracing::info!("stopped");
-    Ok(())
 }

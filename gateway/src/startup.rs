@@ -15,7 +15,6 @@ use carrel_core::store::{NewApiKey, NewInstitution, Store, StoreError};
 use crate::app::{AppState, GatewayHooks, Limits, StateParts};
 use crate::demo;
 use crate::pipeline::authenticate::KeyCache;
-use crate::upstream::Upstream;
 
 /// Why Carrel could not start.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +39,9 @@ pub enum InitError {
     /// TLS could not be set up.
     #[error("tls: {0}")]
     Tls(String),
+    /// A worker thread or its runtime could not be started.
+    #[error("cannot start a worker: {0}")]
+    Runtime(#[source] std::io::Error),
 }
 
 /// Settings that come from the process rather than the config file.
@@ -110,19 +112,18 @@ impl App {
             .iter()
             .filter_map(|p| p.api_key.clone().map(|k| (p.name.clone(), k)))
             .collect();
-        let upstream = Upstream::new(&config.upstream)
-            .map_err(|e| InitError::Tls(format!("upstream client: {e}")))?;
         let state = AppState::new(StateParts {
             store: store.clone(),
             pepper: pepper.clone(),
             keys: KeyCache::new(config.auth.key_cache_capacity, config.auth.key_cache_ttl),
-            upstream,
+            upstream: config.upstream.clone(),
             limits: Limits {
                 max_body_bytes: config.server.max_body_bytes,
             },
             demo_word_delay: opts.demo_word_delay,
             env_keys,
-        });
+        })
+        .map_err(|e| InitError::Tls(format!("upstream client: {e}")))?;
         let models = state.reload_catalog().await?;
         tracing::info!(models, "catalog loaded");
         let env_keyed: HashSet<String> = state.env_keyed_providers().cloned().collect();
