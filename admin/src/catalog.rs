@@ -144,12 +144,7 @@ pub async fn create_provider(
     State(state): State<AdminState>,
     AdminJson(body): AdminJson<CreateProvider>,
 ) -> Result<(StatusCode, Json<ProviderView>), AdminError> {
-    if body.name.trim().is_empty() || body.name.len() > 64 {
-        return Err(AdminError::field(
-            "name",
-            "name: must be 1 to 64 characters",
-        ));
-    }
+    AdminError::check_name("name", &body.name, 64)?;
     let kind = body.kind.unwrap_or(ProviderKind::OpenAi);
     let base_url = match (kind, body.base_url) {
         (ProviderKind::OpenAi, None) => {

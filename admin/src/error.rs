@@ -68,6 +68,17 @@ impl AdminError {
         }
     }
 
+    /// Checks a display name: not blank, at most `max` bytes.
+    pub fn check_name(field: &str, value: &str, max: usize) -> Result<(), AdminError> {
+        if value.trim().is_empty() || value.len() > max {
+            return Err(AdminError::field(
+                field,
+                format!("{field}: must be 1 to {max} characters"),
+            ));
+        }
+        Ok(())
+    }
+
     fn status(&self) -> StatusCode {
         match self {
             AdminError::MalformedJson(_) => StatusCode::BAD_REQUEST,

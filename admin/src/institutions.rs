@@ -133,12 +133,7 @@ pub async fn create_institution(
     State(state): State<AdminState>,
     AdminJson(body): AdminJson<CreateInstitution>,
 ) -> Result<(StatusCode, Json<InstitutionView>), AdminError> {
-    if body.name.trim().is_empty() || body.name.len() > 200 {
-        return Err(AdminError::field(
-            "name",
-            "name: must be 1 to 200 characters",
-        ));
-    }
+    AdminError::check_name("name", &body.name, 200)?;
     validate_region(&body.region)
         .map_err(|m| AdminError::field("region", format!("region: {m}")))?;
     validate_timezone(&body.timezone)
@@ -202,12 +197,7 @@ pub async fn create_key(
     Path(institution_id): Path<String>,
     AdminJson(body): AdminJson<CreateKey>,
 ) -> Result<(StatusCode, Json<CreatedKey>), AdminError> {
-    if body.name.trim().is_empty() || body.name.len() > 200 {
-        return Err(AdminError::field(
-            "name",
-            "name: must be 1 to 200 characters",
-        ));
-    }
+    AdminError::check_name("name", &body.name, 200)?;
     let minted = NewKey::generate();
     let key = state
         .store

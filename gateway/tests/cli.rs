@@ -100,16 +100,14 @@ impl Drop for Running {
     }
 }
 
-fn http(addr: &str, request: String) -> String {
-    let mut stream = TcpStream::connect(addr).unwrap();
-    stream.write_all(request.as_bytes()).unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    response
+/// `carrel demo` on port 0, with the public address and the API key read from its banner.
+struct Demo {
+    process: Running,
+    public: String,
+    key: String,
 }
 
-#[test]
-fn demo_starts_on_a_fresh_data_dir_and_answers_with_the_printed_key() {
+fn start_demo() -> Demo {
     let mut child = Command::new(CARREL)
         .args([
             "demo",
@@ -123,17 +121,15 @@ fn demo_starts_on_a_fresh_data_dir_and_answers_with_the_printed_key() {
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
-    let _running = Running(child);
-    let mut lines = BufReader::new(stdout).lines();
-    let first = lines.next().unwrap().unwrap();
+    let process = Running(child);
+    let mut lines = BufReader::new(stdout).lines().map(Result::unwrap);
+    let first = lines.next().unwrap();
     let public = first
         .split_whitespace()
         .find_map(|w| w.strip_prefix("public=http://"))
         .expect("the first line names the public listener")
         .to_owned();
     let key = lines
-        .by_ref()
-        .map(Result::unwrap)
         .find_map(|l| {
             l.trim()
                 .strip_prefix("API key")
@@ -141,6 +137,28 @@ fn demo_starts_on_a_fresh_data_dir_and_answers_with_the_printed_key() {
         })
         .expect("the banner prints the key");
     assert!(key.starts_with("crl_"));
+    Demo {
+        process,
+        public,
+        key,
+    }
+}
+
+fn http(addr: &str, request: String) -> String {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    response
+}
+
+#[test]
+fn demo_starts_on_a_fresh_data_dir_and_answers_with_the_printed_key() {
+    let Demo {
+        process: _running,
+        public,
+        key,
+    } = start_demo();
 
     let body = r#"{"model":"carrel-demo","stream":true,"messages":[{"role":"user","content":"Hello there"}]}"#;
     let response = http(
@@ -166,35 +184,12 @@ fn demo_starts_on_a_fresh_data_dir_and_answers_with_the_printed_key() {
 
 #[test]
 fn sigterm_lets_an_open_stream_finish_then_exits_cleanly() {
-    let mut child = Command::new(CARREL)
-        .args([
-            "demo",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let pid = child.id().to_string();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let first = lines.next().unwrap().unwrap();
-    let public = first
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("public=http://"))
-        .unwrap()
-        .to_owned();
-    let key = lines
-        .by_ref()
-        .map(Result::unwrap)
-        .find_map(|l| {
-            l.trim()
-                .strip_prefix("API key")
-                .map(|r| r.trim().to_owned())
-        })
-        .unwrap();
+    let Demo {
+        mut process,
+        public,
+        key,
+    } = start_demo();
+    let pid = process.0.id().to_string();
 
     let body =
         r#"{"model":"carrel-demo","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
@@ -225,6 +220,6 @@ fn sigterm_lets_an_open_stream_finish_then_exits_cleanly() {
         rest.contains("data: [DONE]"),
         "the stream finished after SIGTERM: {rest}"
     );
-    let exit = child.wait().unwrap();
+    let exit = process.0.wait().unwrap();
     assert!(exit.success(), "clean exit after draining: {exit:?}");
 }
