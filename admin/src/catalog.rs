@@ -90,45 +90,6 @@ pub struct CreateModel {
     pub output_price_per_mtok: f64,
 }
 
-/// A model as the admin API shows it.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct ModelView {
-    /// Stable id.
-    pub id: String,
-    /// Public name.
-    pub name: String,
-    /// Provider name.
-    pub provider: String,
-    /// The provider's name for it.
-    pub upstream_model: String,
-    /// Tier.
-    pub tier: Tier,
-    /// Price of a million prompt tokens.
-    pub input_price_per_mtok: f64,
-    /// Price of a million completion tokens.
-    pub output_price_per_mtok: f64,
-    /// Config file or admin API.
-    pub source: Source,
-    /// RFC 3339 creation time.
-    pub created_at: String,
-}
-
-impl From<Model> for ModelView {
-    fn from(m: Model) -> Self {
-        ModelView {
-            id: m.id,
-            name: m.name,
-            provider: m.provider,
-            upstream_model: m.upstream_model,
-            tier: m.tier,
-            input_price_per_mtok: m.input_price_per_mtok,
-            output_price_per_mtok: m.output_price_per_mtok,
-            source: m.source,
-            created_at: m.created_at,
-        }
-    }
-}
-
 /// Creates a provider.
 #[utoipa::path(post, path = "/admin/v1/providers", tag = "catalog",
     request_body = CreateProvider,
@@ -228,7 +189,7 @@ pub async fn list_providers(
 #[utoipa::path(post, path = "/admin/v1/models", tag = "catalog",
     request_body = CreateModel,
     responses(
-        (status = 201, body = ModelView),
+        (status = 201, body = Model),
         (status = 400, description = "Malformed JSON", body = ErrorBody),
         (status = 401, body = ErrorBody),
         (status = 409, description = "Name taken", body = ErrorBody),
@@ -238,7 +199,7 @@ pub async fn list_providers(
 pub async fn create_model(
     State(state): State<AdminState>,
     AdminJson(body): AdminJson<CreateModel>,
-) -> Result<(StatusCode, Json<ModelView>), AdminError> {
+) -> Result<(StatusCode, Json<Model>), AdminError> {
     validate_model_name(&body.name).map_err(|m| AdminError::field("name", format!("name: {m}")))?;
     let upstream_model = body.upstream_model.unwrap_or_else(|| body.name.clone());
     validate_model_name(&upstream_model)
@@ -270,18 +231,15 @@ pub async fn create_model(
         })?;
     tracing::info!(model = %model.name, id = %model.id, tier = %model.tier, "model created");
     state.hooks.catalog_changed().await;
-    Ok((StatusCode::CREATED, Json(model.into())))
+    Ok((StatusCode::CREATED, Json(model)))
 }
 
 /// Lists models.
 #[utoipa::path(get, path = "/admin/v1/models", tag = "catalog",
-    responses((status = 200, body = [ModelView]), (status = 401, body = ErrorBody)),
+    responses((status = 200, body = [Model]), (status = 401, body = ErrorBody)),
     security(("admin_token" = [])))]
-pub async fn list_models(
-    State(state): State<AdminState>,
-) -> Result<Json<Vec<ModelView>>, AdminError> {
-    let models = state.store.list_models().await?;
-    Ok(Json(models.into_iter().map(ModelView::from).collect()))
+pub async fn list_models(State(state): State<AdminState>) -> Result<Json<Vec<Model>>, AdminError> {
+    Ok(Json(state.store.list_models().await?))
 }
 
 #[cfg(test)]

@@ -32,36 +32,6 @@ pub struct CreateInstitution {
     pub timezone: String,
 }
 
-/// An institution.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct InstitutionView {
-    /// Stable id (`inst_…`).
-    pub id: String,
-    /// Display name.
-    pub name: String,
-    /// Sector.
-    pub kind: InstitutionKind,
-    /// ISO 3166-2 code.
-    pub region: String,
-    /// IANA time zone.
-    pub timezone: String,
-    /// RFC 3339 creation time.
-    pub created_at: String,
-}
-
-impl From<Institution> for InstitutionView {
-    fn from(i: Institution) -> Self {
-        InstitutionView {
-            id: i.id,
-            name: i.name,
-            kind: i.kind,
-            region: i.region,
-            timezone: i.timezone,
-            created_at: i.created_at,
-        }
-    }
-}
-
 /// Body of `POST /admin/v1/institutions/{id}/keys`.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -76,45 +46,12 @@ pub struct CreateKey {
     pub tier_ceiling: Option<Tier>,
 }
 
-/// An API key (without its secret).
-#[derive(Debug, Serialize, ToSchema)]
-pub struct KeyView {
-    /// Public id; also the middle of the key string, safe to log.
-    pub id: String,
-    /// Owning institution.
-    pub institution_id: String,
-    /// Display name.
-    pub name: String,
-    /// What it is for.
-    pub kind: KeyKind,
-    /// Highest model tier it may reach.
-    pub tier_ceiling: Tier,
-    /// RFC 3339 creation time.
-    pub created_at: String,
-    /// RFC 3339 revocation time, once revoked.
-    pub revoked_at: Option<String>,
-}
-
-impl From<ApiKey> for KeyView {
-    fn from(k: ApiKey) -> Self {
-        KeyView {
-            id: k.id,
-            institution_id: k.institution_id,
-            name: k.name,
-            kind: k.kind,
-            tier_ceiling: k.tier_ceiling,
-            created_at: k.created_at,
-            revoked_at: k.revoked_at,
-        }
-    }
-}
-
 /// A key just created: the only response that ever carries its secret.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct CreatedKey {
     /// The key.
     #[serde(flatten)]
-    pub key: KeyView,
+    pub key: ApiKey,
     /// The whole API key (`crl_…`) to send as `Authorization: Bearer`. Shown once.
     pub secret: String,
 }
@@ -123,7 +60,7 @@ pub struct CreatedKey {
 #[utoipa::path(post, path = "/admin/v1/institutions", tag = "institutions",
     request_body = CreateInstitution,
     responses(
-        (status = 201, body = InstitutionView),
+        (status = 201, body = Institution),
         (status = 400, description = "Malformed JSON", body = ErrorBody),
         (status = 401, body = ErrorBody),
         (status = 422, description = "A field is invalid; `param` names it", body = ErrorBody),
@@ -132,7 +69,7 @@ pub struct CreatedKey {
 pub async fn create_institution(
     State(state): State<AdminState>,
     AdminJson(body): AdminJson<CreateInstitution>,
-) -> Result<(StatusCode, Json<InstitutionView>), AdminError> {
+) -> Result<(StatusCode, Json<Institution>), AdminError> {
     AdminError::check_name("name", &body.name, 200)?;
     validate_region(&body.region)
         .map_err(|m| AdminError::field("region", format!("region: {m}")))?;
@@ -148,36 +85,35 @@ pub async fn create_institution(
         })
         .await?;
     tracing::info!(institution = %inst.id, kind = %inst.kind, region = %inst.region, "institution created");
-    Ok((StatusCode::CREATED, Json(inst.into())))
+    Ok((StatusCode::CREATED, Json(inst)))
 }
 
 /// Lists institutions.
 #[utoipa::path(get, path = "/admin/v1/institutions", tag = "institutions",
-    responses((status = 200, body = [InstitutionView]), (status = 401, body = ErrorBody)),
+    responses((status = 200, body = [Institution]), (status = 401, body = ErrorBody)),
     security(("admin_token" = [])))]
 pub async fn list_institutions(
     State(state): State<AdminState>,
-) -> Result<Json<Vec<InstitutionView>>, AdminError> {
-    let all = state.store.list_institutions().await?;
-    Ok(Json(all.into_iter().map(InstitutionView::from).collect()))
+) -> Result<Json<Vec<Institution>>, AdminError> {
+    Ok(Json(state.store.list_institutions().await?))
 }
 
 /// One institution.
 #[utoipa::path(get, path = "/admin/v1/institutions/{id}", tag = "institutions",
     params(("id" = String, Path, description = "Institution id")),
-    responses((status = 200, body = InstitutionView), (status = 401, body = ErrorBody),
+    responses((status = 200, body = Institution), (status = 401, body = ErrorBody),
         (status = 404, body = ErrorBody)),
     security(("admin_token" = [])))]
 pub async fn get_institution(
     State(state): State<AdminState>,
     Path(id): Path<String>,
-) -> Result<Json<InstitutionView>, AdminError> {
+) -> Result<Json<Institution>, AdminError> {
     let inst = state
         .store
         .get_institution(&id)
         .await?
         .ok_or_else(|| AdminError::NotFound(format!("institution `{id}`")))?;
-    Ok(Json(inst.into()))
+    Ok(Json(inst))
 }
 
 /// Creates an API key for an institution. The response is the only time the secret is shown.
@@ -214,7 +150,7 @@ pub async fn create_key(
     Ok((
         StatusCode::CREATED,
         Json(CreatedKey {
-            key: key.into(),
+            key,
             secret: minted.token,
         }),
     ))
@@ -223,13 +159,13 @@ pub async fn create_key(
 /// Lists an institution's keys (never their secrets).
 #[utoipa::path(get, path = "/admin/v1/institutions/{id}/keys", tag = "keys",
     params(("id" = String, Path, description = "Institution id")),
-    responses((status = 200, body = [KeyView]), (status = 401, body = ErrorBody),
+    responses((status = 200, body = [ApiKey]), (status = 401, body = ErrorBody),
         (status = 404, body = ErrorBody)),
     security(("admin_token" = [])))]
 pub async fn list_keys(
     State(state): State<AdminState>,
     Path(institution_id): Path<String>,
-) -> Result<Json<Vec<KeyView>>, AdminError> {
+) -> Result<Json<Vec<ApiKey>>, AdminError> {
     if state
         .store
         .get_institution(&institution_id)
@@ -240,8 +176,7 @@ pub async fn list_keys(
             "institution `{institution_id}`"
         )));
     }
-    let keys = state.store.list_keys(&institution_id).await?;
-    Ok(Json(keys.into_iter().map(KeyView::from).collect()))
+    Ok(Json(state.store.list_keys(&institution_id).await?))
 }
 
 /// Revokes a key; it stops working on every listener at once.

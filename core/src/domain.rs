@@ -152,7 +152,8 @@ pub struct Provider {
 }
 
 /// A public model name, mapped onto one provider's model.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Model {
     /// Stable identifier (`model_…`).
     pub id: String,
@@ -175,7 +176,8 @@ pub struct Model {
 }
 
 /// An institution: a library system, a school district, a small business.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Institution {
     /// Stable identifier (`inst_…`).
     pub id: String,
@@ -192,7 +194,8 @@ pub struct Institution {
 }
 
 /// An API key as stored: only a keyed hash of its secret is ever kept.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ApiKey {
     /// The public identifier, also embedded in the key string.
     pub id: String,

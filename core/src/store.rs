@@ -113,22 +113,8 @@ pub struct NewProvider {
     pub api_key: Option<String>,
 }
 
-/// A model to create through the admin API.
-#[derive(Debug, Clone)]
-pub struct NewModel {
-    /// Public name.
-    pub name: String,
-    /// Provider name.
-    pub provider: String,
-    /// The provider's name for it.
-    pub upstream_model: String,
-    /// Tier.
-    pub tier: Tier,
-    /// Price per million prompt tokens.
-    pub input_price_per_mtok: f64,
-    /// Price per million completion tokens.
-    pub output_price_per_mtok: f64,
-}
+/// A model to create through the admin API: the same fields as a config entry.
+pub type NewModel = ModelConfig;
 
 /// An institution to create.
 #[derive(Debug, Clone)]
