@@ -73,7 +73,7 @@ def wait_http(url, attempts=100):
 
 def nginx_conf(work, port, upstream):
     return f"""
-worker_processes 2;
+worker_processes {os.cpu_count()};
 pid {work}/nginx.pid;
 error_log {work}/error.log warn;
 events {{ worker_connections 4096; }}
@@ -280,8 +280,8 @@ def report(table, duration, rounds, failures):
 Produced by `deploy/bench/run.sh --out deploy/bench/RESULTS.md` on {stamp}.
 
 - Machine: {machine()}.
-- Everything shares the machine's cores: the mock upstream, nginx (2 workers, keep-alive pool to
-  the mock, buffering off), Carrel (release build, API-key auth on, 2 tokio workers) and oha.
+- Everything shares the machine's cores: the mock upstream, nginx ({os.cpu_count()} workers, keep-alive pool to
+  the mock, buffering off), Carrel (release build, API-key auth on, {os.cpu_count()} worker threads: `server.workers` defaults to one per core) and oha.
 - Each target runs {duration} s per scenario, back to back, in {rounds} rounds whose order alternates,
   after a 2 s warm-up of every path; the table shows each target's median over the rounds.
 - CPU µs/req is the proxy's own user + system CPU time (nginx: master and workers) divided by the

@@ -430,6 +430,14 @@ async fn an_upstream_that_hangs_gets_504_after_the_configured_timeout() {
     );
     assert_eq!(error_code(resp).await, (504, "upstream_timeout".into()));
     assert_eq!(mock.received().len(), 1, "the request reached the upstream");
+
+    // A slow upstream that answers inside the timeout is not cut off (the mock scripts by the
+    // upstream's model name).
+    mock.script_with_latency("mock-upstream-name", Reply::Auto, Duration::from_millis(20));
+    let resp = gw
+        .post("/v1/chat/completions", &key, &chat("renamed", false))
+        .await;
+    assert_eq!(resp.status(), 200);
 }
 
 #[tokio::test]
