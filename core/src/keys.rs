@@ -75,7 +75,8 @@ pub struct ParsedKey<'a> {
 impl<'a> ParsedKey<'a> {
     /// Splits a key string; `None` for anything that is not a well-formed Carrel key.
     pub fn parse(token: &'a str) -> Option<Self> {
-        if token.len() != KEY_LEN || !token.starts_with(KEY_PREFIX) {
+        // ASCII first: the splits below are at byte offsets.
+        if token.len() != KEY_LEN || !token.is_ascii() || !token.starts_with(KEY_PREFIX) {
             return None;
         }
         let rest = &token[KEY_PREFIX.len()..];
@@ -203,6 +204,44 @@ mod tests {
         assert!(ParsedKey::parse(std::str::from_utf8(&bytes).unwrap()).is_none());
         assert!(ParsedKey::parse("crl_short").is_none());
         assert!(ParsedKey::parse("sk-not-a-carrel-key").is_none());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn parse_never_panics(s in ".{0,80}", n in 0usize..80) {
+            let _ = ParsedKey::parse(&s);
+            // Strings of exactly the key's length, multi-byte characters included.
+            let padded: String = s.chars().chain(std::iter::repeat('é')).take(n).collect();
+            let _ = ParsedKey::parse(&padded);
+            let mut exact = format!("{KEY_PREFIX}{s}");
+            while exact.len() < KEY_LEN {
+                exact.push('é');
+            }
+            let _ = ParsedKey::parse(&exact);
+        }
+
+        #[test]
+        fn composed_keys_round_trip(id in "[0-9A-Za-z]{16}", secret in "[0-9A-Za-z]{32}") {
+            let token = compose(&id, &secret);
+            let parsed = ParsedKey::parse(&token).expect("a composed key parses");
+            proptest::prop_assert_eq!(parsed.id, id.as_str());
+            proptest::prop_assert_eq!(parsed.secret, secret.as_str());
+        }
+
+        #[test]
+        fn any_one_changed_character_is_caught(
+            id in "[0-9A-Za-z]{16}",
+            secret in "[0-9A-Za-z]{32}",
+            at in KEY_PREFIX.len()..KEY_LEN,
+            with in "[0-9A-Za-z_]",
+        ) {
+            let token = compose(&id, &secret);
+            let mut changed = token.clone().into_bytes();
+            changed[at] = with.as_bytes()[0];
+            let changed = String::from_utf8(changed).unwrap();
+            proptest::prop_assume!(changed != token);
+            proptest::prop_assert!(ParsedKey::parse(&changed).is_none());
+        }
     }
 
     #[test]

@@ -177,6 +177,31 @@ mod tests {
         assert_eq!(code(br#"{"model":"m"} trailing"#), "invalid_json");
     }
 
+    proptest::proptest! {
+        #[test]
+        fn parse_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256)) {
+            let _ = RequestFields::parse(&bytes);
+        }
+
+        #[test]
+        fn agrees_with_a_full_parse(
+            model in "\\PC{1,24}",
+            stream in proptest::prelude::any::<Option<bool>>(),
+            content in "\\PC{0,40}",
+        ) {
+            let mut body = serde_json::json!({
+                "messages": [{"role": "user", "content": content}],
+                "model": model,
+                "temperature": 0.2,
+            });
+            if let Some(stream) = stream {
+                body["stream"] = serde_json::json!(stream);
+            }
+            let fields = RequestFields::parse(body.to_string().as_bytes()).unwrap();
+            proptest::prop_assert_eq!(fields, RequestFields { model, stream: stream.unwrap_or(false) });
+        }
+    }
+
     #[test]
     fn rewrite_keeps_other_fields() {
         let out = rewrite_model(

@@ -308,14 +308,11 @@ async fn a_revoked_key_stops_working_at_once() {
         .admin(Method::DELETE, &format!("/admin/v1/keys/{id}"), None)
         .await;
     assert_eq!(status, 204);
-    let revoked_at = Instant::now();
     let resp = gw.post("/v1/chat/completions", &key, &body).await;
+    // The very first request after the 204 is refused: well within the 1 s the issue allows,
+    // with no clock in the test.
     let (status, code) = error_code(resp).await;
     assert_eq!((status, code.as_str()), (401, "invalid_api_key"));
-    assert!(
-        revoked_at.elapsed() < Duration::from_secs(1),
-        "the first request after revocation is refused"
-    );
     let (status, _) = gw
         .admin(Method::DELETE, &format!("/admin/v1/keys/{id}"), None)
         .await;
@@ -362,6 +359,8 @@ async fn request_errors_have_distinct_codes() {
 
 #[tokio::test]
 async fn bodies_over_the_limit_get_413() {
+    // Bodies far over the limit: unless the gateway reads them before answering, closing the
+    // socket with unread data resets the connection and the client never sees the 413.
     let mock = MockUpstream::start().await;
     let gw = Gateway::start(&config_for(
         &mock.base_url(),
@@ -369,14 +368,13 @@ async fn bodies_over_the_limit_get_413() {
     ))
     .await;
     let (_, key) = gw.new_key(None).await;
-    let big =
-        json!({"model": "mock-model", "messages": [{"role": "user", "content": "x".repeat(8000)}]});
+    let big = json!({"model": "mock-model", "messages": [{"role": "user", "content": "x".repeat(256 * 1024)}]});
     let resp = gw.post("/v1/chat/completions", &key, &big).await;
     assert_eq!(error_code(resp).await, (413, "request_too_large".into()));
 
     // Without a Content-Length the limit still holds while reading.
     let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
-        (0..8).map(|_| Ok(vec![b' '; 1024])).collect();
+        (0..64).map(|_| Ok(vec![b' '; 4096])).collect();
     let resp = gw
         .http
         .post(gw.url("/v1/chat/completions"))
