@@ -153,7 +153,7 @@ async fn serve(config: Config, demo: bool) -> Result<(), InitError> {
     };
     let public_url = format!("{scheme}://{}", local_addr(&public));
     let admin_url = format!("http://{}", local_addr(&admin));
-    println!("listening public={public_url} admin={admin_url}");
+    say(&format!("listening public={public_url} admin={admin_url}"));
     if demo {
         let tenant = startup::seed_demo_tenant(&app).await?;
         print_demo_banner(
@@ -218,9 +218,18 @@ async fn wait_for_signal() {
     tracing::info!("shutdown signal received");
 }
 
+/// Writes one message to stdout in a single write. A closed or broken stdout (`carrel demo |
+/// head`) must not take the server down, so errors are ignored.
+fn say(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(format!("{text}\n").as_bytes());
+    let _ = out.flush();
+}
+
 fn print_demo_banner(public: &str, admin: &str, key: &str, admin_token: &str) {
     let model = carrel_gateway::demo::DEMO_MODEL;
-    println!(
+    say(&format!(
         r#"
   Carrel demo is running: a Right-to-AI gateway in front of a built-in DEMO model
   ("{model}", not a real AI; it streams the same short answer to every prompt).
@@ -252,5 +261,5 @@ fn print_demo_banner(public: &str, admin: &str, key: &str, admin_token: &str) {
 
   Data lives in a temporary directory and is removed on exit. Press Ctrl-C to stop.
 "#
-    );
+    ));
 }

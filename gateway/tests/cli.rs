@@ -137,6 +137,8 @@ fn start_demo() -> Demo {
         })
         .expect("the banner prints the key");
     assert!(key.starts_with("crl_"));
+    // Keep reading whatever else it prints, so its stdout never hits a closed pipe.
+    std::thread::spawn(move || lines.for_each(drop));
     Demo {
         process,
         public,
