@@ -2,9 +2,9 @@
 
 use std::net::IpAddr;
 
-use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
+use axum::{Extension, Json};
 use carrel_core::config::{validate_base_url, validate_model_name, validate_price};
 use carrel_core::domain::{Model, Provider, ProviderKind, Source, Tier};
 use carrel_core::store::{NewModel, NewProvider};
@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::AdminState;
+use crate::auth::{Action, AdminPrincipal};
 use crate::error::{AdminError, ErrorBody};
 use crate::json::AdminJson;
 
@@ -103,8 +104,10 @@ pub struct CreateModel {
     security(("admin_token" = [])))]
 pub async fn create_provider(
     State(state): State<AdminState>,
+    Extension(principal): Extension<AdminPrincipal>,
     AdminJson(body): AdminJson<CreateProvider>,
 ) -> Result<(StatusCode, Json<ProviderView>), AdminError> {
+    principal.authorize(Action::ManageCatalog, None)?;
     AdminError::check_name("name", &body.name, 64)?;
     let kind = body.kind.unwrap_or(ProviderKind::OpenAi);
     let base_url = match (kind, body.base_url) {
@@ -170,7 +173,9 @@ fn refuse_link_local(url: &str) -> Result<(), String> {
     security(("admin_token" = [])))]
 pub async fn list_providers(
     State(state): State<AdminState>,
+    Extension(principal): Extension<AdminPrincipal>,
 ) -> Result<Json<Vec<ProviderView>>, AdminError> {
+    principal.authorize(Action::ReadProviders, None)?;
     let providers = state.store.list_providers().await?;
     Ok(Json(
         providers
@@ -198,8 +203,10 @@ pub async fn list_providers(
     security(("admin_token" = [])))]
 pub async fn create_model(
     State(state): State<AdminState>,
+    Extension(principal): Extension<AdminPrincipal>,
     AdminJson(body): AdminJson<CreateModel>,
 ) -> Result<(StatusCode, Json<Model>), AdminError> {
+    principal.authorize(Action::ManageCatalog, None)?;
     validate_model_name(&body.name).map_err(|m| AdminError::field("name", format!("name: {m}")))?;
     let upstream_model = body.upstream_model.unwrap_or_else(|| body.name.clone());
     validate_model_name(&upstream_model)

@@ -5,7 +5,7 @@ use axum::Json;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::{catalog, error, institutions};
+use crate::{accounts, catalog, error, institutions};
 
 /// The admin API's OpenAPI description.
 #[derive(OpenApi)]
@@ -28,6 +28,11 @@ use crate::{catalog, error, institutions};
         institutions::create_key,
         institutions::list_keys,
         institutions::revoke_key,
+        accounts::login,
+        accounts::logout,
+        accounts::me,
+        accounts::create_user,
+        accounts::list_users,
     ),
     components(schemas(error::ErrorBody, error::ErrorDetail)),
     modifiers(&BearerAuth),
@@ -35,6 +40,7 @@ use crate::{catalog, error, institutions};
         (name = "catalog", description = "Providers and the models they serve"),
         (name = "institutions", description = "Libraries, schools, small businesses, nonprofits"),
         (name = "keys", description = "API keys of an institution"),
+        (name = "accounts", description = "Admin accounts, roles and sessions"),
     )
 )]
 pub struct AdminApi;

@@ -27,6 +27,18 @@ pub enum AdminError {
     /// No admin credential is configured, so nothing can pass.
     #[error("the admin API is locked: set CARREL_ADMIN_TOKEN to enable it")]
     Locked,
+    /// The caller's role may not do this.
+    #[error("your role may not do this")]
+    Forbidden,
+    /// Wrong username or password.
+    #[error("wrong username or password")]
+    InvalidCredentials,
+    /// Too many failed logins: the account is locked until the time given.
+    #[error("too many failed logins; try again in {retry_after} seconds")]
+    AccountLocked {
+        /// Seconds until the lock ends.
+        retry_after: i64,
+    },
     /// The record does not exist.
     #[error("{0} not found")]
     NotFound(String),
@@ -83,7 +95,11 @@ impl AdminError {
         match self {
             AdminError::MalformedJson(_) => StatusCode::BAD_REQUEST,
             AdminError::InvalidField { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-            AdminError::Unauthorized | AdminError::Locked => StatusCode::UNAUTHORIZED,
+            AdminError::Unauthorized | AdminError::Locked | AdminError::InvalidCredentials => {
+                StatusCode::UNAUTHORIZED
+            }
+            AdminError::Forbidden => StatusCode::FORBIDDEN,
+            AdminError::AccountLocked { .. } => StatusCode::TOO_MANY_REQUESTS,
             AdminError::NotFound(_) => StatusCode::NOT_FOUND,
             AdminError::Conflict(_) => StatusCode::CONFLICT,
             AdminError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -96,6 +112,9 @@ impl AdminError {
             AdminError::InvalidField { .. } => "invalid_field",
             AdminError::Unauthorized => "invalid_admin_token",
             AdminError::Locked => "admin_locked",
+            AdminError::Forbidden => "forbidden",
+            AdminError::InvalidCredentials => "invalid_credentials",
+            AdminError::AccountLocked { .. } => "account_locked",
             AdminError::NotFound(_) => "not_found",
             AdminError::Conflict(_) => "conflict",
             AdminError::Internal(_) => "internal_error",
@@ -108,7 +127,11 @@ impl AdminError {
             | AdminError::InvalidField { .. }
             | AdminError::NotFound(_)
             | AdminError::Conflict(_) => "invalid_request_error",
-            AdminError::Unauthorized | AdminError::Locked => "authentication_error",
+            AdminError::Unauthorized
+            | AdminError::Locked
+            | AdminError::InvalidCredentials
+            | AdminError::AccountLocked { .. } => "authentication_error",
+            AdminError::Forbidden => "permission_error",
             AdminError::Internal(_) => "api_error",
         }
     }
@@ -141,7 +164,14 @@ impl IntoResponse for AdminError {
                 code: self.code(),
             },
         };
-        (self.status(), Json(body)).into_response()
+        let mut resp = (self.status(), Json(body)).into_response();
+        if let AdminError::AccountLocked { retry_after } = self {
+            resp.headers_mut().insert(
+                http::header::RETRY_AFTER,
+                http::HeaderValue::from(retry_after.max(1)),
+            );
+        }
+        resp
     }
 }
 

@@ -1,8 +1,8 @@
 //! Institutions and their API keys.
 
-use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
+use axum::{Extension, Json};
 use carrel_core::domain::{
     ApiKey, Institution, InstitutionKind, KeyKind, Tier, validate_region, validate_timezone,
 };
@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::AdminState;
+use crate::auth::{Action, AdminPrincipal};
 use crate::error::{AdminError, ErrorBody};
 use crate::json::AdminJson;
 
@@ -68,8 +69,10 @@ pub struct CreatedKey {
     security(("admin_token" = [])))]
 pub async fn create_institution(
     State(state): State<AdminState>,
+    Extension(principal): Extension<AdminPrincipal>,
     AdminJson(body): AdminJson<CreateInstitution>,
 ) -> Result<(StatusCode, Json<Institution>), AdminError> {
+    principal.authorize(Action::CreateInstitution, None)?;
     AdminError::check_name("name", &body.name, 200)?;
     validate_region(&body.region)
         .map_err(|m| AdminError::field("region", format!("region: {m}")))?;
@@ -94,8 +97,12 @@ pub async fn create_institution(
     security(("admin_token" = [])))]
 pub async fn list_institutions(
     State(state): State<AdminState>,
+    Extension(principal): Extension<AdminPrincipal>,
 ) -> Result<Json<Vec<Institution>>, AdminError> {
-    Ok(Json(state.store.list_institutions().await?))
+    let mut all = state.store.list_institutions().await?;
+    // Everyone but the operator sees only their own institution.
+    all.retain(|inst| principal.authorize(Action::Read, Some(&inst.id)).is_ok());
+    Ok(Json(all))
 }
 
 /// One institution.
@@ -106,8 +113,10 @@ pub async fn list_institutions(
     security(("admin_token" = [])))]
 pub async fn get_institution(
     State(state): State<AdminState>,
+    Extension(principal): Extension<AdminPrincipal>,
     Path(id): Path<String>,
 ) -> Result<Json<Institution>, AdminError> {
+    principal.authorize(Action::Read, Some(&id))?;
     let inst = state
         .store
         .get_institution(&id)
@@ -130,9 +139,11 @@ pub async fn get_institution(
     security(("admin_token" = [])))]
 pub async fn create_key(
     State(state): State<AdminState>,
+    Extension(principal): Extension<AdminPrincipal>,
     Path(institution_id): Path<String>,
     AdminJson(body): AdminJson<CreateKey>,
 ) -> Result<(StatusCode, Json<CreatedKey>), AdminError> {
+    principal.authorize(Action::ManageKeys, Some(&institution_id))?;
     AdminError::check_name("name", &body.name, 200)?;
     let minted = NewKey::generate();
     let key = state
@@ -164,8 +175,10 @@ pub async fn create_key(
     security(("admin_token" = [])))]
 pub async fn list_keys(
     State(state): State<AdminState>,
+    Extension(principal): Extension<AdminPrincipal>,
     Path(institution_id): Path<String>,
 ) -> Result<Json<Vec<ApiKey>>, AdminError> {
+    principal.authorize(Action::Read, Some(&institution_id))?;
     if state
         .store
         .get_institution(&institution_id)
@@ -187,8 +200,21 @@ pub async fn list_keys(
     security(("admin_token" = [])))]
 pub async fn revoke_key(
     State(state): State<AdminState>,
+    Extension(principal): Extension<AdminPrincipal>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, AdminError> {
+    let institution = state
+        .store
+        .key_institution(&id)
+        .await?
+        .ok_or_else(|| AdminError::NotFound(format!("key `{id}`")))?;
+    principal
+        .authorize(Action::ManageKeys, Some(&institution))
+        .map_err(|e| match e {
+            // Another tenant's key does not exist for this caller.
+            AdminError::NotFound(_) => AdminError::NotFound(format!("key `{id}`")),
+            other => other,
+        })?;
     if !state.store.revoke_key(&id).await? {
         return Err(AdminError::NotFound(format!("key `{id}`")));
     }

@@ -9,11 +9,14 @@
 //!
 //! - [`error`]: [`error::AdminError`], rendered as the OpenAI-shaped error body.
 //! - [`json`]: the JSON body extractor: 400 for malformed JSON, 422 naming the bad field.
-//! - [`auth`]: the admin credential check.
+//! - [`auth`]: who the caller is ([`auth::AdminPrincipal`]) and the one policy table of what
+//!   each role may do to which institution.
+//! - [`accounts`]: admin accounts, login, logout, `me`.
 //! - [`catalog`]: providers and models.
 //! - [`institutions`]: institutions and their API keys.
 //! - [`doc`]: the OpenAPI document.
 
+pub mod accounts;
 pub mod auth;
 pub mod catalog;
 pub mod doc;
@@ -27,7 +30,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::routing::{delete, get};
+use axum::routing::{delete, get, post};
 use carrel_core::keys::Pepper;
 use carrel_core::store::Store;
 
@@ -59,7 +62,8 @@ pub struct AdminState {
     pub env_keyed_providers: Arc<HashSet<String>>,
 }
 
-/// The admin router: `/healthz`, `/admin/v1/...` and `/admin/openapi.json`.
+/// The admin router: `/healthz`, `/admin/v1/...` and `/admin/openapi.json`. Every route but
+/// `/healthz` and `POST /admin/v1/login` goes through [`auth::require_admin`].
 pub fn router(state: AdminState) -> Router {
     let admin = Router::new()
         .route(
@@ -83,6 +87,12 @@ pub fn router(state: AdminState) -> Router {
             get(institutions::list_keys).post(institutions::create_key),
         )
         .route("/admin/v1/keys/{id}", delete(institutions::revoke_key))
+        .route(
+            "/admin/v1/users",
+            get(accounts::list_users).post(accounts::create_user),
+        )
+        .route("/admin/v1/logout", post(accounts::logout))
+        .route("/admin/v1/me", get(accounts::me))
         .route("/admin/openapi.json", get(doc::serve))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -90,6 +100,7 @@ pub fn router(state: AdminState) -> Router {
         ));
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
+        .route("/admin/v1/login", post(accounts::login))
         .merge(admin)
         .fallback(error::not_found)
         .with_state(state)

@@ -93,6 +93,20 @@ string_enum! {
 }
 
 string_enum! {
+    /// What an admin account may do. Every role but `operator` is bound to one institution.
+    pub enum Role {
+        /// Runs the deployment: everything, across institutions.
+        Operator => "operator",
+        /// Manages one institution: its keys, users and settings.
+        InstitutionAdmin => "institution_admin",
+        /// Front-desk staff of one institution: usage, guest passes, extensions.
+        Staff => "staff",
+        /// Read-only view of one institution: usage, incidents, audit.
+        Auditor => "auditor",
+    }
+}
+
+string_enum! {
     /// How Carrel reaches a provider.
     pub enum ProviderKind {
         /// Any OpenAI-compatible HTTP server (OpenAI, Azure OpenAI, vLLM, llama.cpp, Ollama, ...).
@@ -211,6 +225,22 @@ pub struct ApiKey {
     pub created_at: String,
     /// RFC 3339 revocation time, once revoked.
     pub revoked_at: Option<String>,
+}
+
+/// An admin account (never with its password hash).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct AdminUser {
+    /// Stable id (`user_…`).
+    pub id: String,
+    /// Unique login name.
+    pub username: String,
+    /// What the account may do.
+    pub role: Role,
+    /// The institution the account belongs to; `None` only for operators.
+    pub institution_id: Option<String>,
+    /// RFC 3339 creation time.
+    pub created_at: String,
 }
 
 /// What the authenticate stage needs to check a presented key and build its principal.

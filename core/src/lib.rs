@@ -10,6 +10,7 @@
 //! - [`domain`]: institutions, providers, models, tiers, API keys and the [`domain::Principal`] a
 //!   request runs as.
 //! - [`keys`]: the API key format (`crl_…`), the server pepper and the keyed hash of key secrets.
+//! - [`passwords`]: argon2id hashing of admin passwords.
 //! - [`store`]: the embedded state store (SQLite in WAL mode, versioned migrations).
 //! - [`ids`]: random identifiers and base62 encoding.
 
@@ -17,4 +18,5 @@ pub mod config;
 pub mod domain;
 pub mod ids;
 pub mod keys;
+pub mod passwords;
 pub mod store;

@@ -12,8 +12,8 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use crate::config::{ModelConfig, ProviderConfig};
 use crate::domain::{
-    ApiKey, Institution, InstitutionKind, KeyCredential, KeyKind, Model, Provider, ProviderKind,
-    Source, Tier,
+    AdminUser, ApiKey, Institution, InstitutionKind, KeyCredential, KeyKind, Model, Provider,
+    ProviderKind, Role, Source, Tier,
 };
 use crate::ids;
 
@@ -22,7 +22,8 @@ pub const DB_FILE: &str = "carrel.db";
 
 /// Numbered schema migrations; entry `i` moves the schema from version `i` to `i + 1`.
 /// Append only: never edit a migration that has shipped.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE providers (
     id          TEXT PRIMARY KEY,
     name        TEXT NOT NULL UNIQUE,
@@ -62,7 +63,34 @@ CREATE TABLE api_keys (
     revoked_at      TEXT
 );
 CREATE INDEX api_keys_by_institution ON api_keys(institution_id);
-"#];
+"#,
+    r#"
+CREATE TABLE admin_users (
+    id              TEXT PRIMARY KEY,
+    username        TEXT NOT NULL UNIQUE,
+    password_hash   TEXT NOT NULL,
+    role            TEXT NOT NULL,
+    institution_id  TEXT REFERENCES institutions(id),
+    created_at      TEXT NOT NULL,
+    locked_until    INTEGER
+);
+CREATE TABLE admin_sessions (
+    token_hash  BLOB PRIMARY KEY,
+    user_id     TEXT NOT NULL REFERENCES admin_users(id),
+    expires_at  INTEGER NOT NULL
+);
+CREATE TABLE login_failures (
+    user_id  TEXT NOT NULL REFERENCES admin_users(id),
+    at       INTEGER NOT NULL
+);
+CREATE INDEX login_failures_by_user ON login_failures(user_id, at);
+"#,
+];
+
+/// Failed logins within [`LOCKOUT_WINDOW_SECS`] that lock an account.
+pub const LOCKOUT_FAILURES: i64 = 5;
+/// The window over which failed logins are counted, and how long a lock lasts.
+pub const LOCKOUT_WINDOW_SECS: i64 = 15 * 60;
 
 /// A store operation that failed.
 #[derive(Debug, thiserror::Error)]
@@ -144,6 +172,30 @@ pub struct NewApiKey {
     pub tier_ceiling: Tier,
     /// HMAC of the secret.
     pub secret_hash: [u8; 32],
+}
+
+/// An admin account to create; the caller hashed the password.
+#[derive(Debug, Clone)]
+pub struct NewUser {
+    /// Unique login name.
+    pub username: String,
+    /// argon2id PHC string.
+    pub password_hash: String,
+    /// Role.
+    pub role: Role,
+    /// Institution (required for every role but operator).
+    pub institution_id: Option<String>,
+}
+
+/// What a login attempt needs about an account.
+#[derive(Debug, Clone)]
+pub struct LoginRecord {
+    /// The account.
+    pub user: AdminUser,
+    /// argon2id PHC string.
+    pub password_hash: String,
+    /// Unix seconds until which the account is locked, if it is.
+    pub locked_until: Option<i64>,
 }
 
 /// Handle to the embedded store. Cheap to clone.
@@ -561,11 +613,225 @@ impl Store {
         })
         .await
     }
+
+    /// The institution a key belongs to, revoked or not.
+    pub async fn key_institution(&self, key_id: &str) -> Result<Option<String>, StoreError> {
+        let id = key_id.to_owned();
+        self.call(move |c| {
+            Ok(c.query_row(
+                "SELECT institution_id FROM api_keys WHERE id = ?1",
+                [id],
+                |r| r.get(0),
+            )
+            .optional()?)
+        })
+        .await
+    }
+
+    /// Creates an admin account; a taken username is a conflict.
+    pub async fn create_user(&self, new: NewUser) -> Result<AdminUser, StoreError> {
+        self.call(move |c| {
+            if let Some(inst) = &new.institution_id {
+                let exists: bool = c.query_row(
+                    "SELECT EXISTS(SELECT 1 FROM institutions WHERE id = ?1)",
+                    [inst],
+                    |r| r.get(0),
+                )?;
+                if !exists {
+                    return Err(StoreError::NotFound(format!("institution `{inst}`")));
+                }
+            }
+            let user = AdminUser {
+                id: ids::new_id("user"),
+                username: new.username,
+                role: new.role,
+                institution_id: new.institution_id,
+                created_at: now(),
+            };
+            c.execute(
+                "INSERT INTO admin_users (id, username, password_hash, role, institution_id,
+                    created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    user.id,
+                    user.username,
+                    new.password_hash,
+                    user.role.as_str(),
+                    user.institution_id,
+                    user.created_at
+                ],
+            )
+            .map_err(|e| unique_conflict(e, || format!("user `{}`", user.username)))?;
+            Ok(user)
+        })
+        .await
+    }
+
+    /// Admin accounts, of one institution or of all.
+    pub async fn list_users(
+        &self,
+        institution_id: Option<&str>,
+    ) -> Result<Vec<AdminUser>, StoreError> {
+        let inst = institution_id.map(str::to_owned);
+        self.call(move |c| {
+            let mut stmt = c.prepare(
+                "SELECT id, username, role, institution_id, created_at FROM admin_users
+                 WHERE ?1 IS NULL OR institution_id = ?1 ORDER BY created_at, id",
+            )?;
+            let rows = stmt.query_map([inst], |r| Ok(user_row(r)))?;
+            rows.map(|r| r?).collect()
+        })
+        .await
+    }
+
+    /// What a login attempt for `username` needs.
+    pub async fn login_record(&self, username: &str) -> Result<Option<LoginRecord>, StoreError> {
+        let name = username.to_owned();
+        self.call(move |c| {
+            c.query_row(
+                "SELECT id, username, role, institution_id, created_at, password_hash, locked_until
+                 FROM admin_users WHERE username = ?1",
+                [name],
+                |r| {
+                    Ok((
+                        user_row(r),
+                        r.get::<_, String>(5)?,
+                        r.get::<_, Option<i64>>(6)?,
+                    ))
+                },
+            )
+            .optional()?
+            .map(|(user, password_hash, locked_until)| {
+                Ok(LoginRecord {
+                    user: user?,
+                    password_hash,
+                    locked_until,
+                })
+            })
+            .transpose()
+        })
+        .await
+    }
+
+    /// Records a failed login at `now` (Unix seconds). When it is the
+    /// [`LOCKOUT_FAILURES`]th within [`LOCKOUT_WINDOW_SECS`], locks the account for that long
+    /// and returns the time the lock ends.
+    pub async fn record_login_failure(
+        &self,
+        user_id: &str,
+        now: i64,
+    ) -> Result<Option<i64>, StoreError> {
+        let id = user_id.to_owned();
+        self.call(move |c| {
+            let tx = c.transaction()?;
+            tx.execute(
+                "DELETE FROM login_failures WHERE user_id = ?1 AND at <= ?2",
+                params![id, now - LOCKOUT_WINDOW_SECS],
+            )?;
+            tx.execute(
+                "INSERT INTO login_failures (user_id, at) VALUES (?1, ?2)",
+                params![id, now],
+            )?;
+            let recent: i64 = tx.query_row(
+                "SELECT COUNT(*) FROM login_failures WHERE user_id = ?1",
+                [&id],
+                |r| r.get(0),
+            )?;
+            let locked = (recent >= LOCKOUT_FAILURES).then_some(now + LOCKOUT_WINDOW_SECS);
+            if let Some(until) = locked {
+                tx.execute(
+                    "UPDATE admin_users SET locked_until = ?2 WHERE id = ?1",
+                    params![id, until],
+                )?;
+                tx.execute("DELETE FROM login_failures WHERE user_id = ?1", [&id])?;
+            }
+            tx.commit()?;
+            Ok(locked)
+        })
+        .await
+    }
+
+    /// Forgets failed logins after a successful one.
+    pub async fn clear_login_failures(&self, user_id: &str) -> Result<(), StoreError> {
+        let id = user_id.to_owned();
+        self.call(move |c| {
+            c.execute("DELETE FROM login_failures WHERE user_id = ?1", [&id])?;
+            c.execute(
+                "UPDATE admin_users SET locked_until = NULL WHERE id = ?1",
+                [&id],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Stores a session (only the token's keyed hash).
+    pub async fn create_session(
+        &self,
+        token_hash: [u8; 32],
+        user_id: &str,
+        expires_at: i64,
+    ) -> Result<(), StoreError> {
+        let id = user_id.to_owned();
+        self.call(move |c| {
+            c.execute(
+                "INSERT INTO admin_sessions (token_hash, user_id, expires_at) VALUES (?1, ?2, ?3)",
+                params![&token_hash[..], id, expires_at],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// The account of a live session; expired sessions are deleted on sight.
+    pub async fn session_user(
+        &self,
+        token_hash: [u8; 32],
+        now: i64,
+    ) -> Result<Option<AdminUser>, StoreError> {
+        self.call(move |c| {
+            c.execute(
+                "DELETE FROM admin_sessions WHERE token_hash = ?1 AND expires_at <= ?2",
+                params![&token_hash[..], now],
+            )?;
+            c.query_row(
+                "SELECT u.id, u.username, u.role, u.institution_id, u.created_at
+                 FROM admin_sessions s JOIN admin_users u ON u.id = s.user_id
+                 WHERE s.token_hash = ?1",
+                [&token_hash[..]],
+                |r| Ok(user_row(r)),
+            )
+            .optional()?
+            .transpose()
+        })
+        .await
+    }
+
+    /// Ends a session.
+    pub async fn delete_session(&self, token_hash: [u8; 32]) -> Result<(), StoreError> {
+        self.call(move |c| {
+            c.execute(
+                "DELETE FROM admin_sessions WHERE token_hash = ?1",
+                [&token_hash[..]],
+            )?;
+            Ok(())
+        })
+        .await
+    }
 }
 
 /// A JSON array of names, for `json_each` in a `NOT IN` filter.
 fn json_names<'a>(names: impl Iterator<Item = &'a str>) -> String {
     serde_json::to_string(&names.collect::<Vec<_>>()).expect("strings serialise")
+}
+
+fn user_row(r: &Row<'_>) -> Result<AdminUser, StoreError> {
+    Ok(AdminUser {
+        id: r.get(0)?,
+        username: r.get(1)?,
+        role: parse("admin_users.role", r.get(2)?)?,
+        institution_id: r.get(3)?,
+        created_at: r.get(4)?,
+    })
 }
 
 fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
@@ -723,6 +989,95 @@ mod tests {
         assert!(store.key_credential(&minted.id).await.unwrap().is_none());
         let listed = store.list_keys(&inst.id).await.unwrap();
         assert!(listed[0].revoked_at.is_some());
+    }
+
+    #[tokio::test]
+    async fn five_failures_lock_an_account_for_the_window() {
+        let (store, inst) = seeded().await;
+        let user = store
+            .create_user(NewUser {
+                username: "desk".into(),
+                password_hash: "x".into(),
+                role: Role::Staff,
+                institution_id: Some(inst.id.clone()),
+            })
+            .await
+            .unwrap();
+        let t0 = 1_000_000;
+        for i in 0..4 {
+            assert_eq!(
+                store.record_login_failure(&user.id, t0 + i).await.unwrap(),
+                None
+            );
+        }
+        // Failures older than the window do not count.
+        store.clear_login_failures(&user.id).await.unwrap();
+        for i in 0..4 {
+            store.record_login_failure(&user.id, t0 + i).await.unwrap();
+        }
+        let late = t0 + LOCKOUT_WINDOW_SECS + 10;
+        assert_eq!(
+            store.record_login_failure(&user.id, late).await.unwrap(),
+            None
+        );
+        for i in 1..4 {
+            assert_eq!(
+                store
+                    .record_login_failure(&user.id, late + i)
+                    .await
+                    .unwrap(),
+                None
+            );
+        }
+        let locked = store
+            .record_login_failure(&user.id, late + 4)
+            .await
+            .unwrap();
+        assert_eq!(locked, Some(late + 4 + LOCKOUT_WINDOW_SECS));
+        let record = store.login_record("desk").await.unwrap().unwrap();
+        assert_eq!(record.locked_until, locked);
+        assert!(store.login_record("nobody").await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn sessions_expire_and_end() {
+        let (store, inst) = seeded().await;
+        let user = store
+            .create_user(NewUser {
+                username: "admin".into(),
+                password_hash: "x".into(),
+                role: Role::InstitutionAdmin,
+                institution_id: Some(inst.id.clone()),
+            })
+            .await
+            .unwrap();
+        store.create_session([1; 32], &user.id, 100).await.unwrap();
+        assert_eq!(
+            store.session_user([1; 32], 99).await.unwrap(),
+            Some(user.clone())
+        );
+        assert_eq!(
+            store.session_user([1; 32], 100).await.unwrap(),
+            None,
+            "expired"
+        );
+        store.create_session([2; 32], &user.id, 100).await.unwrap();
+        store.delete_session([2; 32]).await.unwrap();
+        assert_eq!(
+            store.session_user([2; 32], 0).await.unwrap(),
+            None,
+            "logged out"
+        );
+        let dup = store
+            .create_user(NewUser {
+                username: "admin".into(),
+                password_hash: "x".into(),
+                role: Role::Staff,
+                institution_id: Some(inst.id),
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(dup, StoreError::Conflict(_)));
     }
 
     #[tokio::test]

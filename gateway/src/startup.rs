@@ -136,7 +136,7 @@ impl App {
         };
         if admin.operator_token.is_none() {
             tracing::warn!(
-                "CARREL_ADMIN_TOKEN is not set: the admin API answers 401 to every request"
+                "CARREL_ADMIN_TOKEN is not set: only existing admin accounts can sign in"
             );
         }
         Ok(App { state, admin })

@@ -2,6 +2,7 @@
 
 #![allow(clippy::disallowed_methods)]
 
+mod accounts;
 mod admin;
 mod openai_sdk;
 mod proxy;

@@ -1,0 +1,244 @@
+//! Admin accounts: users, login, logout and `me`.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::{Extension, Json};
+use carrel_core::domain::{AdminUser, Role};
+use carrel_core::passwords;
+use carrel_core::store::NewUser;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::AdminState;
+use crate::auth::{Action, AdminPrincipal, SESSION_PREFIX};
+use crate::error::{AdminError, ErrorBody};
+use crate::json::AdminJson;
+
+/// How long a login session lasts.
+pub const SESSION_TTL_SECS: i64 = 12 * 60 * 60;
+
+/// Body of `POST /admin/v1/users`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateUser {
+    /// Unique login name: 3 to 64 letters, digits, `.`, `_`, `-` or `@`.
+    #[schema(example = "desk@springfield")]
+    pub username: String,
+    /// 12 to 256 characters; stored only as an argon2id hash.
+    pub password: String,
+    /// What the account may do.
+    pub role: Role,
+    /// The institution; required for every role but `operator`, which must not have one.
+    #[serde(default)]
+    pub institution_id: Option<String>,
+}
+
+/// Body of `POST /admin/v1/login`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Login {
+    /// Login name.
+    pub username: String,
+    /// Password.
+    pub password: String,
+}
+
+/// A new session.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Session {
+    /// Send as `Authorization: Bearer <token>`. Stored only as a keyed hash.
+    pub token: String,
+    /// RFC 3339 time the session ends.
+    pub expires_at: String,
+    /// The account.
+    pub user: AdminUser,
+}
+
+/// Who the caller is.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Me {
+    /// The caller's role.
+    pub role: Role,
+    /// The account; absent for the operator's bearer token.
+    pub user: Option<AdminUser>,
+}
+
+fn check_username(name: &str) -> Result<(), AdminError> {
+    let ok = (3..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'@'));
+    if ok {
+        Ok(())
+    } else {
+        Err(AdminError::field(
+            "username",
+            "username: must be 3 to 64 letters, digits, '.', '_', '-' or '@'",
+        ))
+    }
+}
+
+/// Creates an admin account. Operators create any; an institution admin creates accounts of
+/// its own institution, never operators.
+#[utoipa::path(post, path = "/admin/v1/users", tag = "accounts",
+    request_body = CreateUser,
+    responses(
+        (status = 201, body = AdminUser),
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 403, description = "The caller's role may not create this account", body = ErrorBody),
+        (status = 404, description = "No such institution", body = ErrorBody),
+        (status = 409, description = "Username taken", body = ErrorBody),
+        (status = 422, description = "A field is invalid; `param` names it", body = ErrorBody),
+    ),
+    security(("admin_token" = [])))]
+pub async fn create_user(
+    State(state): State<AdminState>,
+    Extension(principal): Extension<AdminPrincipal>,
+    AdminJson(body): AdminJson<CreateUser>,
+) -> Result<(StatusCode, Json<AdminUser>), AdminError> {
+    match (body.role, &body.institution_id) {
+        (Role::Operator, Some(_)) => {
+            return Err(AdminError::field(
+                "institution_id",
+                "institution_id: an operator belongs to no institution",
+            ));
+        }
+        (Role::InstitutionAdmin | Role::Staff | Role::Auditor, None) => {
+            return Err(AdminError::field(
+                "institution_id",
+                "institution_id: required for this role",
+            ));
+        }
+        _ => {}
+    }
+    principal.authorize(Action::ManageUsers, body.institution_id.as_deref())?;
+    check_username(&body.username)?;
+    passwords::check_new(&body.password)
+        .map_err(|m| AdminError::field("password", format!("password: {m}")))?;
+    let password = body.password;
+    let password_hash = tokio::task::spawn_blocking(move || passwords::hash(&password))
+        .await
+        .map_err(|e| AdminError::Internal(carrel_core::store::StoreError::Task(e.to_string())))?;
+    let user = state
+        .store
+        .create_user(NewUser {
+            username: body.username,
+            password_hash,
+            role: body.role,
+            institution_id: body.institution_id,
+        })
+        .await?;
+    tracing::info!(user = %user.id, role = %user.role, "admin account created");
+    Ok((StatusCode::CREATED, Json(user)))
+}
+
+/// Lists admin accounts: all of them for the operator, the caller's institution's otherwise.
+#[utoipa::path(get, path = "/admin/v1/users", tag = "accounts",
+    responses((status = 200, body = [AdminUser]), (status = 401, body = ErrorBody)),
+    security(("admin_token" = [])))]
+pub async fn list_users(
+    State(state): State<AdminState>,
+    Extension(principal): Extension<AdminPrincipal>,
+) -> Result<Json<Vec<AdminUser>>, AdminError> {
+    let scope = principal.institution().map(str::to_owned);
+    principal.authorize(Action::Read, scope.as_deref())?;
+    Ok(Json(state.store.list_users(scope.as_deref()).await?))
+}
+
+/// Signs in: returns a session token. Five failed attempts within 15 minutes lock the account
+/// for 15 minutes (429 with `Retry-After`).
+#[utoipa::path(post, path = "/admin/v1/login", tag = "accounts",
+    request_body = Login,
+    responses(
+        (status = 200, body = Session),
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 401, description = "Wrong username or password", body = ErrorBody),
+        (status = 422, body = ErrorBody),
+        (status = 429, description = "Account locked after failed logins", body = ErrorBody),
+    ))]
+pub async fn login(
+    State(state): State<AdminState>,
+    AdminJson(body): AdminJson<Login>,
+) -> Result<Json<Session>, AdminError> {
+    let now = jiff::Timestamp::now().as_second();
+    let password = body.password;
+    let Some(record) = state.store.login_record(&body.username).await? else {
+        // As slow as a real check, so timing does not reveal which usernames exist.
+        let _ = tokio::task::spawn_blocking(move || passwords::verify_nobody(&password)).await;
+        return Err(AdminError::InvalidCredentials);
+    };
+    if let Some(until) = record.locked_until
+        && until > now
+    {
+        return Err(AdminError::AccountLocked {
+            retry_after: until - now,
+        });
+    }
+    let stored = record.password_hash;
+    let matches = tokio::task::spawn_blocking(move || passwords::verify(&password, &stored))
+        .await
+        .unwrap_or(false);
+    let user = record.user;
+    if !matches {
+        tracing::info!(user = %user.id, "failed admin login");
+        if let Some(until) = state.store.record_login_failure(&user.id, now).await? {
+            tracing::warn!(user = %user.id, "admin account locked after failed logins");
+            return Err(AdminError::AccountLocked {
+                retry_after: until - now,
+            });
+        }
+        return Err(AdminError::InvalidCredentials);
+    }
+    state.store.clear_login_failures(&user.id).await?;
+    let token = format!("{SESSION_PREFIX}{}", carrel_core::ids::random_base62(43));
+    let expires = now + SESSION_TTL_SECS;
+    state
+        .store
+        .create_session(state.pepper.hash_secret(&token), &user.id, expires)
+        .await?;
+    let expires_at = jiff::Timestamp::from_second(expires)
+        .map(|t| t.to_string())
+        .unwrap_or_default();
+    tracing::info!(user = %user.id, "admin signed in");
+    Ok(Json(Session {
+        token,
+        expires_at,
+        user,
+    }))
+}
+
+/// Ends the caller's session (a no-op for the operator's token).
+#[utoipa::path(post, path = "/admin/v1/logout", tag = "accounts",
+    responses((status = 204, description = "Signed out"), (status = 401, body = ErrorBody)),
+    security(("admin_token" = [])))]
+pub async fn logout(
+    State(state): State<AdminState>,
+    headers: http::HeaderMap,
+) -> Result<StatusCode, AdminError> {
+    let token = headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|t| t.starts_with(SESSION_PREFIX));
+    if let Some(token) = token {
+        state
+            .store
+            .delete_session(state.pepper.hash_secret(token))
+            .await?;
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Who the caller is.
+#[utoipa::path(get, path = "/admin/v1/me", tag = "accounts",
+    responses((status = 200, body = Me), (status = 401, body = ErrorBody)),
+    security(("admin_token" = [])))]
+pub async fn me(Extension(principal): Extension<AdminPrincipal>) -> Json<Me> {
+    let user = principal.user().cloned();
+    Json(Me {
+        role: user.as_ref().map_or(Role::Operator, |u| u.role),
+        user,
+    })
+}

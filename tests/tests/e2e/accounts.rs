@@ -1,0 +1,337 @@
+//! Admin accounts, sessions, lockout, and isolation between institutions.
+
+use carrel_tests::mock::MockUpstream;
+use carrel_tests::{Gateway, config_for};
+use reqwest::Method;
+use serde_json::{Value, json};
+
+const PASSWORD: &str = "correct horse battery staple";
+
+async fn gateway() -> (MockUpstream, Gateway) {
+    let mock = MockUpstream::start().await;
+    let gw = Gateway::start(&config_for(&mock.base_url(), "")).await;
+    (mock, gw)
+}
+
+async fn institution(gw: &Gateway, name: &str) -> String {
+    let (status, inst) = gw
+        .admin(Method::POST, "/admin/v1/institutions",
+               Some(json!({"name": name, "kind": "library", "region": "US-IL", "timezone": "America/Chicago"})))
+        .await;
+    assert_eq!(status, 201, "{inst}");
+    inst["id"].as_str().unwrap().to_owned()
+}
+
+async fn user(gw: &Gateway, username: &str, role: &str, institution: Option<&str>) -> Value {
+    let mut body = json!({"username": username, "password": PASSWORD, "role": role});
+    if let Some(inst) = institution {
+        body["institution_id"] = json!(inst);
+    }
+    let (status, created) = gw.admin(Method::POST, "/admin/v1/users", Some(body)).await;
+    assert_eq!(status, 201, "{created}");
+    assert!(created.get("password").is_none() && created.get("password_hash").is_none());
+    created
+}
+
+async fn login(gw: &Gateway, username: &str, password: &str) -> (u16, Value) {
+    let resp = gw
+        .http
+        .post(gw.admin_url("/admin/v1/login"))
+        .json(&json!({"username": username, "password": password}))
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+async fn call(
+    gw: &Gateway,
+    token: &str,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut req = gw
+        .http
+        .request(method, gw.admin_url(path))
+        .bearer_auth(token);
+    if let Some(body) = body {
+        req = req.json(&body);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn login_me_and_logout() {
+    let (_mock, gw) = gateway().await;
+    let inst = institution(&gw, "Springfield").await;
+    user(&gw, "admin@springfield", "institution_admin", Some(&inst)).await;
+
+    let (status, session) = login(&gw, "admin@springfield", PASSWORD).await;
+    assert_eq!(status, 200, "{session}");
+    let token = session["token"].as_str().unwrap().to_owned();
+    assert!(token.starts_with("crs_"));
+    assert_eq!(session["user"]["role"], "institution_admin");
+
+    let (status, me) = call(&gw, &token, Method::GET, "/admin/v1/me", None).await;
+    assert_eq!(status, 200);
+    assert_eq!(me["user"]["username"], "admin@springfield");
+    assert_eq!(me["user"]["institution_id"], inst.as_str());
+
+    let (status, _) = call(&gw, &token, Method::POST, "/admin/v1/logout", None).await;
+    assert_eq!(status, 204);
+    let (status, _) = call(&gw, &token, Method::GET, "/admin/v1/me", None).await;
+    assert_eq!(status, 401, "the session ended");
+
+    let (status, err) = login(&gw, "admin@springfield", "wrong password!!").await;
+    assert_eq!(
+        (status, err["error"]["code"].as_str()),
+        (401, Some("invalid_credentials"))
+    );
+    let (status, err) = login(&gw, "nobody-here", PASSWORD).await;
+    assert_eq!(
+        (status, err["error"]["code"].as_str()),
+        (401, Some("invalid_credentials"))
+    );
+}
+
+#[tokio::test]
+async fn five_failed_logins_lock_the_account() {
+    let (_mock, gw) = gateway().await;
+    let inst = institution(&gw, "Shelbyville").await;
+    user(&gw, "desk@shelbyville", "staff", Some(&inst)).await;
+    for attempt in 1..=4 {
+        let (status, _) = login(&gw, "desk@shelbyville", "not the password").await;
+        assert_eq!(status, 401, "attempt {attempt}");
+    }
+    let resp = gw
+        .http
+        .post(gw.admin_url("/admin/v1/login"))
+        .json(&json!({"username": "desk@shelbyville", "password": "not the password"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 429, "the fifth failure locks");
+    let retry: i64 = resp.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(retry > 0 && retry <= 15 * 60);
+    let (status, err) = login(&gw, "desk@shelbyville", PASSWORD).await;
+    assert_eq!(
+        status, 429,
+        "even the right password waits out the lock: {err}"
+    );
+    assert_eq!(err["error"]["code"], "account_locked");
+}
+
+#[tokio::test]
+async fn user_creation_is_checked() {
+    let (_mock, gw) = gateway().await;
+    let inst = institution(&gw, "Capital City").await;
+    let cases = [
+        (
+            "password",
+            json!({"username": "a.user", "password": "short", "role": "staff", "institution_id": inst}),
+        ),
+        (
+            "username",
+            json!({"username": "no spaces allowed", "password": PASSWORD, "role": "staff", "institution_id": inst}),
+        ),
+        (
+            "role",
+            json!({"username": "a.user", "password": PASSWORD, "role": "overlord", "institution_id": inst}),
+        ),
+        (
+            "institution_id",
+            json!({"username": "a.user", "password": PASSWORD, "role": "staff"}),
+        ),
+        (
+            "institution_id",
+            json!({"username": "a.user", "password": PASSWORD, "role": "operator", "institution_id": inst}),
+        ),
+    ];
+    for (field, body) in cases {
+        let (status, err) = gw.admin(Method::POST, "/admin/v1/users", Some(body)).await;
+        assert_eq!(
+            (status, err["error"]["param"].as_str()),
+            (422, Some(field)),
+            "{err}"
+        );
+    }
+    user(&gw, "a.user", "staff", Some(&inst)).await;
+    let (status, _) = gw
+        .admin(Method::POST, "/admin/v1/users",
+               Some(json!({"username": "a.user", "password": PASSWORD, "role": "staff", "institution_id": inst})))
+        .await;
+    assert_eq!(status, 409);
+}
+
+/// Every admin route, called by institution A's admin against institution B's resources, or
+/// outside A's role: never 2xx, never B's data. Without a token: 401.
+#[tokio::test]
+async fn institutions_are_isolated_from_each_other() {
+    let (_mock, gw) = gateway().await;
+    let a = institution(&gw, "Library A").await;
+    let b = institution(&gw, "Library B").await;
+    user(&gw, "admin-a", "institution_admin", Some(&a)).await;
+    user(&gw, "admin-b", "institution_admin", Some(&b)).await;
+    user(&gw, "auditor-a", "auditor", Some(&a)).await;
+    let (_, b_key) = gw
+        .admin(
+            Method::POST,
+            &format!("/admin/v1/institutions/{b}/keys"),
+            Some(json!({"name": "b", "kind": "service"})),
+        )
+        .await;
+    let b_key_id = b_key["id"].as_str().unwrap().to_owned();
+    let b_secret = b_key["secret"].as_str().unwrap().to_owned();
+    let token_a = login(&gw, "admin-a", PASSWORD).await.1["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let auditor_a = login(&gw, "auditor-a", PASSWORD).await.1["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let key_body = json!({"name": "k", "kind": "service"});
+    let user_body =
+        json!({"username": "intruder", "password": PASSWORD, "role": "staff", "institution_id": b});
+    let cross: Vec<(Method, String, Option<Value>)> = vec![
+        (Method::GET, format!("/admin/v1/institutions/{b}"), None),
+        (
+            Method::GET,
+            format!("/admin/v1/institutions/{b}/keys"),
+            None,
+        ),
+        (
+            Method::POST,
+            format!("/admin/v1/institutions/{b}/keys"),
+            Some(key_body.clone()),
+        ),
+        (Method::DELETE, format!("/admin/v1/keys/{b_key_id}"), None),
+        (Method::POST, "/admin/v1/users".into(), Some(user_body)),
+        (
+            Method::POST,
+            "/admin/v1/users".into(),
+            Some(json!({"username": "new-op", "password": PASSWORD, "role": "operator"})),
+        ),
+        (
+            Method::POST,
+            "/admin/v1/institutions".into(),
+            Some(json!({"name": "C", "kind": "library", "region": "US-IL", "timezone": "UTC"})),
+        ),
+        (
+            Method::POST,
+            "/admin/v1/providers".into(),
+            Some(json!({"name": "p", "base_url": "http://127.0.0.1:9/v1"})),
+        ),
+        (Method::GET, "/admin/v1/providers".into(), None),
+        (
+            Method::POST,
+            "/admin/v1/models".into(),
+            Some(json!({"name": "m", "provider": "mock", "tier": "baseline"})),
+        ),
+    ];
+    for (method, path, body) in &cross {
+        let (status, resp) = call(&gw, &token_a, method.clone(), path, body.clone()).await;
+        assert!(
+            status == 403 || status == 404,
+            "{method} {path}: {status} {resp}"
+        );
+        assert!(
+            !resp.to_string().contains(&b_secret) && !resp.to_string().contains("Library B"),
+            "{method} {path} leaked B: {resp}"
+        );
+        let (status, _) = gw
+            .http
+            .request(method.clone(), gw.admin_url(path))
+            .send()
+            .await
+            .map(|r| (r.status().as_u16(), ()))
+            .unwrap();
+        assert_eq!(status, 401, "{method} {path} without a token");
+    }
+
+    // Lists show only A.
+    let (_, list) = call(&gw, &token_a, Method::GET, "/admin/v1/institutions", None).await;
+    let names: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["Library A"]);
+    let (_, users) = call(&gw, &token_a, Method::GET, "/admin/v1/users", None).await;
+    assert!(
+        users
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|u| u["institution_id"] == a.as_str()),
+        "{users}"
+    );
+
+    // B's key still works: nothing A did touched it.
+    let resp = gw
+        .post(
+            "/v1/chat/completions",
+            &b_secret,
+            &json!({"model": "mock-model", "messages": []}),
+        )
+        .await;
+    assert_eq!(resp.status(), 200);
+
+    // Within its own institution, A's admin manages keys; A's auditor only reads.
+    let (status, own) = call(
+        &gw,
+        &token_a,
+        Method::POST,
+        &format!("/admin/v1/institutions/{a}/keys"),
+        Some(key_body.clone()),
+    )
+    .await;
+    assert_eq!(status, 201, "{own}");
+    let (status, _) = call(
+        &gw,
+        &auditor_a,
+        Method::GET,
+        &format!("/admin/v1/institutions/{a}/keys"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, _) = call(
+        &gw,
+        &auditor_a,
+        Method::POST,
+        &format!("/admin/v1/institutions/{a}/keys"),
+        Some(key_body),
+    )
+    .await;
+    assert_eq!(status, 403);
+    let own_id = own["id"].as_str().unwrap();
+    let (status, _) = call(
+        &gw,
+        &auditor_a,
+        Method::DELETE,
+        &format!("/admin/v1/keys/{own_id}"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 403);
+    let (status, _) = call(
+        &gw,
+        &token_a,
+        Method::DELETE,
+        &format!("/admin/v1/keys/{own_id}"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 204);
+}
