@@ -24,13 +24,13 @@ fi
 command -v cc >/dev/null 2>&1 || apt_install build-essential
 cargo --version
 
-say "Python test clients (openai SDK, pytest) in target/test-venv"
+say "Python test clients (openai SDK, pytest, schemathesis, openapi-spec-validator) in target/test-venv"
 command -v python3 >/dev/null 2>&1 || apt_install python3
 if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c 'import ensurepip' >/dev/null 2>&1; then
   apt_install python3-venv
 fi
 venv=target/test-venv
-if ! "$venv/bin/python" -c 'import openai, pytest' >/dev/null 2>&1; then
+if ! "$venv/bin/python" -c 'import openai, pytest, schemathesis, openapi_spec_validator' >/dev/null 2>&1; then
   rm -rf "$venv"
   mkdir -p target
   python3 -m venv "$venv"

@@ -22,9 +22,10 @@ pub const SESSION_TTL_SECS: i64 = 12 * 60 * 60;
 #[serde(deny_unknown_fields)]
 pub struct CreateUser {
     /// Unique login name: 3 to 64 letters, digits, `.`, `_`, `-` or `@`.
-    #[schema(example = "desk@springfield")]
+    #[schema(example = "desk@springfield", pattern = "^[A-Za-z0-9._@-]{3,64}$")]
     pub username: String,
     /// 12 to 256 characters; stored only as an argon2id hash.
+    #[schema(min_length = 12, max_length = 256)]
     pub password: String,
     /// What the account may do.
     pub role: Role,
@@ -60,6 +61,7 @@ pub struct Me {
     /// The caller's role.
     pub role: Role,
     /// The account; absent for the operator's bearer token.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub user: Option<AdminUser>,
 }
 

@@ -21,7 +21,7 @@ use crate::json::AdminJson;
 #[serde(deny_unknown_fields)]
 pub struct CreateProvider {
     /// Unique name that models refer to.
-    #[schema(example = "openai")]
+    #[schema(example = "openai", min_length = 1, max_length = 64)]
     pub name: String,
     /// How the provider is reached; `openai` (default) for any OpenAI-compatible server.
     #[serde(default)]
@@ -109,15 +109,15 @@ pub async fn create_provider(
 ) -> Result<(StatusCode, Json<ProviderView>), AdminError> {
     principal.authorize(Action::ManageCatalog, None)?;
     AdminError::check_name("name", &body.name, 64)?;
-    let kind = body.kind.unwrap_or(ProviderKind::OpenAi);
+    let kind = body.kind.unwrap_or(ProviderKind::Openai);
     let base_url = match (kind, body.base_url) {
-        (ProviderKind::OpenAi, None) => {
+        (ProviderKind::Openai, None) => {
             return Err(AdminError::field(
                 "base_url",
                 "base_url: required for an `openai` provider",
             ));
         }
-        (ProviderKind::OpenAi, Some(url)) => {
+        (ProviderKind::Openai, Some(url)) => {
             let url = validate_base_url(&url)
                 .and_then(|url| refuse_link_local(&url).map(|()| url))
                 .map_err(|m| AdminError::field("base_url", format!("base_url: {m}")))?;

@@ -21,12 +21,16 @@ use crate::json::AdminJson;
 #[serde(deny_unknown_fields)]
 pub struct CreateInstitution {
     /// Display name.
-    #[schema(example = "Springfield Public Library")]
+    #[schema(
+        example = "Springfield Public Library",
+        min_length = 1,
+        max_length = 200
+    )]
     pub name: String,
     /// Sector.
     pub kind: InstitutionKind,
     /// ISO 3166-2 subdivision code.
-    #[schema(example = "US-IL")]
+    #[schema(example = "US-IL", pattern = "^[A-Z]{2}-[A-Z0-9]{1,3}$")]
     pub region: String,
     /// IANA time zone its days and months are counted in.
     #[schema(example = "America/Chicago")]
@@ -38,7 +42,7 @@ pub struct CreateInstitution {
 #[serde(deny_unknown_fields)]
 pub struct CreateKey {
     /// Display name, e.g. the kiosk's location.
-    #[schema(example = "Main branch kiosk 3")]
+    #[schema(example = "Main branch kiosk 3", min_length = 1, max_length = 200)]
     pub name: String,
     /// What the key is for.
     pub kind: KeyKind,

@@ -411,15 +411,15 @@ impl Config {
                     format!("provider `{}` is declared twice", p.name),
                 ));
             }
-            let kind = p.kind.unwrap_or(ProviderKind::OpenAi);
+            let kind = p.kind.unwrap_or(ProviderKind::Openai);
             let base_url = match (kind, p.base_url) {
-                (ProviderKind::OpenAi, None) => {
+                (ProviderKind::Openai, None) => {
                     return Err(ConfigError::invalid(
                         key("base_url"),
                         "missing: an `openai` provider needs a base URL such as https://api.openai.com/v1",
                     ));
                 }
-                (ProviderKind::OpenAi, Some(url)) => Some(
+                (ProviderKind::Openai, Some(url)) => Some(
                     validate_base_url(&url)
                         .map_err(|m| ConfigError::invalid(key("base_url"), m))?,
                 ),

@@ -9,10 +9,14 @@ use serde::{Deserialize, Serialize};
 macro_rules! string_enum {
     ($(#[$meta:meta])* pub enum $name:ident { $($(#[$vmeta:meta])* $variant:ident => $text:literal,)+ }) => {
         $(#[$meta])*
+        // serde and utoipa both take the wire names from `rename_all`; utoipa cannot read a
+        // per-variant `rename` that comes through a macro literal. A test checks that the
+        // snake_case names equal the literals.
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
         #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+        #[serde(rename_all = "snake_case")]
         pub enum $name {
-            $($(#[$vmeta])* #[serde(rename = $text)] $variant,)+
+            $($(#[$vmeta])* $variant,)+
         }
 
         impl $name {
@@ -110,7 +114,7 @@ string_enum! {
     /// How Carrel reaches a provider.
     pub enum ProviderKind {
         /// Any OpenAI-compatible HTTP server (OpenAI, Azure OpenAI, vLLM, llama.cpp, Ollama, ...).
-        OpenAi => "openai",
+        Openai => "openai",
         /// The built-in, in-process demo model: deterministic, free, clearly labelled.
         Demo => "demo",
     }
@@ -364,6 +368,20 @@ mod tests {
     }
 
     #[test]
+    fn serde_names_are_the_declared_wire_names() {
+        fn check<T: Serialize + Copy>(all: &[T], name: fn(T) -> &'static str) {
+            for v in all {
+                assert_eq!(serde_json::to_value(v).unwrap(), name(*v));
+            }
+        }
+        check(Tier::ALL, Tier::as_str);
+        check(InstitutionKind::ALL, InstitutionKind::as_str);
+        check(KeyKind::ALL, KeyKind::as_str);
+        check(ProviderKind::ALL, ProviderKind::as_str);
+        check(Role::ALL, Role::as_str);
+    }
+
+    #[test]
     fn serde_uses_the_wire_names() {
         assert_eq!(
             serde_json::to_string(&InstitutionKind::SmallBusiness).unwrap(),
@@ -371,7 +389,7 @@ mod tests {
         );
         assert_eq!(
             serde_json::from_str::<ProviderKind>("\"openai\"").unwrap(),
-            ProviderKind::OpenAi
+            ProviderKind::Openai
         );
     }
 }

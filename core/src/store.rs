@@ -1102,7 +1102,7 @@ mod tests {
         let store = Store::open_in_memory().unwrap();
         let provider = ProviderConfig {
             name: "up".into(),
-            kind: ProviderKind::OpenAi,
+            kind: ProviderKind::Openai,
             base_url: Some("http://127.0.0.1:9/v1".into()),
             api_key: Some("sk-secret".into()),
         };
@@ -1140,7 +1140,7 @@ mod tests {
         assert!(store.list_providers().await.unwrap().is_empty());
         let provider = ProviderConfig {
             name: "up".into(),
-            kind: ProviderKind::OpenAi,
+            kind: ProviderKind::Openai,
             base_url: Some("http://127.0.0.1:9/v1".into()),
             api_key: None,
         };
@@ -1164,7 +1164,7 @@ mod tests {
         let dup = store
             .create_provider(NewProvider {
                 name: "up".into(),
-                kind: ProviderKind::OpenAi,
+                kind: ProviderKind::Openai,
                 base_url: Some("http://h/v1".into()),
                 api_key: None,
             })

@@ -91,7 +91,7 @@ impl Catalog {
         for p in providers {
             let target = match p.kind {
                 ProviderKind::Demo => Target::Demo,
-                ProviderKind::OpenAi => {
+                ProviderKind::Openai => {
                     let Some(base) = p.base_url.as_deref() else {
                         tracing::warn!(provider = %p.name, "provider has no base_url; skipped");
                         continue;

@@ -5,5 +5,6 @@
 mod accounts;
 mod admin;
 mod openai_sdk;
+mod openapi_contract;
 mod proxy;
 mod transport;
