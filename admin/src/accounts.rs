@@ -1,6 +1,10 @@
 //! Admin accounts: users, login, logout and `me`.
 
-use axum::extract::State;
+use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use axum::extract::{ConnectInfo, State};
 use axum::http::StatusCode;
 use axum::{Extension, Json};
 use carrel_core::domain::{AdminUser, Role};
@@ -16,6 +20,53 @@ use crate::json::AdminJson;
 
 /// How long a login session lasts.
 pub const SESSION_TTL_SECS: i64 = 12 * 60 * 60;
+
+/// Login attempts one client address may make at once, before the throttle starts.
+pub const LOGIN_BURST: u32 = 10;
+/// After the burst, one more attempt per address per this long.
+pub const LOGIN_REFILL: Duration = Duration::from_secs(30);
+
+/// Throttles login attempts per client address (GCRA), on top of the per-account lockout:
+/// the lockout stops guessing one account's password, this stops one address spraying many.
+pub struct LoginThrottle {
+    limiter: governor::DefaultKeyedRateLimiter<IpAddr>,
+}
+
+impl std::fmt::Debug for LoginThrottle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoginThrottle")
+            .field("addresses", &self.limiter.len())
+            .finish()
+    }
+}
+
+impl Default for LoginThrottle {
+    fn default() -> Self {
+        let quota = governor::Quota::with_period(LOGIN_REFILL)
+            .expect("a non-zero period")
+            .allow_burst(NonZeroU32::new(LOGIN_BURST).expect("a non-zero burst"));
+        LoginThrottle {
+            limiter: governor::RateLimiter::keyed(quota),
+        }
+    }
+}
+
+impl LoginThrottle {
+    /// Takes one attempt for `addr`, or says how many seconds until the next is allowed.
+    fn check(&self, addr: IpAddr) -> Result<(), i64> {
+        // Forget addresses that have been quiet long enough to be back at a full burst, so the
+        // table stays bounded by recent traffic.
+        if self.limiter.len() > 10_000 {
+            self.limiter.retain_recent();
+        }
+        self.limiter.check_key(&addr).map_err(|not_until| {
+            let wait = not_until.wait_time_from(governor::clock::Clock::now(
+                &governor::clock::DefaultClock::default(),
+            ));
+            wait.as_secs().max(1) as i64
+        })
+    }
+}
 
 /// Body of `POST /admin/v1/users`.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -157,12 +208,20 @@ pub async fn list_users(
         (status = 400, description = "Malformed JSON", body = ErrorBody),
         (status = 401, description = "Wrong username or password", body = ErrorBody),
         (status = 422, body = ErrorBody),
-        (status = 429, description = "Account locked after failed logins", body = ErrorBody),
+        (status = 429, description = "Account locked after failed logins, or too many attempts \
+                                        from this address", body = ErrorBody),
     ))]
 pub async fn login(
     State(state): State<AdminState>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     AdminJson(body): AdminJson<Login>,
 ) -> Result<Json<Session>, AdminError> {
+    if let Some(Extension(ConnectInfo(addr))) = peer {
+        state
+            .login_throttle
+            .check(addr.ip())
+            .map_err(|retry_after| AdminError::TooManyLogins { retry_after })?;
+    }
     let now = jiff::Timestamp::now().as_second();
     let password = body.password;
     let Some(record) = state.store.login_record(&body.username).await? else {

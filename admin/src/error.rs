@@ -33,6 +33,12 @@ pub enum AdminError {
     /// Wrong username or password.
     #[error("wrong username or password")]
     InvalidCredentials,
+    /// Too many login attempts from one address.
+    #[error("too many login attempts from this address; try again in {retry_after} seconds")]
+    TooManyLogins {
+        /// Seconds until the next attempt is allowed.
+        retry_after: i64,
+    },
     /// Too many failed logins: the account is locked until the time given.
     #[error("too many failed logins; try again in {retry_after} seconds")]
     AccountLocked {
@@ -99,7 +105,9 @@ impl AdminError {
                 StatusCode::UNAUTHORIZED
             }
             AdminError::Forbidden => StatusCode::FORBIDDEN,
-            AdminError::AccountLocked { .. } => StatusCode::TOO_MANY_REQUESTS,
+            AdminError::AccountLocked { .. } | AdminError::TooManyLogins { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             AdminError::NotFound(_) => StatusCode::NOT_FOUND,
             AdminError::Conflict(_) => StatusCode::CONFLICT,
             AdminError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -115,6 +123,7 @@ impl AdminError {
             AdminError::Forbidden => "forbidden",
             AdminError::InvalidCredentials => "invalid_credentials",
             AdminError::AccountLocked { .. } => "account_locked",
+            AdminError::TooManyLogins { .. } => "too_many_logins",
             AdminError::NotFound(_) => "not_found",
             AdminError::Conflict(_) => "conflict",
             AdminError::Internal(_) => "internal_error",
@@ -131,6 +140,7 @@ impl AdminError {
             | AdminError::Locked
             | AdminError::InvalidCredentials
             | AdminError::AccountLocked { .. } => "authentication_error",
+            AdminError::TooManyLogins { .. } => "rate_limit_error",
             AdminError::Forbidden => "permission_error",
             AdminError::Internal(_) => "api_error",
         }
@@ -165,7 +175,9 @@ impl IntoResponse for AdminError {
             },
         };
         let mut resp = (self.status(), Json(body)).into_response();
-        if let AdminError::AccountLocked { retry_after } = self {
+        if let AdminError::AccountLocked { retry_after }
+        | AdminError::TooManyLogins { retry_after } = self
+        {
             resp.headers_mut().insert(
                 http::header::RETRY_AFTER,
                 http::HeaderValue::from(retry_after.max(1)),

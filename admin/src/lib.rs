@@ -60,6 +60,8 @@ pub struct AdminState {
     /// Names of config-declared providers whose API key came from the environment (kept in
     /// memory only, so the store cannot tell).
     pub env_keyed_providers: Arc<HashSet<String>>,
+    /// Login attempts per client address.
+    pub login_throttle: Arc<accounts::LoginThrottle>,
 }
 
 /// The admin router: `/healthz`, `/admin/v1/...` and `/admin/openapi.json`. Every route but

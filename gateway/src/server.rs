@@ -97,7 +97,9 @@ pub async fn run(
     let admin_shutdown = shutdown.clone();
     let admin_tracker = TaskTracker::new();
     let admin_task = admin_tracker.spawn(async move {
-        let served = axum::serve(admin, admin_router)
+        // Connection info lets the admin API throttle logins per client address.
+        let app = admin_router.into_make_service_with_connect_info::<std::net::SocketAddr>();
+        let served = axum::serve(admin, app)
             .with_graceful_shutdown(admin_shutdown.cancelled_owned())
             .await;
         if let Err(e) = served {

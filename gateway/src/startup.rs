@@ -133,6 +133,7 @@ impl App {
             operator_token: opts.admin_token.as_deref().map(Arc::from),
             hooks: Arc::new(GatewayHooks(state.clone())),
             env_keyed_providers: Arc::new(env_keyed),
+            login_throttle: Arc::default(),
         };
         if admin.operator_token.is_none() {
             tracing::warn!(

@@ -335,3 +335,24 @@ async fn institutions_are_isolated_from_each_other() {
     .await;
     assert_eq!(status, 204);
 }
+
+#[tokio::test]
+async fn logins_are_throttled_per_address() {
+    let (_mock, gw) = gateway().await;
+    // Different usernames, so the per-account lockout never triggers: only the address counts.
+    for i in 0..carrel_admin::accounts::LOGIN_BURST {
+        let (status, _) = login(&gw, &format!("guess-{i}"), PASSWORD).await;
+        assert_eq!(status, 401, "attempt {i} is within the burst");
+    }
+    let resp = gw
+        .http
+        .post(gw.admin_url("/admin/v1/login"))
+        .json(&json!({"username": "one-more", "password": PASSWORD}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 429);
+    assert!(resp.headers().contains_key("retry-after"));
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "too_many_logins");
+}
