@@ -183,6 +183,14 @@ pub async fn create_user(
         })
         .await?;
     tracing::info!(user = %user.id, role = %user.role, "admin account created");
+    state
+        .audit(
+            principal.actor(),
+            "user.create",
+            format!("user:{}", user.id),
+            user.institution_id.as_deref(),
+        )
+        .await;
     Ok((StatusCode::CREATED, Json(user)))
 }
 
@@ -243,8 +251,21 @@ pub async fn login(
     let user = record.user;
     if !matches {
         tracing::info!(user = %user.id, "failed admin login");
+        let target = format!("user:{}", user.id);
+        let inst = user.institution_id.as_deref();
+        state
+            .audit(
+                "anonymous".to_owned(),
+                "session.login_failed",
+                target.clone(),
+                inst,
+            )
+            .await;
         if let Some(until) = state.store.record_login_failure(&user.id, now).await? {
             tracing::warn!(user = %user.id, "admin account locked after failed logins");
+            state
+                .audit("anonymous".to_owned(), "user.locked", target, inst)
+                .await;
             return Err(AdminError::AccountLocked {
                 retry_after: until - now,
             });
@@ -262,6 +283,14 @@ pub async fn login(
         .map(|t| t.to_string())
         .unwrap_or_default();
     tracing::info!(user = %user.id, "admin signed in");
+    state
+        .audit(
+            format!("user:{}", user.id),
+            "session.login",
+            format!("user:{}", user.id),
+            user.institution_id.as_deref(),
+        )
+        .await;
     Ok(Json(Session {
         token,
         expires_at,
@@ -275,6 +304,7 @@ pub async fn login(
     security(("admin_token" = [])))]
 pub async fn logout(
     State(state): State<AdminState>,
+    Extension(principal): Extension<AdminPrincipal>,
     headers: http::HeaderMap,
 ) -> Result<StatusCode, AdminError> {
     let token = headers
@@ -288,6 +318,14 @@ pub async fn logout(
             .store
             .delete_session(state.pepper.hash_secret(token))
             .await?;
+        state
+            .audit(
+                principal.actor(),
+                "session.logout",
+                principal.actor(),
+                principal.institution(),
+            )
+            .await;
     }
     Ok(StatusCode::NO_CONTENT)
 }

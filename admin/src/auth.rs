@@ -46,6 +46,8 @@ pub enum Action {
     ManageKeys,
     /// Create admin accounts of an institution (or operators, with no institution).
     ManageUsers,
+    /// Read an institution's audit trail.
+    ReadAudit,
 }
 
 impl AdminPrincipal {
@@ -87,6 +89,7 @@ impl AdminPrincipal {
             Action::ManageKeys | Action::ManageUsers => {
                 role == Role::InstitutionAdmin && institution.is_some()
             }
+            Action::ReadAudit => matches!(role, Role::InstitutionAdmin | Role::Auditor),
         };
         if allowed {
             Ok(())

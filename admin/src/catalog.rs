@@ -141,6 +141,14 @@ pub async fn create_provider(
         })
         .await?;
     tracing::info!(provider = %provider.name, id = %provider.id, "provider created");
+    state
+        .audit(
+            principal.actor(),
+            "provider.create",
+            format!("provider:{}", provider.id),
+            None,
+        )
+        .await;
     state.hooks.catalog_changed().await;
     Ok((StatusCode::CREATED, Json(ProviderView::of(provider, false))))
 }
@@ -237,6 +245,14 @@ pub async fn create_model(
             other => other.into(),
         })?;
     tracing::info!(model = %model.name, id = %model.id, tier = %model.tier, "model created");
+    state
+        .audit(
+            principal.actor(),
+            "model.create",
+            format!("model:{}", model.id),
+            None,
+        )
+        .await;
     state.hooks.catalog_changed().await;
     Ok((StatusCode::CREATED, Json(model)))
 }

@@ -5,7 +5,7 @@ use axum::Json;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::{accounts, catalog, error, institutions};
+use crate::{accounts, audit, catalog, error, institutions};
 
 /// The admin API's OpenAPI description.
 #[derive(OpenApi)]
@@ -33,6 +33,7 @@ use crate::{accounts, catalog, error, institutions};
         accounts::me,
         accounts::create_user,
         accounts::list_users,
+        audit::list,
     ),
     components(schemas(error::ErrorBody, error::ErrorDetail)),
     modifiers(&BearerAuth),

@@ -92,6 +92,14 @@ pub async fn create_institution(
         })
         .await?;
     tracing::info!(institution = %inst.id, kind = %inst.kind, region = %inst.region, "institution created");
+    state
+        .audit(
+            principal.actor(),
+            "institution.create",
+            format!("institution:{}", inst.id),
+            Some(&inst.id),
+        )
+        .await;
     Ok((StatusCode::CREATED, Json(inst)))
 }
 
@@ -162,6 +170,14 @@ pub async fn create_key(
         })
         .await?;
     tracing::info!(key = %key.id, institution = %key.institution_id, kind = %key.kind, "api key created");
+    state
+        .audit(
+            principal.actor(),
+            "key.create",
+            format!("key:{}", key.id),
+            Some(&key.institution_id),
+        )
+        .await;
     Ok((
         StatusCode::CREATED,
         Json(CreatedKey {
@@ -224,5 +240,13 @@ pub async fn revoke_key(
     }
     state.hooks.key_revoked(&id).await;
     tracing::info!(key = %id, "api key revoked");
+    state
+        .audit(
+            principal.actor(),
+            "key.revoke",
+            format!("key:{id}"),
+            Some(&institution),
+        )
+        .await;
     Ok(StatusCode::NO_CONTENT)
 }

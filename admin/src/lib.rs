@@ -12,11 +12,13 @@
 //! - [`auth`]: who the caller is ([`auth::AdminPrincipal`]) and the one policy table of what
 //!   each role may do to which institution.
 //! - [`accounts`]: admin accounts, login, logout, `me`.
+//! - [`audit`]: the audit trail of admin actions.
 //! - [`catalog`]: providers and models.
 //! - [`institutions`]: institutions and their API keys.
 //! - [`doc`]: the OpenAPI document.
 
 pub mod accounts;
+pub mod audit;
 pub mod auth;
 pub mod catalog;
 pub mod doc;
@@ -95,6 +97,7 @@ pub fn router(state: AdminState) -> Router {
         )
         .route("/admin/v1/logout", post(accounts::logout))
         .route("/admin/v1/me", get(accounts::me))
+        .route("/admin/v1/audit", get(audit::list))
         .route("/admin/openapi.json", get(doc::serve))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),

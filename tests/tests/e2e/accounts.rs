@@ -356,3 +356,113 @@ async fn logins_are_throttled_per_address() {
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["error"]["code"], "too_many_logins");
 }
+
+#[tokio::test]
+async fn the_audit_trail_records_who_did_what_without_secrets() {
+    let (_mock, gw) = gateway().await;
+    let a = institution(&gw, "Library A").await;
+    let b = institution(&gw, "Library B").await;
+    let admin_a = user(&gw, "admin-a", "institution_admin", Some(&a)).await;
+    user(&gw, "auditor-a", "auditor", Some(&a)).await;
+    user(&gw, "staff-a", "staff", Some(&a)).await;
+    user(&gw, "admin-b", "institution_admin", Some(&b)).await;
+    let token_a = login(&gw, "admin-a", PASSWORD).await.1["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (_, key) = call(
+        &gw,
+        &token_a,
+        Method::POST,
+        &format!("/admin/v1/institutions/{a}/keys"),
+        Some(json!({"name": "kiosk", "kind": "kiosk"})),
+    )
+    .await;
+    let key_id = key["id"].as_str().unwrap();
+    let secret = key["secret"].as_str().unwrap().to_owned();
+    let (status, _) = call(
+        &gw,
+        &token_a,
+        Method::DELETE,
+        &format!("/admin/v1/keys/{key_id}"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 204);
+    login(&gw, "admin-a", "a wrong password").await;
+
+    let auditor = login(&gw, "auditor-a", PASSWORD).await.1["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (status, page) = call(&gw, &auditor, Method::GET, "/admin/v1/audit", None).await;
+    assert_eq!(status, 200, "{page}");
+    let text = page.to_string();
+    assert!(
+        !text.contains(&secret) && !text.contains(PASSWORD) && !text.contains("a wrong password")
+    );
+    assert!(
+        !text.contains("admin-b") && !text.contains(&b),
+        "only A's entries: {page}"
+    );
+    let actions: Vec<&str> = page["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            "session.login",
+            "session.login_failed",
+            "key.revoke",
+            "key.create",
+            "session.login",
+            "user.create",
+            "user.create",
+            "user.create",
+            "institution.create"
+        ],
+        "{page}"
+    );
+    let revoke = &page["data"][2];
+    assert_eq!(
+        revoke["actor"],
+        format!("user:{}", admin_a["id"].as_str().unwrap())
+    );
+    assert_eq!(revoke["target"], format!("key:{key_id}"));
+
+    // Pages follow the cursor.
+    let (_, first) = call(&gw, &auditor, Method::GET, "/admin/v1/audit?limit=2", None).await;
+    assert_eq!(first["data"].as_array().unwrap().len(), 2);
+    let cursor = first["next_cursor"].as_i64().unwrap();
+    let (_, second) = call(
+        &gw,
+        &auditor,
+        Method::GET,
+        &format!("/admin/v1/audit?limit=2&before={cursor}"),
+        None,
+    )
+    .await;
+    assert_eq!(second["data"][0]["action"], "key.revoke");
+    let (status, err) = call(&gw, &auditor, Method::GET, "/admin/v1/audit?limit=0", None).await;
+    assert_eq!(
+        (status, err["error"]["param"].as_str()),
+        (422, Some("limit"))
+    );
+
+    let staff = login(&gw, "staff-a", PASSWORD).await.1["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (status, _) = call(&gw, &staff, Method::GET, "/admin/v1/audit", None).await;
+    assert_eq!(status, 403, "staff do not read the audit trail");
+    let (_, all) = gw
+        .admin(Method::GET, "/admin/v1/audit?limit=500", None)
+        .await;
+    assert!(
+        all.to_string().contains(&b),
+        "the operator sees every institution"
+    );
+}
