@@ -28,6 +28,7 @@ use crate::{accounts, audit, catalog, error, institutions};
         institutions::create_key,
         institutions::list_keys,
         institutions::revoke_key,
+        institutions::rotate_key,
         accounts::login,
         accounts::logout,
         accounts::me,

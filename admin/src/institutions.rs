@@ -49,6 +49,44 @@ pub struct CreateKey {
     /// Highest model tier the key may reach (default `advanced`; `frontier` must be asked for).
     #[serde(default)]
     pub tier_ceiling: Option<Tier>,
+    /// RFC 3339 time after which the key stops working; must be in the future.
+    #[serde(default)]
+    #[schema(example = "2027-06-30T23:59:59Z")]
+    pub expires_at: Option<String>,
+}
+
+/// Body of `POST /admin/v1/keys/{id}/rotate`.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RotateKey {
+    /// How long the old key keeps working, 0 to 604800 seconds (7 days); default 86400.
+    #[serde(default)]
+    #[schema(minimum = 0, maximum = 604800)]
+    pub overlap_seconds: Option<i64>,
+}
+
+/// Longest overlap a rotation allows.
+pub const MAX_OVERLAP_SECS: i64 = 7 * 24 * 60 * 60;
+
+/// Parses a future RFC 3339 time into the store's whole-second form.
+fn future_time(field: &'static str, value: &str, now: i64) -> Result<String, AdminError> {
+    let at = value
+        .parse::<jiff::Timestamp>()
+        .map_err(|e| AdminError::field(field, format!("{field}: not an RFC 3339 time ({e})")))?;
+    if at.as_second() <= now {
+        return Err(AdminError::field(
+            field,
+            format!("{field}: must be in the future"),
+        ));
+    }
+    Ok(stored_time(at.as_second()))
+}
+
+/// Whole-second RFC 3339, so stored times also sort as text.
+fn stored_time(unix: i64) -> String {
+    jiff::Timestamp::from_second(unix)
+        .map(|t| t.to_string())
+        .unwrap_or_default()
 }
 
 /// A key just created: the only response that ever carries its secret.
@@ -157,6 +195,12 @@ pub async fn create_key(
 ) -> Result<(StatusCode, Json<CreatedKey>), AdminError> {
     principal.authorize(Action::ManageKeys, Some(&institution_id))?;
     AdminError::check_name("name", &body.name, 200)?;
+    let now = jiff::Timestamp::now().as_second();
+    let expires_at = body
+        .expires_at
+        .as_deref()
+        .map(|v| future_time("expires_at", v, now))
+        .transpose()?;
     let minted = NewKey::generate();
     let key = state
         .store
@@ -167,6 +211,7 @@ pub async fn create_key(
             kind: body.kind,
             tier_ceiling: body.tier_ceiling.unwrap_or(Tier::Advanced),
             secret_hash: state.pepper.hash_secret(minted.secret()),
+            expires_at,
         })
         .await?;
     tracing::info!(key = %key.id, institution = %key.institution_id, kind = %key.kind, "api key created");
@@ -238,7 +283,7 @@ pub async fn revoke_key(
     if !state.store.revoke_key(&id).await? {
         return Err(AdminError::NotFound(format!("key `{id}`")));
     }
-    state.hooks.key_revoked(&id).await;
+    state.hooks.key_changed(&id).await;
     tracing::info!(key = %id, "api key revoked");
     state
         .audit(
@@ -249,4 +294,80 @@ pub async fn revoke_key(
         )
         .await;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Replaces a key with a new secret. The new key has the old one's settings; the old one keeps
+/// working for `overlap_seconds` so deployed clients can be switched over, then expires.
+#[utoipa::path(post, path = "/admin/v1/keys/{id}/rotate", tag = "keys",
+    params(("id" = String, Path, description = "Key id")),
+    request_body = RotateKey,
+    responses(
+        (status = 201, body = CreatedKey),
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody),
+        (status = 404, description = "No live key with that id", body = ErrorBody),
+        (status = 422, body = ErrorBody),
+    ),
+    security(("admin_token" = [])))]
+pub async fn rotate_key(
+    State(state): State<AdminState>,
+    Extension(principal): Extension<AdminPrincipal>,
+    Path(id): Path<String>,
+    AdminJson(body): AdminJson<RotateKey>,
+) -> Result<(StatusCode, Json<CreatedKey>), AdminError> {
+    let not_found = || AdminError::NotFound(format!("key `{id}`"));
+    let (old, _) = state.store.get_key(&id).await?.ok_or_else(not_found)?;
+    principal
+        .authorize(Action::ManageKeys, Some(&old.institution_id))
+        .map_err(|e| match e {
+            AdminError::NotFound(_) => not_found(),
+            other => other,
+        })?;
+    if old.revoked_at.is_some() {
+        return Err(not_found());
+    }
+    let overlap = body.overlap_seconds.unwrap_or(24 * 60 * 60);
+    if !(0..=MAX_OVERLAP_SECS).contains(&overlap) {
+        return Err(AdminError::field(
+            "overlap_seconds",
+            format!("overlap_seconds: must be 0 to {MAX_OVERLAP_SECS}"),
+        ));
+    }
+    let now = jiff::Timestamp::now().as_second();
+    let minted = NewKey::generate();
+    let key = state
+        .store
+        .rotate_key(
+            &id,
+            NewApiKey {
+                id: minted.id.clone(),
+                institution_id: old.institution_id.clone(),
+                name: old.name,
+                kind: old.kind,
+                tier_ceiling: old.tier_ceiling,
+                secret_hash: state.pepper.hash_secret(minted.secret()),
+                expires_at: old.expires_at,
+            },
+            stored_time(now + overlap),
+        )
+        .await?;
+    // The old key's cached principal carries its old expiry.
+    state.hooks.key_changed(&id).await;
+    tracing::info!(old = %id, new = %key.id, overlap, "api key rotated");
+    state
+        .audit(
+            principal.actor(),
+            "key.rotate",
+            format!("key:{id}"),
+            Some(&key.institution_id),
+        )
+        .await;
+    Ok((
+        StatusCode::CREATED,
+        Json(CreatedKey {
+            key,
+            secret: minted.token,
+        }),
+    ))
 }

@@ -42,8 +42,8 @@ pub type HookFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 /// What the data plane must hear about at once when the control plane changes something.
 /// The gateway implements it; on several replicas the same calls arrive from pub/sub.
 pub trait ControlHooks: Send + Sync + 'static {
-    /// A key was revoked: stop honouring it now (drop it from every cache).
-    fn key_revoked(&self, key_id: &str) -> HookFuture;
+    /// A key was revoked or its expiry changed: drop it from every cache now.
+    fn key_changed(&self, key_id: &str) -> HookFuture;
     /// Providers or models changed: reload the routing catalog.
     fn catalog_changed(&self) -> HookFuture;
 }
@@ -91,6 +91,7 @@ pub fn router(state: AdminState) -> Router {
             get(institutions::list_keys).post(institutions::create_key),
         )
         .route("/admin/v1/keys/{id}", delete(institutions::revoke_key))
+        .route("/admin/v1/keys/{id}/rotate", post(institutions::rotate_key))
         .route(
             "/admin/v1/users",
             get(accounts::list_users).post(accounts::create_user),

@@ -93,6 +93,8 @@ string_enum! {
         Service => "service",
         /// A public kiosk; patrons sign in on top of it.
         Kiosk => "kiosk",
+        /// A member of staff's own key.
+        Staff => "staff",
     }
 }
 
@@ -229,6 +231,8 @@ pub struct ApiKey {
     pub created_at: String,
     /// RFC 3339 revocation time, once revoked.
     pub revoked_at: Option<String>,
+    /// RFC 3339 time after which the key stops working, if it expires.
+    pub expires_at: Option<String>,
 }
 
 /// An admin account (never with its password hash).
@@ -269,6 +273,8 @@ pub struct Principal {
     pub key_id: std::sync::Arc<str>,
     /// The highest model tier this principal may reach.
     pub tier_ceiling: Tier,
+    /// Unix seconds after which the credential stops working.
+    pub expires_at: Option<i64>,
 }
 
 impl Principal {
@@ -279,7 +285,13 @@ impl Principal {
             institution_kind: cred.institution.kind,
             key_id: cred.key.id.as_str().into(),
             tier_ceiling: cred.key.tier_ceiling,
+            expires_at: cred.key.expires_at.as_deref().and_then(unix_seconds),
         }
+    }
+
+    /// Whether the credential has expired at `now` (Unix seconds).
+    pub fn expired(&self, now: i64) -> bool {
+        self.expires_at.is_some_and(|at| at <= now)
     }
 
     /// Whether this principal may use a model of `tier`.

@@ -96,6 +96,9 @@ CREATE TABLE admin_audit (
 );
 CREATE INDEX admin_audit_by_institution ON admin_audit(institution_id, seq);
 "#,
+    r#"
+ALTER TABLE api_keys ADD COLUMN expires_at TEXT;
+"#,
 ];
 
 /// Failed logins within [`LOCKOUT_WINDOW_SECS`] that lock an account.
@@ -183,6 +186,8 @@ pub struct NewApiKey {
     pub tier_ceiling: Tier,
     /// HMAC of the secret.
     pub secret_hash: [u8; 32],
+    /// RFC 3339 expiry, if the key expires.
+    pub expires_at: Option<String>,
 }
 
 /// An admin account to create; the caller hashed the password.
@@ -565,10 +570,11 @@ impl Store {
                 tier_ceiling: new.tier_ceiling,
                 created_at: now(),
                 revoked_at: None,
+                expires_at: new.expires_at,
             };
             c.execute(
                 "INSERT INTO api_keys (id, institution_id, name, kind, tier_ceiling, secret_hash,
-                    created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    created_at, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                 params![
                     key.id,
                     key.institution_id,
@@ -576,7 +582,8 @@ impl Store {
                     key.kind.as_str(),
                     key.tier_ceiling.as_str(),
                     &new.secret_hash[..],
-                    key.created_at
+                    key.created_at,
+                    key.expires_at
                 ],
             )
             .map_err(|e| unique_conflict(e, || format!("key `{}`", key.id)))?;
@@ -590,7 +597,8 @@ impl Store {
         let id = institution_id.to_owned();
         self.call(move |c| {
             let mut stmt = c.prepare(
-                "SELECT id, institution_id, name, kind, tier_ceiling, created_at, revoked_at
+                "SELECT id, institution_id, name, kind, tier_ceiling, created_at, revoked_at,
+                    expires_at
                  FROM api_keys WHERE institution_id = ?1 ORDER BY created_at DESC, id",
             )?;
             let rows = stmt.query_map([id], |r| Ok(key_row(r)))?;
@@ -605,14 +613,14 @@ impl Store {
         self.call(move |c| {
             c.query_row(
                 "SELECT k.id, k.institution_id, k.name, k.kind, k.tier_ceiling, k.created_at,
-                        k.revoked_at, k.secret_hash,
+                        k.revoked_at, k.expires_at, k.secret_hash,
                         i.id, i.name, i.kind, i.region, i.timezone, i.created_at
                  FROM api_keys k JOIN institutions i ON i.id = k.institution_id
                  WHERE k.id = ?1 AND k.revoked_at IS NULL",
                 [id],
                 |r| {
-                    let hash: Vec<u8> = r.get(7)?;
-                    Ok((key_row(r), hash, institution_row(r, 8)))
+                    let hash: Vec<u8> = r.get(8)?;
+                    Ok((key_row(r), hash, institution_row(r, 9)))
                 },
             )
             .optional()?
@@ -639,6 +647,78 @@ impl Store {
                 params![id, now()],
             )?;
             Ok(n == 1)
+        })
+        .await
+    }
+
+    /// One key (revoked or not).
+    pub async fn get_key(&self, key_id: &str) -> Result<Option<(ApiKey, [u8; 32])>, StoreError> {
+        let id = key_id.to_owned();
+        self.call(move |c| {
+            c.query_row(
+                "SELECT id, institution_id, name, kind, tier_ceiling, created_at, revoked_at,
+                    expires_at, secret_hash FROM api_keys WHERE id = ?1",
+                [id],
+                |r| Ok((key_row(r), r.get::<_, Vec<u8>>(8)?)),
+            )
+            .optional()?
+            .map(|(key, hash)| {
+                let hash = hash
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt("api_keys.secret_hash".into()))?;
+                Ok((key?, hash))
+            })
+            .transpose()
+        })
+        .await
+    }
+
+    /// Replaces a live key with `new` in one transaction; the old key keeps working until
+    /// `old_expires_at` (RFC 3339; never later than an expiry it already had).
+    pub async fn rotate_key(
+        &self,
+        old_id: &str,
+        new: NewApiKey,
+        old_expires_at: String,
+    ) -> Result<ApiKey, StoreError> {
+        let old = old_id.to_owned();
+        self.call(move |c| {
+            let tx = c.transaction()?;
+            let changed = tx.execute(
+                "UPDATE api_keys SET expires_at = CASE
+                    WHEN expires_at IS NULL OR expires_at > ?2 THEN ?2 ELSE expires_at END
+                 WHERE id = ?1 AND revoked_at IS NULL",
+                params![old, old_expires_at],
+            )?;
+            if changed != 1 {
+                return Err(StoreError::NotFound(format!("key `{old}`")));
+            }
+            let key = ApiKey {
+                id: new.id,
+                institution_id: new.institution_id,
+                name: new.name,
+                kind: new.kind,
+                tier_ceiling: new.tier_ceiling,
+                created_at: now(),
+                revoked_at: None,
+                expires_at: new.expires_at,
+            };
+            tx.execute(
+                "INSERT INTO api_keys (id, institution_id, name, kind, tier_ceiling, secret_hash,
+                    created_at, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![
+                    key.id,
+                    key.institution_id,
+                    key.name,
+                    key.kind.as_str(),
+                    key.tier_ceiling.as_str(),
+                    &new.secret_hash[..],
+                    key.created_at,
+                    key.expires_at
+                ],
+            )?;
+            tx.commit()?;
+            Ok(key)
         })
         .await
     }
@@ -992,6 +1072,7 @@ fn key_row(r: &Row<'_>) -> Result<ApiKey, StoreError> {
         tier_ceiling: parse("api_keys.tier_ceiling", r.get(4)?)?,
         created_at: r.get(5)?,
         revoked_at: r.get(6)?,
+        expires_at: r.get(7)?,
     })
 }
 
@@ -1056,6 +1137,7 @@ mod tests {
                 kind: KeyKind::Kiosk,
                 tier_ceiling: Tier::Advanced,
                 secret_hash: pepper.hash_secret(minted.secret()),
+                expires_at: None,
             })
             .await
             .unwrap();
@@ -1195,6 +1277,7 @@ mod tests {
                 kind: KeyKind::Service,
                 tier_ceiling: Tier::Baseline,
                 secret_hash: [0; 32],
+                expires_at: None,
             })
             .await
             .unwrap_err();

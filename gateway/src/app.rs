@@ -146,7 +146,7 @@ impl AppState {
 pub struct GatewayHooks(pub AppState);
 
 impl ControlHooks for GatewayHooks {
-    fn key_revoked(&self, key_id: &str) -> HookFuture {
+    fn key_changed(&self, key_id: &str) -> HookFuture {
         let state = self.0.clone();
         let id = key_id.to_owned();
         Box::pin(async move { state.keys.evict(&id).await })

@@ -15,6 +15,9 @@ pub enum GatewayError {
     /// The key is malformed, unknown or revoked.
     #[error("Incorrect API key provided.")]
     InvalidApiKey,
+    /// The key was valid but has expired (or was rotated and its overlap ended).
+    #[error("This API key has expired; ask your administrator for a new one.")]
+    ExpiredApiKey,
     /// No such path.
     #[error("Unknown request URL: {method} {path}.")]
     UnknownRoute {
@@ -83,7 +86,9 @@ impl GatewayError {
     /// HTTP status.
     pub fn status(&self) -> StatusCode {
         match self {
-            GatewayError::MissingApiKey | GatewayError::InvalidApiKey => StatusCode::UNAUTHORIZED,
+            GatewayError::MissingApiKey
+            | GatewayError::InvalidApiKey
+            | GatewayError::ExpiredApiKey => StatusCode::UNAUTHORIZED,
             GatewayError::UnknownRoute { .. } | GatewayError::ModelNotFound(_) => {
                 StatusCode::NOT_FOUND
             }
@@ -106,6 +111,7 @@ impl GatewayError {
         match self {
             GatewayError::MissingApiKey
             | GatewayError::InvalidApiKey
+            | GatewayError::ExpiredApiKey
             | GatewayError::UnknownRoute { .. }
             | GatewayError::MethodNotAllowed { .. }
             | GatewayError::BodyTooLarge { .. }
@@ -126,6 +132,7 @@ impl GatewayError {
         match self {
             GatewayError::MissingApiKey => "missing_api_key",
             GatewayError::InvalidApiKey => "invalid_api_key",
+            GatewayError::ExpiredApiKey => "expired_api_key",
             GatewayError::UnknownRoute { .. } => "unknown_url",
             GatewayError::MethodNotAllowed { .. } => "method_not_allowed",
             GatewayError::BodyTooLarge { .. } => "request_too_large",
@@ -144,7 +151,9 @@ impl GatewayError {
     /// Label for the error counter (low cardinality, no request data).
     pub fn metric_label(&self) -> &'static str {
         match self {
-            GatewayError::MissingApiKey | GatewayError::InvalidApiKey => "auth",
+            GatewayError::MissingApiKey
+            | GatewayError::InvalidApiKey
+            | GatewayError::ExpiredApiKey => "auth",
             GatewayError::UnknownRoute { .. } | GatewayError::MethodNotAllowed { .. } => "route",
             GatewayError::BodyTooLarge { .. }
             | GatewayError::BodyReadFailed
@@ -167,6 +176,7 @@ impl GatewayError {
             }
             GatewayError::MissingApiKey
             | GatewayError::InvalidApiKey
+            | GatewayError::ExpiredApiKey
             | GatewayError::UnknownRoute { .. }
             | GatewayError::MethodNotAllowed { .. }
             | GatewayError::BodyTooLarge { .. }
@@ -202,6 +212,7 @@ mod tests {
         let all = [
             GatewayError::MissingApiKey,
             GatewayError::InvalidApiKey,
+            GatewayError::ExpiredApiKey,
             GatewayError::UnknownRoute {
                 method: "GET".into(),
                 path: "/x".into(),

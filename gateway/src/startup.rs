@@ -200,6 +200,7 @@ pub async fn seed_demo_tenant(app: &App) -> Result<DemoTenant, InitError> {
             kind: KeyKind::Service,
             tier_ceiling: Tier::Advanced,
             secret_hash: app.state.pepper.hash_secret(minted.secret()),
+            expires_at: None,
         })
         .await?;
     Ok(DemoTenant {

@@ -3,7 +3,7 @@
 //!
 //! | # | stage | module | may answer with |
 //! |---|-------|--------|-----------------|
-//! | 1 | authenticate | [`authenticate`] | 401 `missing_api_key`, 401 `invalid_api_key`, 503 `store_unavailable` |
+//! | 1 | authenticate | [`authenticate`] | 401 `missing_api_key`, 401 `invalid_api_key`, 401 `expired_api_key`, 503 `store_unavailable` |
 //! | 2 | read body | [`read_body`] | 413 `request_too_large`, 400 `body_read_failed`, 400 `invalid_json`, 400 `invalid_parameter` |
 //! | 3 | authorize | [`authorize`] | 404 `model_not_found`, 403 `model_not_permitted` |
 //! | 4–8 | safeguards, rate limit, quota, cache, routing | (issues 4, 7, 8) | |

@@ -215,6 +215,11 @@ async fn institutions_are_isolated_from_each_other() {
             Some(key_body.clone()),
         ),
         (Method::DELETE, format!("/admin/v1/keys/{b_key_id}"), None),
+        (
+            Method::POST,
+            format!("/admin/v1/keys/{b_key_id}/rotate"),
+            Some(json!({})),
+        ),
         (Method::POST, "/admin/v1/users".into(), Some(user_body)),
         (
             Method::POST,
@@ -465,4 +470,118 @@ async fn the_audit_trail_records_who_did_what_without_secrets() {
         all.to_string().contains(&b),
         "the operator sees every institution"
     );
+}
+
+#[tokio::test]
+async fn keys_expire_and_rotate_with_an_overlap() {
+    let (_mock, gw) = gateway().await;
+    let a = institution(&gw, "Library A").await;
+    let keys = format!("/admin/v1/institutions/{a}/keys");
+    let chat = json!({"model": "mock-model", "messages": []});
+
+    let (status, err) = gw
+        .admin(
+            Method::POST,
+            &keys,
+            Some(json!({"name": "k", "kind": "staff", "expires_at": "2001-01-01T00:00:00Z"})),
+        )
+        .await;
+    assert_eq!(
+        (status, err["error"]["param"].as_str()),
+        (422, Some("expires_at"))
+    );
+    let (status, err) = gw
+        .admin(
+            Method::POST,
+            &keys,
+            Some(json!({"name": "k", "kind": "staff", "expires_at": "next tuesday"})),
+        )
+        .await;
+    assert_eq!(
+        (status, err["error"]["param"].as_str()),
+        (422, Some("expires_at"))
+    );
+
+    let (status, key) = gw
+        .admin(
+            Method::POST,
+            &keys,
+            Some(json!({"name": "k", "kind": "staff", "expires_at": "2099-01-01T00:00:00Z"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{key}");
+    assert_eq!(key["expires_at"], "2099-01-01T00:00:00Z");
+    let (old_id, old_secret) = (
+        key["id"].as_str().unwrap().to_owned(),
+        key["secret"].as_str().unwrap().to_owned(),
+    );
+    assert_eq!(
+        gw.post("/v1/chat/completions", &old_secret, &chat)
+            .await
+            .status(),
+        200
+    );
+
+    // Rotation with an overlap: both keys work.
+    let rotate = format!("/admin/v1/keys/{old_id}/rotate");
+    let (status, second) = gw
+        .admin(
+            Method::POST,
+            &rotate,
+            Some(json!({"overlap_seconds": 3600})),
+        )
+        .await;
+    assert_eq!(status, 201, "{second}");
+    assert_eq!(second["kind"], "staff");
+    assert_eq!(
+        second["expires_at"], "2099-01-01T00:00:00Z",
+        "the new key keeps the old settings"
+    );
+    let second_secret = second["secret"].as_str().unwrap().to_owned();
+    assert_eq!(
+        gw.post("/v1/chat/completions", &old_secret, &chat)
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        gw.post("/v1/chat/completions", &second_secret, &chat)
+            .await
+            .status(),
+        200
+    );
+
+    // Rotation with no overlap: the rotated key stops at once, with its own code.
+    let second_id = second["id"].as_str().unwrap();
+    let (status, third) = gw
+        .admin(
+            Method::POST,
+            &format!("/admin/v1/keys/{second_id}/rotate"),
+            Some(json!({"overlap_seconds": 0})),
+        )
+        .await;
+    assert_eq!(status, 201, "{third}");
+    let resp = gw.post("/v1/chat/completions", &second_secret, &chat).await;
+    assert_eq!(resp.status(), 401);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "expired_api_key");
+    let third_secret = third["secret"].as_str().unwrap();
+    assert_eq!(
+        gw.post("/v1/chat/completions", third_secret, &chat)
+            .await
+            .status(),
+        200
+    );
+
+    let (status, err) = gw
+        .admin(Method::POST, &rotate, Some(json!({"overlap_seconds": -1})))
+        .await;
+    assert_eq!(
+        (status, err["error"]["param"].as_str()),
+        (422, Some("overlap_seconds"))
+    );
+    let (status, _) = gw
+        .admin(Method::POST, "/admin/v1/keys/nope/rotate", Some(json!({})))
+        .await;
+    assert_eq!(status, 404);
 }
