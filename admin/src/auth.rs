@@ -48,6 +48,8 @@ pub enum Action {
     ManageUsers,
     /// Read an institution's audit trail.
     ReadAudit,
+    /// Create an institution's sites and groups.
+    ManageStructure,
 }
 
 impl AdminPrincipal {
@@ -86,7 +88,7 @@ impl AdminPrincipal {
         let allowed = match action {
             Action::ManageCatalog | Action::ReadProviders | Action::CreateInstitution => false,
             Action::ReadModels | Action::Read => true,
-            Action::ManageKeys | Action::ManageUsers => {
+            Action::ManageKeys | Action::ManageUsers | Action::ManageStructure => {
                 role == Role::InstitutionAdmin && institution.is_some()
             }
             Action::ReadAudit => matches!(role, Role::InstitutionAdmin | Role::Auditor),

@@ -5,7 +5,7 @@ use axum::Json;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::{accounts, audit, catalog, error, institutions};
+use crate::{accounts, audit, catalog, error, institutions, structure};
 
 /// The admin API's OpenAPI description.
 #[derive(OpenApi)]
@@ -29,6 +29,10 @@ use crate::{accounts, audit, catalog, error, institutions};
         institutions::list_keys,
         institutions::revoke_key,
         institutions::rotate_key,
+        structure::create_site,
+        structure::list_sites,
+        structure::create_group,
+        structure::list_groups,
         accounts::login,
         accounts::logout,
         accounts::me,

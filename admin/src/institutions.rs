@@ -53,6 +53,12 @@ pub struct CreateKey {
     #[serde(default)]
     #[schema(example = "2027-06-30T23:59:59Z")]
     pub expires_at: Option<String>,
+    /// A site of the same institution the key belongs to.
+    #[serde(default)]
+    pub site_id: Option<String>,
+    /// A group of the same institution the key belongs to.
+    #[serde(default)]
+    pub group_id: Option<String>,
 }
 
 /// Body of `POST /admin/v1/keys/{id}/rotate`.
@@ -201,6 +207,26 @@ pub async fn create_key(
         .as_deref()
         .map(|v| future_time("expires_at", v, now))
         .transpose()?;
+    let (site_ok, group_ok) = state
+        .store
+        .belongs_to(
+            &institution_id,
+            body.site_id.as_deref(),
+            body.group_id.as_deref(),
+        )
+        .await?;
+    if !site_ok {
+        return Err(AdminError::field(
+            "site_id",
+            "site_id: no such site in this institution",
+        ));
+    }
+    if !group_ok {
+        return Err(AdminError::field(
+            "group_id",
+            "group_id: no such group in this institution",
+        ));
+    }
     let minted = NewKey::generate();
     let key = state
         .store
@@ -212,6 +238,8 @@ pub async fn create_key(
             tier_ceiling: body.tier_ceiling.unwrap_or(Tier::Advanced),
             secret_hash: state.pepper.hash_secret(minted.secret()),
             expires_at,
+            site_id: body.site_id,
+            group_id: body.group_id,
         })
         .await?;
     tracing::info!(key = %key.id, institution = %key.institution_id, kind = %key.kind, "api key created");
@@ -348,6 +376,8 @@ pub async fn rotate_key(
                 tier_ceiling: old.tier_ceiling,
                 secret_hash: state.pepper.hash_secret(minted.secret()),
                 expires_at: old.expires_at,
+                site_id: old.site_id,
+                group_id: old.group_id,
             },
             stored_time(now + overlap),
         )

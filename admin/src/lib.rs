@@ -15,6 +15,7 @@
 //! - [`audit`]: the audit trail of admin actions.
 //! - [`catalog`]: providers and models.
 //! - [`institutions`]: institutions and their API keys.
+//! - [`structure`]: sites and groups of an institution.
 //! - [`doc`]: the OpenAPI document.
 
 pub mod accounts;
@@ -25,6 +26,7 @@ pub mod doc;
 pub mod error;
 pub mod institutions;
 pub mod json;
+pub mod structure;
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -89,6 +91,14 @@ pub fn router(state: AdminState) -> Router {
         .route(
             "/admin/v1/institutions/{id}/keys",
             get(institutions::list_keys).post(institutions::create_key),
+        )
+        .route(
+            "/admin/v1/institutions/{id}/sites",
+            get(structure::list_sites).post(structure::create_site),
+        )
+        .route(
+            "/admin/v1/institutions/{id}/groups",
+            get(structure::list_groups).post(structure::create_group),
         )
         .route("/admin/v1/keys/{id}", delete(institutions::revoke_key))
         .route("/admin/v1/keys/{id}/rotate", post(institutions::rotate_key))

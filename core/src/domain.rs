@@ -113,6 +113,20 @@ string_enum! {
 }
 
 string_enum! {
+    /// What a group of an institution stands for.
+    pub enum GroupKind {
+        /// A school class.
+        Class => "class",
+        /// A library's patron type (adult, teen, staff, ...).
+        PatronType => "patron_type",
+        /// A small business's plan or team.
+        BusinessPlan => "business_plan",
+        /// Anything else.
+        Other => "other",
+    }
+}
+
+string_enum! {
     /// How Carrel reaches a provider.
     pub enum ProviderKind {
         /// Any OpenAI-compatible HTTP server (OpenAI, Azure OpenAI, vLLM, llama.cpp, Ollama, ...).
@@ -213,6 +227,36 @@ pub struct Institution {
     pub created_at: String,
 }
 
+/// A site of an institution: a library branch, a school campus, an office.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Site {
+    /// Stable id (`site_…`).
+    pub id: String,
+    /// The institution.
+    pub institution_id: String,
+    /// Name, unique within the institution.
+    pub name: String,
+    /// RFC 3339 creation time.
+    pub created_at: String,
+}
+
+/// A group of an institution: a class, a patron type, a business plan.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Group {
+    /// Stable id (`group_…`).
+    pub id: String,
+    /// The institution.
+    pub institution_id: String,
+    /// Name, unique within the institution.
+    pub name: String,
+    /// What the group stands for.
+    pub kind: GroupKind,
+    /// RFC 3339 creation time.
+    pub created_at: String,
+}
+
 /// An API key as stored: only a keyed hash of its secret is ever kept.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -233,6 +277,10 @@ pub struct ApiKey {
     pub revoked_at: Option<String>,
     /// RFC 3339 time after which the key stops working, if it expires.
     pub expires_at: Option<String>,
+    /// The site the key belongs to, if any.
+    pub site_id: Option<String>,
+    /// The group the key belongs to, if any.
+    pub group_id: Option<String>,
 }
 
 /// An admin account (never with its password hash).
@@ -391,6 +439,7 @@ mod tests {
         check(KeyKind::ALL, KeyKind::as_str);
         check(ProviderKind::ALL, ProviderKind::as_str);
         check(Role::ALL, Role::as_str);
+        check(GroupKind::ALL, GroupKind::as_str);
     }
 
     #[test]

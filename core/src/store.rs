@@ -12,8 +12,8 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use crate::config::{ModelConfig, ProviderConfig};
 use crate::domain::{
-    AdminUser, ApiKey, Institution, InstitutionKind, KeyCredential, KeyKind, Model, Provider,
-    ProviderKind, Role, Source, Tier,
+    AdminUser, ApiKey, Group, GroupKind, Institution, InstitutionKind, KeyCredential, KeyKind,
+    Model, Provider, ProviderKind, Role, Site, Source, Tier,
 };
 use crate::ids;
 
@@ -98,6 +98,25 @@ CREATE INDEX admin_audit_by_institution ON admin_audit(institution_id, seq);
 "#,
     r#"
 ALTER TABLE api_keys ADD COLUMN expires_at TEXT;
+"#,
+    r#"
+CREATE TABLE sites (
+    id              TEXT PRIMARY KEY,
+    institution_id  TEXT NOT NULL REFERENCES institutions(id),
+    name            TEXT NOT NULL,
+    created_at      TEXT NOT NULL,
+    UNIQUE (institution_id, name)
+);
+CREATE TABLE member_groups (
+    id              TEXT PRIMARY KEY,
+    institution_id  TEXT NOT NULL REFERENCES institutions(id),
+    name            TEXT NOT NULL,
+    kind            TEXT NOT NULL,
+    created_at      TEXT NOT NULL,
+    UNIQUE (institution_id, name)
+);
+ALTER TABLE api_keys ADD COLUMN site_id TEXT REFERENCES sites(id);
+ALTER TABLE api_keys ADD COLUMN group_id TEXT REFERENCES member_groups(id);
 "#,
 ];
 
@@ -188,6 +207,10 @@ pub struct NewApiKey {
     pub secret_hash: [u8; 32],
     /// RFC 3339 expiry, if the key expires.
     pub expires_at: Option<String>,
+    /// Site, already checked to belong to the institution.
+    pub site_id: Option<String>,
+    /// Group, already checked to belong to the institution.
+    pub group_id: Option<String>,
 }
 
 /// An admin account to create; the caller hashed the password.
@@ -571,10 +594,13 @@ impl Store {
                 created_at: now(),
                 revoked_at: None,
                 expires_at: new.expires_at,
+                site_id: new.site_id,
+                group_id: new.group_id,
             };
             c.execute(
                 "INSERT INTO api_keys (id, institution_id, name, kind, tier_ceiling, secret_hash,
-                    created_at, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                    created_at, expires_at, site_id, group_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
                 params![
                     key.id,
                     key.institution_id,
@@ -583,7 +609,9 @@ impl Store {
                     key.tier_ceiling.as_str(),
                     &new.secret_hash[..],
                     key.created_at,
-                    key.expires_at
+                    key.expires_at,
+                    key.site_id,
+                    key.group_id
                 ],
             )
             .map_err(|e| unique_conflict(e, || format!("key `{}`", key.id)))?;
@@ -598,7 +626,7 @@ impl Store {
         self.call(move |c| {
             let mut stmt = c.prepare(
                 "SELECT id, institution_id, name, kind, tier_ceiling, created_at, revoked_at,
-                    expires_at
+                    expires_at, site_id, group_id
                  FROM api_keys WHERE institution_id = ?1 ORDER BY created_at DESC, id",
             )?;
             let rows = stmt.query_map([id], |r| Ok(key_row(r)))?;
@@ -613,14 +641,14 @@ impl Store {
         self.call(move |c| {
             c.query_row(
                 "SELECT k.id, k.institution_id, k.name, k.kind, k.tier_ceiling, k.created_at,
-                        k.revoked_at, k.expires_at, k.secret_hash,
+                        k.revoked_at, k.expires_at, k.site_id, k.group_id, k.secret_hash,
                         i.id, i.name, i.kind, i.region, i.timezone, i.created_at
                  FROM api_keys k JOIN institutions i ON i.id = k.institution_id
                  WHERE k.id = ?1 AND k.revoked_at IS NULL",
                 [id],
                 |r| {
-                    let hash: Vec<u8> = r.get(8)?;
-                    Ok((key_row(r), hash, institution_row(r, 9)))
+                    let hash: Vec<u8> = r.get(10)?;
+                    Ok((key_row(r), hash, institution_row(r, 11)))
                 },
             )
             .optional()?
@@ -651,15 +679,159 @@ impl Store {
         .await
     }
 
+    /// Creates a site of an existing institution; names are unique per institution.
+    pub async fn create_site(
+        &self,
+        institution_id: &str,
+        name: String,
+    ) -> Result<Site, StoreError> {
+        let inst = institution_id.to_owned();
+        self.call(move |c| {
+            let site = Site {
+                id: ids::new_id("site"),
+                institution_id: inst,
+                name,
+                created_at: now(),
+            };
+            c.execute(
+                "INSERT INTO sites (id, institution_id, name, created_at) VALUES (?1, ?2, ?3, ?4)",
+                params![site.id, site.institution_id, site.name, site.created_at],
+            )
+            .map_err(|e| unique_conflict(e, || format!("site `{}`", site.name)))?;
+            Ok(site)
+        })
+        .await
+    }
+
+    /// The sites of an institution, by name.
+    pub async fn list_sites(&self, institution_id: &str) -> Result<Vec<Site>, StoreError> {
+        let inst = institution_id.to_owned();
+        self.call(move |c| {
+            let mut stmt = c.prepare(
+                "SELECT id, institution_id, name, created_at FROM sites
+                 WHERE institution_id = ?1 ORDER BY name",
+            )?;
+            let rows = stmt.query_map([inst], |r| {
+                Ok(Site {
+                    id: r.get(0)?,
+                    institution_id: r.get(1)?,
+                    name: r.get(2)?,
+                    created_at: r.get(3)?,
+                })
+            })?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+        .await
+    }
+
+    /// Creates a group of an existing institution; names are unique per institution.
+    pub async fn create_group(
+        &self,
+        institution_id: &str,
+        name: String,
+        kind: GroupKind,
+    ) -> Result<Group, StoreError> {
+        let inst = institution_id.to_owned();
+        self.call(move |c| {
+            let group = Group {
+                id: ids::new_id("group"),
+                institution_id: inst,
+                name,
+                kind,
+                created_at: now(),
+            };
+            c.execute(
+                "INSERT INTO member_groups (id, institution_id, name, kind, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    group.id,
+                    group.institution_id,
+                    group.name,
+                    group.kind.as_str(),
+                    group.created_at
+                ],
+            )
+            .map_err(|e| unique_conflict(e, || format!("group `{}`", group.name)))?;
+            Ok(group)
+        })
+        .await
+    }
+
+    /// The groups of an institution, by name.
+    pub async fn list_groups(&self, institution_id: &str) -> Result<Vec<Group>, StoreError> {
+        let inst = institution_id.to_owned();
+        self.call(move |c| {
+            let mut stmt = c.prepare(
+                "SELECT id, institution_id, name, kind, created_at FROM member_groups
+                 WHERE institution_id = ?1 ORDER BY name",
+            )?;
+            let rows = stmt.query_map([inst], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, String>(4)?,
+                ))
+            })?;
+            rows.map(|row| {
+                let (id, institution_id, name, kind, created_at) = row?;
+                Ok(Group {
+                    id,
+                    institution_id,
+                    name,
+                    kind: parse("member_groups.kind", kind)?,
+                    created_at,
+                })
+            })
+            .collect()
+        })
+        .await
+    }
+
+    /// Whether a site and a group (each optional) belong to an institution: (site ok, group ok).
+    pub async fn belongs_to(
+        &self,
+        institution_id: &str,
+        site_id: Option<&str>,
+        group_id: Option<&str>,
+    ) -> Result<(bool, bool), StoreError> {
+        let (inst, site, group) = (
+            institution_id.to_owned(),
+            site_id.map(str::to_owned),
+            group_id.map(str::to_owned),
+        );
+        self.call(move |c| {
+            let site_ok = match &site {
+                None => true,
+                Some(id) => c.query_row(
+                    "SELECT EXISTS(SELECT 1 FROM sites WHERE id = ?1 AND institution_id = ?2)",
+                    params![id, inst],
+                    |r| r.get(0),
+                )?,
+            };
+            let group_ok = match &group {
+                None => true,
+                Some(id) => c.query_row(
+                    "SELECT EXISTS(SELECT 1 FROM member_groups WHERE id = ?1 AND institution_id = ?2)",
+                    params![id, inst],
+                    |r| r.get(0),
+                )?,
+            };
+            Ok((site_ok, group_ok))
+        })
+        .await
+    }
+
     /// One key (revoked or not).
     pub async fn get_key(&self, key_id: &str) -> Result<Option<(ApiKey, [u8; 32])>, StoreError> {
         let id = key_id.to_owned();
         self.call(move |c| {
             c.query_row(
                 "SELECT id, institution_id, name, kind, tier_ceiling, created_at, revoked_at,
-                    expires_at, secret_hash FROM api_keys WHERE id = ?1",
+                    expires_at, site_id, group_id, secret_hash FROM api_keys WHERE id = ?1",
                 [id],
-                |r| Ok((key_row(r), r.get::<_, Vec<u8>>(8)?)),
+                |r| Ok((key_row(r), r.get::<_, Vec<u8>>(10)?)),
             )
             .optional()?
             .map(|(key, hash)| {
@@ -702,10 +874,13 @@ impl Store {
                 created_at: now(),
                 revoked_at: None,
                 expires_at: new.expires_at,
+                site_id: new.site_id,
+                group_id: new.group_id,
             };
             tx.execute(
                 "INSERT INTO api_keys (id, institution_id, name, kind, tier_ceiling, secret_hash,
-                    created_at, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                    created_at, expires_at, site_id, group_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
                 params![
                     key.id,
                     key.institution_id,
@@ -714,7 +889,9 @@ impl Store {
                     key.tier_ceiling.as_str(),
                     &new.secret_hash[..],
                     key.created_at,
-                    key.expires_at
+                    key.expires_at,
+                    key.site_id,
+                    key.group_id
                 ],
             )?;
             tx.commit()?;
@@ -1073,6 +1250,8 @@ fn key_row(r: &Row<'_>) -> Result<ApiKey, StoreError> {
         created_at: r.get(5)?,
         revoked_at: r.get(6)?,
         expires_at: r.get(7)?,
+        site_id: r.get(8)?,
+        group_id: r.get(9)?,
     })
 }
 
@@ -1138,6 +1317,8 @@ mod tests {
                 tier_ceiling: Tier::Advanced,
                 secret_hash: pepper.hash_secret(minted.secret()),
                 expires_at: None,
+                site_id: None,
+                group_id: None,
             })
             .await
             .unwrap();
@@ -1278,6 +1459,8 @@ mod tests {
                 tier_ceiling: Tier::Baseline,
                 secret_hash: [0; 32],
                 expires_at: None,
+                site_id: None,
+                group_id: None,
             })
             .await
             .unwrap_err();

@@ -201,6 +201,8 @@ pub async fn seed_demo_tenant(app: &App) -> Result<DemoTenant, InitError> {
             tier_ceiling: Tier::Advanced,
             secret_hash: app.state.pepper.hash_secret(minted.secret()),
             expires_at: None,
+            site_id: None,
+            group_id: None,
         })
         .await?;
     Ok(DemoTenant {

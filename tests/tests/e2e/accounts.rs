@@ -220,6 +220,26 @@ async fn institutions_are_isolated_from_each_other() {
             format!("/admin/v1/keys/{b_key_id}/rotate"),
             Some(json!({})),
         ),
+        (
+            Method::GET,
+            format!("/admin/v1/institutions/{b}/sites"),
+            None,
+        ),
+        (
+            Method::POST,
+            format!("/admin/v1/institutions/{b}/sites"),
+            Some(json!({"name": "x"})),
+        ),
+        (
+            Method::GET,
+            format!("/admin/v1/institutions/{b}/groups"),
+            None,
+        ),
+        (
+            Method::POST,
+            format!("/admin/v1/institutions/{b}/groups"),
+            Some(json!({"name": "x", "kind": "class"})),
+        ),
         (Method::POST, "/admin/v1/users".into(), Some(user_body)),
         (
             Method::POST,
@@ -582,6 +602,112 @@ async fn keys_expire_and_rotate_with_an_overlap() {
     );
     let (status, _) = gw
         .admin(Method::POST, "/admin/v1/keys/nope/rotate", Some(json!({})))
+        .await;
+    assert_eq!(status, 404);
+}
+
+#[tokio::test]
+async fn sites_and_groups_hold_keys_of_their_own_institution_only() {
+    let (_mock, gw) = gateway().await;
+    let a = institution(&gw, "District A").await;
+    let b = institution(&gw, "District B").await;
+    let (status, site) = gw
+        .admin(
+            Method::POST,
+            &format!("/admin/v1/institutions/{a}/sites"),
+            Some(json!({"name": "North Campus"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{site}");
+    assert!(site["id"].as_str().unwrap().starts_with("site_"));
+    let (status, group) = gw
+        .admin(
+            Method::POST,
+            &format!("/admin/v1/institutions/{a}/groups"),
+            Some(json!({"name": "Year 9 Science", "kind": "class"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{group}");
+    let (status, dup) = gw
+        .admin(
+            Method::POST,
+            &format!("/admin/v1/institutions/{a}/sites"),
+            Some(json!({"name": "North Campus"})),
+        )
+        .await;
+    assert_eq!(status, 409, "{dup}");
+    let (status, err) = gw
+        .admin(
+            Method::POST,
+            &format!("/admin/v1/institutions/{a}/groups"),
+            Some(json!({"name": "g", "kind": "club"})),
+        )
+        .await;
+    assert_eq!(
+        (status, err["error"]["param"].as_str()),
+        (422, Some("kind"))
+    );
+
+    let (site_id, group_id) = (site["id"].as_str().unwrap(), group["id"].as_str().unwrap());
+    let (status, key) = gw
+        .admin(
+            Method::POST,
+            &format!("/admin/v1/institutions/{a}/keys"),
+            Some(json!({"name": "lab", "kind": "kiosk", "site_id": site_id, "group_id": group_id})),
+        )
+        .await;
+    assert_eq!(status, 201, "{key}");
+    assert_eq!(
+        (key["site_id"].as_str(), key["group_id"].as_str()),
+        (Some(site_id), Some(group_id))
+    );
+
+    // Another institution's site or group cannot hold B's keys.
+    let (status, err) = gw
+        .admin(
+            Method::POST,
+            &format!("/admin/v1/institutions/{b}/keys"),
+            Some(json!({"name": "x", "kind": "service", "site_id": site_id})),
+        )
+        .await;
+    assert_eq!(
+        (status, err["error"]["param"].as_str()),
+        (422, Some("site_id"))
+    );
+    let (status, err) = gw
+        .admin(
+            Method::POST,
+            &format!("/admin/v1/institutions/{b}/keys"),
+            Some(json!({"name": "x", "kind": "service", "group_id": group_id})),
+        )
+        .await;
+    assert_eq!(
+        (status, err["error"]["param"].as_str()),
+        (422, Some("group_id"))
+    );
+
+    let (_, sites) = gw
+        .admin(
+            Method::GET,
+            &format!("/admin/v1/institutions/{a}/sites"),
+            None,
+        )
+        .await;
+    assert_eq!(sites.as_array().unwrap().len(), 1);
+    let (_, none) = gw
+        .admin(
+            Method::GET,
+            &format!("/admin/v1/institutions/{b}/groups"),
+            None,
+        )
+        .await;
+    assert_eq!(none, json!([]));
+    let (status, _) = gw
+        .admin(
+            Method::GET,
+            "/admin/v1/institutions/inst_missing/sites",
+            None,
+        )
         .await;
     assert_eq!(status, 404);
 }

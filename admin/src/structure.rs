@@ -1,0 +1,133 @@
+//! Sites (branches, campuses, offices) and groups (classes, patron types, business plans) of
+//! an institution: the middle of the budget hierarchy institution → site/group → key → patron.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::{Extension, Json};
+use carrel_core::domain::{Group, GroupKind, Site};
+use serde::Deserialize;
+use utoipa::ToSchema;
+
+use crate::AdminState;
+use crate::auth::{Action, AdminPrincipal};
+use crate::error::{AdminError, ErrorBody};
+use crate::json::AdminJson;
+
+/// Body of `POST /admin/v1/institutions/{id}/sites`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSite {
+    /// Name, unique within the institution.
+    #[schema(example = "Main Branch", min_length = 1, max_length = 200)]
+    pub name: String,
+}
+
+/// Body of `POST /admin/v1/institutions/{id}/groups`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateGroup {
+    /// Name, unique within the institution.
+    #[schema(example = "Year 9 Science", min_length = 1, max_length = 200)]
+    pub name: String,
+    /// What the group stands for.
+    pub kind: GroupKind,
+}
+
+async fn institution_exists(state: &AdminState, id: &str) -> Result<(), AdminError> {
+    match state.store.get_institution(id).await? {
+        Some(_) => Ok(()),
+        None => Err(AdminError::NotFound(format!("institution `{id}`"))),
+    }
+}
+
+/// Creates a site.
+#[utoipa::path(post, path = "/admin/v1/institutions/{id}/sites", tag = "institutions",
+    params(("id" = String, Path, description = "Institution id")),
+    request_body = CreateSite,
+    responses((status = 201, body = Site), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, description = "Name taken", body = ErrorBody),
+        (status = 422, body = ErrorBody)),
+    security(("admin_token" = [])))]
+pub async fn create_site(
+    State(state): State<AdminState>,
+    Extension(principal): Extension<AdminPrincipal>,
+    Path(id): Path<String>,
+    AdminJson(body): AdminJson<CreateSite>,
+) -> Result<(StatusCode, Json<Site>), AdminError> {
+    principal.authorize(Action::ManageStructure, Some(&id))?;
+    AdminError::check_name("name", &body.name, 200)?;
+    institution_exists(&state, &id).await?;
+    let site = state.store.create_site(&id, body.name).await?;
+    state
+        .audit(
+            principal.actor(),
+            "site.create",
+            format!("site:{}", site.id),
+            Some(&id),
+        )
+        .await;
+    Ok((StatusCode::CREATED, Json(site)))
+}
+
+/// Lists an institution's sites.
+#[utoipa::path(get, path = "/admin/v1/institutions/{id}/sites", tag = "institutions",
+    params(("id" = String, Path, description = "Institution id")),
+    responses((status = 200, body = [Site]), (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody)),
+    security(("admin_token" = [])))]
+pub async fn list_sites(
+    State(state): State<AdminState>,
+    Extension(principal): Extension<AdminPrincipal>,
+    Path(id): Path<String>,
+) -> Result<Json<Vec<Site>>, AdminError> {
+    principal.authorize(Action::Read, Some(&id))?;
+    institution_exists(&state, &id).await?;
+    Ok(Json(state.store.list_sites(&id).await?))
+}
+
+/// Creates a group.
+#[utoipa::path(post, path = "/admin/v1/institutions/{id}/groups", tag = "institutions",
+    params(("id" = String, Path, description = "Institution id")),
+    request_body = CreateGroup,
+    responses((status = 201, body = Group), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, description = "Name taken", body = ErrorBody),
+        (status = 422, body = ErrorBody)),
+    security(("admin_token" = [])))]
+pub async fn create_group(
+    State(state): State<AdminState>,
+    Extension(principal): Extension<AdminPrincipal>,
+    Path(id): Path<String>,
+    AdminJson(body): AdminJson<CreateGroup>,
+) -> Result<(StatusCode, Json<Group>), AdminError> {
+    principal.authorize(Action::ManageStructure, Some(&id))?;
+    AdminError::check_name("name", &body.name, 200)?;
+    institution_exists(&state, &id).await?;
+    let group = state.store.create_group(&id, body.name, body.kind).await?;
+    state
+        .audit(
+            principal.actor(),
+            "group.create",
+            format!("group:{}", group.id),
+            Some(&id),
+        )
+        .await;
+    Ok((StatusCode::CREATED, Json(group)))
+}
+
+/// Lists an institution's groups.
+#[utoipa::path(get, path = "/admin/v1/institutions/{id}/groups", tag = "institutions",
+    params(("id" = String, Path, description = "Institution id")),
+    responses((status = 200, body = [Group]), (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody)),
+    security(("admin_token" = [])))]
+pub async fn list_groups(
+    State(state): State<AdminState>,
+    Extension(principal): Extension<AdminPrincipal>,
+    Path(id): Path<String>,
+) -> Result<Json<Vec<Group>>, AdminError> {
+    principal.authorize(Action::Read, Some(&id))?;
+    institution_exists(&state, &id).await?;
+    Ok(Json(state.store.list_groups(&id).await?))
+}
