@@ -285,6 +285,24 @@ pub async fn list_keys(
     Ok(Json(state.store.list_keys(&institution_id).await?))
 }
 
+/// A key the caller may manage. Another institution's key is "not found", exactly like a key
+/// that does not exist.
+async fn managed_key(
+    state: &AdminState,
+    principal: &AdminPrincipal,
+    id: &str,
+) -> Result<ApiKey, AdminError> {
+    let not_found = || AdminError::NotFound(format!("key `{id}`"));
+    let key = state.store.get_key(id).await?.ok_or_else(not_found)?;
+    principal
+        .authorize(Action::ManageKeys, Some(&key.institution_id))
+        .map_err(|e| match e {
+            AdminError::NotFound(_) => not_found(),
+            other => other,
+        })?;
+    Ok(key)
+}
+
 /// Revokes a key; it stops working on every listener at once.
 #[utoipa::path(delete, path = "/admin/v1/keys/{id}", tag = "keys",
     params(("id" = String, Path, description = "Key id")),
@@ -296,18 +314,7 @@ pub async fn revoke_key(
     Extension(principal): Extension<AdminPrincipal>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, AdminError> {
-    let institution = state
-        .store
-        .key_institution(&id)
-        .await?
-        .ok_or_else(|| AdminError::NotFound(format!("key `{id}`")))?;
-    principal
-        .authorize(Action::ManageKeys, Some(&institution))
-        .map_err(|e| match e {
-            // Another tenant's key does not exist for this caller.
-            AdminError::NotFound(_) => AdminError::NotFound(format!("key `{id}`")),
-            other => other,
-        })?;
+    let institution = managed_key(&state, &principal, &id).await?.institution_id;
     if !state.store.revoke_key(&id).await? {
         return Err(AdminError::NotFound(format!("key `{id}`")));
     }
@@ -344,16 +351,9 @@ pub async fn rotate_key(
     Path(id): Path<String>,
     AdminJson(body): AdminJson<RotateKey>,
 ) -> Result<(StatusCode, Json<CreatedKey>), AdminError> {
-    let not_found = || AdminError::NotFound(format!("key `{id}`"));
-    let (old, _) = state.store.get_key(&id).await?.ok_or_else(not_found)?;
-    principal
-        .authorize(Action::ManageKeys, Some(&old.institution_id))
-        .map_err(|e| match e {
-            AdminError::NotFound(_) => not_found(),
-            other => other,
-        })?;
+    let old = managed_key(&state, &principal, &id).await?;
     if old.revoked_at.is_some() {
-        return Err(not_found());
+        return Err(AdminError::NotFound(format!("key `{id}`")));
     }
     let overlap = body.overlap_seconds.unwrap_or(24 * 60 * 60);
     if !(0..=MAX_OVERLAP_SECS).contains(&overlap) {

@@ -585,37 +585,7 @@ impl Store {
                     new.institution_id
                 )));
             }
-            let key = ApiKey {
-                id: new.id,
-                institution_id: new.institution_id,
-                name: new.name,
-                kind: new.kind,
-                tier_ceiling: new.tier_ceiling,
-                created_at: now(),
-                revoked_at: None,
-                expires_at: new.expires_at,
-                site_id: new.site_id,
-                group_id: new.group_id,
-            };
-            c.execute(
-                "INSERT INTO api_keys (id, institution_id, name, kind, tier_ceiling, secret_hash,
-                    created_at, expires_at, site_id, group_id)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-                params![
-                    key.id,
-                    key.institution_id,
-                    key.name,
-                    key.kind.as_str(),
-                    key.tier_ceiling.as_str(),
-                    &new.secret_hash[..],
-                    key.created_at,
-                    key.expires_at,
-                    key.site_id,
-                    key.group_id
-                ],
-            )
-            .map_err(|e| unique_conflict(e, || format!("key `{}`", key.id)))?;
-            Ok(key)
+            insert_key(c, new)
         })
         .await
     }
@@ -824,22 +794,16 @@ impl Store {
     }
 
     /// One key (revoked or not).
-    pub async fn get_key(&self, key_id: &str) -> Result<Option<(ApiKey, [u8; 32])>, StoreError> {
+    pub async fn get_key(&self, key_id: &str) -> Result<Option<ApiKey>, StoreError> {
         let id = key_id.to_owned();
         self.call(move |c| {
             c.query_row(
                 "SELECT id, institution_id, name, kind, tier_ceiling, created_at, revoked_at,
-                    expires_at, site_id, group_id, secret_hash FROM api_keys WHERE id = ?1",
+                    expires_at, site_id, group_id FROM api_keys WHERE id = ?1",
                 [id],
-                |r| Ok((key_row(r), r.get::<_, Vec<u8>>(10)?)),
+                |r| Ok(key_row(r)),
             )
             .optional()?
-            .map(|(key, hash)| {
-                let hash = hash
-                    .try_into()
-                    .map_err(|_| StoreError::Corrupt("api_keys.secret_hash".into()))?;
-                Ok((key?, hash))
-            })
             .transpose()
         })
         .await
@@ -865,51 +829,9 @@ impl Store {
             if changed != 1 {
                 return Err(StoreError::NotFound(format!("key `{old}`")));
             }
-            let key = ApiKey {
-                id: new.id,
-                institution_id: new.institution_id,
-                name: new.name,
-                kind: new.kind,
-                tier_ceiling: new.tier_ceiling,
-                created_at: now(),
-                revoked_at: None,
-                expires_at: new.expires_at,
-                site_id: new.site_id,
-                group_id: new.group_id,
-            };
-            tx.execute(
-                "INSERT INTO api_keys (id, institution_id, name, kind, tier_ceiling, secret_hash,
-                    created_at, expires_at, site_id, group_id)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-                params![
-                    key.id,
-                    key.institution_id,
-                    key.name,
-                    key.kind.as_str(),
-                    key.tier_ceiling.as_str(),
-                    &new.secret_hash[..],
-                    key.created_at,
-                    key.expires_at,
-                    key.site_id,
-                    key.group_id
-                ],
-            )?;
+            let key = insert_key(&tx, new)?;
             tx.commit()?;
             Ok(key)
-        })
-        .await
-    }
-
-    /// The institution a key belongs to, revoked or not.
-    pub async fn key_institution(&self, key_id: &str) -> Result<Option<String>, StoreError> {
-        let id = key_id.to_owned();
-        self.call(move |c| {
-            Ok(c.query_row(
-                "SELECT institution_id FROM api_keys WHERE id = ?1",
-                [id],
-                |r| r.get(0),
-            )
-            .optional()?)
         })
         .await
     }
@@ -1152,6 +1074,41 @@ impl Store {
         })
         .await
     }
+}
+
+/// Inserts a key row; a taken id is a conflict.
+fn insert_key(c: &Connection, new: NewApiKey) -> Result<ApiKey, StoreError> {
+    let key = ApiKey {
+        id: new.id,
+        institution_id: new.institution_id,
+        name: new.name,
+        kind: new.kind,
+        tier_ceiling: new.tier_ceiling,
+        created_at: now(),
+        revoked_at: None,
+        expires_at: new.expires_at,
+        site_id: new.site_id,
+        group_id: new.group_id,
+    };
+    c.execute(
+        "INSERT INTO api_keys (id, institution_id, name, kind, tier_ceiling, secret_hash,
+            created_at, expires_at, site_id, group_id)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+        params![
+            key.id,
+            key.institution_id,
+            key.name,
+            key.kind.as_str(),
+            key.tier_ceiling.as_str(),
+            &new.secret_hash[..],
+            key.created_at,
+            key.expires_at,
+            key.site_id,
+            key.group_id
+        ],
+    )
+    .map_err(|e| unique_conflict(e, || format!("key `{}`", key.id)))?;
+    Ok(key)
 }
 
 /// A JSON array of names, for `json_each` in a `NOT IN` filter.
