@@ -230,7 +230,7 @@ pub async fn login(
             .check(addr.ip())
             .map_err(|retry_after| AdminError::TooManyLogins { retry_after })?;
     }
-    let now = jiff::Timestamp::now().as_second();
+    let now = carrel_core::domain::unix_now();
     let password = body.password;
     let Some(record) = state.store.login_record(&body.username).await? else {
         // As slow as a real check, so timing does not reveal which usernames exist.
@@ -279,9 +279,7 @@ pub async fn login(
         .store
         .create_session(state.pepper.hash_secret(&token), &user.id, expires)
         .await?;
-    let expires_at = jiff::Timestamp::from_second(expires)
-        .map(|t| t.to_string())
-        .unwrap_or_default();
+    let expires_at = carrel_core::domain::rfc3339(expires);
     tracing::info!(user = %user.id, "admin signed in");
     state
         .audit(

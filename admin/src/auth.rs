@@ -138,7 +138,7 @@ async fn resolve(state: &AdminState, token: Option<&str>) -> Result<AdminPrincip
         return Ok(AdminPrincipal::Operator);
     }
     if token.starts_with(SESSION_PREFIX) {
-        let now = jiff::Timestamp::now().as_second();
+        let now = carrel_core::domain::unix_now();
         let hash = state.pepper.hash_secret(token);
         if let Some(user) = state.store.session_user(hash, now).await? {
             return Ok(AdminPrincipal::User(user));

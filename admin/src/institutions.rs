@@ -85,14 +85,7 @@ fn future_time(field: &'static str, value: &str, now: i64) -> Result<String, Adm
             format!("{field}: must be in the future"),
         ));
     }
-    Ok(stored_time(at.as_second()))
-}
-
-/// Whole-second RFC 3339, so stored times also sort as text.
-fn stored_time(unix: i64) -> String {
-    jiff::Timestamp::from_second(unix)
-        .map(|t| t.to_string())
-        .unwrap_or_default()
+    Ok(carrel_core::domain::rfc3339(at.as_second()))
 }
 
 /// A key just created: the only response that ever carries its secret.
@@ -201,7 +194,7 @@ pub async fn create_key(
 ) -> Result<(StatusCode, Json<CreatedKey>), AdminError> {
     principal.authorize(Action::ManageKeys, Some(&institution_id))?;
     AdminError::check_name("name", &body.name, 200)?;
-    let now = jiff::Timestamp::now().as_second();
+    let now = carrel_core::domain::unix_now();
     let expires_at = body
         .expires_at
         .as_deref()
@@ -362,7 +355,7 @@ pub async fn rotate_key(
             format!("overlap_seconds: must be 0 to {MAX_OVERLAP_SECS}"),
         ));
     }
-    let now = jiff::Timestamp::now().as_second();
+    let now = carrel_core::domain::unix_now();
     let minted = NewKey::generate();
     let key = state
         .store
@@ -379,7 +372,7 @@ pub async fn rotate_key(
                 site_id: old.site_id,
                 group_id: old.group_id,
             },
-            stored_time(now + overlap),
+            carrel_core::domain::rfc3339(now + overlap),
         )
         .await?;
     // The old key's cached principal carries its old expiry.

@@ -348,6 +348,19 @@ impl Principal {
     }
 }
 
+/// The current time in Unix seconds.
+pub fn unix_now() -> i64 {
+    jiff::Timestamp::now().as_second()
+}
+
+/// Unix seconds as whole-second RFC 3339, the form the store keeps times in, so stored times
+/// also sort as text.
+pub fn rfc3339(unix: i64) -> String {
+    jiff::Timestamp::from_second(unix)
+        .map(|t| t.to_string())
+        .unwrap_or_default()
+}
+
 /// Unix seconds of an RFC 3339 timestamp as the store writes them.
 pub fn unix_seconds(rfc3339: &str) -> Option<i64> {
     rfc3339

@@ -681,15 +681,8 @@ impl Store {
                 "SELECT id, institution_id, name, created_at FROM sites
                  WHERE institution_id = ?1 ORDER BY name",
             )?;
-            let rows = stmt.query_map([inst], |r| {
-                Ok(Site {
-                    id: r.get(0)?,
-                    institution_id: r.get(1)?,
-                    name: r.get(2)?,
-                    created_at: r.get(3)?,
-                })
-            })?;
-            Ok(rows.collect::<Result<_, _>>()?)
+            let rows = stmt.query_map([inst], |r| Ok(site_row(r)))?;
+            rows.map(|r| r?).collect()
         })
         .await
     }
@@ -735,26 +728,8 @@ impl Store {
                 "SELECT id, institution_id, name, kind, created_at FROM member_groups
                  WHERE institution_id = ?1 ORDER BY name",
             )?;
-            let rows = stmt.query_map([inst], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, String>(3)?,
-                    r.get::<_, String>(4)?,
-                ))
-            })?;
-            rows.map(|row| {
-                let (id, institution_id, name, kind, created_at) = row?;
-                Ok(Group {
-                    id,
-                    institution_id,
-                    name,
-                    kind: parse("member_groups.kind", kind)?,
-                    created_at,
-                })
-            })
-            .collect()
+            let rows = stmt.query_map([inst], |r| Ok(group_row(r)))?;
+            rows.map(|r| r?).collect()
         })
         .await
     }
@@ -1048,17 +1023,8 @@ impl Store {
                  WHERE (?1 IS NULL OR institution_id = ?1) AND (?2 IS NULL OR seq < ?2)
                  ORDER BY seq DESC LIMIT ?3",
             )?;
-            let rows = stmt.query_map(params![inst, before, limit], |r| {
-                Ok(AuditEntry {
-                    seq: r.get(0)?,
-                    at: r.get(1)?,
-                    actor: r.get(2)?,
-                    action: r.get(3)?,
-                    target: r.get(4)?,
-                    institution_id: r.get(5)?,
-                })
-            })?;
-            Ok(rows.collect::<Result<_, _>>()?)
+            let rows = stmt.query_map(params![inst, before, limit], |r| Ok(audit_row(r)))?;
+            rows.map(|r| r?).collect()
         })
         .await
     }
@@ -1114,6 +1080,36 @@ fn insert_key(c: &Connection, new: NewApiKey) -> Result<ApiKey, StoreError> {
 /// A JSON array of names, for `json_each` in a `NOT IN` filter.
 fn json_names<'a>(names: impl Iterator<Item = &'a str>) -> String {
     serde_json::to_string(&names.collect::<Vec<_>>()).expect("strings serialise")
+}
+
+fn site_row(r: &Row<'_>) -> Result<Site, StoreError> {
+    Ok(Site {
+        id: r.get(0)?,
+        institution_id: r.get(1)?,
+        name: r.get(2)?,
+        created_at: r.get(3)?,
+    })
+}
+
+fn group_row(r: &Row<'_>) -> Result<Group, StoreError> {
+    Ok(Group {
+        id: r.get(0)?,
+        institution_id: r.get(1)?,
+        name: r.get(2)?,
+        kind: parse("member_groups.kind", r.get(3)?)?,
+        created_at: r.get(4)?,
+    })
+}
+
+fn audit_row(r: &Row<'_>) -> Result<AuditEntry, StoreError> {
+    Ok(AuditEntry {
+        seq: r.get(0)?,
+        at: r.get(1)?,
+        actor: r.get(2)?,
+        action: r.get(3)?,
+        target: r.get(4)?,
+        institution_id: r.get(5)?,
+    })
 }
 
 fn user_row(r: &Row<'_>) -> Result<AdminUser, StoreError> {

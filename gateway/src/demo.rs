@@ -59,13 +59,6 @@ fn prompt_words(body: &Value, endpoint: Endpoint) -> usize {
     body.get(field).map(words).unwrap_or(0)
 }
 
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
 /// Answers a request as the demo model.
 pub fn respond(
     endpoint: Endpoint,
@@ -77,7 +70,7 @@ pub fn respond(
     let request: Value = serde_json::from_slice(raw).unwrap_or(Value::Null);
     let prompt_tokens = prompt_words(&request, endpoint);
     let model = fields.model.as_str();
-    let created = unix_now();
+    let created = carrel_core::domain::unix_now();
     let n = NEXT_ID.fetch_add(1, Ordering::Relaxed);
 
     if endpoint == Endpoint::Embeddings {

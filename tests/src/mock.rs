@@ -110,13 +110,9 @@ impl Received {
 }
 
 #[derive(Default)]
-struct Scripts {
-    by_model: HashMap<String, (Reply, Duration)>,
-}
-
-#[derive(Default)]
 struct Shared {
-    scripts: Mutex<Scripts>,
+    /// Reply and latency by (upstream) model name; unscripted models get `Reply::Auto`.
+    scripts: Mutex<HashMap<String, (Reply, Duration)>>,
     /// `None` when logging is off (the benchmark: an unbounded log would skew it).
     log: Option<Mutex<Vec<Received>>>,
 }
@@ -200,7 +196,6 @@ impl MockUpstream {
             .scripts
             .lock()
             .unwrap()
-            .by_model
             .insert(model.to_owned(), (reply, latency));
     }
 
@@ -257,7 +252,6 @@ async fn handle(
         .scripts
         .lock()
         .unwrap()
-        .by_model
         .get(&model)
         .cloned()
         .unwrap_or((Reply::Auto, Duration::ZERO));

@@ -95,12 +95,6 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
-}
-
 /// Verifies the request's key and returns who it runs as.
 pub async fn principal(state: &AppState, headers: &HeaderMap) -> Result<Principal, GatewayError> {
     let token = bearer(headers).ok_or(GatewayError::MissingApiKey)?;
@@ -113,7 +107,8 @@ pub async fn principal(state: &AppState, headers: &HeaderMap) -> Result<Principa
     if !state.pepper.verify_secret(parsed.secret, &key.secret_hash) {
         return Err(GatewayError::InvalidApiKey);
     }
-    if key.principal.expires_at.is_some() && key.principal.expired(unix_now()) {
+    if key.principal.expires_at.is_some() && key.principal.expired(carrel_core::domain::unix_now())
+    {
         return Err(GatewayError::ExpiredApiKey);
     }
     Ok(key.principal.clone())
