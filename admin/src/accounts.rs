@@ -4,12 +4,12 @@ use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
 use std::time::Duration;
 
-use axum::extract::{ConnectInfo, State};
+use axum::extract::{ConnectInfo, Path, State};
 use axum::http::StatusCode;
 use axum::{Extension, Json};
 use carrel_core::domain::{AdminUser, Role};
 use carrel_core::passwords;
-use carrel_core::store::NewUser;
+use carrel_core::store::{NewUser, Page};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -17,6 +17,7 @@ use crate::AdminState;
 use crate::auth::{Action, AdminPrincipal, SESSION_PREFIX};
 use crate::error::{AdminError, ErrorBody};
 use crate::json::AdminJson;
+use crate::query::{AdminQuery, PageParams};
 
 /// How long a login session lasts.
 pub const SESSION_TTL_SECS: i64 = 12 * 60 * 60;
@@ -194,17 +195,62 @@ pub async fn create_user(
     Ok((StatusCode::CREATED, Json(user)))
 }
 
-/// Lists admin accounts: all of them for the operator, the caller's institution's otherwise.
+/// Lists admin accounts, oldest first: all of them for the operator, the caller's
+/// institution's otherwise.
 #[utoipa::path(get, path = "/admin/v1/users", tag = "accounts",
-    responses((status = 200, body = [AdminUser]), (status = 401, body = ErrorBody)),
+    params(PageParams),
+    responses((status = 200, body = Page<AdminUser>), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 422, body = ErrorBody)),
     security(("admin_token" = [])))]
 pub async fn list_users(
     State(state): State<AdminState>,
     Extension(principal): Extension<AdminPrincipal>,
-) -> Result<Json<Vec<AdminUser>>, AdminError> {
+    query: AdminQuery,
+) -> Result<Json<Page<AdminUser>>, AdminError> {
     let scope = principal.institution().map(str::to_owned);
     principal.authorize(Action::Read, scope.as_deref())?;
-    Ok(Json(state.store.list_users(scope.as_deref()).await?))
+    let page = query.page()?;
+    Ok(Json(state.store.list_users(scope.as_deref(), page).await?))
+}
+
+/// Deletes an admin account: its sessions end and the automation tokens it made are revoked at
+/// once. Operators delete any account; an institution admin, those of its institution.
+#[utoipa::path(delete, path = "/admin/v1/users/{id}", tag = "accounts",
+    params(("id" = String, Path, description = "User id")),
+    responses((status = 204, description = "Deleted"), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody),
+        (status = 404, description = "No such account", body = ErrorBody)),
+    security(("admin_token" = [])))]
+pub async fn delete_user(
+    State(state): State<AdminState>,
+    Extension(principal): Extension<AdminPrincipal>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, AdminError> {
+    let not_found = || AdminError::NotFound(format!("user `{id}`"));
+    let user = state.store.get_user(&id).await?.ok_or_else(not_found)?;
+    // An operator account belongs to no institution: to anyone else it does not exist.
+    if user.institution_id.is_none() && principal.role() != Role::Operator {
+        return Err(not_found());
+    }
+    principal
+        .authorize(Action::ManageUsers, user.institution_id.as_deref())
+        .map_err(|e| match e {
+            AdminError::NotFound(_) => not_found(),
+            other => other,
+        })?;
+    if !state.store.delete_user(&id).await? {
+        return Err(not_found());
+    }
+    tracing::info!(user = %id, "admin account deleted");
+    state
+        .audit(
+            principal.actor(),
+            "user.delete",
+            format!("user:{id}"),
+            user.institution_id.as_deref(),
+        )
+        .await;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// Signs in: returns a session token. Five failed attempts within 15 minutes lock the account

@@ -1,9 +1,7 @@
 //! The admin audit trail: every mutation and sign-in, with who, what, to what and when — and
 //! never a secret, a password or a typed-in username that matched no account.
 
-use std::collections::HashMap;
-
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::{Extension, Json};
 use carrel_core::store::AuditEntry;
 use serde::Serialize;
@@ -12,9 +10,7 @@ use utoipa::ToSchema;
 use crate::AdminState;
 use crate::auth::{Action, AdminPrincipal};
 use crate::error::{AdminError, ErrorBody};
-
-/// Most entries one page returns.
-pub const MAX_PAGE: u32 = 500;
+use crate::query::AdminQuery;
 
 impl AdminState {
     /// Appends an entry. The change it records is already committed, so a failure here is
@@ -42,6 +38,7 @@ impl AdminPrincipal {
         match self {
             AdminPrincipal::Operator => "operator".to_owned(),
             AdminPrincipal::User(u) => format!("user:{}", u.id),
+            AdminPrincipal::Token(t) => format!("token:{}", t.id),
         }
     }
 }
@@ -69,39 +66,13 @@ pub struct AuditPage {
 pub async fn list(
     State(state): State<AdminState>,
     Extension(principal): Extension<AdminPrincipal>,
-    Query(query): Query<HashMap<String, String>>,
+    query: AdminQuery,
 ) -> Result<Json<AuditPage>, AdminError> {
     let scope = principal.institution().map(str::to_owned);
     principal.authorize(Action::ReadAudit, scope.as_deref())?;
-    let number = |name: &'static str| -> Result<Option<i64>, AdminError> {
-        query
-            .get(name)
-            .map(|v| {
-                v.parse::<i64>()
-                    .map_err(|_| AdminError::field(name, format!("{name}: expected an integer")))
-            })
-            .transpose()
-    };
-    let before = number("before")?;
-    let limit = match number("limit")? {
-        None => 100,
-        Some(n) if (1..=i64::from(MAX_PAGE)).contains(&n) => n as u32,
-        Some(_) => {
-            return Err(AdminError::field(
-                "limit",
-                format!("limit: must be 1 to {MAX_PAGE}"),
-            ));
-        }
-    };
-    if let Some(unknown) = query
-        .keys()
-        .find(|k| !matches!(k.as_str(), "before" | "limit"))
-    {
-        return Err(AdminError::field(
-            unknown.clone(),
-            format!("{unknown}: unknown query parameter"),
-        ));
-    }
+    query.only(&["before", "limit"])?;
+    let before = query.int("before")?;
+    let limit = query.limit()?;
     let data = state
         .store
         .list_audit(scope.as_deref(), before, limit)

@@ -5,11 +5,13 @@
 //! keyed hash). Handlers then ask [`AdminPrincipal::authorize`] for an [`Action`] on an
 //! institution; the policy table is the one `match` below. A principal asking about another
 //! institution gets 404, as if it did not exist; a role that may see but not change gets 403.
+//! An automation token (`cra_…`) acts with its creator's role and institution, and further only
+//! within its scopes ([`Action::scope`]); a token never makes tokens.
 
 use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use carrel_core::domain::{AdminUser, Role};
+use carrel_core::domain::{AdminToken, AdminUser, Role, Scope};
 use subtle::ConstantTimeEq;
 
 use crate::AdminState;
@@ -19,6 +21,8 @@ use crate::error::AdminError;
 pub const ADMIN_TOKEN_ENV: &str = "CARREL_ADMIN_TOKEN";
 /// Prefix of session tokens.
 pub const SESSION_PREFIX: &str = "crs_";
+/// Prefix of automation tokens.
+pub const TOKEN_PREFIX: &str = "cra_";
 
 /// The caller of an admin request.
 #[derive(Debug, Clone)]
@@ -27,6 +31,8 @@ pub enum AdminPrincipal {
     Operator,
     /// A signed-in admin account.
     User(AdminUser),
+    /// An automation token.
+    Token(AdminToken),
 }
 
 /// Something a handler is about to do.
@@ -40,6 +46,10 @@ pub enum Action {
     ReadModels,
     /// Create institutions.
     CreateInstitution,
+    /// Change an institution's own settings (name, sector, time zone).
+    ManageInstitution,
+    /// Suspend or reactivate an institution, or mark it verified for frontier models.
+    GovernInstitution,
     /// Read an institution's record, keys or users.
     Read,
     /// Create or revoke an institution's keys.
@@ -50,31 +60,66 @@ pub enum Action {
     ReadAudit,
     /// Create an institution's sites and groups.
     ManageStructure,
+    /// Read an institution's usage.
+    ReadUsage,
+    /// Create or revoke automation tokens.
+    ManageTokens,
+}
+
+impl Action {
+    /// The scope an automation token needs for this action; `None`: no token may do it.
+    pub fn scope(self) -> Option<Scope> {
+        Some(match self {
+            Action::ReadModels | Action::Read => Scope::Read,
+            Action::ManageKeys => Scope::Keys,
+            Action::ManageStructure => Scope::Structure,
+            Action::ManageUsers => Scope::Users,
+            Action::ReadUsage => Scope::Usage,
+            Action::ReadAudit => Scope::Audit,
+            Action::CreateInstitution | Action::ManageInstitution | Action::GovernInstitution => {
+                Scope::Institutions
+            }
+            Action::ManageCatalog | Action::ReadProviders => Scope::Catalog,
+            Action::ManageTokens => return None,
+        })
+    }
 }
 
 impl AdminPrincipal {
     /// The account, when the caller is one.
     pub fn user(&self) -> Option<&AdminUser> {
         match self {
-            AdminPrincipal::Operator => None,
             AdminPrincipal::User(u) => Some(u),
+            AdminPrincipal::Operator | AdminPrincipal::Token(_) => None,
         }
     }
 
-    /// The institution the caller is bound to; `None` for operators.
+    /// The institution the caller is bound to; `None` for operators (and their tokens).
     pub fn institution(&self) -> Option<&str> {
-        self.user().and_then(|u| u.institution_id.as_deref())
+        match self {
+            AdminPrincipal::Operator => None,
+            AdminPrincipal::User(u) => u.institution_id.as_deref(),
+            AdminPrincipal::Token(t) => t.institution_id.as_deref(),
+        }
     }
 
-    fn role(&self) -> Role {
+    /// The role the caller acts with.
+    pub fn role(&self) -> Role {
         match self {
             AdminPrincipal::Operator => Role::Operator,
             AdminPrincipal::User(u) => u.role,
+            AdminPrincipal::Token(t) => t.role,
         }
     }
 
     /// Allows or refuses `action` on `institution` (`None`: not about one institution).
     pub fn authorize(&self, action: Action, institution: Option<&str>) -> Result<(), AdminError> {
+        if let AdminPrincipal::Token(token) = self
+            && !action.scope().is_some_and(|s| token.scopes.contains(&s))
+        {
+            // Checked first, so a token outside its scopes learns nothing about what exists.
+            return Err(AdminError::Forbidden);
+        }
         let role = self.role();
         if role == Role::Operator {
             return Ok(());
@@ -86,12 +131,20 @@ impl AdminPrincipal {
             return Err(AdminError::NotFound(format!("institution `{target}`")));
         }
         let allowed = match action {
-            Action::ManageCatalog | Action::ReadProviders | Action::CreateInstitution => false,
+            Action::ManageCatalog
+            | Action::ReadProviders
+            | Action::CreateInstitution
+            | Action::GovernInstitution => false,
             Action::ReadModels | Action::Read => true,
-            Action::ManageKeys | Action::ManageUsers | Action::ManageStructure => {
-                role == Role::InstitutionAdmin && institution.is_some()
-            }
+            Action::ManageKeys
+            | Action::ManageUsers
+            | Action::ManageStructure
+            | Action::ManageInstitution
+            | Action::ManageTokens => role == Role::InstitutionAdmin && institution.is_some(),
             Action::ReadAudit => matches!(role, Role::InstitutionAdmin | Role::Auditor),
+            Action::ReadUsage => {
+                matches!(role, Role::InstitutionAdmin | Role::Staff | Role::Auditor)
+            }
         };
         if allowed {
             Ok(())
@@ -137,11 +190,16 @@ async fn resolve(state: &AdminState, token: Option<&str>) -> Result<AdminPrincip
     {
         return Ok(AdminPrincipal::Operator);
     }
+    let now = carrel_core::domain::unix_now();
     if token.starts_with(SESSION_PREFIX) {
-        let now = carrel_core::domain::unix_now();
         let hash = state.pepper.hash_secret(token);
         if let Some(user) = state.store.session_user(hash, now).await? {
             return Ok(AdminPrincipal::User(user));
+        }
+    } else if token.starts_with(TOKEN_PREFIX) {
+        let hash = state.pepper.hash_secret(token);
+        if let Some(token) = state.store.admin_token_by_hash(hash, now).await? {
+            return Ok(AdminPrincipal::Token(token));
         }
     }
     Err(AdminError::Unauthorized)

@@ -7,7 +7,7 @@ use axum::http::StatusCode;
 use axum::{Extension, Json};
 use carrel_core::config::{validate_base_url, validate_model_name, validate_price};
 use carrel_core::domain::{Model, Provider, ProviderKind, Source, Tier};
-use carrel_core::store::{NewModel, NewProvider};
+use carrel_core::store::{NewModel, NewProvider, Page};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -15,6 +15,7 @@ use crate::AdminState;
 use crate::auth::{Action, AdminPrincipal};
 use crate::error::{AdminError, ErrorBody};
 use crate::json::AdminJson;
+use crate::query::{AdminQuery, PageParams};
 
 /// Body of `POST /admin/v1/providers`.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -175,18 +176,23 @@ fn refuse_link_local(url: &str) -> Result<(), String> {
     }
 }
 
-/// Lists providers.
+/// Lists providers, oldest first.
 #[utoipa::path(get, path = "/admin/v1/providers", tag = "catalog",
-    responses((status = 200, body = [ProviderView]), (status = 401, body = ErrorBody)),
+    params(PageParams),
+    responses((status = 200, body = Page<ProviderView>), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 422, body = ErrorBody)),
     security(("admin_token" = [])))]
 pub async fn list_providers(
     State(state): State<AdminState>,
     Extension(principal): Extension<AdminPrincipal>,
-) -> Result<Json<Vec<ProviderView>>, AdminError> {
+    query: AdminQuery,
+) -> Result<Json<Page<ProviderView>>, AdminError> {
     principal.authorize(Action::ReadProviders, None)?;
-    let providers = state.store.list_providers().await?;
-    Ok(Json(
-        providers
+    let page = state.store.list_providers(query.page()?).await?;
+    Ok(Json(Page {
+        next_cursor: page.next_cursor,
+        data: page
+            .data
             .into_iter()
             // Config-declared providers may hold a key from the environment, in memory only.
             .map(|p| {
@@ -195,7 +201,7 @@ pub async fn list_providers(
                 ProviderView::of(p, env_key)
             })
             .collect(),
-    ))
+    }))
 }
 
 /// Creates a model.
@@ -257,12 +263,19 @@ pub async fn create_model(
     Ok((StatusCode::CREATED, Json(model)))
 }
 
-/// Lists models.
+/// Lists models, oldest first.
 #[utoipa::path(get, path = "/admin/v1/models", tag = "catalog",
-    responses((status = 200, body = [Model]), (status = 401, body = ErrorBody)),
+    params(PageParams),
+    responses((status = 200, body = Page<Model>), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 422, body = ErrorBody)),
     security(("admin_token" = [])))]
-pub async fn list_models(State(state): State<AdminState>) -> Result<Json<Vec<Model>>, AdminError> {
-    Ok(Json(state.store.list_models().await?))
+pub async fn list_models(
+    State(state): State<AdminState>,
+    Extension(principal): Extension<AdminPrincipal>,
+    query: AdminQuery,
+) -> Result<Json<Page<Model>>, AdminError> {
+    principal.authorize(Action::ReadModels, None)?;
+    Ok(Json(state.store.list_models(query.page()?).await?))
 }
 
 #[cfg(test)]

@@ -1,11 +1,15 @@
 //! The OpenAPI document of the admin API, generated from the handlers' annotations.
-//! `carrel openapi` prints it; `openapi/openapi.json` is the committed copy, checked in CI.
+//! The gateway merges it with the public API's description (`carrel_gateway::api_doc`); that
+//! whole document is what `carrel openapi` prints, the admin listener serves and
+//! `openapi/openapi.json` holds, checked in CI.
 
-use axum::Json;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::{accounts, audit, catalog, error, institutions, structure};
+use crate::{AdminState, accounts, audit, catalog, error, institutions, structure, tokens, usage};
 
 /// The admin API's OpenAPI description.
 #[derive(OpenApi)]
@@ -25,10 +29,13 @@ use crate::{accounts, audit, catalog, error, institutions, structure};
         institutions::create_institution,
         institutions::list_institutions,
         institutions::get_institution,
+        institutions::update_institution,
+        usage::usage_report,
         institutions::create_key,
         institutions::list_keys,
         institutions::revoke_key,
         institutions::rotate_key,
+        institutions::update_key,
         structure::create_site,
         structure::list_sites,
         structure::create_group,
@@ -38,7 +45,11 @@ use crate::{accounts, audit, catalog, error, institutions, structure};
         accounts::me,
         accounts::create_user,
         accounts::list_users,
+        accounts::delete_user,
         audit::list,
+        tokens::create_token,
+        tokens::list_tokens,
+        tokens::revoke_token,
     ),
     components(schemas(error::ErrorBody, error::ErrorDetail)),
     modifiers(&BearerAuth),
@@ -71,7 +82,11 @@ pub fn openapi_json() -> String {
         .expect("the OpenAPI document serialises")
 }
 
-/// `GET /admin/openapi.json`.
-pub async fn serve() -> Json<serde_json::Value> {
-    Json(serde_json::from_str(&openapi_json()).expect("the document is JSON"))
+/// `GET /admin/openapi.json`: [`AdminState::openapi`], as built at start-up. Needs no token:
+/// the document is published in the repository anyway.
+pub async fn serve(State(state): State<AdminState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        state.openapi.to_string(),
+    )
 }

@@ -4,10 +4,13 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::{Extension, Json};
 use carrel_core::domain::{
-    ApiKey, Institution, InstitutionKind, KeyKind, Tier, validate_region, validate_timezone,
+    ApiKey, Institution, InstitutionKind, InstitutionStatus, KeyKind, Tier, validate_region,
+    validate_sector, validate_timezone,
 };
 use carrel_core::keys::NewKey;
-use carrel_core::store::{NewApiKey, NewInstitution};
+use carrel_core::store::{
+    InstitutionPatch, KeyPatch, NewApiKey, NewInstitution, Page, PageRequest,
+};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -15,6 +18,7 @@ use crate::AdminState;
 use crate::auth::{Action, AdminPrincipal};
 use crate::error::{AdminError, ErrorBody};
 use crate::json::AdminJson;
+use crate::query::{AdminQuery, PageParams};
 
 /// Body of `POST /admin/v1/institutions`.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -35,6 +39,61 @@ pub struct CreateInstitution {
     /// IANA time zone its days and months are counted in.
     #[schema(example = "America/Chicago")]
     pub timezone: String,
+    /// Label for reports by sector: 1 to 64 of `a-z`, `0-9`, `_`, `-`.
+    #[serde(default)]
+    #[schema(example = "public_library", pattern = "^[a-z0-9_-]{1,64}$")]
+    pub sector: Option<String>,
+}
+
+/// Body of `PATCH /admin/v1/institutions/{id}`: only the fields given change.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateInstitution {
+    /// Display name.
+    #[serde(default)]
+    #[schema(min_length = 1, max_length = 200)]
+    pub name: Option<String>,
+    /// Sector label; `null` clears it.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(pattern = "^[a-z0-9_-]{1,64}$")]
+    pub sector: Option<Option<String>>,
+    /// IANA time zone.
+    #[serde(default)]
+    pub timezone: Option<String>,
+    /// `suspended` refuses every key of the institution at once (operators only).
+    #[serde(default)]
+    pub status: Option<InstitutionStatus>,
+    /// Verified for frontier models (operators only).
+    #[serde(default)]
+    pub frontier_verified: Option<bool>,
+}
+
+/// Body of `PATCH /admin/v1/keys/{id}`: only the fields given change.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateKey {
+    /// Display name.
+    #[serde(default)]
+    #[schema(min_length = 1, max_length = 200)]
+    pub name: Option<String>,
+    /// Highest model tier the key may reach.
+    #[serde(default)]
+    pub tier_ceiling: Option<Tier>,
+    /// RFC 3339 time after which the key stops working, in the future; `null`: never.
+    #[serde(default, deserialize_with = "present")]
+    pub expires_at: Option<Option<String>>,
+    /// Public names of the only models the key may use; `null`: any within its tier ceiling.
+    #[serde(default, deserialize_with = "present")]
+    pub allowed_models: Option<Option<Vec<String>>>,
+}
+
+/// A field that may be absent (outer `None`: leave as is) or `null` (`Some(None)`: clear it).
+fn present<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
 }
 
 /// Body of `POST /admin/v1/institutions/{id}/keys`.
@@ -59,6 +118,9 @@ pub struct CreateKey {
     /// A group of the same institution the key belongs to.
     #[serde(default)]
     pub group_id: Option<String>,
+    /// Public names of the only models the key may use (within its tier ceiling).
+    #[serde(default)]
+    pub allowed_models: Option<Vec<String>>,
 }
 
 /// Body of `POST /admin/v1/keys/{id}/rotate`.
@@ -86,6 +148,36 @@ fn future_time(field: &'static str, value: &str, now: i64) -> Result<String, Adm
         ));
     }
     Ok(carrel_core::domain::rfc3339(at.as_second()))
+}
+
+/// Most models a key's allow-list names.
+pub const MAX_ALLOWED_MODELS: usize = 100;
+
+/// Checks an allow-list of models: each one exists in the catalog, none twice.
+async fn check_allowed_models(state: &AdminState, models: &[String]) -> Result<(), AdminError> {
+    if models.len() > MAX_ALLOWED_MODELS {
+        return Err(AdminError::field(
+            "allowed_models",
+            format!("allowed_models: at most {MAX_ALLOWED_MODELS} models"),
+        ));
+    }
+    let catalog = state.store.list_models(PageRequest::ALL).await?.data;
+    for (i, name) in models.iter().enumerate() {
+        let field = format!("allowed_models[{i}]");
+        if !catalog.iter().any(|m| &m.name == name) {
+            return Err(AdminError::field(
+                field.clone(),
+                format!("{field}: no model named `{name}`"),
+            ));
+        }
+        if models[..i].contains(name) {
+            return Err(AdminError::field(
+                field.clone(),
+                format!("{field}: `{name}` is listed twice"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// A key just created: the only response that ever carries its secret.
@@ -119,6 +211,9 @@ pub async fn create_institution(
         .map_err(|m| AdminError::field("region", format!("region: {m}")))?;
     validate_timezone(&body.timezone)
         .map_err(|m| AdminError::field("timezone", format!("timezone: {m}")))?;
+    if let Some(sector) = &body.sector {
+        validate_sector(sector).map_err(|m| AdminError::field("sector", format!("sector: {m}")))?;
+    }
     let inst = state
         .store
         .create_institution(NewInstitution {
@@ -126,6 +221,7 @@ pub async fn create_institution(
             kind: body.kind,
             region: body.region,
             timezone: body.timezone,
+            sector: body.sector,
         })
         .await?;
     tracing::info!(institution = %inst.id, kind = %inst.kind, region = %inst.region, "institution created");
@@ -140,18 +236,100 @@ pub async fn create_institution(
     Ok((StatusCode::CREATED, Json(inst)))
 }
 
-/// Lists institutions.
+/// Lists institutions: all of them for the operator, the caller's own otherwise.
 #[utoipa::path(get, path = "/admin/v1/institutions", tag = "institutions",
-    responses((status = 200, body = [Institution]), (status = 401, body = ErrorBody)),
+    params(PageParams),
+    responses((status = 200, body = Page<Institution>), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 422, body = ErrorBody)),
     security(("admin_token" = [])))]
 pub async fn list_institutions(
     State(state): State<AdminState>,
     Extension(principal): Extension<AdminPrincipal>,
-) -> Result<Json<Vec<Institution>>, AdminError> {
-    let mut all = state.store.list_institutions().await?;
-    // Everyone but the operator sees only their own institution.
-    all.retain(|inst| principal.authorize(Action::Read, Some(&inst.id)).is_ok());
-    Ok(Json(all))
+    query: AdminQuery,
+) -> Result<Json<Page<Institution>>, AdminError> {
+    let page = query.page()?;
+    let own = principal.institution().map(str::to_owned);
+    principal.authorize(Action::Read, own.as_deref())?;
+    match own {
+        None => Ok(Json(state.store.list_institutions(page).await?)),
+        Some(own) => {
+            let inst = state.store.get_institution(&own).await?;
+            Ok(Json(Page::whole(
+                inst.into_iter()
+                    .filter(|i| page.after.is_none() && page.limit > 0 && i.id == own)
+                    .collect(),
+            )))
+        }
+    }
+}
+
+/// Changes an institution. Its admins may change the name, sector and time zone; only an
+/// operator may change `status` or `frontier_verified`. Suspending takes effect on every
+/// listener before the response.
+#[utoipa::path(patch, path = "/admin/v1/institutions/{id}", tag = "institutions",
+    params(("id" = String, Path, description = "Institution id")),
+    request_body = UpdateInstitution,
+    responses(
+        (status = 200, body = Institution),
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 403, description = "Not the caller's to change", body = ErrorBody),
+        (status = 404, body = ErrorBody),
+        (status = 422, description = "A field is invalid; `param` names it", body = ErrorBody),
+    ),
+    security(("admin_token" = [])))]
+pub async fn update_institution(
+    State(state): State<AdminState>,
+    Extension(principal): Extension<AdminPrincipal>,
+    Path(id): Path<String>,
+    AdminJson(body): AdminJson<UpdateInstitution>,
+) -> Result<Json<Institution>, AdminError> {
+    principal.authorize(Action::ManageInstitution, Some(&id))?;
+    if body.status.is_some() || body.frontier_verified.is_some() {
+        principal.authorize(Action::GovernInstitution, Some(&id))?;
+    }
+    if let Some(name) = &body.name {
+        AdminError::check_name("name", name, 200)?;
+    }
+    if let Some(Some(sector)) = &body.sector {
+        validate_sector(sector).map_err(|m| AdminError::field("sector", format!("sector: {m}")))?;
+    }
+    if let Some(tz) = &body.timezone {
+        validate_timezone(tz)
+            .map_err(|m| AdminError::field("timezone", format!("timezone: {m}")))?;
+    }
+    let governs = body.status.is_some() || body.frontier_verified.is_some();
+    let inst = state
+        .store
+        .update_institution(
+            &id,
+            InstitutionPatch {
+                name: body.name,
+                sector: body.sector,
+                timezone: body.timezone,
+                status: body.status,
+                frontier_verified: body.frontier_verified,
+            },
+        )
+        .await?
+        .ok_or_else(|| AdminError::NotFound(format!("institution `{id}`")))?;
+    // Cached principals carry the status and time zone.
+    state.hooks.institution_changed(&id).await;
+    tracing::info!(institution = %id, status = %inst.status,
+        frontier_verified = inst.frontier_verified, "institution updated");
+    state
+        .audit(
+            principal.actor(),
+            if governs {
+                "institution.govern"
+            } else {
+                "institution.update"
+            },
+            format!("institution:{id}"),
+            Some(&id),
+        )
+        .await;
+    Ok(Json(inst))
 }
 
 /// One institution.
@@ -200,6 +378,9 @@ pub async fn create_key(
         .as_deref()
         .map(|v| future_time("expires_at", v, now))
         .transpose()?;
+    if let Some(models) = &body.allowed_models {
+        check_allowed_models(&state, models).await?;
+    }
     let (site_ok, group_ok) = state
         .store
         .belongs_to(
@@ -233,6 +414,7 @@ pub async fn create_key(
             expires_at,
             site_id: body.site_id,
             group_id: body.group_id,
+            allowed_models: body.allowed_models,
         })
         .await?;
     tracing::info!(key = %key.id, institution = %key.institution_id, kind = %key.kind, "api key created");
@@ -253,18 +435,20 @@ pub async fn create_key(
     ))
 }
 
-/// Lists an institution's keys (never their secrets).
+/// Lists an institution's keys, oldest first (never their secrets).
 #[utoipa::path(get, path = "/admin/v1/institutions/{id}/keys", tag = "keys",
-    params(("id" = String, Path, description = "Institution id")),
-    responses((status = 200, body = [ApiKey]), (status = 401, body = ErrorBody),
-        (status = 404, body = ErrorBody)),
+    params(("id" = String, Path, description = "Institution id"), PageParams),
+    responses((status = 200, body = Page<ApiKey>), (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)),
     security(("admin_token" = [])))]
 pub async fn list_keys(
     State(state): State<AdminState>,
     Extension(principal): Extension<AdminPrincipal>,
     Path(institution_id): Path<String>,
-) -> Result<Json<Vec<ApiKey>>, AdminError> {
+    query: AdminQuery,
+) -> Result<Json<Page<ApiKey>>, AdminError> {
     principal.authorize(Action::Read, Some(&institution_id))?;
+    let page = query.page()?;
     if state
         .store
         .get_institution(&institution_id)
@@ -275,7 +459,7 @@ pub async fn list_keys(
             "institution `{institution_id}`"
         )));
     }
-    Ok(Json(state.store.list_keys(&institution_id).await?))
+    Ok(Json(state.store.list_keys(&institution_id, page).await?))
 }
 
 /// A key the caller may manage. Another institution's key is "not found", exactly like a key
@@ -371,6 +555,7 @@ pub async fn rotate_key(
                 expires_at: old.expires_at,
                 site_id: old.site_id,
                 group_id: old.group_id,
+                allowed_models: old.allowed_models,
             },
             carrel_core::domain::rfc3339(now + overlap),
         )
@@ -393,4 +578,62 @@ pub async fn rotate_key(
             secret: minted.token,
         }),
     ))
+}
+
+/// Changes a key: its name, tier ceiling, expiry (set, move, or clear with `null`) or allowed
+/// models. Takes effect on every listener before the response.
+#[utoipa::path(patch, path = "/admin/v1/keys/{id}", tag = "keys",
+    params(("id" = String, Path, description = "Key id")),
+    request_body = UpdateKey,
+    responses(
+        (status = 200, body = ApiKey),
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody),
+        (status = 404, description = "No live key with that id", body = ErrorBody),
+        (status = 422, description = "A field is invalid; `param` names it", body = ErrorBody),
+    ),
+    security(("admin_token" = [])))]
+pub async fn update_key(
+    State(state): State<AdminState>,
+    Extension(principal): Extension<AdminPrincipal>,
+    Path(id): Path<String>,
+    AdminJson(body): AdminJson<UpdateKey>,
+) -> Result<Json<ApiKey>, AdminError> {
+    let old = managed_key(&state, &principal, &id).await?;
+    if let Some(name) = &body.name {
+        AdminError::check_name("name", name, 200)?;
+    }
+    let now = carrel_core::domain::unix_now();
+    let expires_at = match body.expires_at {
+        Some(Some(at)) => Some(Some(future_time("expires_at", &at, now)?)),
+        other => other,
+    };
+    if let Some(Some(models)) = &body.allowed_models {
+        check_allowed_models(&state, models).await?;
+    }
+    let key = state
+        .store
+        .update_key(
+            &id,
+            KeyPatch {
+                name: body.name,
+                tier_ceiling: body.tier_ceiling,
+                expires_at,
+                allowed_models: body.allowed_models,
+            },
+        )
+        .await?
+        .ok_or_else(|| AdminError::NotFound(format!("key `{id}`")))?;
+    state.hooks.key_changed(&id).await;
+    tracing::info!(key = %id, "api key updated");
+    state
+        .audit(
+            principal.actor(),
+            "key.update",
+            format!("key:{id}"),
+            Some(&old.institution_id),
+        )
+        .await;
+    Ok(Json(key))
 }

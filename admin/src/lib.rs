@@ -1,7 +1,8 @@
 //! Carrel's control plane: the admin API that institutions and operators script against.
 //!
-//! Served on the admin listener, never on the public one. Every route but `/healthz` needs an
-//! admin credential; today that is the operator's bearer token from `CARREL_ADMIN_TOKEN`.
+//! Served on the admin listener, never on the public one. Every route but `/healthz`, login and
+//! the published API document (`/admin/openapi.json`, `/admin/docs`) needs an admin credential;
+//! today that is the operator's bearer token from `CARREL_ADMIN_TOKEN`.
 //! The router is axum: the admin plane is not the hot path, and axum + utoipa keep handlers and
 //! the published OpenAPI contract (`openapi/openapi.json`) side by side.
 //!
@@ -16,7 +17,11 @@
 //! - [`catalog`]: providers and models.
 //! - [`institutions`]: institutions and their API keys.
 //! - [`structure`]: sites and groups of an institution.
+//! - [`tokens`]: scoped API tokens for automation.
+//! - [`usage`]: usage reports of an institution.
+//! - [`query`]: query strings and the cursor pagination every list shares.
 //! - [`doc`]: the OpenAPI document.
+//! - [`reference`]: `/admin/docs`, the API reference page (Swagger UI, embedded).
 
 pub mod accounts;
 pub mod audit;
@@ -26,7 +31,11 @@ pub mod doc;
 pub mod error;
 pub mod institutions;
 pub mod json;
+pub mod query;
+pub mod reference;
 pub mod structure;
+pub mod tokens;
+pub mod usage;
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -48,6 +57,11 @@ pub trait ControlHooks: Send + Sync + 'static {
     fn key_changed(&self, key_id: &str) -> HookFuture;
     /// Providers or models changed: reload the routing catalog.
     fn catalog_changed(&self) -> HookFuture;
+    /// An institution's status or time zone changed: drop its keys from every cache now.
+    fn institution_changed(&self, institution_id: &str) -> HookFuture;
+    /// A usage report is about to be read: write every usage record already metered, so the
+    /// report includes every response that has ended.
+    fn usage_flush(&self) -> HookFuture;
 }
 
 /// Shared state of the admin handlers.
@@ -66,10 +80,14 @@ pub struct AdminState {
     pub env_keyed_providers: Arc<HashSet<String>>,
     /// Login attempts per client address.
     pub login_throttle: Arc<accounts::LoginThrottle>,
+    /// The OpenAPI document served at `/admin/openapi.json`. The gateway fills it with the
+    /// admin and public APIs together; [`doc::openapi_json`] is the admin part alone.
+    pub openapi: Arc<str>,
 }
 
-/// The admin router: `/healthz`, `/admin/v1/...` and `/admin/openapi.json`. Every route but
-/// `/healthz` and `POST /admin/v1/login` goes through [`auth::require_admin`].
+/// The admin router: `/healthz`, `/admin/v1/...`, `/admin/openapi.json` and `/admin/docs`.
+/// Every route but `/healthz`, `POST /admin/v1/login` and the published document with its
+/// reference page goes through [`auth::require_admin`].
 pub fn router(state: AdminState) -> Router {
     let admin = Router::new()
         .route(
@@ -86,7 +104,11 @@ pub fn router(state: AdminState) -> Router {
         )
         .route(
             "/admin/v1/institutions/{id}",
-            get(institutions::get_institution),
+            get(institutions::get_institution).patch(institutions::update_institution),
+        )
+        .route(
+            "/admin/v1/institutions/{id}/usage",
+            get(usage::usage_report),
         )
         .route(
             "/admin/v1/institutions/{id}/keys",
@@ -100,16 +122,24 @@ pub fn router(state: AdminState) -> Router {
             "/admin/v1/institutions/{id}/groups",
             get(structure::list_groups).post(structure::create_group),
         )
-        .route("/admin/v1/keys/{id}", delete(institutions::revoke_key))
+        .route(
+            "/admin/v1/keys/{id}",
+            delete(institutions::revoke_key).patch(institutions::update_key),
+        )
         .route("/admin/v1/keys/{id}/rotate", post(institutions::rotate_key))
         .route(
             "/admin/v1/users",
             get(accounts::list_users).post(accounts::create_user),
         )
+        .route("/admin/v1/users/{id}", delete(accounts::delete_user))
         .route("/admin/v1/logout", post(accounts::logout))
         .route("/admin/v1/me", get(accounts::me))
+        .route(
+            "/admin/v1/tokens",
+            get(tokens::list_tokens).post(tokens::create_token),
+        )
+        .route("/admin/v1/tokens/{id}", delete(tokens::revoke_token))
         .route("/admin/v1/audit", get(audit::list))
-        .route("/admin/openapi.json", get(doc::serve))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::require_admin,
@@ -117,6 +147,8 @@ pub fn router(state: AdminState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/admin/v1/login", post(accounts::login))
+        .route("/admin/openapi.json", get(doc::serve))
+        .merge(reference::routes())
         .merge(admin)
         .fallback(error::not_found)
         .with_state(state)

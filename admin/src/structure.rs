@@ -5,6 +5,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::{Extension, Json};
 use carrel_core::domain::{Group, GroupKind, Site};
+use carrel_core::store::Page;
 use serde::Deserialize;
 use utoipa::ToSchema;
 
@@ -12,6 +13,7 @@ use crate::AdminState;
 use crate::auth::{Action, AdminPrincipal};
 use crate::error::{AdminError, ErrorBody};
 use crate::json::AdminJson;
+use crate::query::{AdminQuery, PageParams};
 
 /// Body of `POST /admin/v1/institutions/{id}/sites`.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -72,18 +74,20 @@ pub async fn create_site(
 
 /// Lists an institution's sites.
 #[utoipa::path(get, path = "/admin/v1/institutions/{id}/sites", tag = "institutions",
-    params(("id" = String, Path, description = "Institution id")),
-    responses((status = 200, body = [Site]), (status = 401, body = ErrorBody),
-        (status = 404, body = ErrorBody)),
+    params(("id" = String, Path, description = "Institution id"), PageParams),
+    responses((status = 200, body = Page<Site>), (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)),
     security(("admin_token" = [])))]
 pub async fn list_sites(
     State(state): State<AdminState>,
     Extension(principal): Extension<AdminPrincipal>,
     Path(id): Path<String>,
-) -> Result<Json<Vec<Site>>, AdminError> {
+    query: AdminQuery,
+) -> Result<Json<Page<Site>>, AdminError> {
     principal.authorize(Action::Read, Some(&id))?;
+    let page = query.page()?;
     institution_exists(&state, &id).await?;
-    Ok(Json(state.store.list_sites(&id).await?))
+    Ok(Json(state.store.list_sites(&id, page).await?))
 }
 
 /// Creates a group.
@@ -118,16 +122,18 @@ pub async fn create_group(
 
 /// Lists an institution's groups.
 #[utoipa::path(get, path = "/admin/v1/institutions/{id}/groups", tag = "institutions",
-    params(("id" = String, Path, description = "Institution id")),
-    responses((status = 200, body = [Group]), (status = 401, body = ErrorBody),
-        (status = 404, body = ErrorBody)),
+    params(("id" = String, Path, description = "Institution id"), PageParams),
+    responses((status = 200, body = Page<Group>), (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)),
     security(("admin_token" = [])))]
 pub async fn list_groups(
     State(state): State<AdminState>,
     Extension(principal): Extension<AdminPrincipal>,
     Path(id): Path<String>,
-) -> Result<Json<Vec<Group>>, AdminError> {
+    query: AdminQuery,
+) -> Result<Json<Page<Group>>, AdminError> {
     principal.authorize(Action::Read, Some(&id))?;
+    let page = query.page()?;
     institution_exists(&state, &id).await?;
-    Ok(Json(state.store.list_groups(&id).await?))
+    Ok(Json(state.store.list_groups(&id, page).await?))
 }

@@ -87,6 +87,17 @@ string_enum! {
 }
 
 string_enum! {
+    /// Whether an institution's keys work.
+    pub enum InstitutionStatus {
+        /// Its keys work.
+        Active => "active",
+        /// Its keys are refused (403 `institution_suspended`) until an operator reactivates it;
+        /// nothing is deleted.
+        Suspended => "suspended",
+    }
+}
+
+string_enum! {
     /// What an API key is for.
     pub enum KeyKind {
         /// A back-office tool or application calling with a long-lived key.
@@ -109,6 +120,44 @@ string_enum! {
         Staff => "staff",
         /// Read-only view of one institution: usage, incidents, audit.
         Auditor => "auditor",
+    }
+}
+
+string_enum! {
+    /// What an automation token may do, on top of what its role allows.
+    pub enum Scope {
+        /// Read the institution's records: institution, keys, sites, groups, users, models.
+        Read => "read",
+        /// Create, change, rotate and revoke keys.
+        Keys => "keys",
+        /// Create and change sites and groups.
+        Structure => "structure",
+        /// Create admin accounts.
+        Users => "users",
+        /// Read usage reports.
+        Usage => "usage",
+        /// Read the audit trail.
+        Audit => "audit",
+        /// Change the institution's own settings (and, for operators, create institutions).
+        Institutions => "institutions",
+        /// Manage providers and models (operators only).
+        Catalog => "catalog",
+    }
+}
+
+string_enum! {
+    /// How a usage report is broken down.
+    pub enum UsageGroupBy {
+        /// By the institution's local day.
+        Day => "day",
+        /// By site.
+        Site => "site",
+        /// By group.
+        Group => "group",
+        /// By API key.
+        Key => "key",
+        /// By model.
+        Model => "model",
     }
 }
 
@@ -223,6 +272,14 @@ pub struct Institution {
     pub region: String,
     /// IANA time zone that its days and months are counted in.
     pub timezone: String,
+    /// Free label for reports by sector, e.g. `public_library` or `k12` (lower case, digits,
+    /// `_` and `-`).
+    pub sector: Option<String>,
+    /// Whether its keys work.
+    pub status: InstitutionStatus,
+    /// Set only by an operator, after checking the institution: a precondition for frontier
+    /// models.
+    pub frontier_verified: bool,
     /// RFC 3339 creation time.
     pub created_at: String,
 }
@@ -281,6 +338,8 @@ pub struct ApiKey {
     pub site_id: Option<String>,
     /// The group the key belongs to, if any.
     pub group_id: Option<String>,
+    /// When set, the only models (public names) the key may use, within its tier ceiling.
+    pub allowed_models: Option<Vec<String>>,
 }
 
 /// An admin account (never with its password hash).
@@ -297,6 +356,31 @@ pub struct AdminUser {
     pub institution_id: Option<String>,
     /// RFC 3339 creation time.
     pub created_at: String,
+}
+
+/// An API token for automation: acts with a role on one institution (or, made by an operator,
+/// on all), limited to its scopes. Only a keyed hash of the token is stored.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct AdminToken {
+    /// Stable id (`tok_…`).
+    pub id: String,
+    /// What it is for, e.g. `nightly key rotation`.
+    pub name: String,
+    /// The role it acts with: its creator's.
+    pub role: Role,
+    /// Its institution; `None` only for an operator's token.
+    pub institution_id: Option<String>,
+    /// What it may do.
+    pub scopes: Vec<Scope>,
+    /// `operator` or `user:<id>` of the creator.
+    pub created_by: String,
+    /// RFC 3339 creation time.
+    pub created_at: String,
+    /// RFC 3339 expiry, if it expires.
+    pub expires_at: Option<String>,
+    /// RFC 3339 revocation time, once revoked.
+    pub revoked_at: Option<String>,
 }
 
 /// What the authenticate stage needs to check a presented key and build its principal.
@@ -317,10 +401,20 @@ pub struct Principal {
     pub institution_id: std::sync::Arc<str>,
     /// The institution's sector, for metrics and defaults.
     pub institution_kind: InstitutionKind,
+    /// IANA time zone of the institution: usage days are its local days.
+    pub timezone: std::sync::Arc<str>,
+    /// Whether the institution's keys work.
+    pub institution_status: InstitutionStatus,
     /// The API key the request came in with.
     pub key_id: std::sync::Arc<str>,
+    /// The key's site, if any.
+    pub site_id: Option<std::sync::Arc<str>>,
+    /// The key's group, if any.
+    pub group_id: Option<std::sync::Arc<str>>,
     /// The highest model tier this principal may reach.
     pub tier_ceiling: Tier,
+    /// When set, the only models this principal may use.
+    pub allowed_models: Option<std::sync::Arc<[String]>>,
     /// Unix seconds after which the credential stops working.
     pub expires_at: Option<i64>,
 }
@@ -331,8 +425,13 @@ impl Principal {
         Principal {
             institution_id: cred.institution.id.as_str().into(),
             institution_kind: cred.institution.kind,
+            timezone: cred.institution.timezone.as_str().into(),
+            institution_status: cred.institution.status,
             key_id: cred.key.id.as_str().into(),
+            site_id: cred.key.site_id.as_deref().map(Into::into),
+            group_id: cred.key.group_id.as_deref().map(Into::into),
             tier_ceiling: cred.key.tier_ceiling,
+            allowed_models: cred.key.allowed_models.as_deref().map(Into::into),
             expires_at: cred.key.expires_at.as_deref().and_then(unix_seconds),
         }
     }
@@ -342,9 +441,13 @@ impl Principal {
         self.expires_at.is_some_and(|at| at <= now)
     }
 
-    /// Whether this principal may use a model of `tier`.
-    pub fn may_use(&self, tier: Tier) -> bool {
+    /// Whether this principal may use the model `name` of `tier`.
+    pub fn may_use(&self, name: &str, tier: Tier) -> bool {
         tier <= self.tier_ceiling
+            && self
+                .allowed_models
+                .as_deref()
+                .is_none_or(|allowed| allowed.iter().any(|m| m == name))
     }
 }
 
@@ -367,6 +470,15 @@ pub fn unix_seconds(rfc3339: &str) -> Option<i64> {
         .parse::<jiff::Timestamp>()
         .ok()
         .map(|t| t.as_second())
+}
+
+/// The local date (`YYYY-MM-DD`) at Unix second `at` in the IANA time zone `tz` (UTC when the
+/// zone is unknown, which validation at the admin API prevents).
+pub fn local_date(at: i64, tz: &str) -> String {
+    let zone = jiff::tz::TimeZone::get(tz).unwrap_or(jiff::tz::TimeZone::UTC);
+    jiff::Timestamp::from_second(at)
+        .map(|t| t.to_zoned(zone).date().to_string())
+        .unwrap_or_default()
 }
 
 /// ISO 3166-1 alpha-2 country codes: the first part of every ISO 3166-2 region code.
@@ -395,6 +507,21 @@ pub fn validate_region(code: &str) -> Result<(), String> {
         Ok(())
     } else {
         Err(expected())
+    }
+}
+
+/// Checks a sector label: 1 to 64 of `a-z`, `0-9`, `_`, `-`.
+pub fn validate_sector(label: &str) -> Result<(), String> {
+    let ok = (1..=64).contains(&label.len())
+        && label
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{label}` is not a sector label: 1 to 64 of a-z, 0-9, `_` and `-`, e.g. public_library"
+        ))
     }
 }
 
@@ -453,6 +580,9 @@ mod tests {
         check(ProviderKind::ALL, ProviderKind::as_str);
         check(Role::ALL, Role::as_str);
         check(GroupKind::ALL, GroupKind::as_str);
+        check(InstitutionStatus::ALL, InstitutionStatus::as_str);
+        check(Scope::ALL, Scope::as_str);
+        check(UsageGroupBy::ALL, UsageGroupBy::as_str);
     }
 
     #[test]

@@ -10,8 +10,9 @@ use arc_swap::ArcSwap;
 use carrel_admin::{ControlHooks, HookFuture};
 use carrel_core::config::UpstreamConfig;
 use carrel_core::keys::Pepper;
-use carrel_core::store::{Store, StoreError};
+use carrel_core::store::{PageRequest, Store, StoreError};
 
+use crate::metering::UsageLedger;
 use crate::pipeline::authenticate::KeyCache;
 use crate::upstream::Upstream;
 use crate::upstream::catalog::Catalog;
@@ -45,6 +46,10 @@ pub struct Inner {
     pub catalog: ArcSwap<Catalog>,
     /// Verified API keys.
     pub keys: KeyCache,
+    /// Where metered usage goes.
+    pub ledger: UsageLedger,
+    /// Names requests in the usage ledger.
+    pub request_ids: RequestIds,
     /// Settings for each worker's upstream client.
     upstream_config: UpstreamConfig,
     /// Request limits.
@@ -76,6 +81,8 @@ pub struct StateParts {
     pub pepper: Pepper,
     /// Verified-key cache.
     pub keys: KeyCache,
+    /// The usage ledger.
+    pub ledger: UsageLedger,
     /// Upstream client settings.
     pub upstream: UpstreamConfig,
     /// Request limits.
@@ -95,6 +102,8 @@ impl AppState {
             pepper: parts.pepper,
             catalog: ArcSwap::from_pointee(Catalog::default()),
             keys: parts.keys,
+            ledger: parts.ledger,
+            request_ids: RequestIds::new(),
             upstream_config: parts.upstream,
             limits: parts.limits,
             demo_word_delay: parts.demo_word_delay,
@@ -116,8 +125,8 @@ impl AppState {
     /// Rebuilds the catalog from the store and swaps it in. Returns the number of models.
     pub async fn reload_catalog(&self) -> Result<usize, StoreError> {
         let _serial = self.reload_lock.lock().await;
-        let providers = self.store.list_providers().await?;
-        let models = self.store.list_models().await?;
+        let providers = self.store.list_providers(PageRequest::ALL).await?.data;
+        let models = self.store.list_models(PageRequest::ALL).await?.data;
         let catalog = Catalog::build(&providers, &models, &self.env_keys);
         let n = catalog.len();
         self.catalog.store(Arc::new(catalog));
@@ -141,6 +150,29 @@ impl AppState {
     }
 }
 
+/// Request ids: a random per-process prefix and a counter, so ids are unique across restarts
+/// and replicas without a random draw per request.
+#[derive(Debug)]
+pub struct RequestIds {
+    prefix: String,
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl RequestIds {
+    fn new() -> Self {
+        RequestIds {
+            prefix: carrel_core::ids::random_base62(12),
+            next: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// The next id, `req_<prefix><counter>`.
+    pub fn next(&self) -> String {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        format!("req_{}{n:x}", self.prefix)
+    }
+}
+
 /// The gateway's side of the control-plane hooks.
 #[derive(Debug, Clone)]
 pub struct GatewayHooks(pub AppState);
@@ -150,6 +182,16 @@ impl ControlHooks for GatewayHooks {
         let state = self.0.clone();
         let id = key_id.to_owned();
         Box::pin(async move { state.keys.evict(&id).await })
+    }
+
+    fn usage_flush(&self) -> HookFuture {
+        let ledger = self.0.ledger.clone();
+        Box::pin(async move { ledger.flush().await })
+    }
+
+    fn institution_changed(&self, institution_id: &str) -> HookFuture {
+        self.0.keys.evict_institution(institution_id);
+        Box::pin(std::future::ready(()))
     }
 
     fn catalog_changed(&self) -> HookFuture {

@@ -31,8 +31,8 @@ pub fn json(status: StatusCode, bytes: impl Into<Bytes>) -> Response<ResponseBod
 /// The OpenAI-shaped error response for a gateway error.
 pub fn error(err: &GatewayError) -> Response<ResponseBody> {
     let mut resp = json(err.status(), err.body());
-    if let GatewayError::MethodNotAllowed { .. } = err {
-        let allow = HeaderValue::from_static("GET, POST");
+    if let GatewayError::MethodNotAllowed { allow, .. } = err {
+        let allow = HeaderValue::from_static(allow);
         resp.headers_mut().insert(header::ALLOW, allow);
     }
     resp

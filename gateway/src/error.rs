@@ -18,6 +18,9 @@ pub enum GatewayError {
     /// The key was valid but has expired (or was rotated and its overlap ended).
     #[error("This API key has expired; ask your administrator for a new one.")]
     ExpiredApiKey,
+    /// The key's institution is suspended.
+    #[error("This key's institution is suspended. Contact the institution's administrator.")]
+    InstitutionSuspended,
     /// No such path.
     #[error("Unknown request URL: {method} {path}.")]
     UnknownRoute {
@@ -33,6 +36,8 @@ pub enum GatewayError {
         method: String,
         /// Request path.
         path: String,
+        /// The method the path takes, for the `Allow` header.
+        allow: &'static str,
     },
     /// The body is larger than `server.max_body_bytes`.
     #[error("Request body is larger than the limit of {limit} bytes.")]
@@ -57,8 +62,8 @@ pub enum GatewayError {
     /// No model of that name is configured.
     #[error("The model `{0}` does not exist or you do not have access to it.")]
     ModelNotFound(String),
-    /// The model exists but is above the caller's tier ceiling.
-    #[error("The model `{model}` is a {tier} model, which this key may not use.")]
+    /// The model exists but is above the caller's tier ceiling or outside its allowed models.
+    #[error("The model `{model}` ({tier} tier) is not permitted for this key.")]
     ModelNotPermitted {
         /// The model.
         model: String,
@@ -97,7 +102,9 @@ impl GatewayError {
             GatewayError::BodyReadFailed
             | GatewayError::MalformedJson(_)
             | GatewayError::InvalidParameter { .. } => StatusCode::BAD_REQUEST,
-            GatewayError::ModelNotPermitted { .. } => StatusCode::FORBIDDEN,
+            GatewayError::ModelNotPermitted { .. } | GatewayError::InstitutionSuspended => {
+                StatusCode::FORBIDDEN
+            }
             GatewayError::UpstreamUnreachable(_) | GatewayError::UpstreamFailed(_) => {
                 StatusCode::BAD_GATEWAY
             }
@@ -119,7 +126,9 @@ impl GatewayError {
             | GatewayError::MalformedJson(_)
             | GatewayError::InvalidParameter { .. }
             | GatewayError::ModelNotFound(_) => "invalid_request_error",
-            GatewayError::ModelNotPermitted { .. } => "permission_error",
+            GatewayError::ModelNotPermitted { .. } | GatewayError::InstitutionSuspended => {
+                "permission_error"
+            }
             GatewayError::UpstreamUnreachable(_)
             | GatewayError::UpstreamFailed(_)
             | GatewayError::UpstreamTimeout
@@ -133,6 +142,7 @@ impl GatewayError {
             GatewayError::MissingApiKey => "missing_api_key",
             GatewayError::InvalidApiKey => "invalid_api_key",
             GatewayError::ExpiredApiKey => "expired_api_key",
+            GatewayError::InstitutionSuspended => "institution_suspended",
             GatewayError::UnknownRoute { .. } => "unknown_url",
             GatewayError::MethodNotAllowed { .. } => "method_not_allowed",
             GatewayError::BodyTooLarge { .. } => "request_too_large",
@@ -153,7 +163,8 @@ impl GatewayError {
         match self {
             GatewayError::MissingApiKey
             | GatewayError::InvalidApiKey
-            | GatewayError::ExpiredApiKey => "auth",
+            | GatewayError::ExpiredApiKey
+            | GatewayError::InstitutionSuspended => "auth",
             GatewayError::UnknownRoute { .. } | GatewayError::MethodNotAllowed { .. } => "route",
             GatewayError::BodyTooLarge { .. }
             | GatewayError::BodyReadFailed
@@ -177,6 +188,7 @@ impl GatewayError {
             GatewayError::MissingApiKey
             | GatewayError::InvalidApiKey
             | GatewayError::ExpiredApiKey
+            | GatewayError::InstitutionSuspended
             | GatewayError::UnknownRoute { .. }
             | GatewayError::MethodNotAllowed { .. }
             | GatewayError::BodyTooLarge { .. }
@@ -187,6 +199,66 @@ impl GatewayError {
             | GatewayError::UpstreamTimeout
             | GatewayError::StoreUnavailable(_) => None,
         }
+    }
+
+    /// One error of each variant, for tests. A new variant must be added here (the match has
+    /// no `_` arm), and the tests then check its code is distinct and it is documented.
+    #[cfg(test)]
+    pub(crate) fn one_of_each() -> Vec<GatewayError> {
+        let all = vec![
+            GatewayError::MissingApiKey,
+            GatewayError::InvalidApiKey,
+            GatewayError::ExpiredApiKey,
+            GatewayError::InstitutionSuspended,
+            GatewayError::UnknownRoute {
+                method: "GET".into(),
+                path: "/x".into(),
+            },
+            GatewayError::MethodNotAllowed {
+                method: "GET".into(),
+                path: "/x".into(),
+                allow: "POST",
+            },
+            GatewayError::BodyTooLarge { limit: 1 },
+            GatewayError::BodyReadFailed,
+            GatewayError::MalformedJson(String::new()),
+            GatewayError::InvalidParameter {
+                param: "stream",
+                message: String::new(),
+            },
+            GatewayError::ModelNotFound("m".into()),
+            GatewayError::ModelNotPermitted {
+                model: "m".into(),
+                tier: carrel_core::domain::Tier::Frontier,
+            },
+            GatewayError::UpstreamUnreachable("x".into()),
+            GatewayError::UpstreamFailed("x".into()),
+            GatewayError::UpstreamTimeout,
+            GatewayError::StoreUnavailable(std::sync::Arc::new(
+                carrel_core::store::StoreError::Task("x".into()),
+            )),
+        ];
+        for e in &all {
+            match e {
+                GatewayError::MissingApiKey
+                | GatewayError::InvalidApiKey
+                | GatewayError::ExpiredApiKey
+                | GatewayError::InstitutionSuspended
+                | GatewayError::UnknownRoute { .. }
+                | GatewayError::MethodNotAllowed { .. }
+                | GatewayError::BodyTooLarge { .. }
+                | GatewayError::BodyReadFailed
+                | GatewayError::MalformedJson(_)
+                | GatewayError::InvalidParameter { .. }
+                | GatewayError::ModelNotFound(_)
+                | GatewayError::ModelNotPermitted { .. }
+                | GatewayError::UpstreamUnreachable(_)
+                | GatewayError::UpstreamFailed(_)
+                | GatewayError::UpstreamTimeout
+                | GatewayError::StoreUnavailable(_) => {}
+            }
+        }
+        all
     }
 
     /// Logs the error once: server-side failures at warn with their cause, client errors at
@@ -209,37 +281,7 @@ mod tests {
 
     #[test]
     fn codes_are_distinct() {
-        let all = [
-            GatewayError::MissingApiKey,
-            GatewayError::InvalidApiKey,
-            GatewayError::ExpiredApiKey,
-            GatewayError::UnknownRoute {
-                method: "GET".into(),
-                path: "/x".into(),
-            },
-            GatewayError::MethodNotAllowed {
-                method: "GET".into(),
-                path: "/x".into(),
-            },
-            GatewayError::BodyTooLarge { limit: 1 },
-            GatewayError::BodyReadFailed,
-            GatewayError::MalformedJson(String::new()),
-            GatewayError::InvalidParameter {
-                param: "stream",
-                message: String::new(),
-            },
-            GatewayError::ModelNotFound("m".into()),
-            GatewayError::ModelNotPermitted {
-                model: "m".into(),
-                tier: carrel_core::domain::Tier::Frontier,
-            },
-            GatewayError::UpstreamUnreachable("x".into()),
-            GatewayError::UpstreamFailed("x".into()),
-            GatewayError::UpstreamTimeout,
-            GatewayError::StoreUnavailable(std::sync::Arc::new(
-                carrel_core::store::StoreError::Task("x".into()),
-            )),
-        ];
+        let all = GatewayError::one_of_each();
         let codes: std::collections::HashSet<_> = all.iter().map(GatewayError::code).collect();
         assert_eq!(codes.len(), all.len());
         assert!(

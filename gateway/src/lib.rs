@@ -8,7 +8,8 @@
 //! 2. read body: bounded read, parse only `model` and `stream`
 //! 3. authorize: model exists, tier within the principal's ceiling
 //! 4. safeguards, 5. rate limit, 6. quota reserve, 7. cache, 8. route: arriving with later issues
-//! 9. forward: to the provider (or the built-in demo model), streamed back chunk by chunk
+//! 9. forward + meter: to the provider (or the built-in demo model), streamed back chunk by
+//!    chunk; a 2xx body's usage goes to the usage ledger
 //!
 //! # Layout
 //!
@@ -19,13 +20,17 @@
 //! - [`upstream`]: the pooled provider client, the catalog, the streaming upstream body.
 //! - [`openai`]: the wire types Carrel reads and writes.
 //! - [`error`]: [`error::GatewayError`] and its status, type, code and metric label.
+//! - [`api_doc`]: the public API's OpenAPI description, merged with the admin API's.
 //! - [`body`]: the response body type.
+//! - [`metering`]: the metered body and the usage ledger writer.
 //! - [`demo`]: the built-in demo model.
 
+pub mod api_doc;
 pub mod app;
 pub mod body;
 pub mod demo;
 pub mod error;
+pub mod metering;
 pub mod openai;
 pub mod pipeline;
 pub mod server;

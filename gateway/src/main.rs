@@ -34,7 +34,7 @@ enum Command {
     Serve(ServeArgs),
     /// Run the gateway on a fresh data dir with a built-in demo model, institution and key.
     Demo(ServeArgs),
-    /// Print the admin API's OpenAPI document.
+    /// Print the OpenAPI document of the admin and public APIs.
     Openapi,
 }
 
@@ -58,7 +58,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let (args, demo) = match cli.command {
         Command::Openapi => {
-            println!("{}", carrel_admin::doc::openapi_json());
+            println!("{}", carrel_gateway::api_doc::openapi_json());
             return ExitCode::SUCCESS;
         }
         Command::Serve(args) => (args, false),
@@ -161,6 +161,7 @@ async fn serve(config: Config, demo: bool) -> Result<(), InitError> {
             &admin_url,
             &tenant.api_key,
             opts.admin_token.as_deref().unwrap_or_default(),
+            &tenant.institution_id,
         );
     }
 
@@ -227,7 +228,7 @@ fn say(text: &str) {
     let _ = out.flush();
 }
 
-fn print_demo_banner(public: &str, admin: &str, key: &str, admin_token: &str) {
+fn print_demo_banner(public: &str, admin: &str, key: &str, admin_token: &str, institution: &str) {
     let model = carrel_gateway::demo::DEMO_MODEL;
     say(&format!(
         r#"
@@ -238,7 +239,13 @@ fn print_demo_banner(public: &str, admin: &str, key: &str, admin_token: &str) {
   API key               {key}
   Demo model            {model}
   Admin API             {admin}/admin/v1   (bearer token: {admin_token})
+  API reference         {admin}/admin/docs
   Health                {public}/healthz
+
+  Usage of the demo library so far (updated as each answer ends):
+
+    curl -H "Authorization: Bearer {admin_token}" \
+      "{admin}/admin/v1/institutions/{institution}/usage?group_by=model"
 
   Try it with curl (streams word by word):
 

@@ -180,6 +180,8 @@ pub async fn run(
     let _ = joined.await;
     admin_tracker.close();
     let _ = tokio::time::timeout(cfg.shutdown_grace, admin_task).await;
+    // Every response has ended (or been cut off): their usage goes to disk before exit.
+    state.ledger.flush().await;
     tracing::info!("stopped");
     Ok(())
 }

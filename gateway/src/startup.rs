@@ -14,6 +14,7 @@ use carrel_core::store::{NewApiKey, NewInstitution, Store, StoreError};
 
 use crate::app::{AppState, GatewayHooks, Limits, StateParts};
 use crate::demo;
+use crate::metering::UsageLedger;
 use crate::pipeline::authenticate::KeyCache;
 
 /// Why Carrel could not start.
@@ -116,6 +117,7 @@ impl App {
             store: store.clone(),
             pepper: pepper.clone(),
             keys: KeyCache::new(config.auth.key_cache_capacity, config.auth.key_cache_ttl),
+            ledger: UsageLedger::start(store.clone()).map_err(InitError::Runtime)?,
             upstream: config.upstream.clone(),
             limits: Limits {
                 max_body_bytes: config.server.max_body_bytes,
@@ -134,6 +136,7 @@ impl App {
             hooks: Arc::new(GatewayHooks(state.clone())),
             env_keyed_providers: Arc::new(env_keyed),
             login_throttle: Arc::default(),
+            openapi: Arc::from(crate::api_doc::openapi_json()),
         };
         if admin.operator_token.is_none() {
             tracing::warn!(
@@ -189,6 +192,7 @@ pub async fn seed_demo_tenant(app: &App) -> Result<DemoTenant, InitError> {
             kind: InstitutionKind::Library,
             region: "US-IL".to_owned(),
             timezone: "America/Chicago".to_owned(),
+            sector: Some("public_library".to_owned()),
         })
         .await?;
     let minted = NewKey::generate();
@@ -203,6 +207,7 @@ pub async fn seed_demo_tenant(app: &App) -> Result<DemoTenant, InitError> {
             expires_at: None,
             site_id: None,
             group_id: None,
+            allowed_models: None,
         })
         .await?;
     Ok(DemoTenant {

@@ -16,6 +16,8 @@ use tokio_util::sync::CancellationToken;
 
 /// The operator token every test gateway accepts.
 pub const ADMIN_TOKEN: &str = "test-admin-token";
+/// Password of the admin accounts that tests create.
+pub const PASSWORD: &str = "correct horse battery staple";
 
 /// A Carrel server running in this process on two port-0 listeners. Dropping it shuts it down.
 pub struct Gateway {
@@ -105,10 +107,22 @@ impl Gateway {
         path: &str,
         body: Option<Value>,
     ) -> (u16, Value) {
+        self.admin_as(ADMIN_TOKEN, method, path, body).await
+    }
+
+    /// Sends an admin request with `token` (a session or automation token); returns status and
+    /// JSON body (`Null` when it is not JSON).
+    pub async fn admin_as(
+        &self,
+        token: &str,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
         let mut req = self
             .http
             .request(method, self.admin_url(path))
-            .bearer_auth(ADMIN_TOKEN);
+            .bearer_auth(token);
         if let Some(body) = body {
             req = req.json(&body);
         }
@@ -145,6 +159,42 @@ impl Gateway {
             key["id"].as_str().unwrap().to_owned(),
             key["secret"].as_str().unwrap().to_owned(),
         )
+    }
+
+    /// Creates a library (America/Chicago) through the admin API; returns its id.
+    pub async fn institution(&self, name: &str) -> String {
+        let (status, inst) = self
+            .admin(
+                reqwest::Method::POST,
+                "/admin/v1/institutions",
+                Some(json!({"name": name, "kind": "library", "region": "US-IL",
+                            "timezone": "America/Chicago", "sector": "public_library"})),
+            )
+            .await;
+        assert_eq!(status, 201, "{inst}");
+        inst["id"].as_str().unwrap().to_owned()
+    }
+
+    /// Creates an admin account with [`PASSWORD`] and signs it in; returns the session token.
+    pub async fn session(&self, username: &str, role: &str, institution: Option<&str>) -> String {
+        let mut body = json!({"username": username, "password": PASSWORD, "role": role});
+        if let Some(inst) = institution {
+            body["institution_id"] = json!(inst);
+        }
+        let (status, user) = self
+            .admin(reqwest::Method::POST, "/admin/v1/users", Some(body))
+            .await;
+        assert_eq!(status, 201, "{user}");
+        let resp = self
+            .http
+            .post(self.admin_url("/admin/v1/login"))
+            .json(&json!({"username": username, "password": PASSWORD}))
+            .send()
+            .await
+            .expect("login request");
+        assert_eq!(resp.status(), 200);
+        let session: Value = resp.json().await.expect("login answers JSON");
+        session["token"].as_str().unwrap().to_owned()
     }
 
     /// POSTs JSON to a public path with a key.

@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use carrel_core::domain::Principal;
+use carrel_core::domain::{InstitutionStatus, Principal};
 use carrel_core::keys::ParsedKey;
 use carrel_core::store::Store;
 use http::HeaderMap;
@@ -50,6 +50,7 @@ impl KeyCache {
             cache: moka::future::Cache::builder()
                 .max_capacity(capacity)
                 .time_to_live(ttl)
+                .support_invalidation_closures()
                 .build(),
         }
     }
@@ -86,6 +87,19 @@ impl KeyCache {
     pub async fn evict(&self, id: &str) {
         self.cache.invalidate(id).await;
     }
+
+    /// Forgets every key of an institution at once (suspension, time zone change).
+    pub fn evict_institution(&self, institution_id: &str) {
+        let id: Arc<str> = institution_id.into();
+        let result = self
+            .cache
+            .invalidate_entries_if(move |_, key| key.principal.institution_id == id);
+        if let Err(e) = result {
+            // Only when the cache was built without closure support, which `new` never does.
+            tracing::error!(error = %e, "could not evict an institution's keys; clearing all");
+            self.cache.invalidate_all();
+        }
+    }
 }
 
 /// The bearer token of a request, if any.
@@ -110,6 +124,9 @@ pub async fn principal(state: &AppState, headers: &HeaderMap) -> Result<Principa
     if key.principal.expires_at.is_some() && key.principal.expired(carrel_core::domain::unix_now())
     {
         return Err(GatewayError::ExpiredApiKey);
+    }
+    if key.principal.institution_status == InstitutionStatus::Suspended {
+        return Err(GatewayError::InstitutionSuspended);
     }
     Ok(key.principal.clone())
 }

@@ -1,4 +1,4 @@
-//! Stage 3, authorize: the model exists and the principal may use its tier.
+//! Stage 3, authorize: the model exists and the principal may use it (tier ceiling, allowed models).
 
 use std::sync::Arc;
 
@@ -13,7 +13,7 @@ pub fn run(state: &AppState, ctx: &mut RequestCtx) -> Result<Flow, GatewayError>
     let route = catalog
         .get(model)
         .ok_or_else(|| GatewayError::ModelNotFound(model.clone()))?;
-    if !ctx.principal().may_use(route.tier) {
+    if !ctx.principal().may_use(&route.name, route.tier) {
         return Err(GatewayError::ModelNotPermitted {
             model: model.clone(),
             tier: route.tier,

@@ -1,11 +1,17 @@
-//! Stage 9, forward: send the request to where the model is served and stream the answer back.
+//! Stage 9, forward + meter: send the request to where the model is served, stream the answer
+//! back, and meter a successful answer into the usage ledger.
+
+use std::sync::Arc;
 
 use http::Response;
+use http_body_util::BodyExt;
 
 use crate::app::AppState;
 use crate::body::ResponseBody;
 use crate::demo;
 use crate::error::GatewayError;
+use crate::metering::MeteredBody;
+use crate::metering::body::Meter;
 use crate::openai::rewrite_model;
 use crate::pipeline::RequestCtx;
 use crate::upstream::catalog::Target;
@@ -15,8 +21,8 @@ pub async fn run(
     state: &AppState,
     ctx: &mut RequestCtx,
 ) -> Result<Response<ResponseBody>, GatewayError> {
-    let route = ctx.route();
-    match &route.target {
+    let route = Arc::clone(ctx.route());
+    let resp = match &route.target {
         Target::Http(target) => {
             let body = if route.renames() {
                 rewrite_model(&ctx.body, &route.upstream_model)?
@@ -34,5 +40,18 @@ pub async fn run(
             &ctx.body,
             state.demo_word_delay,
         )),
+    }?;
+    if !resp.status().is_success() {
+        // The provider refused: nothing was used.
+        return Ok(resp);
     }
+    let meter = Meter {
+        ledger: state.ledger.clone(),
+        request_id: state.request_ids.next(),
+        principal: ctx.principal().clone(),
+        model: route.name.clone(),
+        prices: (route.input_price_per_mtok, route.output_price_per_mtok),
+        status: resp.status().as_u16(),
+    };
+    Ok(resp.map(|body| MeteredBody::new(body, meter).boxed()))
 }

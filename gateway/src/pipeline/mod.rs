@@ -3,11 +3,11 @@
 //!
 //! | # | stage | module | may answer with |
 //! |---|-------|--------|-----------------|
-//! | 1 | authenticate | [`authenticate`] | 401 `missing_api_key`, 401 `invalid_api_key`, 401 `expired_api_key`, 503 `store_unavailable` |
+//! | 1 | authenticate | [`authenticate`] | 401 `missing_api_key`, 401 `invalid_api_key`, 401 `expired_api_key`, 403 `institution_suspended`, 503 `store_unavailable` |
 //! | 2 | read body | [`read_body`] | 413 `request_too_large`, 400 `body_read_failed`, 400 `invalid_json`, 400 `invalid_parameter` |
 //! | 3 | authorize | [`authorize`] | 404 `model_not_found`, 403 `model_not_permitted` |
 //! | 4–8 | safeguards, rate limit, quota, cache, routing | (issues 4, 7, 8) | |
-//! | 9 | forward | [`forward`] | the upstream's own status, 502 `upstream_unreachable`, 502 `upstream_failed`, 504 `upstream_timeout` |
+//! | 9 | forward + meter | [`forward`] | the upstream's own status, 502 `upstream_unreachable`, 502 `upstream_failed`, 504 `upstream_timeout`; a 2xx body is metered into the usage ledger ([`crate::metering`]) |
 //!
 //! Routing itself answers 404 `unknown_url` and 405 `method_not_allowed`. Adding a stage means
 //! editing [`inference`] and this table, nowhere else.
@@ -123,14 +123,14 @@ enum Route<'a> {
 
 fn route<'a>(method: &Method, path: &'a str) -> Result<Route<'a>, GatewayError> {
     let (route, allowed) = match path {
-        "/v1/chat/completions" => (Route::Inference(Endpoint::ChatCompletions), Method::POST),
-        "/v1/completions" => (Route::Inference(Endpoint::Completions), Method::POST),
-        "/v1/embeddings" => (Route::Inference(Endpoint::Embeddings), Method::POST),
-        "/v1/models" => (Route::Models, Method::GET),
-        "/healthz" => (Route::Healthz, Method::GET),
-        "/readyz" => (Route::Readyz, Method::GET),
+        "/v1/chat/completions" => (Route::Inference(Endpoint::ChatCompletions), "POST"),
+        "/v1/completions" => (Route::Inference(Endpoint::Completions), "POST"),
+        "/v1/embeddings" => (Route::Inference(Endpoint::Embeddings), "POST"),
+        "/v1/models" => (Route::Models, "GET"),
+        "/healthz" => (Route::Healthz, "GET"),
+        "/readyz" => (Route::Readyz, "GET"),
         _ => match path.strip_prefix("/v1/models/") {
-            Some(id) if !id.is_empty() => (Route::Model(id), Method::GET),
+            Some(id) if !id.is_empty() => (Route::Model(id), "GET"),
             _ => {
                 return Err(GatewayError::UnknownRoute {
                     method: method.to_string(),
@@ -139,12 +139,13 @@ fn route<'a>(method: &Method, path: &'a str) -> Result<Route<'a>, GatewayError> 
             }
         },
     };
-    if *method == allowed {
+    if method.as_str() == allowed {
         Ok(route)
     } else {
         Err(GatewayError::MethodNotAllowed {
             method: method.to_string(),
             path: path.to_owned(),
+            allow: allowed,
         })
     }
 }
@@ -202,7 +203,7 @@ async fn list_models(
         object: "list",
         data: catalog
             .iter()
-            .filter(|m| principal.may_use(m.tier))
+            .filter(|m| principal.may_use(&m.name, m.tier))
             .map(|m| model_object(m))
             .collect(),
     };
@@ -221,7 +222,7 @@ async fn get_model(
     let catalog = state.catalog.load();
     let model = catalog
         .get(id)
-        .filter(|m| principal.may_use(m.tier))
+        .filter(|m| principal.may_use(&m.name, m.tier))
         .ok_or_else(|| GatewayError::ModelNotFound(id.to_owned()))?;
     Ok(body::json(
         StatusCode::OK,

@@ -59,6 +59,10 @@ pub struct ModelRoute {
     pub provider: String,
     /// Unix seconds when it was added.
     pub created: i64,
+    /// Price of a million prompt tokens, in US dollars.
+    pub input_price_per_mtok: f64,
+    /// Price of a million completion tokens, in US dollars.
+    pub output_price_per_mtok: f64,
     /// Where requests go.
     pub target: Target,
 }
@@ -124,6 +128,8 @@ impl Catalog {
                 tier: m.tier,
                 provider: m.provider.clone(),
                 created,
+                input_price_per_mtok: m.input_price_per_mtok,
+                output_price_per_mtok: m.output_price_per_mtok,
                 target: target.clone(),
             });
             catalog.models.insert(m.name.clone(), Arc::clone(&route));

@@ -1,25 +1,14 @@
 //! Admin accounts, sessions, lockout, and isolation between institutions.
 
 use carrel_tests::mock::MockUpstream;
-use carrel_tests::{Gateway, config_for};
+use carrel_tests::{Gateway, PASSWORD, config_for};
 use reqwest::Method;
 use serde_json::{Value, json};
-
-const PASSWORD: &str = "correct horse battery staple";
 
 async fn gateway() -> (MockUpstream, Gateway) {
     let mock = MockUpstream::start().await;
     let gw = Gateway::start(&config_for(&mock.base_url(), "")).await;
     (mock, gw)
-}
-
-async fn institution(gw: &Gateway, name: &str) -> String {
-    let (status, inst) = gw
-        .admin(Method::POST, "/admin/v1/institutions",
-               Some(json!({"name": name, "kind": "library", "region": "US-IL", "timezone": "America/Chicago"})))
-        .await;
-    assert_eq!(status, 201, "{inst}");
-    inst["id"].as_str().unwrap().to_owned()
 }
 
 async fn user(gw: &Gateway, username: &str, role: &str, institution: Option<&str>) -> Value {
@@ -45,6 +34,7 @@ async fn login(gw: &Gateway, username: &str, password: &str) -> (u16, Value) {
     (status, resp.json().await.unwrap_or(Value::Null))
 }
 
+/// An admin request with `token`.
 async fn call(
     gw: &Gateway,
     token: &str,
@@ -52,22 +42,13 @@ async fn call(
     path: &str,
     body: Option<Value>,
 ) -> (u16, Value) {
-    let mut req = gw
-        .http
-        .request(method, gw.admin_url(path))
-        .bearer_auth(token);
-    if let Some(body) = body {
-        req = req.json(&body);
-    }
-    let resp = req.send().await.unwrap();
-    let status = resp.status().as_u16();
-    (status, resp.json().await.unwrap_or(Value::Null))
+    gw.admin_as(token, method, path, body).await
 }
 
 #[tokio::test]
 async fn login_me_and_logout() {
     let (_mock, gw) = gateway().await;
-    let inst = institution(&gw, "Springfield").await;
+    let inst = gw.institution("Springfield").await;
     user(&gw, "admin@springfield", "institution_admin", Some(&inst)).await;
 
     let (status, session) = login(&gw, "admin@springfield", PASSWORD).await;
@@ -101,7 +82,7 @@ async fn login_me_and_logout() {
 #[tokio::test]
 async fn five_failed_logins_lock_the_account() {
     let (_mock, gw) = gateway().await;
-    let inst = institution(&gw, "Shelbyville").await;
+    let inst = gw.institution("Shelbyville").await;
     user(&gw, "desk@shelbyville", "staff", Some(&inst)).await;
     for attempt in 1..=4 {
         let (status, _) = login(&gw, "desk@shelbyville", "not the password").await;
@@ -132,7 +113,7 @@ async fn five_failed_logins_lock_the_account() {
 #[tokio::test]
 async fn user_creation_is_checked() {
     let (_mock, gw) = gateway().await;
-    let inst = institution(&gw, "Capital City").await;
+    let inst = gw.institution("Capital City").await;
     let cases = [
         (
             "password",
@@ -176,8 +157,8 @@ async fn user_creation_is_checked() {
 #[tokio::test]
 async fn institutions_are_isolated_from_each_other() {
     let (_mock, gw) = gateway().await;
-    let a = institution(&gw, "Library A").await;
-    let b = institution(&gw, "Library B").await;
+    let a = gw.institution("Library A").await;
+    let b = gw.institution("Library B").await;
     user(&gw, "admin-a", "institution_admin", Some(&a)).await;
     user(&gw, "admin-b", "institution_admin", Some(&b)).await;
     user(&gw, "auditor-a", "auditor", Some(&a)).await;
@@ -285,7 +266,7 @@ async fn institutions_are_isolated_from_each_other() {
 
     // Lists show only A.
     let (_, list) = call(&gw, &token_a, Method::GET, "/admin/v1/institutions", None).await;
-    let names: Vec<&str> = list
+    let names: Vec<&str> = list["data"]
         .as_array()
         .unwrap()
         .iter()
@@ -294,7 +275,7 @@ async fn institutions_are_isolated_from_each_other() {
     assert_eq!(names, ["Library A"]);
     let (_, users) = call(&gw, &token_a, Method::GET, "/admin/v1/users", None).await;
     assert!(
-        users
+        users["data"]
             .as_array()
             .unwrap()
             .iter()
@@ -385,8 +366,8 @@ async fn logins_are_throttled_per_address() {
 #[tokio::test]
 async fn the_audit_trail_records_who_did_what_without_secrets() {
     let (_mock, gw) = gateway().await;
-    let a = institution(&gw, "Library A").await;
-    let b = institution(&gw, "Library B").await;
+    let a = gw.institution("Library A").await;
+    let b = gw.institution("Library B").await;
     let admin_a = user(&gw, "admin-a", "institution_admin", Some(&a)).await;
     user(&gw, "auditor-a", "auditor", Some(&a)).await;
     user(&gw, "staff-a", "staff", Some(&a)).await;
@@ -495,7 +476,7 @@ async fn the_audit_trail_records_who_did_what_without_secrets() {
 #[tokio::test]
 async fn keys_expire_and_rotate_with_an_overlap() {
     let (_mock, gw) = gateway().await;
-    let a = institution(&gw, "Library A").await;
+    let a = gw.institution("Library A").await;
     let keys = format!("/admin/v1/institutions/{a}/keys");
     let chat = json!({"model": "mock-model", "messages": []});
 
@@ -609,8 +590,8 @@ async fn keys_expire_and_rotate_with_an_overlap() {
 #[tokio::test]
 async fn sites_and_groups_hold_keys_of_their_own_institution_only() {
     let (_mock, gw) = gateway().await;
-    let a = institution(&gw, "District A").await;
-    let b = institution(&gw, "District B").await;
+    let a = gw.institution("District A").await;
+    let b = gw.institution("District B").await;
     let (status, site) = gw
         .admin(
             Method::POST,
@@ -693,7 +674,7 @@ async fn sites_and_groups_hold_keys_of_their_own_institution_only() {
             None,
         )
         .await;
-    assert_eq!(sites.as_array().unwrap().len(), 1);
+    assert_eq!(sites["data"].as_array().unwrap().len(), 1);
     let (_, none) = gw
         .admin(
             Method::GET,
@@ -701,7 +682,7 @@ async fn sites_and_groups_hold_keys_of_their_own_institution_only() {
             None,
         )
         .await;
-    assert_eq!(none, json!([]));
+    assert_eq!(none, json!({"data": []}));
     let (status, _) = gw
         .admin(
             Method::GET,

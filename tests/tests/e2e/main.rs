@@ -4,7 +4,10 @@
 
 mod accounts;
 mod admin;
+mod docs;
+mod governance;
 mod openai_sdk;
 mod openapi_contract;
 mod proxy;
+mod tenancy;
 mod transport;

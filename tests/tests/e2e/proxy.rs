@@ -350,7 +350,16 @@ async fn request_errors_have_distinct_codes() {
         .send()
         .await
         .unwrap();
-    assert_eq!(resp.headers()["allow"], "GET, POST");
+    assert_eq!(resp.headers()["allow"], "POST");
+    assert_eq!(error_code(resp).await, (405, "method_not_allowed".into()));
+    let resp = gw
+        .http
+        .delete(gw.url("/v1/models"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["allow"], "GET");
     assert_eq!(error_code(resp).await, (405, "method_not_allowed".into()));
     let resp = gw.http.get(gw.url("/v1/nothing")).send().await.unwrap();
     assert_eq!(error_code(resp).await, (404, "unknown_url".into()));

@@ -12,10 +12,16 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use crate::config::{ModelConfig, ProviderConfig};
 use crate::domain::{
-    AdminUser, ApiKey, Group, GroupKind, Institution, InstitutionKind, KeyCredential, KeyKind,
-    Model, Provider, ProviderKind, Role, Site, Source, Tier,
+    AdminUser, ApiKey, Group, GroupKind, Institution, InstitutionKind, InstitutionStatus,
+    KeyCredential, KeyKind, Model, Provider, ProviderKind, Role, Site, Source, Tier,
 };
 use crate::ids;
+
+mod tokens;
+mod usage;
+
+pub use tokens::NewAdminToken;
+pub use usage::{UsageLine, UsageRecord};
 
 /// File name of the database inside the data directory.
 pub const DB_FILE: &str = "carrel.db";
@@ -118,7 +124,79 @@ CREATE TABLE member_groups (
 ALTER TABLE api_keys ADD COLUMN site_id TEXT REFERENCES sites(id);
 ALTER TABLE api_keys ADD COLUMN group_id TEXT REFERENCES member_groups(id);
 "#,
+    r#"
+ALTER TABLE institutions ADD COLUMN sector TEXT;
+ALTER TABLE institutions ADD COLUMN status TEXT NOT NULL DEFAULT 'active';
+ALTER TABLE institutions ADD COLUMN frontier_verified INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE api_keys ADD COLUMN allowed_models TEXT;
+CREATE TABLE admin_tokens (
+    id              TEXT PRIMARY KEY,
+    name            TEXT NOT NULL,
+    token_hash      BLOB NOT NULL UNIQUE,
+    role            TEXT NOT NULL,
+    institution_id  TEXT REFERENCES institutions(id),
+    scopes          TEXT NOT NULL,
+    created_by      TEXT NOT NULL,
+    created_at      TEXT NOT NULL,
+    expires_at      INTEGER,
+    revoked_at      TEXT
+);
+CREATE TABLE usage_events (
+    request_id         TEXT PRIMARY KEY,
+    at                 INTEGER NOT NULL,
+    day                TEXT NOT NULL,
+    institution_id     TEXT NOT NULL,
+    site_id            TEXT,
+    group_id           TEXT,
+    key_id             TEXT NOT NULL,
+    model              TEXT NOT NULL,
+    status             INTEGER NOT NULL,
+    prompt_tokens      INTEGER NOT NULL,
+    completion_tokens  INTEGER NOT NULL,
+    cost_nano_usd     INTEGER NOT NULL
+);
+CREATE INDEX usage_events_by_day ON usage_events(institution_id, day);
+"#,
 ];
+
+/// Columns of an institution, in [`institution_row`]'s order.
+const INSTITUTION_COLS: [&str; 9] = [
+    "id",
+    "name",
+    "kind",
+    "region",
+    "timezone",
+    "created_at",
+    "sector",
+    "status",
+    "frontier_verified",
+];
+
+/// Columns of a key, in [`key_row`]'s order.
+const KEY_COLS: [&str; 11] = [
+    "id",
+    "institution_id",
+    "name",
+    "kind",
+    "tier_ceiling",
+    "created_at",
+    "revoked_at",
+    "expires_at",
+    "site_id",
+    "group_id",
+    "allowed_models",
+];
+
+/// `cols` as a select list, each prefixed with `table.` when a table is given.
+fn select_list(table: Option<&str>, cols: &[&str]) -> String {
+    cols.iter()
+        .map(|c| match table {
+            Some(t) => format!("{t}.{c}"),
+            None => (*c).to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
 
 /// Failed logins within [`LOCKOUT_WINDOW_SECS`] that lock an account.
 pub const LOCKOUT_FAILURES: i64 = 5;
@@ -188,6 +266,80 @@ pub struct NewInstitution {
     pub region: String,
     /// IANA time zone.
     pub timezone: String,
+    /// Validated sector label.
+    pub sector: Option<String>,
+}
+
+/// Changes to an institution; `None` leaves a field as it is.
+#[derive(Debug, Clone, Default)]
+pub struct InstitutionPatch {
+    /// New display name.
+    pub name: Option<String>,
+    /// New sector label, or `Some(None)` to clear it.
+    pub sector: Option<Option<String>>,
+    /// New IANA time zone.
+    pub timezone: Option<String>,
+    /// New status.
+    pub status: Option<InstitutionStatus>,
+    /// New verification flag (operators only; the caller checks).
+    pub frontier_verified: Option<bool>,
+}
+
+/// Changes to a key; `None` leaves a field as it is.
+#[derive(Debug, Clone, Default)]
+pub struct KeyPatch {
+    /// New display name.
+    pub name: Option<String>,
+    /// New tier ceiling.
+    pub tier_ceiling: Option<Tier>,
+    /// New RFC 3339 expiry, or `Some(None)` for none.
+    pub expires_at: Option<Option<String>>,
+    /// New allow-list of models, or `Some(None)` for any model within the ceiling.
+    pub allowed_models: Option<Option<Vec<String>>>,
+}
+
+/// Which page of a list to read: the rows after `after` (a cursor from an earlier page), at
+/// most `limit` of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageRequest {
+    /// Cursor of the last row already seen.
+    pub after: Option<i64>,
+    /// Most rows to return.
+    pub limit: u32,
+}
+
+impl PageRequest {
+    /// Every row at once, for internal readers such as the routing catalog.
+    pub const ALL: PageRequest = PageRequest {
+        after: None,
+        limit: u32::MAX,
+    };
+
+    /// The first page of `limit` rows.
+    pub fn first(limit: u32) -> Self {
+        PageRequest { after: None, limit }
+    }
+}
+
+/// One page of a list, in the list's order; `next_cursor` reads the next page.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Page<T> {
+    /// The rows of this page.
+    pub data: Vec<T>,
+    /// Pass as `after` to read the next page; absent on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+}
+
+impl<T> Page<T> {
+    /// A page holding everything.
+    pub fn whole(data: Vec<T>) -> Self {
+        Page {
+            data,
+            next_cursor: None,
+        }
+    }
 }
 
 /// An API key to record; the caller minted it and hashed its secret.
@@ -211,6 +363,8 @@ pub struct NewApiKey {
     pub site_id: Option<String>,
     /// Group, already checked to belong to the institution.
     pub group_id: Option<String>,
+    /// Models the key is limited to, if any.
+    pub allowed_models: Option<Vec<String>>,
 }
 
 /// An admin account to create; the caller hashed the password.
@@ -269,7 +423,7 @@ impl std::fmt::Debug for Store {
     }
 }
 
-fn now() -> String {
+pub(crate) fn now() -> String {
     jiff::Timestamp::now().to_string()
 }
 
@@ -306,7 +460,7 @@ impl Store {
             .await
     }
 
-    async fn call<T, F>(&self, f: F) -> Result<T, StoreError>
+    pub(crate) async fn call<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
@@ -320,6 +474,16 @@ impl Store {
         })
         .await
         .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
+    /// Runs `f` on the connection on the calling thread, for a thread of its own that is not a
+    /// runtime's (async callers use `call`).
+    pub(crate) fn blocking<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut guard = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut guard)
     }
 
     /// Cheap liveness check for `/readyz`.
@@ -445,15 +609,17 @@ impl Store {
         .await
     }
 
-    /// All providers, by name.
-    pub async fn list_providers(&self) -> Result<Vec<Provider>, StoreError> {
-        self.call(|c| {
-            let mut stmt = c.prepare(
-                "SELECT id, name, kind, base_url, api_key, source, created_at
-                 FROM providers ORDER BY name",
-            )?;
-            let rows = stmt.query_map([], |r| Ok(provider_row(r)))?;
-            rows.map(|r| r?).collect()
+    /// Providers, oldest first.
+    pub async fn list_providers(&self, page: PageRequest) -> Result<Page<Provider>, StoreError> {
+        self.call(move |c| {
+            paged(
+                c,
+                "SELECT id, name, kind, base_url, api_key, source, created_at, rowid
+                 FROM providers WHERE 1",
+                &[],
+                page,
+                provider_row,
+            )
         })
         .await
     }
@@ -501,16 +667,18 @@ impl Store {
         .await
     }
 
-    /// All models, by name.
-    pub async fn list_models(&self) -> Result<Vec<Model>, StoreError> {
-        self.call(|c| {
-            let mut stmt = c.prepare(
+    /// Models, oldest first.
+    pub async fn list_models(&self, page: PageRequest) -> Result<Page<Model>, StoreError> {
+        self.call(move |c| {
+            paged(
+                c,
                 "SELECT id, name, provider, upstream_model, tier, input_price_per_mtok,
-                    output_price_per_mtok, source, created_at
-                 FROM models ORDER BY name",
-            )?;
-            let rows = stmt.query_map([], |r| Ok(model_row(r)))?;
-            rows.map(|r| r?).collect()
+                    output_price_per_mtok, source, created_at, rowid
+                 FROM models WHERE 1",
+                &[],
+                page,
+                model_row,
+            )
         })
         .await
     }
@@ -524,18 +692,22 @@ impl Store {
                 kind: new.kind,
                 region: new.region,
                 timezone: new.timezone,
+                sector: new.sector,
+                status: InstitutionStatus::Active,
+                frontier_verified: false,
                 created_at: now(),
             };
             c.execute(
-                "INSERT INTO institutions (id, name, kind, region, timezone, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "INSERT INTO institutions (id, name, kind, region, timezone, created_at, sector)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 params![
                     inst.id,
                     inst.name,
                     inst.kind.as_str(),
                     inst.region,
                     inst.timezone,
-                    inst.created_at
+                    inst.created_at,
+                    inst.sector
                 ],
             )?;
             Ok(inst)
@@ -546,27 +718,65 @@ impl Store {
     /// One institution.
     pub async fn get_institution(&self, id: &str) -> Result<Option<Institution>, StoreError> {
         let id = id.to_owned();
+        self.call(move |c| get_institution(c, &id)).await
+    }
+
+    /// Institutions, oldest first.
+    pub async fn list_institutions(
+        &self,
+        page: PageRequest,
+    ) -> Result<Page<Institution>, StoreError> {
         self.call(move |c| {
-            c.query_row(
-                "SELECT id, name, kind, region, timezone, created_at FROM institutions WHERE id = ?1",
-                [id],
-                |r| Ok(institution_row(r, 0)),
-            )
-            .optional()?
-            .transpose()
+            let sql = format!(
+                "SELECT {}, rowid FROM institutions WHERE 1",
+                select_list(None, &INSTITUTION_COLS)
+            );
+            paged(c, &sql, &[], page, |r| institution_row(r, 0))
         })
         .await
     }
 
-    /// All institutions, oldest first.
-    pub async fn list_institutions(&self) -> Result<Vec<Institution>, StoreError> {
-        self.call(|c| {
-            let mut stmt = c.prepare(
-                "SELECT id, name, kind, region, timezone, created_at
-                 FROM institutions ORDER BY created_at, id",
+    /// Changes an institution; `Ok(None)` when there is no such institution.
+    pub async fn update_institution(
+        &self,
+        id: &str,
+        patch: InstitutionPatch,
+    ) -> Result<Option<Institution>, StoreError> {
+        let id = id.to_owned();
+        self.call(move |c| {
+            let tx = c.transaction()?;
+            let Some(mut inst) = get_institution(&tx, &id)? else {
+                return Ok(None);
+            };
+            if let Some(name) = patch.name {
+                inst.name = name;
+            }
+            if let Some(sector) = patch.sector {
+                inst.sector = sector;
+            }
+            if let Some(tz) = patch.timezone {
+                inst.timezone = tz;
+            }
+            if let Some(status) = patch.status {
+                inst.status = status;
+            }
+            if let Some(verified) = patch.frontier_verified {
+                inst.frontier_verified = verified;
+            }
+            tx.execute(
+                "UPDATE institutions SET name = ?2, sector = ?3, timezone = ?4, status = ?5,
+                    frontier_verified = ?6 WHERE id = ?1",
+                params![
+                    inst.id,
+                    inst.name,
+                    inst.sector,
+                    inst.timezone,
+                    inst.status.as_str(),
+                    inst.frontier_verified
+                ],
             )?;
-            let rows = stmt.query_map([], |r| Ok(institution_row(r, 0)))?;
-            rows.map(|r| r?).collect()
+            tx.commit()?;
+            Ok(Some(inst))
         })
         .await
     }
@@ -590,17 +800,60 @@ impl Store {
         .await
     }
 
-    /// The keys of one institution, newest first.
-    pub async fn list_keys(&self, institution_id: &str) -> Result<Vec<ApiKey>, StoreError> {
+    /// The keys of one institution, oldest first.
+    pub async fn list_keys(
+        &self,
+        institution_id: &str,
+        page: PageRequest,
+    ) -> Result<Page<ApiKey>, StoreError> {
         let id = institution_id.to_owned();
         self.call(move |c| {
-            let mut stmt = c.prepare(
-                "SELECT id, institution_id, name, kind, tier_ceiling, created_at, revoked_at,
-                    expires_at, site_id, group_id
-                 FROM api_keys WHERE institution_id = ?1 ORDER BY created_at DESC, id",
+            let sql = format!(
+                "SELECT {}, rowid FROM api_keys WHERE institution_id = :inst",
+                select_list(None, &KEY_COLS)
+            );
+            paged(c, &sql, &[(":inst", &id)], page, key_row)
+        })
+        .await
+    }
+
+    /// Changes a live key; `Ok(None)` when no live key has that id.
+    pub async fn update_key(
+        &self,
+        key_id: &str,
+        patch: KeyPatch,
+    ) -> Result<Option<ApiKey>, StoreError> {
+        let id = key_id.to_owned();
+        self.call(move |c| {
+            let tx = c.transaction()?;
+            let Some(mut key) = get_key(&tx, &id)?.filter(|k| k.revoked_at.is_none()) else {
+                return Ok(None);
+            };
+            if let Some(name) = patch.name {
+                key.name = name;
+            }
+            if let Some(tier) = patch.tier_ceiling {
+                key.tier_ceiling = tier;
+            }
+            if let Some(expires_at) = patch.expires_at {
+                key.expires_at = expires_at;
+            }
+            if let Some(allowed) = patch.allowed_models {
+                key.allowed_models = allowed;
+            }
+            tx.execute(
+                "UPDATE api_keys SET name = ?2, tier_ceiling = ?3, expires_at = ?4,
+                    allowed_models = ?5 WHERE id = ?1",
+                params![
+                    key.id,
+                    key.name,
+                    key.tier_ceiling.as_str(),
+                    key.expires_at,
+                    models_json(key.allowed_models.as_deref())
+                ],
             )?;
-            let rows = stmt.query_map([id], |r| Ok(key_row(r)))?;
-            rows.map(|r| r?).collect()
+            tx.commit()?;
+            Ok(Some(key))
         })
         .await
     }
@@ -609,18 +862,18 @@ impl Store {
     pub async fn key_credential(&self, key_id: &str) -> Result<Option<KeyCredential>, StoreError> {
         let id = key_id.to_owned();
         self.call(move |c| {
-            c.query_row(
-                "SELECT k.id, k.institution_id, k.name, k.kind, k.tier_ceiling, k.created_at,
-                        k.revoked_at, k.expires_at, k.site_id, k.group_id, k.secret_hash,
-                        i.id, i.name, i.kind, i.region, i.timezone, i.created_at
+            let sql = format!(
+                "SELECT {}, k.secret_hash, {}
                  FROM api_keys k JOIN institutions i ON i.id = k.institution_id
                  WHERE k.id = ?1 AND k.revoked_at IS NULL",
-                [id],
-                |r| {
-                    let hash: Vec<u8> = r.get(10)?;
-                    Ok((key_row(r), hash, institution_row(r, 11)))
-                },
-            )
+                select_list(Some("k"), &KEY_COLS),
+                select_list(Some("i"), &INSTITUTION_COLS)
+            );
+            let hash_at = KEY_COLS.len();
+            c.query_row(&sql, [id], |r| {
+                let hash: Vec<u8> = r.get(hash_at)?;
+                Ok((key_row(r), hash, institution_row(r, hash_at + 1)))
+            })
             .optional()?
             .map(|(key, hash, inst)| {
                 Ok(KeyCredential {
@@ -673,16 +926,22 @@ impl Store {
         .await
     }
 
-    /// The sites of an institution, by name.
-    pub async fn list_sites(&self, institution_id: &str) -> Result<Vec<Site>, StoreError> {
+    /// The sites of an institution, oldest first.
+    pub async fn list_sites(
+        &self,
+        institution_id: &str,
+        page: PageRequest,
+    ) -> Result<Page<Site>, StoreError> {
         let inst = institution_id.to_owned();
         self.call(move |c| {
-            let mut stmt = c.prepare(
-                "SELECT id, institution_id, name, created_at FROM sites
-                 WHERE institution_id = ?1 ORDER BY name",
-            )?;
-            let rows = stmt.query_map([inst], |r| Ok(site_row(r)))?;
-            rows.map(|r| r?).collect()
+            paged(
+                c,
+                "SELECT id, institution_id, name, created_at, rowid FROM sites
+                 WHERE institution_id = :inst",
+                &[(":inst", &inst)],
+                page,
+                site_row,
+            )
         })
         .await
     }
@@ -720,16 +979,22 @@ impl Store {
         .await
     }
 
-    /// The groups of an institution, by name.
-    pub async fn list_groups(&self, institution_id: &str) -> Result<Vec<Group>, StoreError> {
+    /// The groups of an institution, oldest first.
+    pub async fn list_groups(
+        &self,
+        institution_id: &str,
+        page: PageRequest,
+    ) -> Result<Page<Group>, StoreError> {
         let inst = institution_id.to_owned();
         self.call(move |c| {
-            let mut stmt = c.prepare(
-                "SELECT id, institution_id, name, kind, created_at FROM member_groups
-                 WHERE institution_id = ?1 ORDER BY name",
-            )?;
-            let rows = stmt.query_map([inst], |r| Ok(group_row(r)))?;
-            rows.map(|r| r?).collect()
+            paged(
+                c,
+                "SELECT id, institution_id, name, kind, created_at, rowid FROM member_groups
+                 WHERE institution_id = :inst",
+                &[(":inst", &inst)],
+                page,
+                group_row,
+            )
         })
         .await
     }
@@ -771,17 +1036,7 @@ impl Store {
     /// One key (revoked or not).
     pub async fn get_key(&self, key_id: &str) -> Result<Option<ApiKey>, StoreError> {
         let id = key_id.to_owned();
-        self.call(move |c| {
-            c.query_row(
-                "SELECT id, institution_id, name, kind, tier_ceiling, created_at, revoked_at,
-                    expires_at, site_id, group_id FROM api_keys WHERE id = ?1",
-                [id],
-                |r| Ok(key_row(r)),
-            )
-            .optional()?
-            .transpose()
-        })
-        .await
+        self.call(move |c| get_key(c, &id)).await
     }
 
     /// Replaces a live key with `new` in one transaction; the old key keeps working until
@@ -849,19 +1104,58 @@ impl Store {
         .await
     }
 
-    /// Admin accounts, of one institution or of all.
+    /// Admin accounts, of one institution or of all, oldest first.
     pub async fn list_users(
         &self,
         institution_id: Option<&str>,
-    ) -> Result<Vec<AdminUser>, StoreError> {
+        page: PageRequest,
+    ) -> Result<Page<AdminUser>, StoreError> {
         let inst = institution_id.map(str::to_owned);
         self.call(move |c| {
-            let mut stmt = c.prepare(
+            paged(
+                c,
+                "SELECT id, username, role, institution_id, created_at, rowid FROM admin_users
+                 WHERE (:inst IS NULL OR institution_id = :inst)",
+                &[(":inst", &inst)],
+                page,
+                user_row,
+            )
+        })
+        .await
+    }
+
+    /// One admin account.
+    pub async fn get_user(&self, id: &str) -> Result<Option<AdminUser>, StoreError> {
+        let id = id.to_owned();
+        self.call(move |c| {
+            c.query_row(
                 "SELECT id, username, role, institution_id, created_at FROM admin_users
-                 WHERE ?1 IS NULL OR institution_id = ?1 ORDER BY created_at, id",
+                 WHERE id = ?1",
+                [id],
+                |r| Ok(user_row(r)),
+            )
+            .optional()?
+            .transpose()
+        })
+        .await
+    }
+
+    /// Deletes an admin account with its sessions, and revokes the automation tokens it made.
+    /// `Ok(false)` when there is no such account.
+    pub async fn delete_user(&self, id: &str) -> Result<bool, StoreError> {
+        let id = id.to_owned();
+        self.call(move |c| {
+            let tx = c.transaction()?;
+            tx.execute("DELETE FROM admin_sessions WHERE user_id = ?1", [&id])?;
+            tx.execute("DELETE FROM login_failures WHERE user_id = ?1", [&id])?;
+            tx.execute(
+                "UPDATE admin_tokens SET revoked_at = ?2
+                 WHERE created_by = ?1 AND revoked_at IS NULL",
+                params![format!("user:{id}"), now()],
             )?;
-            let rows = stmt.query_map([inst], |r| Ok(user_row(r)))?;
-            rows.map(|r| r?).collect()
+            let n = tx.execute("DELETE FROM admin_users WHERE id = ?1", [&id])?;
+            tx.commit()?;
+            Ok(n == 1)
         })
         .await
     }
@@ -1055,11 +1349,12 @@ fn insert_key(c: &Connection, new: NewApiKey) -> Result<ApiKey, StoreError> {
         expires_at: new.expires_at,
         site_id: new.site_id,
         group_id: new.group_id,
+        allowed_models: new.allowed_models,
     };
     c.execute(
         "INSERT INTO api_keys (id, institution_id, name, kind, tier_ceiling, secret_hash,
-            created_at, expires_at, site_id, group_id)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            created_at, expires_at, site_id, group_id, allowed_models)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
         params![
             key.id,
             key.institution_id,
@@ -1070,11 +1365,72 @@ fn insert_key(c: &Connection, new: NewApiKey) -> Result<ApiKey, StoreError> {
             key.created_at,
             key.expires_at,
             key.site_id,
-            key.group_id
+            key.group_id,
+            models_json(key.allowed_models.as_deref())
         ],
     )
     .map_err(|e| unique_conflict(e, || format!("key `{}`", key.id)))?;
     Ok(key)
+}
+
+/// Reads one page: `select` is a query whose last column is the `rowid` and that ends in a
+/// `WHERE` clause, with named parameters `params`; rows come in `rowid` order (creation order).
+pub(crate) fn paged<T>(
+    c: &Connection,
+    select: &str,
+    params: &[(&str, &dyn rusqlite::ToSql)],
+    page: PageRequest,
+    row: impl Fn(&Row<'_>) -> Result<T, StoreError>,
+) -> Result<Page<T>, StoreError> {
+    let sql =
+        format!("{select} AND (:after IS NULL OR rowid > :after) ORDER BY rowid LIMIT :limit");
+    // One row more than asked tells whether there is a next page.
+    let limit = i64::from(page.limit).saturating_add(1);
+    let mut all: Vec<(&str, &dyn rusqlite::ToSql)> = params.to_vec();
+    all.push((":after", &page.after));
+    all.push((":limit", &limit));
+    let mut stmt = c.prepare(&sql)?;
+    let cursor_at = stmt.column_count() - 1;
+    let mut rows = stmt.query(all.as_slice())?;
+    let mut data = Vec::new();
+    let mut last = None;
+    while let Some(r) = rows.next()? {
+        if data.len() == page.limit as usize {
+            // The extra row: there is a next page, which starts after the last row kept.
+            return Ok(Page {
+                data,
+                next_cursor: last.map(|c: i64| c.to_string()),
+            });
+        }
+        data.push(row(r)?);
+        last = Some(r.get(cursor_at)?);
+    }
+    Ok(Page::whole(data))
+}
+
+fn get_institution(c: &Connection, id: &str) -> Result<Option<Institution>, StoreError> {
+    let sql = format!(
+        "SELECT {} FROM institutions WHERE id = ?1",
+        select_list(None, &INSTITUTION_COLS)
+    );
+    c.query_row(&sql, [id], |r| Ok(institution_row(r, 0)))
+        .optional()?
+        .transpose()
+}
+
+fn get_key(c: &Connection, id: &str) -> Result<Option<ApiKey>, StoreError> {
+    let sql = format!(
+        "SELECT {} FROM api_keys WHERE id = ?1",
+        select_list(None, &KEY_COLS)
+    );
+    c.query_row(&sql, [id], |r| Ok(key_row(r)))
+        .optional()?
+        .transpose()
+}
+
+/// An allow-list of models as stored: a JSON array, or NULL for none.
+fn models_json(models: Option<&[String]>) -> Option<String> {
+    models.map(|m| serde_json::to_string(m).expect("strings serialise"))
 }
 
 /// A JSON array of names, for `json_each` in a `NOT IN` filter.
@@ -1150,7 +1506,7 @@ fn unique_conflict(e: rusqlite::Error, what: impl FnOnce() -> String) -> StoreEr
     }
 }
 
-fn parse<T: std::str::FromStr>(column: &str, value: String) -> Result<T, StoreError> {
+pub(crate) fn parse<T: std::str::FromStr>(column: &str, value: String) -> Result<T, StoreError> {
     value
         .parse()
         .map_err(|_| StoreError::Corrupt(format!("{column} = `{value}`")))
@@ -1190,6 +1546,9 @@ fn institution_row(r: &Row<'_>, at: usize) -> Result<Institution, StoreError> {
         region: r.get(at + 3)?,
         timezone: r.get(at + 4)?,
         created_at: r.get(at + 5)?,
+        sector: r.get(at + 6)?,
+        status: parse("institutions.status", r.get(at + 7)?)?,
+        frontier_verified: r.get(at + 8)?,
     })
 }
 
@@ -1205,6 +1564,13 @@ fn key_row(r: &Row<'_>) -> Result<ApiKey, StoreError> {
         expires_at: r.get(7)?,
         site_id: r.get(8)?,
         group_id: r.get(9)?,
+        allowed_models: r
+            .get::<_, Option<String>>(10)?
+            .map(|json| {
+                serde_json::from_str(&json)
+                    .map_err(|_| StoreError::Corrupt(format!("api_keys.allowed_models = `{json}`")))
+            })
+            .transpose()?,
     })
 }
 
@@ -1221,6 +1587,7 @@ mod tests {
                 kind: InstitutionKind::Library,
                 region: "US-IL".into(),
                 timezone: "America/Chicago".into(),
+                sector: None,
             })
             .await
             .unwrap();
@@ -1272,6 +1639,7 @@ mod tests {
                 expires_at: None,
                 site_id: None,
                 group_id: None,
+                allowed_models: None,
             })
             .await
             .unwrap();
@@ -1281,7 +1649,11 @@ mod tests {
         assert!(store.revoke_key(&minted.id).await.unwrap());
         assert!(!store.revoke_key(&minted.id).await.unwrap());
         assert!(store.key_credential(&minted.id).await.unwrap().is_none());
-        let listed = store.list_keys(&inst.id).await.unwrap();
+        let listed = store
+            .list_keys(&inst.id, PageRequest::ALL)
+            .await
+            .unwrap()
+            .data;
         assert!(listed[0].revoked_at.is_some());
     }
 
@@ -1414,6 +1786,7 @@ mod tests {
                 expires_at: None,
                 site_id: None,
                 group_id: None,
+                allowed_models: None,
             })
             .await
             .unwrap_err();
@@ -1445,22 +1818,36 @@ mod tests {
             .apply_config(vec![provider], vec![model])
             .await
             .unwrap();
-        let providers = store.list_providers().await.unwrap();
+        let providers = store.list_providers(PageRequest::ALL).await.unwrap().data;
         assert_eq!(providers.len(), 1);
         assert_eq!(
             providers[0].api_key, None,
             "env secrets are not written to disk"
         );
         assert_eq!(
-            store.list_models().await.unwrap()[0].upstream_model,
+            store.list_models(PageRequest::ALL).await.unwrap().data[0].upstream_model,
             "m-upstream"
         );
 
         // Dropping the model from the config file stops it being served; the provider goes
         // too, since nothing else uses it.
         store.apply_config(vec![], vec![]).await.unwrap();
-        assert!(store.list_models().await.unwrap().is_empty());
-        assert!(store.list_providers().await.unwrap().is_empty());
+        assert!(
+            store
+                .list_models(PageRequest::ALL)
+                .await
+                .unwrap()
+                .data
+                .is_empty()
+        );
+        assert!(
+            store
+                .list_providers(PageRequest::ALL)
+                .await
+                .unwrap()
+                .data
+                .is_empty()
+        );
         let provider = ProviderConfig {
             name: "up".into(),
             kind: ProviderKind::Openai,
@@ -1480,7 +1867,7 @@ mod tests {
             .await
             .unwrap();
         store.apply_config(vec![], vec![]).await.unwrap();
-        let providers = store.list_providers().await.unwrap();
+        let providers = store.list_providers(PageRequest::ALL).await.unwrap().data;
         assert_eq!(providers.len(), 1, "still used by an admin-made model");
         assert_eq!(providers[0].source, Source::Admin);
 
@@ -1506,5 +1893,129 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(orphan, StoreError::NotFound(_)));
+    }
+
+    #[tokio::test]
+    async fn pages_follow_cursors_to_the_end() {
+        let (store, inst) = seeded().await;
+        for i in 0..5 {
+            store
+                .create_site(&inst.id, format!("site {i}"))
+                .await
+                .unwrap();
+        }
+        let mut names = Vec::new();
+        let mut page = PageRequest::first(2);
+        loop {
+            let got = store.list_sites(&inst.id, page).await.unwrap();
+            assert!(got.data.len() <= 2);
+            names.extend(got.data.into_iter().map(|s| s.name));
+            match got.next_cursor {
+                Some(c) => page.after = Some(c.parse().unwrap()),
+                None => break,
+            }
+        }
+        assert_eq!(names, ["site 0", "site 1", "site 2", "site 3", "site 4"]);
+        // An exact multiple of the page size ends without an empty extra page.
+        let four = store
+            .list_sites(&inst.id, PageRequest::first(5))
+            .await
+            .unwrap();
+        assert_eq!((four.data.len(), four.next_cursor), (5, None));
+    }
+
+    #[tokio::test]
+    async fn usage_is_recorded_once_per_request_and_summed_by_day() {
+        let (store, inst) = seeded().await;
+        let record = |id: &str, day: &str| UsageRecord {
+            request_id: id.into(),
+            at: 0,
+            day: day.into(),
+            institution_id: inst.id.clone(),
+            site_id: None,
+            group_id: None,
+            key_id: "key".into(),
+            model: "m".into(),
+            status: 200,
+            prompt_tokens: 10,
+            completion_tokens: 4,
+            cost_nano_usd: 1500,
+        };
+        let added = store
+            .record_usage(vec![
+                record("r1", "2026-11-25"),
+                record("r2", "2026-11-26"),
+                record("r1", "2026-11-25"),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(added, 2, "a request id counts once");
+        assert_eq!(
+            store
+                .record_usage_blocking(&[record("r2", "2026-11-26")])
+                .unwrap(),
+            0
+        );
+        let lines = store
+            .usage_report(
+                &inst.id,
+                "2026-11-26",
+                "2026-11-30",
+                crate::domain::UsageGroupBy::Day,
+            )
+            .await
+            .unwrap();
+        assert_eq!(lines.len(), 1);
+        assert_eq!(
+            (
+                lines[0].group.as_deref(),
+                lines[0].requests,
+                lines[0].total_tokens
+            ),
+            (Some("2026-11-26"), 1, 14)
+        );
+        assert!((lines[0].cost_usd - 1.5e-6).abs() < 1e-12);
+    }
+
+    #[tokio::test]
+    async fn admin_tokens_stop_at_expiry_and_revocation() {
+        let (store, inst) = seeded().await;
+        let hash = [7u8; 32];
+        let token = store
+            .create_admin_token(NewAdminToken {
+                name: "t".into(),
+                token_hash: hash,
+                role: Role::InstitutionAdmin,
+                institution_id: Some(inst.id.clone()),
+                scopes: vec![crate::domain::Scope::Read],
+                created_by: "operator".into(),
+                expires_at: Some(1000),
+            })
+            .await
+            .unwrap();
+        assert!(
+            store
+                .admin_token_by_hash(hash, 999)
+                .await
+                .unwrap()
+                .is_some()
+        );
+        assert!(
+            store
+                .admin_token_by_hash(hash, 1000)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            store
+                .admin_token_by_hash([8u8; 32], 0)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert!(store.revoke_admin_token(&token.id).await.unwrap());
+        assert!(store.admin_token_by_hash(hash, 0).await.unwrap().is_none());
+        assert!(!store.revoke_admin_token(&token.id).await.unwrap());
     }
 }

@@ -1,0 +1,187 @@
+//! Metering: what each forwarded request used, into the usage ledger.
+//!
+//! [`MeteredBody`] wraps a 2xx response body on its way to the client. It keeps the last
+//! [`body::TAIL_BYTES`] of the body (shared `Bytes`, no copy) and, when the body ends — or the
+//! client goes away — reads the `usage` object the provider put at the end (the last JSON
+//! object of a response, the last SSE event before `[DONE]` of a stream) and hands a
+//! [`PendingUsage`] to the [`UsageLedger`]. The record is handed over before the final bytes
+//! reach the client, so a report asked for after a response has been read includes it.
+//!
+//! The ledger's writer is one thread that batches records into the store; the data plane never
+//! waits for a disk. A full queue drops the record and counts it (a store that cannot keep up
+//! for 65 536 responses is an incident to alert on, not a reason to stall patrons).
+//!
+//! Streams are counted from the provider's own usage event, which it sends when the client asks
+//! with `stream_options.include_usage`; asking on every stream (and estimating when no usage
+//! comes) belongs to the quota stage.
+
+pub mod body;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+
+use carrel_core::store::{Store, UsageRecord};
+
+pub use body::MeteredBody;
+
+/// Records queued for the writer before new ones are dropped.
+pub const QUEUE: usize = 65_536;
+/// Most records written in one transaction.
+const BATCH: usize = 1024;
+
+/// A record as the data plane knows it; the writer adds the institution's local day.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PendingUsage {
+    /// The record, with `day` still empty.
+    pub record: UsageRecord,
+    /// The institution's IANA time zone.
+    pub timezone: Arc<str>,
+}
+
+enum Msg {
+    Record(Box<PendingUsage>),
+    Flush(tokio::sync::oneshot::Sender<()>),
+}
+
+/// Handle to the ledger writer. Cheap to clone.
+#[derive(Clone)]
+pub struct UsageLedger {
+    tx: SyncSender<Msg>,
+    counters: Arc<Counters>,
+}
+
+/// What the ledger has done, for metrics and tests.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Records written.
+    pub written: AtomicU64,
+    /// Records dropped because the queue was full.
+    pub dropped: AtomicU64,
+    /// Records lost because the store failed to write them.
+    pub failed: AtomicU64,
+}
+
+impl std::fmt::Debug for UsageLedger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UsageLedger")
+            .field("counters", &self.counters)
+            .finish_non_exhaustive()
+    }
+}
+
+impl UsageLedger {
+    /// Starts the writer thread over `store`. It stops when every handle is dropped, after
+    /// writing what was queued.
+    pub fn start(store: Store) -> std::io::Result<UsageLedger> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE);
+        let counters = Arc::new(Counters::default());
+        let writer_counters = Arc::clone(&counters);
+        std::thread::Builder::new()
+            .name("carrel-ledger".to_owned())
+            .spawn(move || write_loop(&store, &rx, &writer_counters))?;
+        Ok(UsageLedger { tx, counters })
+    }
+
+    /// Queues a record; never blocks.
+    pub fn record(&self, usage: PendingUsage) {
+        match self.tx.try_send(Msg::Record(Box::new(usage))) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                let n = self.counters.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                if n.is_power_of_two() {
+                    tracing::error!(dropped = n, "usage ledger queue full; usage record dropped");
+                }
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                self.counters.failed.fetch_add(1, Ordering::Relaxed);
+                tracing::error!("usage ledger writer is gone; usage record lost");
+            }
+        }
+    }
+
+    /// Waits until every record queued before this call is in the store.
+    pub async fn flush(&self) {
+        let (ack, done) = tokio::sync::oneshot::channel();
+        let tx = self.tx.clone();
+        // The queue may be full: wait for room off the async threads.
+        let sent = tokio::task::spawn_blocking(move || tx.send(Msg::Flush(ack)).is_ok()).await;
+        if matches!(sent, Ok(true)) {
+            let _ = done.await;
+        }
+    }
+
+    /// What the ledger has done.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+}
+
+fn write_loop(store: &Store, rx: &Receiver<Msg>, counters: &Counters) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = Vec::new();
+        let mut acks = Vec::new();
+        let mut next = Some(first);
+        while let Some(msg) = next.take() {
+            match msg {
+                Msg::Record(pending) => batch.push(with_day(*pending)),
+                Msg::Flush(ack) => acks.push(ack),
+            }
+            if batch.len() < BATCH {
+                next = rx.try_recv().ok();
+            }
+        }
+        if !batch.is_empty() {
+            let n = batch.len() as u64;
+            match store.record_usage_blocking(&batch) {
+                Ok(_) => {
+                    counters.written.fetch_add(n, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    counters.failed.fetch_add(n, Ordering::Relaxed);
+                    tracing::error!(error = %e, records = n, "could not write usage records");
+                }
+            }
+        }
+        for ack in acks {
+            let _ = ack.send(());
+        }
+    }
+}
+
+/// Fills in the institution's local date at the record's time.
+fn with_day(pending: PendingUsage) -> UsageRecord {
+    let mut record = pending.record;
+    record.day = carrel_core::domain::local_date(record.at, &pending.timezone);
+    record
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn days_are_local_to_the_institution() {
+        // 2026-11-27 03:00 UTC is still the 26th in Chicago.
+        let at = carrel_core::domain::unix_seconds("2026-11-27T03:00:00Z").unwrap();
+        let pending = |tz: &str| PendingUsage {
+            record: UsageRecord {
+                request_id: "r".into(),
+                at,
+                day: String::new(),
+                institution_id: "i".into(),
+                site_id: None,
+                group_id: None,
+                key_id: "k".into(),
+                model: "m".into(),
+                status: 200,
+                prompt_tokens: 1,
+                completion_tokens: 1,
+                cost_nano_usd: 0,
+            },
+            timezone: tz.into(),
+        };
+        assert_eq!(with_day(pending("America/Chicago")).day, "2026-11-26");
+        assert_eq!(with_day(pending("Asia/Tokyo")).day, "2026-11-27");
+    }
+}
