@@ -342,7 +342,8 @@ pub async fn login(
     }))
 }
 
-/// Ends the caller's session (a no-op for the operator's token).
+/// Ends the caller's session. A no-op for the operator's token and for automation tokens,
+/// which end with `DELETE /admin/v1/tokens/{id}`.
 #[utoipa::path(post, path = "/admin/v1/logout", tag = "accounts",
     responses((status = 204, description = "Signed out"), (status = 401, body = ErrorBody)),
     security(("admin_token" = [])))]

@@ -252,13 +252,18 @@ pub async fn list_institutions(
     principal.authorize(Action::Read, own.as_deref())?;
     match own {
         None => Ok(Json(state.store.list_institutions(page).await?)),
+        // The caller's own institution is the whole list: one row, on the first page.
         Some(own) => {
-            let inst = state.store.get_institution(&own).await?;
-            Ok(Json(Page::whole(
-                inst.into_iter()
-                    .filter(|i| page.after.is_none() && page.limit > 0 && i.id == own)
+            let data = match page.after {
+                None => state
+                    .store
+                    .get_institution(&own)
+                    .await?
+                    .into_iter()
                     .collect(),
-            )))
+                Some(_) => Vec::new(),
+            };
+            Ok(Json(Page::whole(data)))
         }
     }
 }

@@ -24,6 +24,8 @@ pub const MAX_SPAN_DAYS: i32 = 366;
 pub struct UsageTotals {
     /// Requests forwarded.
     pub requests: u64,
+    /// Of those, responses cut off before their end.
+    pub incomplete: u64,
     /// Prompt tokens.
     pub prompt_tokens: u64,
     /// Completion tokens.
@@ -73,7 +75,7 @@ fn day(query: &AdminQuery, name: &'static str) -> Result<Option<Date>, AdminErro
     responses(
         (status = 200, content(
             (UsageReport = "application/json"),
-            (String = "text/csv", example = "day,requests,prompt_tokens,completion_tokens,total_tokens,cost_usd\n2026-11-26,3,120,480,600,0.0009\n"),
+            (String = "text/csv", example = "day,requests,incomplete,prompt_tokens,completion_tokens,total_tokens,cost_usd\r\n2026-11-26,3,0,120,480,600,0.0009\r\n"),
         )),
         (status = 401, body = ErrorBody),
         (status = 403, body = ErrorBody),
@@ -140,6 +142,7 @@ pub async fn usage_report(
     }
     let totals = data.iter().fold(UsageTotals::default(), |mut t, l| {
         t.requests += l.requests;
+        t.incomplete += l.incomplete;
         t.prompt_tokens += l.prompt_tokens;
         t.completion_tokens += l.completion_tokens;
         t.total_tokens += l.total_tokens;
@@ -161,14 +164,19 @@ pub async fn usage_report(
 /// The report as CSV (RFC 4180), the first column named after `group_by`.
 fn to_csv(group_by: UsageGroupBy, lines: &[UsageLine]) -> String {
     let mut out = format!(
-        "{},requests,prompt_tokens,completion_tokens,total_tokens,cost_usd\r\n",
+        "{},requests,incomplete,prompt_tokens,completion_tokens,total_tokens,cost_usd\r\n",
         group_by.as_str()
     );
     for l in lines {
         out.push_str(&csv_field(l.group.as_deref().unwrap_or("")));
         out.push_str(&format!(
-            ",{},{},{},{},{}\r\n",
-            l.requests, l.prompt_tokens, l.completion_tokens, l.total_tokens, l.cost_usd
+            ",{},{},{},{},{},{}\r\n",
+            l.requests,
+            l.incomplete,
+            l.prompt_tokens,
+            l.completion_tokens,
+            l.total_tokens,
+            l.cost_usd
         ));
     }
     out
@@ -206,6 +214,7 @@ mod tests {
         let line = UsageLine {
             group: Some("2026-11-26".into()),
             requests: 2,
+            incomplete: 0,
             prompt_tokens: 10,
             completion_tokens: 5,
             total_tokens: 15,
@@ -213,8 +222,8 @@ mod tests {
         };
         assert_eq!(
             to_csv(UsageGroupBy::Day, &[line]),
-            "day,requests,prompt_tokens,completion_tokens,total_tokens,cost_usd\r\n\
-             2026-11-26,2,10,5,15,0.25\r\n"
+            "day,requests,incomplete,prompt_tokens,completion_tokens,total_tokens,cost_usd\r\n\
+             2026-11-26,2,0,10,5,15,0.25\r\n"
         );
     }
 }

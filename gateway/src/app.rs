@@ -48,8 +48,6 @@ pub struct Inner {
     pub keys: KeyCache,
     /// Where metered usage goes.
     pub ledger: UsageLedger,
-    /// Names requests in the usage ledger.
-    pub request_ids: RequestIds,
     /// Settings for each worker's upstream client.
     upstream_config: UpstreamConfig,
     /// Request limits.
@@ -103,7 +101,6 @@ impl AppState {
             catalog: ArcSwap::from_pointee(Catalog::default()),
             keys: parts.keys,
             ledger: parts.ledger,
-            request_ids: RequestIds::new(),
             upstream_config: parts.upstream,
             limits: parts.limits,
             demo_word_delay: parts.demo_word_delay,
@@ -147,29 +144,6 @@ impl AppState {
     /// Marks the start of shutdown.
     pub fn start_draining(&self) {
         self.draining.store(true, Ordering::Relaxed);
-    }
-}
-
-/// Request ids: a random per-process prefix and a counter, so ids are unique across restarts
-/// and replicas without a random draw per request.
-#[derive(Debug)]
-pub struct RequestIds {
-    prefix: String,
-    next: std::sync::atomic::AtomicU64,
-}
-
-impl RequestIds {
-    fn new() -> Self {
-        RequestIds {
-            prefix: carrel_core::ids::random_base62(12),
-            next: std::sync::atomic::AtomicU64::new(0),
-        }
-    }
-
-    /// The next id, `req_<prefix><counter>`.
-    pub fn next(&self) -> String {
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
-        format!("req_{}{n:x}", self.prefix)
     }
 }
 

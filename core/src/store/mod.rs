@@ -141,21 +141,20 @@ CREATE TABLE admin_tokens (
     expires_at      INTEGER,
     revoked_at      TEXT
 );
-CREATE TABLE usage_events (
-    request_id         TEXT PRIMARY KEY,
-    at                 INTEGER NOT NULL,
-    day                TEXT NOT NULL,
+CREATE TABLE usage_daily (
     institution_id     TEXT NOT NULL,
-    site_id            TEXT,
-    group_id           TEXT,
+    day                TEXT NOT NULL,
     key_id             TEXT NOT NULL,
     model              TEXT NOT NULL,
-    status             INTEGER NOT NULL,
+    site_id            TEXT NOT NULL,
+    group_id           TEXT NOT NULL,
+    requests           INTEGER NOT NULL,
+    incomplete         INTEGER NOT NULL,
     prompt_tokens      INTEGER NOT NULL,
     completion_tokens  INTEGER NOT NULL,
-    cost_nano_usd     INTEGER NOT NULL
-);
-CREATE INDEX usage_events_by_day ON usage_events(institution_id, day);
+    cost_nano_usd      INTEGER NOT NULL,
+    PRIMARY KEY (institution_id, day, key_id, model, site_id, group_id)
+) WITHOUT ROWID;
 "#,
 ];
 
@@ -1925,56 +1924,70 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn usage_is_recorded_once_per_request_and_summed_by_day() {
+    async fn usage_is_summed_per_day_and_key_across_batches() {
         let (store, inst) = seeded().await;
-        let record = |id: &str, day: &str| UsageRecord {
-            request_id: id.into(),
-            at: 0,
+        let record = |day: &str, key: &str, complete: bool| UsageRecord {
             day: day.into(),
             institution_id: inst.id.clone(),
             site_id: None,
             group_id: None,
-            key_id: "key".into(),
+            key_id: key.into(),
             model: "m".into(),
-            status: 200,
+            complete,
             prompt_tokens: 10,
             completion_tokens: 4,
             cost_nano_usd: 1500,
         };
         let added = store
             .record_usage(vec![
-                record("r1", "2026-11-25"),
-                record("r2", "2026-11-26"),
-                record("r1", "2026-11-25"),
+                record("2026-11-25", "k1", true),
+                record("2026-11-26", "k1", true),
+                record("2026-11-26", "k1", false),
             ])
             .await
             .unwrap();
-        assert_eq!(added, 2, "a request id counts once");
-        assert_eq!(
-            store
-                .record_usage_blocking(&[record("r2", "2026-11-26")])
-                .unwrap(),
-            0
-        );
-        let lines = store
+        assert_eq!(added, 3);
+        store
+            .record_usage_blocking(&[record("2026-11-26", "k2", true)])
+            .unwrap();
+        let by_key = |from: &'static str| {
+            let store = store.clone();
+            let inst = inst.id.clone();
+            async move {
+                store
+                    .usage_report(&inst, from, "2026-11-30", crate::domain::UsageGroupBy::Key)
+                    .await
+                    .unwrap()
+            }
+        };
+        let lines = by_key("2026-11-26").await;
+        let got: Vec<_> = lines
+            .iter()
+            .map(|l| {
+                (
+                    l.group.as_deref().unwrap(),
+                    l.requests,
+                    l.incomplete,
+                    l.total_tokens,
+                )
+            })
+            .collect();
+        assert_eq!(got, [("k1", 2, 1, 28), ("k2", 1, 0, 14)]);
+        assert!((lines[0].cost_usd - 3e-6).abs() < 1e-12);
+        assert_eq!(by_key("2026-11-25").await[0].requests, 3);
+        let by_site = store
             .usage_report(
                 &inst.id,
-                "2026-11-26",
+                "2026-11-01",
                 "2026-11-30",
-                crate::domain::UsageGroupBy::Day,
+                crate::domain::UsageGroupBy::Site,
             )
             .await
             .unwrap();
-        assert_eq!(lines.len(), 1);
         assert_eq!(
-            (
-                lines[0].group.as_deref(),
-                lines[0].requests,
-                lines[0].total_tokens
-            ),
-            (Some("2026-11-26"), 1, 14)
+            (by_site[0].group.as_deref(), by_site[0].requests),
+            (None, 4)
         );
-        assert!((lines[0].cost_usd - 1.5e-6).abs() < 1e-12);
     }
 
     #[tokio::test]

@@ -1,5 +1,12 @@
-//! The usage ledger: one row per request forwarded upstream, counted in the institution's local
-//! days. Rows carry ids and numbers only — never prompt text, never who the patron was.
+//! The usage ledger: what each institution used, per local day, key (with its site and group)
+//! and model. Rows are daily sums of ids and numbers only — no prompt text, no patron, and no
+//! per-request times, so the ledger cannot retrace anyone's session.
+//!
+//! Writers hand over [`UsageRecord`]s (one per response) in batches; [`Store::record_usage`]
+//! folds a batch into its days before touching the database, so a busy gateway costs one
+//! upsert per key, model and day per batch rather than one row per request.
+
+use std::collections::HashMap;
 
 use rusqlite::{Connection, params};
 use serde::Serialize;
@@ -7,15 +14,10 @@ use serde::Serialize;
 use super::{Store, StoreError};
 use crate::domain::UsageGroupBy;
 
-/// What one forwarded request used. `request_id` makes recording idempotent: the same record
-/// written twice counts once.
+/// What one forwarded request used.
 #[derive(Debug, Clone, PartialEq)]
 pub struct UsageRecord {
-    /// The gateway's request id.
-    pub request_id: String,
-    /// Unix seconds when the response ended.
-    pub at: i64,
-    /// The institution's local date (`YYYY-MM-DD`) at `at`.
+    /// The institution's local date (`YYYY-MM-DD`) when the response ended.
     pub day: String,
     /// The institution that pays.
     pub institution_id: String,
@@ -27,8 +29,8 @@ pub struct UsageRecord {
     pub key_id: String,
     /// Public model name.
     pub model: String,
-    /// HTTP status the upstream answered with.
-    pub status: u16,
+    /// Whether the response reached its end (not cut off by the client or the provider).
+    pub complete: bool,
     /// Prompt tokens, as the upstream reported them (0 when it did not).
     pub prompt_tokens: u64,
     /// Completion tokens, as the upstream reported them (0 when it did not).
@@ -47,6 +49,9 @@ pub struct UsageLine {
     pub group: Option<String>,
     /// Requests forwarded.
     pub requests: u64,
+    /// Of those, responses cut off before their end (the client left, or the provider broke
+    /// off); they count what was reported before the cut.
+    pub incomplete: u64,
     /// Prompt tokens.
     pub prompt_tokens: u64,
     /// Completion tokens.
@@ -58,8 +63,7 @@ pub struct UsageLine {
 }
 
 impl Store {
-    /// Appends usage records in one transaction; a record whose request id is already in the
-    /// ledger is skipped. Returns how many were new.
+    /// Adds usage records to the ledger in one transaction. Returns how many were added.
     pub async fn record_usage(&self, records: Vec<UsageRecord>) -> Result<usize, StoreError> {
         self.call(move |c| insert_usage(c, &records)).await
     }
@@ -79,28 +83,30 @@ impl Store {
         group_by: UsageGroupBy,
     ) -> Result<Vec<UsageLine>, StoreError> {
         let (inst, from, to) = (institution_id.to_owned(), from.to_owned(), to.to_owned());
-        // A closed set of column names, never caller text.
+        // A closed set of column expressions, never caller text. No site or group is stored as
+        // '' (so that it takes part in the primary key) and reported as null.
         let column = match group_by {
             UsageGroupBy::Day => "day",
-            UsageGroupBy::Site => "site_id",
-            UsageGroupBy::Group => "group_id",
+            UsageGroupBy::Site => "NULLIF(site_id, '')",
+            UsageGroupBy::Group => "NULLIF(group_id, '')",
             UsageGroupBy::Key => "key_id",
             UsageGroupBy::Model => "model",
         };
         self.call(move |c| {
             let mut stmt = c.prepare(&format!(
-                "SELECT {column}, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens),
-                    SUM(cost_nano_usd)
-                 FROM usage_events WHERE institution_id = ?1 AND day >= ?2 AND day <= ?3
-                 GROUP BY {column} ORDER BY {column}"
+                "SELECT {column} AS g, SUM(requests), SUM(incomplete), SUM(prompt_tokens),
+                    SUM(completion_tokens), SUM(cost_nano_usd)
+                 FROM usage_daily WHERE institution_id = ?1 AND day >= ?2 AND day <= ?3
+                 GROUP BY g ORDER BY g"
             ))?;
             let rows = stmt.query_map(params![inst, from, to], |r| {
-                let prompt: i64 = r.get(2)?;
-                let completion: i64 = r.get(3)?;
-                let cost: i64 = r.get(4)?;
+                let prompt: i64 = r.get(3)?;
+                let completion: i64 = r.get(4)?;
+                let cost: i64 = r.get(5)?;
                 Ok(UsageLine {
                     group: r.get(0)?,
                     requests: r.get::<_, i64>(1)? as u64,
+                    incomplete: r.get::<_, i64>(2)? as u64,
                     prompt_tokens: prompt as u64,
                     completion_tokens: completion as u64,
                     total_tokens: (prompt + completion) as u64,
@@ -113,34 +119,70 @@ impl Store {
     }
 }
 
+/// The sums of one ledger row.
+#[derive(Debug, Default, Clone, Copy)]
+struct Sums {
+    requests: i64,
+    incomplete: i64,
+    prompt_tokens: i64,
+    completion_tokens: i64,
+    cost_nano_usd: i64,
+}
+
 fn insert_usage(c: &mut Connection, records: &[UsageRecord]) -> Result<usize, StoreError> {
+    // Fold the batch first: one upsert per row of the ledger it touches.
+    let mut rows: HashMap<[&str; 6], Sums> = HashMap::new();
+    for r in records {
+        let row = [
+            r.institution_id.as_str(),
+            r.day.as_str(),
+            r.key_id.as_str(),
+            r.model.as_str(),
+            r.site_id.as_deref().unwrap_or(""),
+            r.group_id.as_deref().unwrap_or(""),
+        ];
+        let sums = rows.entry(row).or_default();
+        sums.requests += 1;
+        sums.incomplete += i64::from(!r.complete);
+        sums.prompt_tokens = sums
+            .prompt_tokens
+            .saturating_add(saturating_i64(r.prompt_tokens));
+        sums.completion_tokens = sums
+            .completion_tokens
+            .saturating_add(saturating_i64(r.completion_tokens));
+        sums.cost_nano_usd = sums.cost_nano_usd.saturating_add(r.cost_nano_usd);
+    }
     let tx = c.transaction()?;
-    let mut added = 0;
     {
         let mut stmt = tx.prepare_cached(
-            "INSERT OR IGNORE INTO usage_events (request_id, at, day, institution_id, site_id,
-                group_id, key_id, model, status, prompt_tokens, completion_tokens, cost_nano_usd)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            "INSERT INTO usage_daily (institution_id, day, key_id, model, site_id, group_id,
+                requests, incomplete, prompt_tokens, completion_tokens, cost_nano_usd)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+             ON CONFLICT (institution_id, day, key_id, model, site_id, group_id) DO UPDATE SET
+                requests = requests + excluded.requests,
+                incomplete = incomplete + excluded.incomplete,
+                prompt_tokens = prompt_tokens + excluded.prompt_tokens,
+                completion_tokens = completion_tokens + excluded.completion_tokens,
+                cost_nano_usd = cost_nano_usd + excluded.cost_nano_usd",
         )?;
-        for r in records {
-            added += stmt.execute(params![
-                r.request_id,
-                r.at,
-                r.day,
-                r.institution_id,
-                r.site_id,
-                r.group_id,
-                r.key_id,
-                r.model,
-                r.status,
-                saturating_i64(r.prompt_tokens),
-                saturating_i64(r.completion_tokens),
-                r.cost_nano_usd
+        for ([inst, day, key, model, site, group], s) in &rows {
+            stmt.execute(params![
+                inst,
+                day,
+                key,
+                model,
+                site,
+                group,
+                s.requests,
+                s.incomplete,
+                s.prompt_tokens,
+                s.completion_tokens,
+                s.cost_nano_usd
             ])?;
         }
     }
     tx.commit()?;
-    Ok(added)
+    Ok(records.len())
 }
 
 fn saturating_i64(n: u64) -> i64 {

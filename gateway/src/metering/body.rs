@@ -18,9 +18,6 @@ use crate::error::BoxError;
 /// JSON response, however long the embeddings before it).
 pub const TAIL_BYTES: usize = 64 * 1024;
 
-/// Status recorded when the client went away before the body ended (nginx's convention).
-pub const CLIENT_CLOSED: u16 = 499;
-
 /// Token counts as OpenAI-compatible providers report them.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
 pub struct Usage {
@@ -37,39 +34,34 @@ pub struct Usage {
 pub struct Meter {
     /// Where the record goes.
     pub ledger: UsageLedger,
-    /// The gateway's request id.
-    pub request_id: String,
     /// Who made the request.
     pub principal: Principal,
     /// Public model name.
     pub model: String,
     /// Prices per million prompt and completion tokens, in US dollars.
     pub prices: (f64, f64),
-    /// The response status.
-    pub status: u16,
 }
 
 impl Meter {
-    fn finish(self, usage: Usage, status: u16) {
+    fn finish(self, usage: Usage, complete: bool) {
         let cost = usage.prompt_tokens as f64 * self.prices.0
             + usage.completion_tokens as f64 * self.prices.1;
         let p = self.principal;
         self.ledger.record(PendingUsage {
             record: UsageRecord {
-                request_id: self.request_id,
-                at: unix_now(),
                 day: String::new(),
                 institution_id: p.institution_id.to_string(),
                 site_id: p.site_id.as_deref().map(str::to_owned),
                 group_id: p.group_id.as_deref().map(str::to_owned),
                 key_id: p.key_id.to_string(),
                 model: self.model,
-                status,
+                complete,
                 prompt_tokens: usage.prompt_tokens,
                 completion_tokens: usage.completion_tokens,
                 // Prices are per million tokens: tokens × price is in millionths of a dollar.
                 cost_nano_usd: (cost * 1000.0).round() as i64,
             },
+            at: unix_now(),
             timezone: p.timezone,
         });
     }
@@ -129,15 +121,11 @@ impl MeteredBody {
         }
     }
 
-    fn finish(&mut self, completed: bool) {
+    /// Records the usage once; `complete` when the body reached its end.
+    fn finish(&mut self, complete: bool) {
         if let Some(meter) = self.meter.take() {
             let usage = find_usage(&self.tail.bytes()).unwrap_or_default();
-            let status = if completed {
-                meter.status
-            } else {
-                CLIENT_CLOSED
-            };
-            meter.finish(usage, status);
+            meter.finish(usage, complete);
         }
     }
 }
@@ -163,6 +151,7 @@ impl Body for MeteredBody {
                 }
             }
             Poll::Ready(None) => this.finish(true),
+            // The provider broke off.
             Poll::Ready(Some(Err(_))) => this.finish(false),
             Poll::Pending => {}
         }
@@ -249,5 +238,90 @@ mod tests {
         let bytes = tail.bytes();
         assert!(bytes.len() >= TAIL_BYTES && bytes.len() < TAIL_BYTES + 1000);
         assert_eq!(*bytes.last().unwrap(), 99);
+    }
+
+    fn principal() -> Principal {
+        Principal {
+            institution_id: "inst_a".into(),
+            institution_kind: carrel_core::domain::InstitutionKind::Library,
+            timezone: "America/Chicago".into(),
+            institution_status: carrel_core::domain::InstitutionStatus::Active,
+            key_id: "key_a".into(),
+            site_id: None,
+            group_id: None,
+            tier_ceiling: carrel_core::domain::Tier::Advanced,
+            allowed_models: None,
+            expires_at: None,
+        }
+    }
+
+    fn metered(ledger: &UsageLedger, frames: Vec<&'static str>) -> MeteredBody {
+        let stream = futures_util::stream::iter(
+            frames
+                .into_iter()
+                .map(|f| Ok::<_, BoxError>(Frame::data(Bytes::from_static(f.as_bytes())))),
+        );
+        let body = http_body_util::BodyExt::boxed(http_body_util::StreamBody::new(stream));
+        MeteredBody::new(
+            body,
+            Meter {
+                ledger: ledger.clone(),
+                principal: principal(),
+                model: "m".to_owned(),
+                prices: (1.0, 2.0),
+            },
+        )
+    }
+
+    #[tokio::test]
+    async fn a_finished_body_and_a_dropped_one_are_both_recorded_once() {
+        use http_body_util::BodyExt;
+        let store = carrel_core::store::Store::open_in_memory().unwrap();
+        let ledger = UsageLedger::start(store.clone()).unwrap();
+        let done = metered(
+            &ledger,
+            vec![
+                "data: {\"choices\":[]}\n\n",
+                "data: {\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4}}\n\n",
+            ],
+        );
+        let bytes = done.collect().await.unwrap().to_bytes();
+        assert!(bytes.ends_with(b"}}\n\n"));
+        // The client reads one frame and goes away.
+        let mut cut = metered(&ledger, vec!["data: a\n\n", "data: b\n\n"]);
+        assert!(cut.frame().await.unwrap().is_ok());
+        drop(cut);
+        ledger.flush().await;
+        let lines = store
+            .usage_report(
+                "inst_a",
+                "2000-01-01",
+                "2999-12-31",
+                carrel_core::domain::UsageGroupBy::Key,
+            )
+            .await
+            .unwrap();
+        assert_eq!(lines.len(), 1);
+        assert_eq!(
+            (
+                lines[0].requests,
+                lines[0].prompt_tokens,
+                lines[0].completion_tokens
+            ),
+            (2, 3, 4)
+        );
+        // 3 × $1 + 4 × $2 per million tokens.
+        assert!(
+            (lines[0].cost_usd - 11e-6).abs() < 1e-12,
+            "{}",
+            lines[0].cost_usd
+        );
+        assert_eq!(
+            ledger
+                .counters()
+                .written
+                .load(std::sync::atomic::Ordering::Relaxed),
+            2
+        );
     }
 }

@@ -47,11 +47,9 @@ pub async fn run(
     }
     let meter = Meter {
         ledger: state.ledger.clone(),
-        request_id: state.request_ids.next(),
         principal: ctx.principal().clone(),
         model: route.name.clone(),
         prices: (route.input_price_per_mtok, route.output_price_per_mtok),
-        status: resp.status().as_u16(),
     };
     Ok(resp.map(|body| MeteredBody::new(body, meter).boxed()))
 }
