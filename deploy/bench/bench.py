@@ -161,6 +161,23 @@ def machine():
             f"{platform.release()}; {nginx_v}; {oha_v}")
 
 
+def start_carrel(binary, cfg, data_dir):
+    """Starts `carrel serve` on free ports with an institution and a key; returns the process,
+    the public URL and the key."""
+    admin_token = "bench-admin-token"
+    carrel, line = start([str(binary), "serve", "--config", str(cfg), "--data-dir", str(data_dir),
+                          "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"],
+                         env={"CARREL_ADMIN_TOKEN": admin_token})
+    words = dict(w.split("=", 1) for w in line.split()[1:])
+    carrel_url, admin_url = words["public"], words["admin"]
+    inst = http_json("POST", f"{admin_url}/admin/v1/institutions",
+                     {"name": "Bench Library", "kind": "library", "region": "US-IL",
+                      "timezone": "America/Chicago"}, admin_token)
+    key = http_json("POST", f"{admin_url}/admin/v1/institutions/{inst['id']}/keys",
+                    {"name": "bench", "kind": "service"}, admin_token)["secret"]
+    return carrel, carrel_url, key
+
+
 def nginx_bin():
     return shutil.which("nginx") or "/usr/sbin/nginx"
 
@@ -172,6 +189,8 @@ def main():
     ap.add_argument("--only", help="comma-separated scenario names to run (default: all)")
     ap.add_argument("--rounds", type=int, default=3,
                     help="alternating rounds per scenario; the report shows each target's median")
+    ap.add_argument("--baseline", help="another `carrel` binary (an earlier build) to run as "
+                    "target `baseline` beside this one, for before/after numbers from one run")
     args = ap.parse_args()
 
     procs = []
@@ -193,19 +212,13 @@ name = "{MODEL}"
 provider = "mock"
 tier = "baseline"
 """)
-        admin_token = "bench-admin-token"
-        carrel, line = start([str(RELEASE / "carrel"), "serve", "--config", str(cfg),
-                              "--data-dir", str(work / "data"), "--listen", "127.0.0.1:0",
-                              "--admin-listen", "127.0.0.1:0"],
-                             env={"CARREL_ADMIN_TOKEN": admin_token})
+        carrel, carrel_url, key = start_carrel(RELEASE / "carrel", cfg, work / "data")
         procs.append(carrel)
-        words = dict(w.split("=", 1) for w in line.split()[1:])
-        carrel_url, admin_url = words["public"], words["admin"]
-        inst = http_json("POST", f"{admin_url}/admin/v1/institutions",
-                         {"name": "Bench Library", "kind": "library", "region": "US-IL",
-                          "timezone": "America/Chicago"}, admin_token)
-        key = http_json("POST", f"{admin_url}/admin/v1/institutions/{inst['id']}/keys",
-                        {"name": "bench", "kind": "service"}, admin_token)["secret"]
+        baseline = None
+        if args.baseline:
+            baseline, baseline_url, baseline_key = start_carrel(
+                Path(args.baseline), cfg, work / "baseline-data")
+            procs.append(baseline)
 
         nginx_port = free_port()
         (work / "nginx.conf").write_text(nginx_conf(work, nginx_port, mock_addr))
@@ -219,6 +232,9 @@ tier = "baseline"
             ("nginx", f"http://127.0.0.1:{nginx_port}/v1/chat/completions", None, nginx.pid),
             ("carrel", f"{carrel_url}/v1/chat/completions", key, carrel.pid),
         ]
+        if baseline:
+            targets.append(("baseline", f"{baseline_url}/v1/chat/completions", baseline_key,
+                            baseline.pid))
         # Warm every path (connection pools, caches) before measuring.
         for _, url, token, _ in targets:
             oha(url, 8, CHAT, 2, token)
@@ -252,6 +268,16 @@ tier = "baseline"
                 f"{c['rps'] / n['rps']:.2f} | {n['p50_us']:.0f} | {c['p50_us']:.0f} | "
                 f"{c['p50_us'] - n['p50_us']:+.0f} | {n['p99_us']:.0f} | {c['p99_us']:.0f} | "
                 f"{n['cpu_us']:.1f} | {c['cpu_us']:.1f} |")
+        if baseline:
+            lines += ["", "| scenario | baseline req/s | Carrel req/s | Carrel/baseline req/s "
+                      "| baseline p50 µs | Carrel p50 µs | baseline CPU µs/req | Carrel CPU µs/req |",
+                      "|---|---|---|---|---|---|---|---|"]
+            for scenario, _, _ in scenarios:
+                b, c = (results[(scenario, t)] for t in ("baseline", "carrel"))
+                lines.append(
+                    f"| {scenario} | {b['rps']:.0f} | {c['rps']:.0f} | {c['rps'] / b['rps']:.2f} | "
+                    f"{b['p50_us']:.0f} | {c['p50_us']:.0f} | {b['cpu_us']:.1f} | "
+                    f"{c['cpu_us']:.1f} |")
         table = "\n".join(lines)
         print()
         print(table)

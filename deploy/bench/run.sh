@@ -2,7 +2,8 @@
 # Load benchmark: a fast mock upstream, Carrel (release, auth on) and nginx as a plain reverse
 # proxy, each driven by oha. Not a test: it prints numbers for deploy/bench/RESULTS.md.
 #
-#   deploy/bench/run.sh [--duration 15] [--out deploy/bench/RESULTS.md]
+#   deploy/bench/run.sh [--duration 15] [--rounds 3] [--only "chat c=1"] [--out deploy/bench/RESULTS.md]
+#                       [--baseline path/to/an/earlier/carrel]   (before/after from one run)
 #
 # Installs what it needs when missing: nginx (Debian) and oha (crates.io).
 set -euo pipefail
