@@ -7,7 +7,7 @@ use std::time::Duration;
 use axum::extract::{ConnectInfo, Path, State};
 use axum::http::StatusCode;
 use axum::{Extension, Json};
-use carrel_core::domain::{AdminUser, Role};
+use carrel_core::domain::{AdminToken, AdminUser, Role};
 use carrel_core::passwords;
 use carrel_core::store::{NewUser, Page};
 use serde::{Deserialize, Serialize};
@@ -112,9 +112,12 @@ pub struct Session {
 pub struct Me {
     /// The caller's role.
     pub role: Role,
-    /// The account; absent for the operator's bearer token.
+    /// The account; absent for the operator's bearer token and for automation tokens.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub user: Option<AdminUser>,
+    /// The automation token, with its institution and scopes, when the caller is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token: Option<AdminToken>,
 }
 
 fn check_username(name: &str) -> Result<(), AdminError> {
@@ -380,9 +383,12 @@ pub async fn logout(
     responses((status = 200, body = Me), (status = 401, body = ErrorBody)),
     security(("admin_token" = [])))]
 pub async fn me(Extension(principal): Extension<AdminPrincipal>) -> Json<Me> {
-    let user = principal.user().cloned();
     Json(Me {
-        role: user.as_ref().map_or(Role::Operator, |u| u.role),
-        user,
+        role: principal.role(),
+        user: principal.user().cloned(),
+        token: match &principal {
+            AdminPrincipal::Token(t) => Some(t.clone()),
+            AdminPrincipal::Operator | AdminPrincipal::User(_) => None,
+        },
     })
 }

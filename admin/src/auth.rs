@@ -6,7 +6,7 @@
 //! institution; the policy table is the one `match` below. A principal asking about another
 //! institution gets 404, as if it did not exist; a role that may see but not change gets 403.
 //! An automation token (`cra_…`) acts with its creator's role and institution, and further only
-//! within its scopes ([`Action::scope`]); a token never makes tokens.
+//! within its scopes ([`Action::scope`]); a token never makes tokens or admin accounts.
 
 use axum::extract::{Request, State};
 use axum::middleware::Next;
@@ -73,14 +73,15 @@ impl Action {
             Action::ReadModels | Action::Read => Scope::Read,
             Action::ManageKeys => Scope::Keys,
             Action::ManageStructure => Scope::Structure,
-            Action::ManageUsers => Scope::Users,
             Action::ReadUsage => Scope::Usage,
             Action::ReadAudit => Scope::Audit,
             Action::CreateInstitution | Action::ManageInstitution | Action::GovernInstitution => {
                 Scope::Institutions
             }
             Action::ManageCatalog | Action::ReadProviders => Scope::Catalog,
-            Action::ManageTokens => return None,
+            // An account or a token made by a token would outgrow its scopes: a session of the
+            // new account (or the new token) is not bound by them.
+            Action::ManageTokens | Action::ManageUsers => return None,
         })
     }
 }
@@ -114,21 +115,22 @@ impl AdminPrincipal {
 
     /// Allows or refuses `action` on `institution` (`None`: not about one institution).
     pub fn authorize(&self, action: Action, institution: Option<&str>) -> Result<(), AdminError> {
-        if let AdminPrincipal::Token(token) = self
-            && !action.scope().is_some_and(|s| token.scopes.contains(&s))
-        {
-            // Checked first, so a token outside its scopes learns nothing about what exists.
-            return Err(AdminError::Forbidden);
-        }
         let role = self.role();
-        if role == Role::Operator {
-            return Ok(());
-        }
-        // Another tenant's resources do not exist for this caller.
-        if let Some(target) = institution
+        // Another tenant's resources do not exist for this caller — checked first, so that no
+        // later answer (403 for a scope or a role) tells them apart from unknown ids.
+        if role != Role::Operator
+            && let Some(target) = institution
             && self.institution() != Some(target)
         {
             return Err(AdminError::NotFound(format!("institution `{target}`")));
+        }
+        if let AdminPrincipal::Token(token) = self
+            && !action.scope().is_some_and(|s| token.scopes.contains(&s))
+        {
+            return Err(AdminError::Forbidden);
+        }
+        if role == Role::Operator {
+            return Ok(());
         }
         let allowed = match action {
             Action::ManageCatalog

@@ -73,19 +73,21 @@ pub async fn create_token(
     Extension(principal): Extension<AdminPrincipal>,
     AdminJson(body): AdminJson<CreateToken>,
 ) -> Result<(StatusCode, Json<CreatedToken>), AdminError> {
-    let (role, institution) = match (&principal, body.institution_id) {
-        (AdminPrincipal::Operator, None) => (Role::Operator, None),
-        (AdminPrincipal::Operator, Some(inst)) => {
+    let operator = principal.role() == Role::Operator;
+    let (role, institution) = match body.institution_id {
+        None => (principal.role(), principal.institution().map(str::to_owned)),
+        // An operator's token for an institution acts as that institution's admin.
+        Some(inst) if operator => {
             if state.store.get_institution(&inst).await?.is_none() {
                 return Err(AdminError::NotFound(format!("institution `{inst}`")));
             }
             (Role::InstitutionAdmin, Some(inst))
         }
         // Anyone else acts on their own institution; another one does not exist for them.
-        (_, Some(inst)) if principal.institution() != Some(inst.as_str()) => {
+        Some(inst) if principal.institution() != Some(inst.as_str()) => {
             return Err(AdminError::NotFound(format!("institution `{inst}`")));
         }
-        (_, _) => (principal.role(), principal.institution().map(str::to_owned)),
+        Some(inst) => (principal.role(), Some(inst)),
     };
     principal.authorize(Action::ManageTokens, institution.as_deref())?;
     AdminError::check_name("name", &body.name, 200)?;

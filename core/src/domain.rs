@@ -132,8 +132,6 @@ string_enum! {
         Keys => "keys",
         /// Create and change sites and groups.
         Structure => "structure",
-        /// Create admin accounts.
-        Users => "users",
         /// Read usage reports.
         Usage => "usage",
         /// Read the audit trail.
@@ -405,6 +403,8 @@ pub struct Principal {
     pub timezone: std::sync::Arc<str>,
     /// Whether the institution's keys work.
     pub institution_status: InstitutionStatus,
+    /// Whether an operator verified the institution for frontier models.
+    pub frontier_verified: bool,
     /// The API key the request came in with.
     pub key_id: std::sync::Arc<str>,
     /// The key's site, if any.
@@ -427,6 +427,7 @@ impl Principal {
             institution_kind: cred.institution.kind,
             timezone: cred.institution.timezone.as_str().into(),
             institution_status: cred.institution.status,
+            frontier_verified: cred.institution.frontier_verified,
             key_id: cred.key.id.as_str().into(),
             site_id: cred.key.site_id.as_deref().map(Into::into),
             group_id: cred.key.group_id.as_deref().map(Into::into),
@@ -441,9 +442,11 @@ impl Principal {
         self.expires_at.is_some_and(|at| at <= now)
     }
 
-    /// Whether this principal may use the model `name` of `tier`.
+    /// Whether this principal may use the model `name` of `tier`: within its tier ceiling and
+    /// allowed models, and a frontier model only for an institution an operator verified.
     pub fn may_use(&self, name: &str, tier: Tier) -> bool {
         tier <= self.tier_ceiling
+            && (tier < Tier::Frontier || self.frontier_verified)
             && self
                 .allowed_models
                 .as_deref()

@@ -274,7 +274,8 @@ pub struct Unauthorized(pub ErrorBody);
 
 /// `institution_suspended`: the key's institution is suspended. `model_not_permitted` (on
 /// inference requests): the model exists but is above this key's tier ceiling or outside its
-/// allowed models (`param` is `model`).
+/// allowed models (`param` is `model`). `frontier_not_verified`: a frontier model, and no
+/// operator has verified the key's institution for frontier models (`param` is `model`).
 #[derive(ToResponse)]
 pub struct Forbidden(pub ErrorBody);
 

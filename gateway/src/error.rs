@@ -62,6 +62,11 @@ pub enum GatewayError {
     /// No model of that name is configured.
     #[error("The model `{0}` does not exist or you do not have access to it.")]
     ModelNotFound(String),
+    /// A frontier model, for an institution no operator has verified for frontier models.
+    #[error(
+        "The model `{0}` is a frontier model; this institution is not verified for frontier models."
+    )]
+    FrontierNotVerified(String),
     /// The model exists but is above the caller's tier ceiling or outside its allowed models.
     #[error("The model `{model}` ({tier} tier) is not permitted for this key.")]
     ModelNotPermitted {
@@ -102,9 +107,9 @@ impl GatewayError {
             GatewayError::BodyReadFailed
             | GatewayError::MalformedJson(_)
             | GatewayError::InvalidParameter { .. } => StatusCode::BAD_REQUEST,
-            GatewayError::ModelNotPermitted { .. } | GatewayError::InstitutionSuspended => {
-                StatusCode::FORBIDDEN
-            }
+            GatewayError::ModelNotPermitted { .. }
+            | GatewayError::FrontierNotVerified(_)
+            | GatewayError::InstitutionSuspended => StatusCode::FORBIDDEN,
             GatewayError::UpstreamUnreachable(_) | GatewayError::UpstreamFailed(_) => {
                 StatusCode::BAD_GATEWAY
             }
@@ -126,9 +131,9 @@ impl GatewayError {
             | GatewayError::MalformedJson(_)
             | GatewayError::InvalidParameter { .. }
             | GatewayError::ModelNotFound(_) => "invalid_request_error",
-            GatewayError::ModelNotPermitted { .. } | GatewayError::InstitutionSuspended => {
-                "permission_error"
-            }
+            GatewayError::ModelNotPermitted { .. }
+            | GatewayError::FrontierNotVerified(_)
+            | GatewayError::InstitutionSuspended => "permission_error",
             GatewayError::UpstreamUnreachable(_)
             | GatewayError::UpstreamFailed(_)
             | GatewayError::UpstreamTimeout
@@ -151,6 +156,7 @@ impl GatewayError {
             GatewayError::InvalidParameter { .. } => "invalid_parameter",
             GatewayError::ModelNotFound(_) => "model_not_found",
             GatewayError::ModelNotPermitted { .. } => "model_not_permitted",
+            GatewayError::FrontierNotVerified(_) => "frontier_not_verified",
             GatewayError::UpstreamUnreachable(_) => "upstream_unreachable",
             GatewayError::UpstreamFailed(_) => "upstream_failed",
             GatewayError::UpstreamTimeout => "upstream_timeout",
@@ -170,7 +176,9 @@ impl GatewayError {
             | GatewayError::BodyReadFailed
             | GatewayError::MalformedJson(_)
             | GatewayError::InvalidParameter { .. } => "bad_request",
-            GatewayError::ModelNotFound(_) | GatewayError::ModelNotPermitted { .. } => "model",
+            GatewayError::ModelNotFound(_)
+            | GatewayError::ModelNotPermitted { .. }
+            | GatewayError::FrontierNotVerified(_) => "model",
             GatewayError::UpstreamUnreachable(_)
             | GatewayError::UpstreamFailed(_)
             | GatewayError::UpstreamTimeout => "upstream",
@@ -182,9 +190,9 @@ impl GatewayError {
     pub fn param(&self) -> Option<&'static str> {
         match self {
             GatewayError::InvalidParameter { param, .. } => Some(param),
-            GatewayError::ModelNotFound(_) | GatewayError::ModelNotPermitted { .. } => {
-                Some("model")
-            }
+            GatewayError::ModelNotFound(_)
+            | GatewayError::ModelNotPermitted { .. }
+            | GatewayError::FrontierNotVerified(_) => Some("model"),
             GatewayError::MissingApiKey
             | GatewayError::InvalidApiKey
             | GatewayError::ExpiredApiKey
@@ -231,6 +239,7 @@ impl GatewayError {
                 model: "m".into(),
                 tier: carrel_core::domain::Tier::Frontier,
             },
+            GatewayError::FrontierNotVerified("m".into()),
             GatewayError::UpstreamUnreachable("x".into()),
             GatewayError::UpstreamFailed("x".into()),
             GatewayError::UpstreamTimeout,
@@ -252,6 +261,7 @@ impl GatewayError {
                 | GatewayError::InvalidParameter { .. }
                 | GatewayError::ModelNotFound(_)
                 | GatewayError::ModelNotPermitted { .. }
+                | GatewayError::FrontierNotVerified(_)
                 | GatewayError::UpstreamUnreachable(_)
                 | GatewayError::UpstreamFailed(_)
                 | GatewayError::UpstreamTimeout

@@ -149,6 +149,15 @@ impl Gateway {
         if let Some(t) = tier_ceiling {
             body["tier_ceiling"] = json!(t);
         }
+        if tier_ceiling == Some("frontier") {
+            // Frontier models also need an institution the operator verified.
+            let path = format!("/admin/v1/institutions/{}", inst["id"].as_str().unwrap());
+            let verified = json!({"frontier_verified": true});
+            let (status, _) = self
+                .admin(reqwest::Method::PATCH, &path, Some(verified))
+                .await;
+            assert_eq!(status, 200);
+        }
         let path = format!(
             "/admin/v1/institutions/{}/keys",
             inst["id"].as_str().unwrap()

@@ -32,6 +32,19 @@ impl Store {
     /// Records a new token.
     pub async fn create_admin_token(&self, new: NewAdminToken) -> Result<AdminToken, StoreError> {
         self.call(move |c| {
+            let tx = c.transaction()?;
+            // A token outlives no account: its maker must still exist when it is recorded
+            // (deleting an account revokes its tokens in one transaction too).
+            if let Some(user) = new.created_by.strip_prefix("user:") {
+                let exists: bool = tx.query_row(
+                    "SELECT EXISTS(SELECT 1 FROM admin_users WHERE id = ?1)",
+                    [user],
+                    |r| r.get(0),
+                )?;
+                if !exists {
+                    return Err(StoreError::NotFound(format!("user `{user}`")));
+                }
+            }
             let token = AdminToken {
                 id: ids::new_id("tok"),
                 name: new.name,
@@ -43,7 +56,7 @@ impl Store {
                 expires_at: new.expires_at.map(crate::domain::rfc3339),
                 revoked_at: None,
             };
-            c.execute(
+            tx.execute(
                 "INSERT INTO admin_tokens (id, name, token_hash, role, institution_id, scopes,
                     created_by, created_at, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                 params![
@@ -58,6 +71,7 @@ impl Store {
                     new.expires_at
                 ],
             )?;
+            tx.commit()?;
             Ok(token)
         })
         .await

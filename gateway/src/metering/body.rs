@@ -18,6 +18,11 @@ use crate::error::BoxError;
 /// JSON response, however long the embeddings before it).
 pub const TAIL_BYTES: usize = 64 * 1024;
 
+/// Most tokens one response is counted with.
+pub const MAX_TOKENS: u64 = u32::MAX as u64;
+/// Most one response is counted to cost: a million dollars, in nano-dollars.
+pub const MAX_COST_NANO_USD: i64 = 1_000_000 * 1_000_000_000;
+
 /// Token counts as OpenAI-compatible providers report them.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
 pub struct Usage {
@@ -44,8 +49,11 @@ pub struct Meter {
 
 impl Meter {
     fn finish(self, usage: Usage, complete: bool) {
-        let cost = usage.prompt_tokens as f64 * self.prices.0
-            + usage.completion_tokens as f64 * self.prices.1;
+        // A provider reporting more than this is wrong; one bad number must not overflow an
+        // institution's sums.
+        let prompt_tokens = usage.prompt_tokens.min(MAX_TOKENS);
+        let completion_tokens = usage.completion_tokens.min(MAX_TOKENS);
+        let cost = prompt_tokens as f64 * self.prices.0 + completion_tokens as f64 * self.prices.1;
         let p = self.principal;
         self.ledger.record(PendingUsage {
             record: UsageRecord {
@@ -56,10 +64,10 @@ impl Meter {
                 key_id: p.key_id.to_string(),
                 model: self.model,
                 complete,
-                prompt_tokens: usage.prompt_tokens,
-                completion_tokens: usage.completion_tokens,
+                prompt_tokens,
+                completion_tokens,
                 // Prices are per million tokens: tokens × price is in millionths of a dollar.
-                cost_nano_usd: (cost * 1000.0).round() as i64,
+                cost_nano_usd: ((cost * 1000.0).round() as i64).min(MAX_COST_NANO_USD),
             },
             at: unix_now(),
             timezone: p.timezone,
@@ -246,6 +254,7 @@ mod tests {
             institution_kind: carrel_core::domain::InstitutionKind::Library,
             timezone: "America/Chicago".into(),
             institution_status: carrel_core::domain::InstitutionStatus::Active,
+            frontier_verified: false,
             key_id: "key_a".into(),
             site_id: None,
             group_id: None,

@@ -3,9 +3,11 @@
 //! The key's format and checksum are checked first, so noise never reaches the store. Verified
 //! keys are cached by public id (the cache holds the secret's keyed hash, never the secret); the
 //! secret is compared against it in constant time on every request. Revocation evicts the entry
-//! at once ([`KeyCache::evict`]); the TTL bounds staleness if an eviction is ever missed.
+//! at once ([`KeyCache::evict`]), and a load that raced an eviction is not kept; the TTL bounds
+//! staleness if an eviction is ever missed.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use carrel_core::domain::{InstitutionStatus, Principal};
 use carrel_core::keys::ParsedKey;
@@ -27,6 +29,9 @@ pub struct CachedKey {
 #[derive(Clone)]
 pub struct KeyCache {
     cache: moka::future::Cache<Arc<str>, Arc<CachedKey>>,
+    /// Bumped before every eviction. A load that saw it change may have read the store before
+    /// the change committed, so it does not stay cached.
+    generation: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for KeyCache {
@@ -52,6 +57,7 @@ impl KeyCache {
                 .time_to_live(ttl)
                 .support_invalidation_closures()
                 .build(),
+            generation: Arc::default(),
         }
     }
 
@@ -61,6 +67,7 @@ impl KeyCache {
         if let Some(hit) = self.cache.get(id).await {
             return Ok(Some(hit));
         }
+        let generation = self.generation.load(Ordering::Acquire);
         let loaded = self
             .cache
             .try_get_with(Arc::from(id), async {
@@ -74,6 +81,12 @@ impl KeyCache {
                 }
             })
             .await;
+        if self.generation.load(Ordering::Acquire) != generation {
+            // An eviction ran while this load read the store. Its own invalidation covers an
+            // entry inserted before it; this covers one inserted after. This request goes on
+            // with what it read, as it would have a moment earlier.
+            self.cache.invalidate(id).await;
+        }
         match loaded {
             Ok(key) => Ok(Some(key)),
             Err(miss) => match &*miss {
@@ -85,11 +98,13 @@ impl KeyCache {
 
     /// Forgets a key at once (revocation).
     pub async fn evict(&self, id: &str) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
         self.cache.invalidate(id).await;
     }
 
     /// Forgets every key of an institution at once (suspension, time zone change).
     pub fn evict_institution(&self, institution_id: &str) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
         let id: Arc<str> = institution_id.into();
         let result = self
             .cache

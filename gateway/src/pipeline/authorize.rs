@@ -2,6 +2,8 @@
 
 use std::sync::Arc;
 
+use carrel_core::domain::Tier;
+
 use crate::app::AppState;
 use crate::error::GatewayError;
 use crate::pipeline::{Flow, RequestCtx};
@@ -13,7 +15,14 @@ pub fn run(state: &AppState, ctx: &mut RequestCtx) -> Result<Flow, GatewayError>
     let route = catalog
         .get(model)
         .ok_or_else(|| GatewayError::ModelNotFound(model.clone()))?;
-    if !ctx.principal().may_use(&route.name, route.tier) {
+    let principal = ctx.principal();
+    if route.tier == Tier::Frontier
+        && route.tier <= principal.tier_ceiling
+        && !principal.frontier_verified
+    {
+        return Err(GatewayError::FrontierNotVerified(model.clone()));
+    }
+    if !principal.may_use(&route.name, route.tier) {
         return Err(GatewayError::ModelNotPermitted {
             model: model.clone(),
             tier: route.tier,

@@ -5,7 +5,7 @@
 //! |---|-------|--------|-----------------|
 //! | 1 | authenticate | [`authenticate`] | 401 `missing_api_key`, 401 `invalid_api_key`, 401 `expired_api_key`, 403 `institution_suspended`, 503 `store_unavailable` |
 //! | 2 | read body | [`read_body`] | 413 `request_too_large`, 400 `body_read_failed`, 400 `invalid_json`, 400 `invalid_parameter` |
-//! | 3 | authorize | [`authorize`] | 404 `model_not_found`, 403 `model_not_permitted` |
+//! | 3 | authorize | [`authorize`] | 404 `model_not_found`, 403 `frontier_not_verified`, 403 `model_not_permitted` |
 //! | 4–8 | safeguards, rate limit, quota, cache, routing | (issues 4, 7, 8) | |
 //! | 9 | forward + meter | [`forward`] | the upstream's own status, 502 `upstream_unreachable`, 502 `upstream_failed`, 504 `upstream_timeout`; a 2xx body is metered into the usage ledger ([`crate::metering`]) |
 //!

@@ -1,7 +1,7 @@
 //! Running an institution: its settings and status, keys limited to some models, cursor pages,
 //! automation tokens, and usage reports.
 
-use carrel_tests::mock::{MOCK_USAGE, MockUpstream};
+use carrel_tests::mock::{MOCK_USAGE, MockUpstream, Reply};
 use carrel_tests::{Gateway, config_for};
 use reqwest::Method;
 use serde_json::{Value, json};
@@ -104,6 +104,18 @@ async fn suspending_an_institution_stops_its_keys_at_once() {
     );
     let (_, secret) = key(&gw, &inst, json!({"name": "k", "kind": "kiosk"})).await;
     assert_eq!(chat(&gw, &secret, "mock-model").await.0, 200);
+    // Frontier models wait for an operator's verification, whatever the key's ceiling.
+    let (_, frontier) = key(
+        &gw,
+        &inst,
+        json!({"name": "f", "kind": "staff", "tier_ceiling": "frontier"}),
+    )
+    .await;
+    let (status, err) = chat(&gw, &frontier, "frontier-model").await;
+    assert_eq!(
+        (status, err["error"]["code"].as_str()),
+        (403, Some("frontier_not_verified"))
+    );
     let admin = gw
         .session("spring-admin", "institution_admin", Some(&inst))
         .await;
@@ -170,6 +182,7 @@ async fn suspending_an_institution_stops_its_keys_at_once() {
     gw.admin(Method::PATCH, &path, Some(json!({"status": "active"})))
         .await;
     assert_eq!(chat(&gw, &secret, "mock-model").await.0, 200);
+    assert_eq!(chat(&gw, &frontier, "frontier-model").await.0, 200);
 
     let (_, audit) = gw.admin(Method::GET, "/admin/v1/audit", None).await;
     let actions: Vec<&str> = audit["data"]
@@ -337,6 +350,25 @@ async fn automation_tokens_act_within_their_scopes_until_revoked() {
         let (status, _) = gw.admin_as(&token, method.clone(), &path, body).await;
         assert_eq!(status, 403, "{method} {path}");
     }
+    // It knows what it is, and it makes no accounts: a session of one would not be bound by
+    // its scopes.
+    let (_, me) = gw.admin_as(&token, Method::GET, "/admin/v1/me", None).await;
+    assert_eq!(
+        (&me["role"], &me["token"]["scopes"]),
+        (&json!("institution_admin"), &json!(["keys", "read"]))
+    );
+    let (status, _) = gw
+        .admin_as(
+            &token,
+            Method::POST,
+            "/admin/v1/users",
+            Some(
+                json!({"username": "escape", "password": carrel_tests::PASSWORD,
+                        "role": "institution_admin", "institution_id": inst}),
+            ),
+        )
+        .await;
+    assert_eq!(status, 403);
     // The audit trail names the token as the actor.
     let (_, audit) = gw.admin(Method::GET, "/admin/v1/audit?limit=1", None).await;
     assert_eq!(audit["data"][0]["actor"], format!("token:{token_id}"));
@@ -375,6 +407,19 @@ async fn automation_tokens_act_within_their_scopes_until_revoked() {
             "{bad}"
         );
     }
+
+    // An operator's account may mint a token for any institution; it acts as its admin.
+    let operator = gw.session("auto-operator", "operator", None).await;
+    let (status, minted) = gw
+        .admin_as(
+            &operator,
+            Method::POST,
+            "/admin/v1/tokens",
+            Some(json!({"name": "provisioning", "scopes": ["read"], "institution_id": inst})),
+        )
+        .await;
+    assert_eq!(status, 201, "{minted}");
+    assert_eq!(minted["role"], "institution_admin");
 
     // Revoked: 401 at once.
     let (status, _) = gw
@@ -424,7 +469,7 @@ async fn automation_tokens_act_within_their_scopes_until_revoked() {
 
 #[tokio::test]
 async fn usage_is_reported_by_day_key_and_model_as_json_and_csv() {
-    let (_mock, gw) = gateway().await;
+    let (mock, gw) = gateway().await;
     let inst = gw.institution("Metered").await;
     let (_, site) = gw
         .admin(
@@ -458,8 +503,28 @@ async fn usage_is_reported_by_day_key_and_model_as_json_and_csv() {
         .await
         .unwrap();
     assert!(streamed.ends_with("data: [DONE]\n\n"), "{streamed}");
-    // A refused request is not usage.
+    // Refused requests are not usage: by the gateway, or by the provider.
     assert_eq!(chat(&gw, &secret_b, "no-such-model").await.0, 404);
+    mock.script(
+        "frontier-model",
+        Reply::Json {
+            status: 400,
+            body: json!({"error": {"message": "context too long", "type": "invalid_request_error"}}),
+        },
+    );
+    let (_, frontier) = key(
+        &gw,
+        &inst,
+        json!({"name": "f", "kind": "staff", "tier_ceiling": "frontier"}),
+    )
+    .await;
+    gw.admin(
+        Method::PATCH,
+        &format!("/admin/v1/institutions/{inst}"),
+        Some(json!({"frontier_verified": true})),
+    )
+    .await;
+    assert_eq!(chat(&gw, &frontier, "frontier-model").await.0, 400);
 
     let (p, c) = MOCK_USAGE;
     let usage = format!("/admin/v1/institutions/{inst}/usage");
