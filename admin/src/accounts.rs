@@ -355,12 +355,7 @@ pub async fn logout(
     Extension(principal): Extension<AdminPrincipal>,
     headers: http::HeaderMap,
 ) -> Result<StatusCode, AdminError> {
-    let token = headers
-        .get(http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
-        .filter(|t| t.starts_with(SESSION_PREFIX));
+    let token = crate::auth::bearer(&headers).filter(|t| t.starts_with(SESSION_PREFIX));
     if let Some(token) = token {
         state
             .store

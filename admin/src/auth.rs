@@ -156,8 +156,9 @@ impl AdminPrincipal {
     }
 }
 
-fn bearer(req: &Request) -> Option<&str> {
-    req.headers()
+/// The bearer token of a request, if any.
+pub(crate) fn bearer(headers: &http::HeaderMap) -> Option<&str> {
+    headers
         .get(http::header::AUTHORIZATION)?
         .to_str()
         .ok()?
@@ -171,7 +172,7 @@ pub async fn require_admin(
     mut req: Request,
     next: Next,
 ) -> Response {
-    let principal = match resolve(&state, bearer(&req)).await {
+    let principal = match resolve(&state, bearer(req.headers())).await {
         Ok(p) => p,
         Err(e) => return e.into_response(),
     };

@@ -74,14 +74,6 @@ impl Modify for BearerAuth {
     }
 }
 
-/// The document as pretty JSON, with the crate version filled in.
-pub fn openapi_json() -> String {
-    let mut doc = AdminApi::openapi();
-    doc.info.version = env!("CARGO_PKG_VERSION").to_owned();
-    doc.to_pretty_json()
-        .expect("the OpenAPI document serialises")
-}
-
 /// `GET /admin/openapi.json`: [`AdminState::openapi`], as built at start-up. Needs no token:
 /// the document is published in the repository anyway.
 pub async fn serve(State(state): State<AdminState>) -> impl IntoResponse {

@@ -349,12 +349,7 @@ pub async fn get_institution(
     Path(id): Path<String>,
 ) -> Result<Json<Institution>, AdminError> {
     principal.authorize(Action::Read, Some(&id))?;
-    let inst = state
-        .store
-        .get_institution(&id)
-        .await?
-        .ok_or_else(|| AdminError::NotFound(format!("institution `{id}`")))?;
-    Ok(Json(inst))
+    Ok(Json(state.institution(&id).await?))
 }
 
 /// Creates an API key for an institution. The response is the only time the secret is shown.
@@ -454,16 +449,6 @@ pub async fn list_keys(
 ) -> Result<Json<Page<ApiKey>>, AdminError> {
     principal.authorize(Action::Read, Some(&institution_id))?;
     let page = query.page()?;
-    if state
-        .store
-        .get_institution(&institution_id)
-        .await?
-        .is_none()
-    {
-        return Err(AdminError::NotFound(format!(
-            "institution `{institution_id}`"
-        )));
-    }
     Ok(Json(state.store.list_keys(&institution_id, page).await?))
 }
 

@@ -81,8 +81,21 @@ pub struct AdminState {
     /// Login attempts per client address.
     pub login_throttle: Arc<accounts::LoginThrottle>,
     /// The OpenAPI document served at `/admin/openapi.json`. The gateway fills it with the
-    /// admin and public APIs together; [`doc::openapi_json`] is the admin part alone.
+    /// admin and public APIs together; [`doc::AdminApi`] is the admin part alone.
     pub openapi: Arc<str>,
+}
+
+impl AdminState {
+    /// An institution, or 404 naming it.
+    pub async fn institution(
+        &self,
+        id: &str,
+    ) -> Result<carrel_core::domain::Institution, error::AdminError> {
+        self.store
+            .get_institution(id)
+            .await?
+            .ok_or_else(|| error::AdminError::NotFound(format!("institution `{id}`")))
+    }
 }
 
 /// The admin router: `/healthz`, `/admin/v1/...`, `/admin/openapi.json` and `/admin/docs`.

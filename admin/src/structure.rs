@@ -35,13 +35,6 @@ pub struct CreateGroup {
     pub kind: GroupKind,
 }
 
-async fn institution_exists(state: &AdminState, id: &str) -> Result<(), AdminError> {
-    match state.store.get_institution(id).await? {
-        Some(_) => Ok(()),
-        None => Err(AdminError::NotFound(format!("institution `{id}`"))),
-    }
-}
-
 /// Creates a site.
 #[utoipa::path(post, path = "/admin/v1/institutions/{id}/sites", tag = "institutions",
     params(("id" = String, Path, description = "Institution id")),
@@ -59,7 +52,6 @@ pub async fn create_site(
 ) -> Result<(StatusCode, Json<Site>), AdminError> {
     principal.authorize(Action::ManageStructure, Some(&id))?;
     AdminError::check_name("name", &body.name, 200)?;
-    institution_exists(&state, &id).await?;
     let site = state.store.create_site(&id, body.name).await?;
     state
         .audit(
@@ -86,7 +78,6 @@ pub async fn list_sites(
 ) -> Result<Json<Page<Site>>, AdminError> {
     principal.authorize(Action::Read, Some(&id))?;
     let page = query.page()?;
-    institution_exists(&state, &id).await?;
     Ok(Json(state.store.list_sites(&id, page).await?))
 }
 
@@ -107,7 +98,6 @@ pub async fn create_group(
 ) -> Result<(StatusCode, Json<Group>), AdminError> {
     principal.authorize(Action::ManageStructure, Some(&id))?;
     AdminError::check_name("name", &body.name, 200)?;
-    institution_exists(&state, &id).await?;
     let group = state.store.create_group(&id, body.name, body.kind).await?;
     state
         .audit(
@@ -134,6 +124,5 @@ pub async fn list_groups(
 ) -> Result<Json<Page<Group>>, AdminError> {
     principal.authorize(Action::Read, Some(&id))?;
     let page = query.page()?;
-    institution_exists(&state, &id).await?;
     Ok(Json(state.store.list_groups(&id, page).await?))
 }

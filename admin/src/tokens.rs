@@ -78,9 +78,7 @@ pub async fn create_token(
         None => (principal.role(), principal.institution().map(str::to_owned)),
         // An operator's token for an institution acts as that institution's admin.
         Some(inst) if operator => {
-            if state.store.get_institution(&inst).await?.is_none() {
-                return Err(AdminError::NotFound(format!("institution `{inst}`")));
-            }
+            state.institution(&inst).await?;
             (Role::InstitutionAdmin, Some(inst))
         }
         // Anyone else acts on their own institution; another one does not exist for them.

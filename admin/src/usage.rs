@@ -5,7 +5,7 @@ use axum::extract::{Path, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use carrel_core::domain::UsageGroupBy;
+use carrel_core::domain::{UsageGroupBy, local_date, unix_now};
 use carrel_core::store::UsageLine;
 use jiff::civil::Date;
 use serde::Serialize;
@@ -104,15 +104,10 @@ pub async fn usage_report(
     let group_by = query
         .parsed::<UsageGroupBy>("group_by")?
         .unwrap_or(UsageGroupBy::Day);
-    let inst = state
-        .store
-        .get_institution(&id)
-        .await?
-        .ok_or_else(|| AdminError::NotFound(format!("institution `{id}`")))?;
-    let tz = jiff::tz::TimeZone::get(&inst.timezone).unwrap_or(jiff::tz::TimeZone::UTC);
+    let inst = state.institution(&id).await?;
     let to = match day(&query, "to")? {
         Some(d) => d,
-        None => jiff::Timestamp::now().to_zoned(tz).date(),
+        None => local_date(unix_now(), &inst.timezone),
     };
     let from = match day(&query, "from")? {
         Some(d) => d,

@@ -475,13 +475,14 @@ pub fn unix_seconds(rfc3339: &str) -> Option<i64> {
         .map(|t| t.as_second())
 }
 
-/// The local date (`YYYY-MM-DD`) at Unix second `at` in the IANA time zone `tz` (UTC when the
-/// zone is unknown, which validation at the admin API prevents).
-pub fn local_date(at: i64, tz: &str) -> String {
+/// The local date at Unix second `at` in the IANA time zone `tz` (UTC when the zone is unknown,
+/// which validation at the admin API prevents): the day usage is counted in.
+pub fn local_date(at: i64, tz: &str) -> jiff::civil::Date {
     let zone = jiff::tz::TimeZone::get(tz).unwrap_or(jiff::tz::TimeZone::UTC);
     jiff::Timestamp::from_second(at)
-        .map(|t| t.to_zoned(zone).date().to_string())
-        .unwrap_or_default()
+        .unwrap_or(jiff::Timestamp::UNIX_EPOCH)
+        .to_zoned(zone)
+        .date()
 }
 
 /// ISO 3166-1 alpha-2 country codes: the first part of every ISO 3166-2 region code.

@@ -783,17 +783,7 @@ impl Store {
     /// Records a new API key for an existing institution.
     pub async fn create_key(&self, new: NewApiKey) -> Result<ApiKey, StoreError> {
         self.call(move |c| {
-            let exists: bool = c.query_row(
-                "SELECT EXISTS(SELECT 1 FROM institutions WHERE id = ?1)",
-                [&new.institution_id],
-                |r| r.get(0),
-            )?;
-            if !exists {
-                return Err(StoreError::NotFound(format!(
-                    "institution `{}`",
-                    new.institution_id
-                )));
-            }
+            require_institution(c, &new.institution_id)?;
             insert_key(c, new)
         })
         .await
@@ -807,6 +797,7 @@ impl Store {
     ) -> Result<Page<ApiKey>, StoreError> {
         let id = institution_id.to_owned();
         self.call(move |c| {
+            require_institution(c, &id)?;
             let sql = format!(
                 "SELECT {}, rowid FROM api_keys WHERE institution_id = :inst",
                 select_list(None, &KEY_COLS)
@@ -909,6 +900,7 @@ impl Store {
     ) -> Result<Site, StoreError> {
         let inst = institution_id.to_owned();
         self.call(move |c| {
+            require_institution(c, &inst)?;
             let site = Site {
                 id: ids::new_id("site"),
                 institution_id: inst,
@@ -933,6 +925,7 @@ impl Store {
     ) -> Result<Page<Site>, StoreError> {
         let inst = institution_id.to_owned();
         self.call(move |c| {
+            require_institution(c, &inst)?;
             paged(
                 c,
                 "SELECT id, institution_id, name, created_at, rowid FROM sites
@@ -954,6 +947,7 @@ impl Store {
     ) -> Result<Group, StoreError> {
         let inst = institution_id.to_owned();
         self.call(move |c| {
+            require_institution(c, &inst)?;
             let group = Group {
                 id: ids::new_id("group"),
                 institution_id: inst,
@@ -986,6 +980,7 @@ impl Store {
     ) -> Result<Page<Group>, StoreError> {
         let inst = institution_id.to_owned();
         self.call(move |c| {
+            require_institution(c, &inst)?;
             paged(
                 c,
                 "SELECT id, institution_id, name, kind, created_at, rowid FROM member_groups
@@ -1069,14 +1064,7 @@ impl Store {
     pub async fn create_user(&self, new: NewUser) -> Result<AdminUser, StoreError> {
         self.call(move |c| {
             if let Some(inst) = &new.institution_id {
-                let exists: bool = c.query_row(
-                    "SELECT EXISTS(SELECT 1 FROM institutions WHERE id = ?1)",
-                    [inst],
-                    |r| r.get(0),
-                )?;
-                if !exists {
-                    return Err(StoreError::NotFound(format!("institution `{inst}`")));
-                }
+                require_institution(c, inst)?;
             }
             let user = AdminUser {
                 id: ids::new_id("user"),
@@ -1405,6 +1393,20 @@ pub(crate) fn paged<T>(
         last = Some(r.get(cursor_at)?);
     }
     Ok(Page::whole(data))
+}
+
+/// `NotFound("institution `id`")` unless the institution exists.
+fn require_institution(c: &Connection, id: &str) -> Result<(), StoreError> {
+    let exists: bool = c.query_row(
+        "SELECT EXISTS(SELECT 1 FROM institutions WHERE id = ?1)",
+        [id],
+        |r| r.get(0),
+    )?;
+    if exists {
+        Ok(())
+    } else {
+        Err(StoreError::NotFound(format!("institution `{id}`")))
+    }
 }
 
 fn get_institution(c: &Connection, id: &str) -> Result<Option<Institution>, StoreError> {

@@ -194,7 +194,7 @@ fn write(store: &Store, batch: &[UsageRecord], counters: &Counters) {
 /// Fills in the institution's local date at the record's time.
 fn with_day(pending: PendingUsage) -> UsageRecord {
     let mut record = pending.record;
-    record.day = carrel_core::domain::local_date(pending.at, &pending.timezone);
+    record.day = carrel_core::domain::local_date(pending.at, &pending.timezone).to_string();
     record
 }
 
