@@ -109,12 +109,16 @@ pub async fn run(
 
     let mut workers = Vec::with_capacity(cfg.workers);
     for i in 0..cfg.workers {
+        // Worker 0 takes the client start-up built; every other worker builds its own.
+        let worker_state = if i == 0 {
+            state.clone()
+        } else {
+            state
+                .for_worker()
+                .map_err(|e| InitError::Tls(format!("upstream client: {e}")))?
+        };
         let worker = Worker {
-            state: Arc::new(
-                state
-                    .for_worker()
-                    .map_err(|e| InitError::Tls(format!("upstream client: {e}")))?,
-            ),
+            state: Arc::new(worker_state),
             builder: builder.clone(),
             tls: tls.clone(),
             handshake_timeout: cfg.header_read_timeout,

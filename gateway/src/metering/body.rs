@@ -99,7 +99,13 @@ impl Tail {
     fn bytes(&self) -> Bytes {
         match self.frames.len() {
             1 => self.frames[0].clone(),
-            _ => self.frames.iter().flat_map(|f| f.iter().copied()).collect(),
+            _ => {
+                let mut joined = bytes::BytesMut::with_capacity(self.len);
+                for frame in &self.frames {
+                    joined.extend_from_slice(frame);
+                }
+                joined.freeze()
+            }
         }
     }
 }
