@@ -206,6 +206,16 @@ impl Gateway {
         session["token"].as_str().unwrap().to_owned()
     }
 
+    /// GETs a public path with a key.
+    pub async fn get(&self, path: &str, key: &str) -> reqwest::Response {
+        self.http
+            .get(self.url(path))
+            .bearer_auth(key)
+            .send()
+            .await
+            .expect("request")
+    }
+
     /// POSTs JSON to a public path with a key.
     pub async fn post(&self, path: &str, key: &str, body: &Value) -> reqwest::Response {
         self.http

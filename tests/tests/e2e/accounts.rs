@@ -34,15 +34,11 @@ async fn login(gw: &Gateway, username: &str, password: &str) -> (u16, Value) {
     (status, resp.json().await.unwrap_or(Value::Null))
 }
 
-/// An admin request with `token`.
-async fn call(
-    gw: &Gateway,
-    token: &str,
-    method: Method,
-    path: &str,
-    body: Option<Value>,
-) -> (u16, Value) {
-    gw.admin_as(token, method, path, body).await
+/// The session token of a successful login.
+async fn login_token(gw: &Gateway, username: &str) -> String {
+    let (status, session) = login(gw, username, PASSWORD).await;
+    assert_eq!(status, 200, "{session}");
+    session["token"].as_str().unwrap().to_owned()
 }
 
 #[tokio::test]
@@ -57,14 +53,16 @@ async fn login_me_and_logout() {
     assert!(token.starts_with("crs_"));
     assert_eq!(session["user"]["role"], "institution_admin");
 
-    let (status, me) = call(&gw, &token, Method::GET, "/admin/v1/me", None).await;
+    let (status, me) = gw.admin_as(&token, Method::GET, "/admin/v1/me", None).await;
     assert_eq!(status, 200);
     assert_eq!(me["user"]["username"], "admin@springfield");
     assert_eq!(me["user"]["institution_id"], inst.as_str());
 
-    let (status, _) = call(&gw, &token, Method::POST, "/admin/v1/logout", None).await;
+    let (status, _) = gw
+        .admin_as(&token, Method::POST, "/admin/v1/logout", None)
+        .await;
     assert_eq!(status, 204);
-    let (status, _) = call(&gw, &token, Method::GET, "/admin/v1/me", None).await;
+    let (status, _) = gw.admin_as(&token, Method::GET, "/admin/v1/me", None).await;
     assert_eq!(status, 401, "the session ended");
 
     let (status, err) = login(&gw, "admin@springfield", "wrong password!!").await;
@@ -171,14 +169,8 @@ async fn institutions_are_isolated_from_each_other() {
         .await;
     let b_key_id = b_key["id"].as_str().unwrap().to_owned();
     let b_secret = b_key["secret"].as_str().unwrap().to_owned();
-    let token_a = login(&gw, "admin-a", PASSWORD).await.1["token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let auditor_a = login(&gw, "auditor-a", PASSWORD).await.1["token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let token_a = login_token(&gw, "admin-a").await;
+    let auditor_a = login_token(&gw, "auditor-a").await;
 
     let key_body = json!({"name": "k", "kind": "service"});
     let user_body =
@@ -245,7 +237,9 @@ async fn institutions_are_isolated_from_each_other() {
         ),
     ];
     for (method, path, body) in &cross {
-        let (status, resp) = call(&gw, &token_a, method.clone(), path, body.clone()).await;
+        let (status, resp) = gw
+            .admin_as(&token_a, method.clone(), path, body.clone())
+            .await;
         assert!(
             status == 403 || status == 404,
             "{method} {path}: {status} {resp}"
@@ -265,7 +259,9 @@ async fn institutions_are_isolated_from_each_other() {
     }
 
     // Lists show only A.
-    let (_, list) = call(&gw, &token_a, Method::GET, "/admin/v1/institutions", None).await;
+    let (_, list) = gw
+        .admin_as(&token_a, Method::GET, "/admin/v1/institutions", None)
+        .await;
     let names: Vec<&str> = list["data"]
         .as_array()
         .unwrap()
@@ -273,7 +269,9 @@ async fn institutions_are_isolated_from_each_other() {
         .map(|i| i["name"].as_str().unwrap())
         .collect();
     assert_eq!(names, ["Library A"]);
-    let (_, users) = call(&gw, &token_a, Method::GET, "/admin/v1/users", None).await;
+    let (_, users) = gw
+        .admin_as(&token_a, Method::GET, "/admin/v1/users", None)
+        .await;
     assert!(
         users["data"]
             .as_array()
@@ -294,51 +292,51 @@ async fn institutions_are_isolated_from_each_other() {
     assert_eq!(resp.status(), 200);
 
     // Within its own institution, A's admin manages keys; A's auditor only reads.
-    let (status, own) = call(
-        &gw,
-        &token_a,
-        Method::POST,
-        &format!("/admin/v1/institutions/{a}/keys"),
-        Some(key_body.clone()),
-    )
-    .await;
+    let (status, own) = gw
+        .admin_as(
+            &token_a,
+            Method::POST,
+            &format!("/admin/v1/institutions/{a}/keys"),
+            Some(key_body.clone()),
+        )
+        .await;
     assert_eq!(status, 201, "{own}");
-    let (status, _) = call(
-        &gw,
-        &auditor_a,
-        Method::GET,
-        &format!("/admin/v1/institutions/{a}/keys"),
-        None,
-    )
-    .await;
+    let (status, _) = gw
+        .admin_as(
+            &auditor_a,
+            Method::GET,
+            &format!("/admin/v1/institutions/{a}/keys"),
+            None,
+        )
+        .await;
     assert_eq!(status, 200);
-    let (status, _) = call(
-        &gw,
-        &auditor_a,
-        Method::POST,
-        &format!("/admin/v1/institutions/{a}/keys"),
-        Some(key_body),
-    )
-    .await;
+    let (status, _) = gw
+        .admin_as(
+            &auditor_a,
+            Method::POST,
+            &format!("/admin/v1/institutions/{a}/keys"),
+            Some(key_body),
+        )
+        .await;
     assert_eq!(status, 403);
     let own_id = own["id"].as_str().unwrap();
-    let (status, _) = call(
-        &gw,
-        &auditor_a,
-        Method::DELETE,
-        &format!("/admin/v1/keys/{own_id}"),
-        None,
-    )
-    .await;
+    let (status, _) = gw
+        .admin_as(
+            &auditor_a,
+            Method::DELETE,
+            &format!("/admin/v1/keys/{own_id}"),
+            None,
+        )
+        .await;
     assert_eq!(status, 403);
-    let (status, _) = call(
-        &gw,
-        &token_a,
-        Method::DELETE,
-        &format!("/admin/v1/keys/{own_id}"),
-        None,
-    )
-    .await;
+    let (status, _) = gw
+        .admin_as(
+            &token_a,
+            Method::DELETE,
+            &format!("/admin/v1/keys/{own_id}"),
+            None,
+        )
+        .await;
     assert_eq!(status, 204);
 }
 
@@ -372,36 +370,32 @@ async fn the_audit_trail_records_who_did_what_without_secrets() {
     user(&gw, "auditor-a", "auditor", Some(&a)).await;
     user(&gw, "staff-a", "staff", Some(&a)).await;
     user(&gw, "admin-b", "institution_admin", Some(&b)).await;
-    let token_a = login(&gw, "admin-a", PASSWORD).await.1["token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let (_, key) = call(
-        &gw,
-        &token_a,
-        Method::POST,
-        &format!("/admin/v1/institutions/{a}/keys"),
-        Some(json!({"name": "kiosk", "kind": "kiosk"})),
-    )
-    .await;
+    let token_a = login_token(&gw, "admin-a").await;
+    let (_, key) = gw
+        .admin_as(
+            &token_a,
+            Method::POST,
+            &format!("/admin/v1/institutions/{a}/keys"),
+            Some(json!({"name": "kiosk", "kind": "kiosk"})),
+        )
+        .await;
     let key_id = key["id"].as_str().unwrap();
     let secret = key["secret"].as_str().unwrap().to_owned();
-    let (status, _) = call(
-        &gw,
-        &token_a,
-        Method::DELETE,
-        &format!("/admin/v1/keys/{key_id}"),
-        None,
-    )
-    .await;
+    let (status, _) = gw
+        .admin_as(
+            &token_a,
+            Method::DELETE,
+            &format!("/admin/v1/keys/{key_id}"),
+            None,
+        )
+        .await;
     assert_eq!(status, 204);
     login(&gw, "admin-a", "a wrong password").await;
 
-    let auditor = login(&gw, "auditor-a", PASSWORD).await.1["token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let (status, page) = call(&gw, &auditor, Method::GET, "/admin/v1/audit", None).await;
+    let auditor = login_token(&gw, "auditor-a").await;
+    let (status, page) = gw
+        .admin_as(&auditor, Method::GET, "/admin/v1/audit", None)
+        .await;
     assert_eq!(status, 200, "{page}");
     let text = page.to_string();
     assert!(
@@ -440,29 +434,32 @@ async fn the_audit_trail_records_who_did_what_without_secrets() {
     assert_eq!(revoke["target"], format!("key:{key_id}"));
 
     // Pages follow the cursor.
-    let (_, first) = call(&gw, &auditor, Method::GET, "/admin/v1/audit?limit=2", None).await;
+    let (_, first) = gw
+        .admin_as(&auditor, Method::GET, "/admin/v1/audit?limit=2", None)
+        .await;
     assert_eq!(first["data"].as_array().unwrap().len(), 2);
     let cursor = first["next_cursor"].as_i64().unwrap();
-    let (_, second) = call(
-        &gw,
-        &auditor,
-        Method::GET,
-        &format!("/admin/v1/audit?limit=2&before={cursor}"),
-        None,
-    )
-    .await;
+    let (_, second) = gw
+        .admin_as(
+            &auditor,
+            Method::GET,
+            &format!("/admin/v1/audit?limit=2&before={cursor}"),
+            None,
+        )
+        .await;
     assert_eq!(second["data"][0]["action"], "key.revoke");
-    let (status, err) = call(&gw, &auditor, Method::GET, "/admin/v1/audit?limit=0", None).await;
+    let (status, err) = gw
+        .admin_as(&auditor, Method::GET, "/admin/v1/audit?limit=0", None)
+        .await;
     assert_eq!(
         (status, err["error"]["param"].as_str()),
         (422, Some("limit"))
     );
 
-    let staff = login(&gw, "staff-a", PASSWORD).await.1["token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let (status, _) = call(&gw, &staff, Method::GET, "/admin/v1/audit", None).await;
+    let staff = login_token(&gw, "staff-a").await;
+    let (status, _) = gw
+        .admin_as(&staff, Method::GET, "/admin/v1/audit", None)
+        .await;
     assert_eq!(status, 403, "staff do not read the audit trail");
     let (_, all) = gw
         .admin(Method::GET, "/admin/v1/audit?limit=500", None)

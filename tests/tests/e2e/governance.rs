@@ -210,16 +210,7 @@ async fn keys_can_be_limited_to_some_models_and_changed() {
         (status, err["error"]["code"].as_str()),
         (403, Some("model_not_permitted"))
     );
-    let models: Value = gw
-        .http
-        .get(gw.url("/v1/models"))
-        .bearer_auth(&secret)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models: Value = gw.get("/v1/models", &secret).await.json().await.unwrap();
     let names: Vec<&str> = models["data"]
         .as_array()
         .unwrap()

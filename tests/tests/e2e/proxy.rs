@@ -191,13 +191,7 @@ async fn completions_embeddings_and_models() {
     assert_eq!(paths, ["/v1/completions", "/v1/embeddings"]);
 
     // The default key reaches baseline and advanced models, not frontier ones.
-    let resp = gw
-        .http
-        .get(gw.url("/v1/models"))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap();
+    let resp = gw.get("/v1/models", &key).await;
     assert_eq!(resp.status(), 200);
     let list: Value = resp.json().await.unwrap();
     assert_eq!(list["object"], "list");
@@ -210,21 +204,9 @@ async fn completions_embeddings_and_models() {
     assert_eq!(ids, ["mock-model", "renamed"]);
     assert_eq!(list["data"][0]["object"], "model");
 
-    let one = gw
-        .http
-        .get(gw.url("/v1/models/renamed"))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap();
+    let one = gw.get("/v1/models/renamed", &key).await;
     assert_eq!(one.status(), 200);
-    let hidden = gw
-        .http
-        .get(gw.url("/v1/models/frontier-model"))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap();
+    let hidden = gw.get("/v1/models/frontier-model", &key).await;
     assert_eq!(error_code(hidden).await, (404, "model_not_found".into()));
 
     let resp = gw
@@ -234,12 +216,8 @@ async fn completions_embeddings_and_models() {
 
     let (_, frontier_key) = gw.new_key(Some("frontier")).await;
     let list: Value = gw
-        .http
-        .get(gw.url("/v1/models"))
-        .bearer_auth(&frontier_key)
-        .send()
+        .get("/v1/models", &frontier_key)
         .await
-        .unwrap()
         .json()
         .await
         .unwrap();
@@ -343,13 +321,7 @@ async fn request_errors_have_distinct_codes() {
         .await;
     assert_eq!(error_code(resp).await, (400, "invalid_parameter".into()));
 
-    let resp = gw
-        .http
-        .get(gw.url("/v1/chat/completions"))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap();
+    let resp = gw.get("/v1/chat/completions", &key).await;
     assert_eq!(resp.headers()["allow"], "POST");
     assert_eq!(error_code(resp).await, (405, "method_not_allowed".into()));
     let resp = gw
