@@ -64,6 +64,9 @@ pub enum Action {
     ReadUsage,
     /// Create or revoke automation tokens.
     ManageTokens,
+    /// Serve patrons at the front desk: extend a patron's daily allotment for a while, or
+    /// start their day afresh.
+    ServePatrons,
 }
 
 impl Action {
@@ -72,6 +75,10 @@ impl Action {
         Some(match self {
             Action::ReadModels | Action::Read => Scope::Read,
             Action::ManageKeys => Scope::Keys,
+            // No scope of its own (scopes are fixed in core): it changes what a patron may
+            // spend, so it takes a write scope, `keys` — what a key, and the patrons behind it,
+            // may use. Never the read-only `usage`.
+            Action::ServePatrons => Scope::Keys,
             Action::ManageStructure => Scope::Structure,
             Action::ReadUsage => Scope::Usage,
             Action::ReadAudit => Scope::Audit,
@@ -146,6 +153,9 @@ impl AdminPrincipal {
             Action::ReadAudit => matches!(role, Role::InstitutionAdmin | Role::Auditor),
             Action::ReadUsage => {
                 matches!(role, Role::InstitutionAdmin | Role::Staff | Role::Auditor)
+            }
+            Action::ServePatrons => {
+                matches!(role, Role::InstitutionAdmin | Role::Staff) && institution.is_some()
             }
         };
         if allowed {

@@ -90,6 +90,11 @@ pub struct CreateModel {
     /// Price of a million completion tokens.
     #[serde(default)]
     pub output_price_per_mtok: f64,
+    /// Most output tokens one choice may ask for; reserved when a request sets no
+    /// `max_tokens` (default 4096).
+    #[serde(default)]
+    #[schema(minimum = 1, maximum = 1_000_000)]
+    pub max_output_tokens: Option<u32>,
 }
 
 /// Creates a provider.
@@ -231,6 +236,11 @@ pub async fn create_model(
     ] {
         validate_price(price).map_err(|m| AdminError::field(field, format!("{field}: {m}")))?;
     }
+    let max_output_tokens = body
+        .max_output_tokens
+        .unwrap_or(carrel_core::config::DEFAULT_MAX_OUTPUT_TOKENS);
+    carrel_core::config::validate_max_output_tokens(max_output_tokens)
+        .map_err(|m| AdminError::field("max_output_tokens", format!("max_output_tokens: {m}")))?;
     let provider = body.provider.clone();
     let model = state
         .store
@@ -241,6 +251,7 @@ pub async fn create_model(
             tier: body.tier,
             input_price_per_mtok: body.input_price_per_mtok,
             output_price_per_mtok: body.output_price_per_mtok,
+            max_output_tokens,
         })
         .await
         .map_err(|e| match e {

@@ -9,7 +9,9 @@ use axum::response::IntoResponse;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::{AdminState, accounts, audit, catalog, error, institutions, structure, tokens, usage};
+use crate::{
+    AdminState, accounts, audit, catalog, error, institutions, limits, structure, tokens, usage,
+};
 
 /// The admin API's OpenAPI description.
 #[derive(OpenApi)]
@@ -40,6 +42,18 @@ use crate::{AdminState, accounts, audit, catalog, error, institutions, structure
         structure::list_sites,
         structure::create_group,
         structure::list_groups,
+        limits::put_institution_limits,
+        limits::get_institution_limits,
+        limits::put_site_limits,
+        limits::get_site_limits,
+        limits::put_group_limits,
+        limits::get_group_limits,
+        limits::put_key_limits,
+        limits::get_key_limits,
+        limits::put_model_limits,
+        limits::get_model_limits,
+        limits::extend_patron,
+        limits::reset_patron_day,
         accounts::login,
         accounts::logout,
         accounts::me,
@@ -57,6 +71,9 @@ use crate::{AdminState, accounts, audit, catalog, error, institutions, structure
         (name = "catalog", description = "Providers and the models they serve"),
         (name = "institutions", description = "Libraries, schools, small businesses, nonprofits"),
         (name = "keys", description = "API keys of an institution"),
+        (name = "limits", description = "Request rates, token and money budgets and concurrent \
+            streams by level (institution, site, group, key, model, and each patron), with what \
+            each level has used; patrons' extensions and day resets"),
         (name = "accounts", description = "Admin accounts, roles and sessions"),
     )
 )]

@@ -3,6 +3,7 @@
 use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use carrel_core::quota::LimitError;
 use carrel_core::store::StoreError;
 use serde::Serialize;
 use utoipa::ToSchema;
@@ -51,6 +52,15 @@ pub enum AdminError {
     /// The record exists already.
     #[error("{0} already exists")]
     Conflict(String),
+    /// A limit would carve more out of the level above than it has: the allotments of a
+    /// level's children may not add up to more than its own limit.
+    #[error("{message}")]
+    OverParent {
+        /// The limit's field.
+        field: String,
+        /// Names both levels and both numbers.
+        message: String,
+    },
     /// The store failed; details are logged, not returned.
     #[error("internal error")]
     Internal(#[source] StoreError),
@@ -109,7 +119,7 @@ impl AdminError {
                 StatusCode::TOO_MANY_REQUESTS
             }
             AdminError::NotFound(_) => StatusCode::NOT_FOUND,
-            AdminError::Conflict(_) => StatusCode::CONFLICT,
+            AdminError::Conflict(_) | AdminError::OverParent { .. } => StatusCode::CONFLICT,
             AdminError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -126,6 +136,7 @@ impl AdminError {
             AdminError::TooManyLogins { .. } => "too_many_logins",
             AdminError::NotFound(_) => "not_found",
             AdminError::Conflict(_) => "conflict",
+            AdminError::OverParent { .. } => "limit_over_parent",
             AdminError::Internal(_) => "internal_error",
         }
     }
@@ -135,7 +146,8 @@ impl AdminError {
             AdminError::MalformedJson(_)
             | AdminError::InvalidField { .. }
             | AdminError::NotFound(_)
-            | AdminError::Conflict(_) => "invalid_request_error",
+            | AdminError::Conflict(_)
+            | AdminError::OverParent { .. } => "invalid_request_error",
             AdminError::Unauthorized
             | AdminError::Locked
             | AdminError::InvalidCredentials
@@ -152,6 +164,13 @@ impl From<StoreError> for AdminError {
         match e {
             StoreError::Conflict(what) => AdminError::Conflict(what),
             StoreError::NotFound(what) => AdminError::NotFound(what),
+            StoreError::Limit(e) => match e {
+                LimitError::OutOfRange { field, .. } => AdminError::field(field, e.to_string()),
+                LimitError::OverParent { field, .. } => AdminError::OverParent {
+                    field: field.to_owned(),
+                    message: e.to_string(),
+                },
+            },
             other => AdminError::Internal(other),
         }
     }
@@ -163,7 +182,9 @@ impl IntoResponse for AdminError {
             tracing::error!(error = %source, "admin request failed");
         }
         let param = match &self {
-            AdminError::InvalidField { field, .. } => Some(field.clone()),
+            AdminError::InvalidField { field, .. } | AdminError::OverParent { field, .. } => {
+                Some(field.clone())
+            }
             _ => None,
         };
         let body = ErrorBody {

@@ -4,8 +4,8 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::{Extension, Json};
 use carrel_core::domain::{
-    ApiKey, Institution, InstitutionKind, InstitutionStatus, KeyKind, Tier, validate_region,
-    validate_sector, validate_timezone,
+    ApiKey, Institution, InstitutionKind, InstitutionStatus, KeyKind, OverQuota, Tier,
+    validate_region, validate_sector, validate_timezone,
 };
 use carrel_core::keys::NewKey;
 use carrel_core::store::{
@@ -17,7 +17,7 @@ use utoipa::ToSchema;
 use crate::AdminState;
 use crate::auth::{Action, AdminPrincipal};
 use crate::error::{AdminError, ErrorBody};
-use crate::json::AdminJson;
+use crate::json::{AdminJson, present};
 use crate::query::{AdminQuery, PageParams};
 
 /// Body of `POST /admin/v1/institutions`.
@@ -66,6 +66,10 @@ pub struct UpdateInstitution {
     /// Verified for frontier models (operators only).
     #[serde(default)]
     pub frontier_verified: Option<bool>,
+    /// What happens to a request whose estimate is more than what is left of a token or
+    /// money limit: `reject` (429) or `clamp` (lower `max_tokens` to what is left).
+    #[serde(default)]
+    pub over_quota: Option<OverQuota>,
 }
 
 /// Body of `PATCH /admin/v1/keys/{id}`: only the fields given change.
@@ -85,15 +89,6 @@ pub struct UpdateKey {
     /// Public names of the only models the key may use; `null`: any within its tier ceiling.
     #[serde(default, deserialize_with = "present")]
     pub allowed_models: Option<Option<Vec<String>>>,
-}
-
-/// A field that may be absent (outer `None`: leave as is) or `null` (`Some(None)`: clear it).
-fn present<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
-where
-    D: serde::Deserializer<'de>,
-    T: Deserialize<'de>,
-{
-    Option::<T>::deserialize(d).map(Some)
 }
 
 /// Body of `POST /admin/v1/institutions/{id}/keys`.
@@ -314,6 +309,7 @@ pub async fn update_institution(
                 timezone: body.timezone,
                 status: body.status,
                 frontier_verified: body.frontier_verified,
+                over_quota: body.over_quota,
             },
         )
         .await?

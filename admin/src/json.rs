@@ -47,6 +47,16 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, AdminError> {
     })
 }
 
+/// For `#[serde(default, deserialize_with = "present")]` on an `Option<Option<T>>`: a field that
+/// may be absent (the outer `None`: leave it as it is) or `null` (`Some(None)`: clear it).
+pub fn present<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::Deserialize<'de>,
+{
+    <Option<T> as serde::Deserialize>::deserialize(d).map(Some)
+}
+
 /// The field serde names in a "missing field `x`" message: the path stops at its parent. (An
 /// unknown field's path already ends in the field.)
 fn named_field(message: &str) -> Option<&str> {

@@ -17,6 +17,8 @@
 //! - [`catalog`]: providers and models.
 //! - [`institutions`]: institutions and their API keys.
 //! - [`structure`]: sites and groups of an institution.
+//! - [`limits`]: limits by level with their current usage, and patrons' extensions and day
+//!   resets.
 //! - [`tokens`]: scoped API tokens for automation.
 //! - [`usage`]: usage reports of an institution.
 //! - [`query`]: query strings and the cursor pagination every list shares.
@@ -31,6 +33,7 @@ pub mod doc;
 pub mod error;
 pub mod institutions;
 pub mod json;
+pub mod limits;
 pub mod query;
 pub mod reference;
 pub mod structure;
@@ -80,6 +83,9 @@ pub struct AdminState {
     pub env_keyed_providers: Arc<HashSet<String>>,
     /// Login attempts per client address.
     pub login_throttle: Arc<accounts::LoginThrottle>,
+    /// The quota engine the data plane counts with: admin changes to limits, extensions and
+    /// patron days are applied to it, and limit reports read current usage from it.
+    pub quota: carrel_core::quota::QuotaEngine,
     /// The OpenAPI document served at `/admin/openapi.json`. The gateway fills it with the
     /// admin and public APIs together; [`doc::AdminApi`] is the admin part alone.
     pub openapi: Arc<str>,
@@ -140,6 +146,34 @@ pub fn router(state: AdminState) -> Router {
             delete(institutions::revoke_key).patch(institutions::update_key),
         )
         .route("/admin/v1/keys/{id}/rotate", post(institutions::rotate_key))
+        .route(
+            "/admin/v1/institutions/{id}/limits",
+            get(limits::get_institution_limits).put(limits::put_institution_limits),
+        )
+        .route(
+            "/admin/v1/sites/{id}/limits",
+            get(limits::get_site_limits).put(limits::put_site_limits),
+        )
+        .route(
+            "/admin/v1/groups/{id}/limits",
+            get(limits::get_group_limits).put(limits::put_group_limits),
+        )
+        .route(
+            "/admin/v1/keys/{id}/limits",
+            get(limits::get_key_limits).put(limits::put_key_limits),
+        )
+        .route(
+            "/admin/v1/models/{name}/limits",
+            get(limits::get_model_limits).put(limits::put_model_limits),
+        )
+        .route(
+            "/admin/v1/institutions/{id}/patron-extensions",
+            post(limits::extend_patron),
+        )
+        .route(
+            "/admin/v1/institutions/{id}/patron-day-resets",
+            post(limits::reset_patron_day),
+        )
         .route(
             "/admin/v1/users",
             get(accounts::list_users).post(accounts::create_user),

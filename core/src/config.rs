@@ -149,6 +149,8 @@ struct RawModel {
     input_price_per_mtok: f64,
     #[serde(default)]
     output_price_per_mtok: f64,
+    #[serde(default)]
+    max_output_tokens: Option<u32>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -274,6 +276,24 @@ pub struct ModelConfig {
     pub input_price_per_mtok: f64,
     /// Price per million completion tokens.
     pub output_price_per_mtok: f64,
+    /// Most output tokens one choice may ask for: the reservation when a request sets no
+    /// `max_tokens`, and the largest `max_tokens` accepted.
+    pub max_output_tokens: u32,
+}
+
+/// A model's output cap when its config does not set one.
+pub const DEFAULT_MAX_OUTPUT_TOKENS: u32 = 4096;
+/// The largest output cap a model may declare.
+pub const MAX_OUTPUT_TOKENS_CAP: u32 = 1_000_000;
+
+/// Checks a model's output cap.
+pub fn validate_max_output_tokens(n: u32) -> Result<(), String> {
+    if n == 0 || n > MAX_OUTPUT_TOKENS_CAP {
+        return Err(format!(
+            "must be between 1 and {MAX_OUTPUT_TOKENS_CAP}, got {n}"
+        ));
+    }
+    Ok(())
 }
 
 impl Default for Config {
@@ -475,8 +495,13 @@ impl Config {
                     return Err(ConfigError::invalid(key(field), message));
                 }
             }
+            let max_output_tokens = m.max_output_tokens.unwrap_or(DEFAULT_MAX_OUTPUT_TOKENS);
+            if let Err(message) = validate_max_output_tokens(max_output_tokens) {
+                return Err(ConfigError::invalid(key("max_output_tokens"), message));
+            }
             models.push(ModelConfig {
                 upstream_model: m.upstream_model.unwrap_or_else(|| m.name.clone()),
+                max_output_tokens,
                 name: m.name,
                 provider: m.provider,
                 tier: m.tier,

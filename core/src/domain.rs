@@ -98,6 +98,18 @@ string_enum! {
 }
 
 string_enum! {
+    /// What happens to a request whose estimate is more than what is left of a token or money
+    /// limit.
+    pub enum OverQuota {
+        /// Refuse it with 429.
+        Reject => "reject",
+        /// Lower its `max_tokens` to what is left (refusing only when not even one token per
+        /// choice is left).
+        Clamp => "clamp",
+    }
+}
+
+string_enum! {
     /// What an API key is for.
     pub enum KeyKind {
         /// A back-office tool or application calling with a long-lived key.
@@ -250,6 +262,9 @@ pub struct Model {
     pub input_price_per_mtok: f64,
     /// Price of a million completion tokens, in the operator's currency.
     pub output_price_per_mtok: f64,
+    /// Most output tokens one choice may ask for, and what is reserved when a request does not
+    /// say.
+    pub max_output_tokens: u32,
     /// Where the record came from.
     pub source: Source,
     /// RFC 3339 creation time.
@@ -278,6 +293,8 @@ pub struct Institution {
     /// Set only by an operator, after checking the institution: a precondition for frontier
     /// models.
     pub frontier_verified: bool,
+    /// What happens to a request larger than what is left of a limit.
+    pub over_quota: OverQuota,
     /// RFC 3339 creation time.
     pub created_at: String,
 }
@@ -405,6 +422,8 @@ pub struct Principal {
     pub institution_status: InstitutionStatus,
     /// Whether an operator verified the institution for frontier models.
     pub frontier_verified: bool,
+    /// What happens to a request larger than what is left of a limit.
+    pub over_quota: OverQuota,
     /// The API key the request came in with.
     pub key_id: std::sync::Arc<str>,
     /// The key's site, if any.
@@ -428,6 +447,7 @@ impl Principal {
             timezone: cred.institution.timezone.as_str().into(),
             institution_status: cred.institution.status,
             frontier_verified: cred.institution.frontier_verified,
+            over_quota: cred.institution.over_quota,
             key_id: cred.key.id.as_str().into(),
             site_id: cred.key.site_id.as_deref().map(Into::into),
             group_id: cred.key.group_id.as_deref().map(Into::into),

@@ -11,6 +11,7 @@
 //!   request runs as.
 //! - [`keys`]: the API key format (`crl_…`), the server pepper and the keyed hash of key secrets.
 //! - [`passwords`]: argon2id hashing of admin passwords.
+//! - [`quota`]: limits, periods, the rate algorithm and the in-process quota engine.
 //! - [`store`]: the embedded state store (SQLite in WAL mode, versioned migrations).
 //! - [`ids`]: random identifiers and base62 encoding.
 
@@ -19,4 +20,5 @@ pub mod domain;
 pub mod ids;
 pub mod keys;
 pub mod passwords;
+pub mod quota;
 pub mod store;

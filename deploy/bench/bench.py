@@ -161,9 +161,17 @@ def machine():
             f"{platform.release()}; {nginx_v}; {oha_v}")
 
 
-def start_carrel(binary, cfg, data_dir):
+# Limits on every level a request counts against, all far above what a run uses, so every
+# request pays for the full check and reservation without being refused.
+LIMITS = {"requests_per_minute": 10_000_000, "tokens_per_day": 400_000_000_000,
+          "tokens_per_month": 400_000_000_000, "cost_per_month_usd": 100_000,
+          "concurrent_streams": 100_000, "patron_tokens_per_day": 1_000_000_000}
+
+
+def start_carrel(binary, cfg, data_dir, limits=True):
     """Starts `carrel serve` on free ports with an institution and a key; returns the process,
-    the public URL and the key."""
+    the public URL and the key. With `limits`, the institution, a site, a group, the key (in
+    that site and group) and the model all have every kind of limit set."""
     admin_token = "bench-admin-token"
     carrel, line = start([str(binary), "serve", "--config", str(cfg), "--data-dir", str(data_dir),
                           "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"],
@@ -173,9 +181,24 @@ def start_carrel(binary, cfg, data_dir):
     inst = http_json("POST", f"{admin_url}/admin/v1/institutions",
                      {"name": "Bench Library", "kind": "library", "region": "US-IL",
                       "timezone": "America/Chicago"}, admin_token)
-    key = http_json("POST", f"{admin_url}/admin/v1/institutions/{inst['id']}/keys",
-                    {"name": "bench", "kind": "service"}, admin_token)["secret"]
-    return carrel, carrel_url, key
+    body = {"name": "bench", "kind": "service"}
+    if limits:
+        site = http_json("POST", f"{admin_url}/admin/v1/institutions/{inst['id']}/sites",
+                         {"name": "Main branch"}, admin_token)
+        group = http_json("POST", f"{admin_url}/admin/v1/institutions/{inst['id']}/groups",
+                          {"name": "Adults", "kind": "patron_type"}, admin_token)
+        body.update(site_id=site["id"], group_id=group["id"])
+    key = http_json("POST", f"{admin_url}/admin/v1/institutions/{inst['id']}/keys", body,
+                    admin_token)
+    if limits:
+        # Children are carved out of their parents: each level gets a smaller share.
+        for path, share in [(f"institutions/{inst['id']}", 1.0), (f"sites/{site['id']}", 0.5),
+                            (f"groups/{group['id']}", 0.5), (f"keys/{key['id']}", 0.4),
+                            (f"models/{MODEL}", 1.0)]:
+            scaled = {k: (v * share if k == "cost_per_month_usd" else int(v * share))
+                      for k, v in LIMITS.items()}
+            http_json("PUT", f"{admin_url}/admin/v1/{path}/limits", scaled, admin_token)
+    return carrel, carrel_url, key["secret"]
 
 
 def nginx_bin():
@@ -211,13 +234,16 @@ base_url = "http://{mock_addr}/v1"
 name = "{MODEL}"
 provider = "mock"
 tier = "baseline"
+input_price_per_mtok = 0.15
+output_price_per_mtok = 0.6
 """)
         carrel, carrel_url, key = start_carrel(RELEASE / "carrel", cfg, work / "data")
         procs.append(carrel)
         baseline = None
         if args.baseline:
+            # An earlier build may not know limits: it runs without them.
             baseline, baseline_url, baseline_key = start_carrel(
-                Path(args.baseline), cfg, work / "baseline-data")
+                Path(args.baseline), cfg, work / "baseline-data", limits=False)
             procs.append(baseline)
 
         nginx_port = free_port()

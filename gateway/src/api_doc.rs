@@ -14,6 +14,7 @@
 
 use std::collections::HashMap;
 
+use crate::pipeline::quota::{Allowance, MoneyAllowance, QuotaLevel, QuotaReport};
 use carrel_admin::error::{ErrorBody, ErrorDetail};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -31,6 +32,7 @@ use utoipa::{Modify, OpenApi, ToResponse, ToSchema};
         v1_embeddings,
         v1_list_models,
         v1_retrieve_model,
+        v1_quota,
         healthz,
         readyz
     ),
@@ -47,6 +49,10 @@ use utoipa::{Modify, OpenApi, ToResponse, ToSchema};
             EmbeddingList,
             ModelList,
             ModelObject,
+            QuotaReport,
+            QuotaLevel,
+            Allowance,
+            MoneyAllowance,
             Health,
             Readiness,
             ErrorBody,
@@ -61,6 +67,7 @@ use utoipa::{Modify, OpenApi, ToResponse, ToSchema};
             BadGateway,
             StoreUnavailable,
             GatewayTimeout,
+            TooManyRequests,
             Relayed
         )
     ),
@@ -164,6 +171,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
         (status = 403, response = Forbidden),
         (status = 404, response = NotFound),
         (status = 413, response = PayloadTooLarge),
+        (status = 429, response = TooManyRequests),
         (status = 502, response = BadGateway),
         (status = 503, response = StoreUnavailable),
         (status = 504, response = GatewayTimeout),
@@ -190,6 +198,7 @@ pub fn v1_chat_completions() {}
         (status = 403, response = Forbidden),
         (status = 404, response = NotFound),
         (status = 413, response = PayloadTooLarge),
+        (status = 429, response = TooManyRequests),
         (status = 502, response = BadGateway),
         (status = 503, response = StoreUnavailable),
         (status = 504, response = GatewayTimeout),
@@ -208,6 +217,7 @@ pub fn v1_completions() {}
         (status = 403, response = Forbidden),
         (status = 404, response = NotFound),
         (status = 413, response = PayloadTooLarge),
+        (status = 429, response = TooManyRequests),
         (status = 502, response = BadGateway),
         (status = 503, response = StoreUnavailable),
         (status = 504, response = GatewayTimeout),
@@ -215,6 +225,26 @@ pub fn v1_completions() {}
     ),
     security(("api_key" = [])))]
 pub fn v1_embeddings() {}
+
+/// What the caller has left: each level that limits this key (institution, site, group, key,
+/// and with `user` the patron, with `model` the model), what is used and left of each limit,
+/// when daily and monthly limits renew (at the institution's local midnight), and a summary a
+/// person can read.
+#[utoipa::path(get, path = "/v1/quota", tag = "public",
+    params(
+        ("user" = Option<String>, Query, description = "The patron, as a request's `user` names them"),
+        ("model" = Option<String>, Query, description = "Add this model's limits"),
+    ),
+    responses(
+        (status = 200, description = "What is left", body = QuotaReport),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 404, response = NotFound),
+        (status = 503, response = StoreUnavailable),
+    ),
+    security(("api_key" = [])))]
+pub fn v1_quota() {}
 
 /// Lists the models this API key may use (those within its tier ceiling).
 #[utoipa::path(get, path = "/v1/models", tag = "public",
@@ -260,7 +290,9 @@ pub fn readyz() {}
 // Error responses, by status. Each lists the codes `GatewayError` answers with at that status.
 
 /// `invalid_json`: the body is not a JSON object. `invalid_parameter`: `model` is missing, empty
-/// or not a string, or `stream` is not a boolean; `param` names the field.
+/// or not a string; `stream` is not a boolean; `max_tokens` (or `max_completion_tokens`) is not
+/// a positive integer or is more than the model produces; `n` is not between 1 and 128; `user`
+/// is not a string of at most 256 bytes. `param` names the field.
 /// `body_read_failed`: the client stopped sending the body. Other fields are checked by the
 /// provider, whose own 400 is relayed unchanged.
 #[derive(ToResponse)]
@@ -293,6 +325,25 @@ pub struct PayloadTooLarge(pub ErrorBody);
 #[derive(ToResponse)]
 pub struct BadGateway(pub ErrorBody);
 
+/// A limit was reached; `Retry-After` says when trying again can succeed, and the message says
+/// which level (institution, site, group, key, patron or model) and when it renews.
+/// `rate_limit_exceeded`: a requests-per-minute limit, or too many streams open at once.
+/// `insufficient_quota`: a daily or monthly token allowance (or a patron's daily allowance) is
+/// used up, or too small for this request's estimate. `budget_exceeded`: a monthly money budget
+/// is spent, or too small for this request's estimate. An institution may choose to have
+/// `max_tokens` lowered to what is left instead (`over_quota: clamp`).
+#[derive(ToResponse)]
+#[response(headers(
+    ("Retry-After" = u64, description = "Seconds until trying again can succeed"),
+    ("x-ratelimit-limit-requests" = u64, description = "The tightest request rate: requests a minute"),
+    ("x-ratelimit-remaining-requests" = u64, description = "Requests left before it refuses"),
+    ("x-ratelimit-reset-requests" = String, description = "Until the rate is full again, as `1s`, `6m0s`"),
+    ("x-ratelimit-limit-tokens" = u64, description = "The tightest token allowance"),
+    ("x-ratelimit-remaining-tokens" = u64, description = "Tokens left in it"),
+    ("x-ratelimit-reset-tokens" = String, description = "Until it renews, as `5h12m0s`"),
+))]
+pub struct TooManyRequests(pub ErrorBody);
+
 /// `store_unavailable`: the state store failed while checking the API key; retry later.
 #[derive(ToResponse)]
 pub struct StoreUnavailable(pub ErrorBody);
@@ -302,7 +353,7 @@ pub struct StoreUnavailable(pub ErrorBody);
 pub struct GatewayTimeout(pub ErrorBody);
 
 /// Any other status is the provider's own answer, relayed unchanged with its body (usually
-/// the OpenAI error body): 429 when the provider rate-limits, for example.
+/// the OpenAI error body): 500 when the provider fails, for example.
 #[derive(ToResponse)]
 pub struct Relayed(pub ErrorBody);
 
@@ -506,8 +557,9 @@ impl utoipa::PartialSchema for CompletionEvent {
 impl ToSchema for CompletionEvent {}
 
 /// An event of `text/event-stream`, described the way OpenAPI 3.1 tools read it: an object whose
-/// `data` is either `[DONE]` or the JSON text of a `T` (JSON Schema's `contentMediaType` and
-/// `contentSchema`, so a checker can parse and validate each chunk).
+/// `data` is `[DONE]`, the JSON text of a `T`, or the JSON text of an error that ends the
+/// stream (JSON Schema's `contentMediaType` and `contentSchema`, so a checker can parse and
+/// validate each chunk).
 fn sse_event<T: ToSchema>(
     description: &str,
 ) -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
@@ -526,7 +578,19 @@ fn sse_event<T: ToSchema>(
         .schema_type(Type::String)
         .enum_values(Some(["[DONE]"]))
         .description(Some("The end of the stream."));
-    let data = AnyOfBuilder::new().item(done).item(json);
+    let error = ObjectBuilder::new()
+        .schema_type(Type::String)
+        .content_media_type("application/json")
+        .description(Some(
+            "An `ErrorBody`, as JSON: the stream ends here without `[DONE]`. Code \
+             `reservation_exceeded`: the provider went on past the tokens reserved for the \
+             request, and Carrel stopped the stream.",
+        ))
+        .extensions(Some(Extensions::from_iter([(
+            "contentSchema",
+            serde_json::json!({ "$ref": "#/components/schemas/ErrorBody" }),
+        )])));
+    let data = AnyOfBuilder::new().item(done).item(json).item(error);
     ObjectBuilder::new()
         .description(Some(description))
         .property("data", data)

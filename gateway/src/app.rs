@@ -10,6 +10,7 @@ use arc_swap::ArcSwap;
 use carrel_admin::{ControlHooks, HookFuture};
 use carrel_core::config::UpstreamConfig;
 use carrel_core::keys::Pepper;
+use carrel_core::quota::QuotaEngine;
 use carrel_core::store::{PageRequest, Store, StoreError};
 
 use crate::metering::UsageLedger;
@@ -48,6 +49,8 @@ pub struct Inner {
     pub keys: KeyCache,
     /// Where metered usage goes.
     pub ledger: UsageLedger,
+    /// Rates, budgets and reservations.
+    pub quota: QuotaEngine,
     /// Settings for each worker's upstream client.
     upstream_config: UpstreamConfig,
     /// Request limits.
@@ -81,6 +84,8 @@ pub struct StateParts {
     pub keys: KeyCache,
     /// The usage ledger.
     pub ledger: UsageLedger,
+    /// The quota engine.
+    pub quota: QuotaEngine,
     /// Upstream client settings.
     pub upstream: UpstreamConfig,
     /// Request limits.
@@ -101,6 +106,7 @@ impl AppState {
             catalog: ArcSwap::from_pointee(Catalog::default()),
             keys: parts.keys,
             ledger: parts.ledger,
+            quota: parts.quota,
             upstream_config: parts.upstream,
             limits: parts.limits,
             demo_word_delay: parts.demo_word_delay,
@@ -125,6 +131,12 @@ impl AppState {
         let providers = self.store.list_providers(PageRequest::ALL).await?.data;
         let models = self.store.list_models(PageRequest::ALL).await?.data;
         let catalog = Catalog::build(&providers, &models, &self.env_keys);
+        // Load the tokenizers the models need now, off the async threads, rather than on a
+        // patron's first request.
+        let mut tokenizers: Vec<_> = catalog.iter().map(|m| m.tokenizer).collect();
+        tokenizers.dedup();
+        let _ = tokio::task::spawn_blocking(move || tokenizers.into_iter().for_each(|t| t.warm()))
+            .await;
         let n = catalog.len();
         self.catalog.store(Arc::new(catalog));
         tracing::debug!(models = n, "catalog reloaded");

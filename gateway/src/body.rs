@@ -35,5 +35,9 @@ pub fn error(err: &GatewayError) -> Response<ResponseBody> {
         let allow = HeaderValue::from_static(allow);
         resp.headers_mut().insert(header::ALLOW, allow);
     }
+    if let Some(secs) = err.retry_after() {
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    }
     resp
 }

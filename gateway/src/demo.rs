@@ -80,7 +80,16 @@ pub fn respond(
         );
     }
 
-    let text = reply(prompt_tokens);
+    // Like a real model, stop at the output cap the (possibly clamped) request sets.
+    let cap = ["max_completion_tokens", "max_tokens"]
+        .iter()
+        .find_map(|f| request.get(*f).and_then(Value::as_u64))
+        .and_then(|n| usize::try_from(n).ok());
+    let full = reply(prompt_tokens);
+    let words: Vec<&str> = full.split(' ').collect();
+    let cut = cap.is_some_and(|cap| cap < words.len());
+    let text = words[..cap.unwrap_or(words.len()).min(words.len())].join(" ");
+    let finish = if cut { "length" } else { "stop" };
     let completion_tokens = text.split_whitespace().count();
     let usage = json!({
         "prompt_tokens": prompt_tokens,
@@ -93,9 +102,9 @@ pub fn respond(
     if !fields.stream {
         let choice = if chat {
             json!({"index": 0, "message": {"role": "assistant", "content": text},
-                   "finish_reason": "stop", "logprobs": null})
+                   "finish_reason": finish, "logprobs": null})
         } else {
-            json!({"index": 0, "text": text, "finish_reason": "stop", "logprobs": null})
+            json!({"index": 0, "text": text, "finish_reason": finish, "logprobs": null})
         };
         let object = if chat {
             "chat.completion"
@@ -144,9 +153,9 @@ pub fn respond(
         events.push((i > 0, chunk(delta(&piece, i == 0))));
     }
     let stop = if chat {
-        json!({"index": 0, "delta": {}, "finish_reason": "stop"})
+        json!({"index": 0, "delta": {}, "finish_reason": finish})
     } else {
-        json!({"index": 0, "text": "", "finish_reason": "stop"})
+        json!({"index": 0, "text": "", "finish_reason": finish})
     };
     events.push((false, chunk(stop)));
     if include_usage {

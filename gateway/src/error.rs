@@ -4,6 +4,7 @@
 //! matches (no `_` arm), so a new variant forces each decision. Errors are logged once, here, at
 //! the response boundary; a 5xx never carries internals to the client.
 
+use carrel_core::quota::LimitKind;
 use http::StatusCode;
 
 /// A request the gateway answers itself, with the OpenAI error body.
@@ -84,6 +85,14 @@ pub enum GatewayError {
     /// The upstream sent no response head within `upstream.response_timeout_ms`.
     #[error("The model provider did not answer in time.")]
     UpstreamTimeout,
+    /// A request rate, token, money or stream limit was reached.
+    #[error("{message}")]
+    OverLimit {
+        /// Which limit, where, and when it resets.
+        refusal: carrel_core::quota::Refusal,
+        /// What a person reads: the level, the limit and when it resets.
+        message: String,
+    },
     /// The state store failed while checking the key.
     #[error("The service is temporarily unable to check credentials.")]
     StoreUnavailable(#[source] std::sync::Arc<carrel_core::store::StoreError>),
@@ -115,6 +124,7 @@ impl GatewayError {
             }
             GatewayError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::StoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::OverLimit { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -138,6 +148,13 @@ impl GatewayError {
             | GatewayError::UpstreamFailed(_)
             | GatewayError::UpstreamTimeout
             | GatewayError::StoreUnavailable(_) => "api_error",
+            GatewayError::OverLimit { refusal, .. } => match refusal.kind {
+                LimitKind::RequestsPerMinute | LimitKind::ConcurrentStreams => "requests",
+                LimitKind::TokensPerDay
+                | LimitKind::TokensPerMonth
+                | LimitKind::PatronTokensPerDay => "tokens",
+                LimitKind::CostPerMonth => "insufficient_quota",
+            },
         }
     }
 
@@ -161,6 +178,15 @@ impl GatewayError {
             GatewayError::UpstreamFailed(_) => "upstream_failed",
             GatewayError::UpstreamTimeout => "upstream_timeout",
             GatewayError::StoreUnavailable(_) => "store_unavailable",
+            GatewayError::OverLimit { refusal, .. } => match refusal.kind {
+                LimitKind::RequestsPerMinute | LimitKind::ConcurrentStreams => {
+                    "rate_limit_exceeded"
+                }
+                LimitKind::TokensPerDay
+                | LimitKind::TokensPerMonth
+                | LimitKind::PatronTokensPerDay => "insufficient_quota",
+                LimitKind::CostPerMonth => "budget_exceeded",
+            },
         }
     }
 
@@ -183,6 +209,15 @@ impl GatewayError {
             | GatewayError::UpstreamFailed(_)
             | GatewayError::UpstreamTimeout => "upstream",
             GatewayError::StoreUnavailable(_) => "store",
+            GatewayError::OverLimit { .. } => "limit",
+        }
+    }
+
+    /// Seconds the client should wait before retrying (`Retry-After`), for 429s.
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            GatewayError::OverLimit { refusal, .. } => Some(refusal.retry_after_secs),
+            _ => None,
         }
     }
 
@@ -205,7 +240,8 @@ impl GatewayError {
             | GatewayError::UpstreamUnreachable(_)
             | GatewayError::UpstreamFailed(_)
             | GatewayError::UpstreamTimeout
-            | GatewayError::StoreUnavailable(_) => None,
+            | GatewayError::StoreUnavailable(_)
+            | GatewayError::OverLimit { .. } => None,
         }
     }
 
@@ -247,6 +283,25 @@ impl GatewayError {
                 carrel_core::store::StoreError::Task("x".into()),
             )),
         ];
+        let mut all = all;
+        // One limit error per distinct code.
+        for kind in [
+            LimitKind::RequestsPerMinute,
+            LimitKind::TokensPerDay,
+            LimitKind::CostPerMonth,
+        ] {
+            all.push(GatewayError::OverLimit {
+                refusal: carrel_core::quota::Refusal {
+                    level: carrel_core::quota::Level::Key,
+                    kind,
+                    limit: 1,
+                    remaining: 0,
+                    retry_after_secs: 1,
+                    resets_at: None,
+                },
+                message: String::new(),
+            });
+        }
         for e in &all {
             match e {
                 GatewayError::MissingApiKey
@@ -265,7 +320,8 @@ impl GatewayError {
                 | GatewayError::UpstreamUnreachable(_)
                 | GatewayError::UpstreamFailed(_)
                 | GatewayError::UpstreamTimeout
-                | GatewayError::StoreUnavailable(_) => {}
+                | GatewayError::StoreUnavailable(_)
+                | GatewayError::OverLimit { .. } => {}
             }
         }
         all

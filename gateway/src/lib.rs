@@ -5,11 +5,16 @@
 //! in order over a typed [`pipeline::RequestCtx`] (the order lives in `pipeline/mod.rs` only):
 //!
 //! 1. authenticate: API key → principal
-//! 2. read body: bounded read, parse only `model` and `stream`
-//! 3. authorize: model exists, tier within the principal's ceiling
-//! 4. safeguards, 5. rate limit, 6. quota reserve, 7. cache, 8. route: arriving with later issues
+//! 2. rate limit: the credential's request rates (institution, site, group, key), before the
+//!    body is read, so failed requests count too
+//! 3. read body: bounded read; parse only the fields Carrel needs (`model`, `stream`,
+//!    `max_tokens`, `n`, `user`, the prompt's text for the estimate)
+//! 4. authorize: model exists, tier within the principal's ceiling
+//! 5. quota reserve: the model's rate, then tokens, money and a stream slot reserved at every
+//!    level at once (institution, site, group, key, patron, model)
+//! 6. safeguards, 7. cache, 8. route: arriving with later issues
 //! 9. forward + meter: to the provider (or the built-in demo model), streamed back chunk by
-//!    chunk; a 2xx body's usage goes to the usage ledger
+//!    chunk; the response's usage settles the reservation and goes to the usage ledger
 //!
 //! # Layout
 //!
@@ -22,7 +27,9 @@
 //! - [`error`]: [`error::GatewayError`] and its status, type, code and metric label.
 //! - [`api_doc`]: the public API's OpenAPI description, merged with the admin API's.
 //! - [`body`]: the response body type.
-//! - [`metering`]: the metered body and the usage ledger writer.
+//! - [`metering`]: the metered body (settlement, stream counting and cutting) and the usage
+//!   ledger writer.
+//! - [`tokens`]: token estimates (tiktoken for OpenAI models, four bytes a token otherwise).
 //! - [`demo`]: the built-in demo model.
 
 pub mod api_doc;
@@ -35,4 +42,5 @@ pub mod openai;
 pub mod pipeline;
 pub mod server;
 pub mod startup;
+pub mod tokens;
 pub mod upstream;

@@ -10,6 +10,7 @@ use carrel_admin::AdminState;
 use carrel_core::config::{Config, ConfigError, ModelConfig, ProviderConfig};
 use carrel_core::domain::{InstitutionKind, KeyKind, ProviderKind, Tier};
 use carrel_core::keys::{NewKey, Pepper, PepperError};
+use carrel_core::quota::{QuotaEngine, SystemClock};
 use carrel_core::store::{NewApiKey, NewInstitution, Store, StoreError};
 
 use crate::app::{AppState, GatewayHooks, Limits, StateParts};
@@ -113,8 +114,11 @@ impl App {
             .iter()
             .filter_map(|p| p.api_key.clone().map(|k| (p.name.clone(), k)))
             .collect();
+        let quota = QuotaEngine::new(Arc::new(SystemClock::default()));
+        carrel_core::quota::load(&quota, &store).await?;
         let state = AppState::new(StateParts {
             store: store.clone(),
+            quota: quota.clone(),
             pepper: pepper.clone(),
             keys: KeyCache::new(config.auth.key_cache_capacity, config.auth.key_cache_ttl),
             ledger: UsageLedger::start(store.clone()).map_err(InitError::Runtime)?,
@@ -136,6 +140,7 @@ impl App {
             hooks: Arc::new(GatewayHooks(state.clone())),
             env_keyed_providers: Arc::new(env_keyed),
             login_throttle: Arc::default(),
+            quota,
             openapi: Arc::from(crate::api_doc::openapi_json()),
         };
         if admin.operator_token.is_none() {
@@ -170,6 +175,7 @@ pub fn add_demo_model(config: &mut Config) {
             tier: Tier::Baseline,
             input_price_per_mtok: 0.0,
             output_price_per_mtok: 0.0,
+            max_output_tokens: carrel_core::config::DEFAULT_MAX_OUTPUT_TOKENS,
         });
     }
 }

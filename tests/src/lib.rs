@@ -30,7 +30,8 @@ pub struct Gateway {
     /// HTTP client for the tests.
     pub http: reqwest::Client,
     stop: CancellationToken,
-    _data_dir: tempfile::TempDir,
+    /// The config file and data directory, kept for [`Gateway::restart`].
+    dir: tempfile::TempDir,
 }
 
 impl Drop for Gateway {
@@ -48,8 +49,22 @@ impl Gateway {
     /// Starts Carrel after letting `tweak` adjust the parsed config.
     pub async fn start_with(toml: &str, tweak: impl FnOnce(&mut Config)) -> Gateway {
         let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(dir.path().join("carrel.toml"), toml).expect("write config");
+        Gateway::start_in(dir, tweak).await
+    }
+
+    /// Stops this server once everything it metered is written, and starts a new one on the
+    /// same config and data directory, as a process restart would.
+    pub async fn restart(self) -> Gateway {
+        self.app.state.ledger.flush().await;
+        self.stop.cancel();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let old = std::mem::replace(&mut { self }.dir, dir);
+        Gateway::start_in(old, |_| {}).await
+    }
+
+    async fn start_in(dir: tempfile::TempDir, tweak: impl FnOnce(&mut Config)) -> Gateway {
         let path = dir.path().join("carrel.toml");
-        std::fs::write(&path, toml).expect("write config");
         let mut config = Config::load(Some(&path), std::iter::empty(), &|name| {
             (name == "MOCK_API_KEY").then(|| "sk-mock-provider-key".to_owned())
         })
@@ -86,7 +101,7 @@ impl Gateway {
                 .build()
                 .unwrap(),
             stop,
-            _data_dir: dir,
+            dir,
         }
     }
 

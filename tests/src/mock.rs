@@ -70,6 +70,20 @@ pub struct StreamScript {
 pub struct Gate {
     open: Arc<Notify>,
     finished: Arc<AtomicBool>,
+    dropped: Arc<Notify>,
+}
+
+/// Notifies a gate's `dropped` when a stream's body goes away unfinished.
+struct DropAlarm(Option<Gate>);
+
+impl Drop for DropAlarm {
+    fn drop(&mut self) {
+        if let Some(gate) = &self.0
+            && !gate.finished()
+        {
+            gate.dropped.notify_one();
+        }
+    }
 }
 
 impl Gate {
@@ -81,6 +95,12 @@ impl Gate {
     /// Lets the held stream continue.
     pub fn open(&self) {
         self.open.notify_one();
+    }
+
+    /// Waits until the stream's response body is dropped before its end: the gateway went
+    /// away, which is how a provider sees a cancelled request.
+    pub async fn dropped(&self) {
+        self.dropped.notified().await;
     }
 
     /// Whether the stream has sent its last byte.
@@ -368,9 +388,10 @@ fn sse(model: &str, script: StreamScript) -> Response<Body> {
     }
     events.push(Bytes::from_static(b"data: [DONE]\n\n"));
     let total = events.len();
+    let alarm = Arc::new(DropAlarm(script.gate.clone()));
     let frames = stream::unfold(
-        (0usize, events, script),
-        move |(i, events, script)| async move {
+        (0usize, events, script, alarm),
+        move |(i, events, script, alarm)| async move {
             if i == total {
                 if let Some(gate) = &script.gate {
                     gate.finished.store(true, Ordering::SeqCst);
@@ -386,7 +407,7 @@ fn sse(model: &str, script: StreamScript) -> Response<Body> {
                 tokio::time::sleep(script.chunk_delay).await;
             }
             let frame = Frame::data(events[i].clone());
-            Some((Ok::<_, Infallible>(frame), (i + 1, events, script)))
+            Some((Ok::<_, Infallible>(frame), (i + 1, events, script, alarm)))
         },
     );
     let mut resp = Response::new(StreamBody::new(frames).boxed());

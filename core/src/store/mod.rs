@@ -13,15 +13,17 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use crate::config::{ModelConfig, ProviderConfig};
 use crate::domain::{
     AdminUser, ApiKey, Group, GroupKind, Institution, InstitutionKind, InstitutionStatus,
-    KeyCredential, KeyKind, Model, Provider, ProviderKind, Role, Site, Source, Tier,
+    KeyCredential, KeyKind, Model, OverQuota, Provider, ProviderKind, Role, Site, Source, Tier,
 };
 use crate::ids;
 
+mod limits;
 mod tokens;
 mod usage;
 
+pub use limits::{PatronExtension, PeriodUsage};
 pub use tokens::NewAdminToken;
-pub use usage::{UsageLine, UsageRecord};
+pub use usage::{UsageLine, UsageRecord, UsageStatus};
 
 /// File name of the database inside the data directory.
 pub const DB_FILE: &str = "carrel.db";
@@ -156,10 +158,62 @@ CREATE TABLE usage_daily (
     PRIMARY KEY (institution_id, day, key_id, model, site_id, group_id)
 ) WITHOUT ROWID;
 "#,
+    r#"
+ALTER TABLE institutions ADD COLUMN over_quota TEXT NOT NULL DEFAULT 'reject';
+ALTER TABLE models ADD COLUMN max_output_tokens INTEGER NOT NULL DEFAULT 4096;
+CREATE TABLE limits (
+    level                    TEXT NOT NULL,
+    id                       TEXT NOT NULL,
+    requests_per_minute      INTEGER,
+    tokens_per_day           INTEGER,
+    tokens_per_month         INTEGER,
+    cost_per_month_nano_usd  INTEGER,
+    concurrent_streams       INTEGER,
+    patron_tokens_per_day    INTEGER,
+    PRIMARY KEY (level, id)
+) WITHOUT ROWID;
+CREATE TABLE usage_records (
+    request_id         TEXT PRIMARY KEY,
+    at                 INTEGER NOT NULL,
+    day                TEXT NOT NULL,
+    institution_id     TEXT NOT NULL,
+    site_id            TEXT,
+    group_id           TEXT,
+    key_id             TEXT NOT NULL,
+    patron_ref         TEXT,
+    model              TEXT NOT NULL,
+    prompt_tokens      INTEGER NOT NULL,
+    completion_tokens  INTEGER NOT NULL,
+    cost_nano_usd      INTEGER NOT NULL,
+    cached             INTEGER NOT NULL,
+    estimated          INTEGER NOT NULL,
+    status             TEXT NOT NULL,
+    latency_ms         INTEGER NOT NULL
+);
+CREATE INDEX usage_records_patron_day ON usage_records (institution_id, day, patron_ref)
+    WHERE patron_ref IS NOT NULL;
+CREATE TABLE patron_extensions (
+    id              TEXT PRIMARY KEY,
+    institution_id  TEXT NOT NULL REFERENCES institutions(id),
+    patron_ref      TEXT NOT NULL,
+    tokens          INTEGER NOT NULL,
+    expires_at      INTEGER NOT NULL,
+    created_by      TEXT NOT NULL,
+    created_at      TEXT NOT NULL
+);
+CREATE INDEX patron_extensions_patron ON patron_extensions (institution_id, patron_ref);
+CREATE TABLE patron_day_resets (
+    institution_id  TEXT NOT NULL,
+    patron_ref      TEXT NOT NULL,
+    day             TEXT NOT NULL,
+    at              INTEGER NOT NULL,
+    PRIMARY KEY (institution_id, patron_ref, day)
+) WITHOUT ROWID;
+"#,
 ];
 
 /// Columns of an institution, in [`institution_row`]'s order.
-const INSTITUTION_COLS: [&str; 9] = [
+const INSTITUTION_COLS: [&str; 10] = [
     "id",
     "name",
     "kind",
@@ -169,6 +223,7 @@ const INSTITUTION_COLS: [&str; 9] = [
     "sector",
     "status",
     "frontier_verified",
+    "over_quota",
 ];
 
 /// Columns of a key, in [`key_row`]'s order.
@@ -222,6 +277,9 @@ pub enum StoreError {
         /// Highest version this build knows.
         known: i64,
     },
+    /// A limit breaks a rule (out of range, or more than the parent's).
+    #[error(transparent)]
+    Limit(#[from] crate::quota::LimitError),
     /// SQLite failed.
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
@@ -282,6 +340,8 @@ pub struct InstitutionPatch {
     pub status: Option<InstitutionStatus>,
     /// New verification flag (operators only; the caller checks).
     pub frontier_verified: Option<bool>,
+    /// New policy for requests larger than what is left.
+    pub over_quota: Option<OverQuota>,
 }
 
 /// Changes to a key; `None` leaves a field as it is.
@@ -519,12 +579,14 @@ impl Store {
             for m in &models {
                 tx.execute(
                     "INSERT INTO models (id, name, provider, upstream_model, tier,
-                        input_price_per_mtok, output_price_per_mtok, source, created_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'config', ?8)
+                        input_price_per_mtok, output_price_per_mtok, source, created_at,
+                        max_output_tokens)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'config', ?8, ?9)
                      ON CONFLICT(name) DO UPDATE SET provider = excluded.provider,
                         upstream_model = excluded.upstream_model, tier = excluded.tier,
                         input_price_per_mtok = excluded.input_price_per_mtok,
                         output_price_per_mtok = excluded.output_price_per_mtok,
+                        max_output_tokens = excluded.max_output_tokens,
                         source = 'config'",
                     params![
                         ids::new_id("model"),
@@ -534,7 +596,8 @@ impl Store {
                         m.tier.as_str(),
                         m.input_price_per_mtok,
                         m.output_price_per_mtok,
-                        now()
+                        now(),
+                        m.max_output_tokens
                     ],
                 )?;
             }
@@ -642,13 +705,15 @@ impl Store {
                 tier: new.tier,
                 input_price_per_mtok: new.input_price_per_mtok,
                 output_price_per_mtok: new.output_price_per_mtok,
+                max_output_tokens: new.max_output_tokens,
                 source: Source::Admin,
                 created_at: now(),
             };
             c.execute(
                 "INSERT INTO models (id, name, provider, upstream_model, tier,
-                    input_price_per_mtok, output_price_per_mtok, source, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'admin', ?8)",
+                    input_price_per_mtok, output_price_per_mtok, source, created_at,
+                    max_output_tokens)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'admin', ?8, ?9)",
                 params![
                     model.id,
                     model.name,
@@ -657,7 +722,8 @@ impl Store {
                     model.tier.as_str(),
                     model.input_price_per_mtok,
                     model.output_price_per_mtok,
-                    model.created_at
+                    model.created_at,
+                    model.max_output_tokens
                 ],
             )
             .map_err(|e| unique_conflict(e, || format!("model `{}`", model.name)))?;
@@ -672,7 +738,7 @@ impl Store {
             paged(
                 c,
                 "SELECT id, name, provider, upstream_model, tier, input_price_per_mtok,
-                    output_price_per_mtok, source, created_at, rowid
+                    output_price_per_mtok, source, created_at, max_output_tokens, rowid
                  FROM models WHERE 1",
                 &[],
                 page,
@@ -694,6 +760,7 @@ impl Store {
                 sector: new.sector,
                 status: InstitutionStatus::Active,
                 frontier_verified: false,
+                over_quota: OverQuota::Reject,
                 created_at: now(),
             };
             c.execute(
@@ -762,16 +829,20 @@ impl Store {
             if let Some(verified) = patch.frontier_verified {
                 inst.frontier_verified = verified;
             }
+            if let Some(policy) = patch.over_quota {
+                inst.over_quota = policy;
+            }
             tx.execute(
                 "UPDATE institutions SET name = ?2, sector = ?3, timezone = ?4, status = ?5,
-                    frontier_verified = ?6 WHERE id = ?1",
+                    frontier_verified = ?6, over_quota = ?7 WHERE id = ?1",
                 params![
                     inst.id,
                     inst.name,
                     inst.sector,
                     inst.timezone,
                     inst.status.as_str(),
-                    inst.frontier_verified
+                    inst.frontier_verified,
+                    inst.over_quota.as_str()
                 ],
             )?;
             tx.commit()?;
@@ -1536,6 +1607,7 @@ fn model_row(r: &Row<'_>) -> Result<Model, StoreError> {
         output_price_per_mtok: r.get(6)?,
         source: Source::parse(&r.get::<_, String>(7)?),
         created_at: r.get(8)?,
+        max_output_tokens: r.get(9)?,
     })
 }
 
@@ -1550,6 +1622,7 @@ fn institution_row(r: &Row<'_>, at: usize) -> Result<Institution, StoreError> {
         sector: r.get(at + 6)?,
         status: parse("institutions.status", r.get(at + 7)?)?,
         frontier_verified: r.get(at + 8)?,
+        over_quota: parse("institutions.over_quota", r.get(at + 9)?)?,
     })
 }
 
@@ -1810,6 +1883,7 @@ mod tests {
             tier: Tier::Baseline,
             input_price_per_mtok: 0.5,
             output_price_per_mtok: 1.5,
+            max_output_tokens: 4096,
         };
         store
             .apply_config(vec![provider.clone()], vec![model.clone()])
@@ -1864,6 +1938,7 @@ mod tests {
                 tier: Tier::Baseline,
                 input_price_per_mtok: 0.0,
                 output_price_per_mtok: 0.0,
+                max_output_tokens: 4096,
             })
             .await
             .unwrap();
@@ -1890,6 +1965,7 @@ mod tests {
                 tier: Tier::Frontier,
                 input_price_per_mtok: 0.0,
                 output_price_per_mtok: 0.0,
+                max_output_tokens: 4096,
             })
             .await
             .unwrap_err();
@@ -1928,16 +2004,30 @@ mod tests {
     #[tokio::test]
     async fn usage_is_summed_per_day_and_key_across_batches() {
         let (store, inst) = seeded().await;
+        let n = std::sync::atomic::AtomicU32::new(0);
         let record = |day: &str, key: &str, complete: bool| UsageRecord {
+            request_id: format!(
+                "req_{}",
+                n.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            ),
+            at: 0,
             day: day.into(),
             institution_id: inst.id.clone(),
             site_id: None,
             group_id: None,
             key_id: key.into(),
+            patron_ref: None,
             model: "m".into(),
-            complete,
+            status: if complete {
+                UsageStatus::Complete
+            } else {
+                UsageStatus::Incomplete
+            },
             prompt_tokens: 10,
             completion_tokens: 4,
+            estimated: false,
+            cached: false,
+            latency_ms: 3,
             cost_nano_usd: 1500,
         };
         let added = store
@@ -1949,9 +2039,18 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(added, 3);
-        store
-            .record_usage_blocking(&[record("2026-11-26", "k2", true)])
-            .unwrap();
+        let k2 = record("2026-11-26", "k2", true);
+        assert_eq!(
+            store
+                .record_usage_blocking(std::slice::from_ref(&k2))
+                .unwrap(),
+            1
+        );
+        // A replay of the same request is ignored, in the records and in the sums.
+        assert_eq!(store.record_usage_blocking(&[k2]).unwrap(), 0);
+        let mut failed = record("2026-11-26", "k2", true);
+        failed.status = UsageStatus::UpstreamError;
+        assert_eq!(store.record_usage(vec![failed]).await.unwrap(), 0);
         let by_key = |from: &'static str| {
             let store = store.clone();
             let inst = inst.id.clone();
@@ -1989,6 +2088,84 @@ mod tests {
         assert_eq!(
             (by_site[0].group.as_deref(), by_site[0].requests),
             (None, 4)
+        );
+        let period = store
+            .period_usage(&inst.id, "2026-11-26", "2026-11-01")
+            .await
+            .unwrap();
+        let key1 = period
+            .iter()
+            .find(|p| p.level == crate::quota::Level::Key && p.id == "k1")
+            .unwrap();
+        assert_eq!((key1.day_tokens, key1.month_tokens), (28, 42));
+    }
+
+    #[tokio::test]
+    async fn carved_limits_never_add_up_to_more_than_their_parent() {
+        use crate::quota::{Level, LimitKind, LimitsPatch};
+        let (store, inst) = seeded().await;
+        let patch = |kind: LimitKind, v: Option<u64>| {
+            let mut p = LimitsPatch::default();
+            p.set(kind, v);
+            p
+        };
+        let day = |v| patch(LimitKind::TokensPerDay, Some(v));
+        let a = store.create_site(&inst.id, "A".into()).await.unwrap();
+        let b = store.create_site(&inst.id, "B".into()).await.unwrap();
+        store
+            .set_limits(Level::Institution, &inst.id, day(1000))
+            .await
+            .unwrap();
+        store
+            .set_limits(Level::Site, &a.id, day(600))
+            .await
+            .unwrap();
+        let err = store
+            .set_limits(Level::Site, &b.id, day(500))
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("would add up to 1100, more than the institution's 1000"),
+            "{err}"
+        );
+        store
+            .set_limits(Level::Site, &b.id, day(400))
+            .await
+            .unwrap();
+        // Nor may the parent shrink below its children.
+        assert!(
+            store
+                .set_limits(Level::Institution, &inst.id, day(999))
+                .await
+                .is_err()
+        );
+        // Removing a limit is always allowed; other kinds are untouched.
+        store
+            .set_limits(
+                Level::Institution,
+                &inst.id,
+                patch(LimitKind::RequestsPerMinute, Some(60)),
+            )
+            .await
+            .unwrap();
+        let limits = store
+            .set_limits(
+                Level::Institution,
+                &inst.id,
+                patch(LimitKind::TokensPerDay, None),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            (limits.tokens_per_day, limits.requests_per_minute),
+            (None, Some(60))
+        );
+        assert!(store.set_limits(Level::Site, &a.id, day(0)).await.is_err());
+        let table = store.limits_table().await.unwrap();
+        assert_eq!(
+            table.get(Level::Site, &b.id).unwrap().tokens_per_day,
+            Some(400)
         );
     }
 

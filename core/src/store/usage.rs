@@ -1,10 +1,10 @@
-//! The usage ledger: what each institution used, per local day, key (with its site and group)
-//! and model. Rows are daily sums of ids and numbers only — no prompt text, no patron, and no
-//! per-request times, so the ledger cannot retrace anyone's session.
+//! The usage ledger: one record per forwarded request (`usage_records`), and the daily sums by
+//! key (with its site and group) and model that reports read (`usage_daily`). Records hold ids
+//! and numbers only — never prompt text, and a patron only as a keyed-hash reference.
 //!
-//! Writers hand over [`UsageRecord`]s (one per response) in batches; [`Store::record_usage`]
-//! folds a batch into its days before touching the database, so a busy gateway costs one
-//! upsert per key, model and day per batch rather than one row per request.
+//! Writers hand over [`UsageRecord`]s in batches; [`Store::record_usage`] writes a batch in one
+//! transaction (group commit). A record is idempotent by its request id: one written twice (a
+//! replay) is ignored, and only records written for the first time are added to the sums.
 
 use std::collections::HashMap;
 
@@ -14,9 +14,48 @@ use serde::Serialize;
 use super::{Store, StoreError};
 use crate::domain::UsageGroupBy;
 
+/// How a forwarded request ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UsageStatus {
+    /// The response reached its end.
+    Complete,
+    /// Cut off before its end: the client left, or the provider broke off.
+    Incomplete,
+    /// Ended by Carrel because the stream ran past its reservation.
+    Cut,
+    /// The provider answered with an error status; nothing was used.
+    UpstreamError,
+}
+
+impl UsageStatus {
+    /// The status a stored name stands for (an unknown one reads as incomplete).
+    pub fn parse(s: &str) -> UsageStatus {
+        match s {
+            "complete" => UsageStatus::Complete,
+            "cut" => UsageStatus::Cut,
+            "upstream_error" => UsageStatus::UpstreamError,
+            _ => UsageStatus::Incomplete,
+        }
+    }
+
+    /// The stored name.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            UsageStatus::Complete => "complete",
+            UsageStatus::Incomplete => "incomplete",
+            UsageStatus::Cut => "cut",
+            UsageStatus::UpstreamError => "upstream_error",
+        }
+    }
+}
+
 /// What one forwarded request used.
 #[derive(Debug, Clone, PartialEq)]
 pub struct UsageRecord {
+    /// The request id; a record is written once per id.
+    pub request_id: String,
+    /// Unix seconds when the response ended.
+    pub at: i64,
     /// The institution's local date (`YYYY-MM-DD`) when the response ended.
     pub day: String,
     /// The institution that pays.
@@ -27,14 +66,22 @@ pub struct UsageRecord {
     pub group_id: Option<String>,
     /// The API key.
     pub key_id: String,
+    /// The patron reference, when a patron made the request.
+    pub patron_ref: Option<String>,
     /// Public model name.
     pub model: String,
-    /// Whether the response reached its end (not cut off by the client or the provider).
-    pub complete: bool,
-    /// Prompt tokens, as the upstream reported them (0 when it did not).
+    /// How it ended.
+    pub status: UsageStatus,
+    /// Prompt tokens, as the upstream reported them, or estimated.
     pub prompt_tokens: u64,
-    /// Completion tokens, as the upstream reported them (0 when it did not).
+    /// Completion tokens, as the upstream reported them, or estimated.
     pub completion_tokens: u64,
+    /// Whether the counts are Carrel's estimate (the provider reported none).
+    pub estimated: bool,
+    /// Whether the answer came from the response cache.
+    pub cached: bool,
+    /// Milliseconds from the request to the end of the response.
+    pub latency_ms: u64,
     /// Cost at the model's prices, in billionths of a US dollar (a cheap model's request costs
     /// a few millionths, so millionths would round it away).
     pub cost_nano_usd: i64,
@@ -63,7 +110,8 @@ pub struct UsageLine {
 }
 
 impl Store {
-    /// Adds usage records to the ledger in one transaction. Returns how many were added.
+    /// Adds usage records to the ledger in one transaction. Returns how many were new (a
+    /// record whose request id is already there is ignored).
     pub async fn record_usage(&self, records: Vec<UsageRecord>) -> Result<usize, StoreError> {
         self.call(move |c| insert_usage(c, &records)).await
     }
@@ -71,6 +119,46 @@ impl Store {
     /// [`Store::record_usage`] for a thread of its own (the ledger writer), outside any runtime.
     pub fn record_usage_blocking(&self, records: &[UsageRecord]) -> Result<usize, StoreError> {
         self.blocking(|c| insert_usage(c, records))
+    }
+
+    /// An institution's per-request records, oldest first, at most `limit`.
+    pub async fn usage_records(
+        &self,
+        institution_id: &str,
+        limit: u32,
+    ) -> Result<Vec<UsageRecord>, StoreError> {
+        let inst = institution_id.to_owned();
+        self.call(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT request_id, at, day, institution_id, site_id, group_id, key_id,
+                    patron_ref, model, prompt_tokens, completion_tokens, cost_nano_usd, cached,
+                    estimated, status, latency_ms
+                 FROM usage_records WHERE institution_id = ?1 ORDER BY rowid LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![inst, limit], |r| {
+                let status: String = r.get(14)?;
+                Ok(UsageRecord {
+                    request_id: r.get(0)?,
+                    at: r.get(1)?,
+                    day: r.get(2)?,
+                    institution_id: r.get(3)?,
+                    site_id: r.get(4)?,
+                    group_id: r.get(5)?,
+                    key_id: r.get(6)?,
+                    patron_ref: r.get(7)?,
+                    model: r.get(8)?,
+                    prompt_tokens: r.get::<_, i64>(9)?.max(0) as u64,
+                    completion_tokens: r.get::<_, i64>(10)?.max(0) as u64,
+                    cost_nano_usd: r.get(11)?,
+                    cached: r.get(12)?,
+                    estimated: r.get(13)?,
+                    status: UsageStatus::parse(&status),
+                    latency_ms: r.get::<_, i64>(15)?.max(0) as u64,
+                })
+            })?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+        .await
     }
 
     /// Usage of an institution from local day `from` to `to` (inclusive, `YYYY-MM-DD`), one line
@@ -130,9 +218,42 @@ struct Sums {
 }
 
 fn insert_usage(c: &mut Connection, records: &[UsageRecord]) -> Result<usize, StoreError> {
-    // Fold the batch first: one upsert per row of the ledger it touches.
+    let tx = c.transaction()?;
+    let mut fresh = Vec::with_capacity(records.len());
+    {
+        let mut stmt = tx.prepare_cached(
+            "INSERT OR IGNORE INTO usage_records (request_id, at, day, institution_id, site_id,
+                group_id, key_id, patron_ref, model, prompt_tokens, completion_tokens,
+                cost_nano_usd, cached, estimated, status, latency_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+        )?;
+        for r in records {
+            let added = stmt.execute(params![
+                r.request_id,
+                r.at,
+                r.day,
+                r.institution_id,
+                r.site_id,
+                r.group_id,
+                r.key_id,
+                r.patron_ref,
+                r.model,
+                saturating_i64(r.prompt_tokens),
+                saturating_i64(r.completion_tokens),
+                r.cost_nano_usd,
+                r.cached,
+                r.estimated,
+                r.status.as_str(),
+                saturating_i64(r.latency_ms)
+            ])?;
+            if added == 1 && r.status != UsageStatus::UpstreamError {
+                fresh.push(r);
+            }
+        }
+    }
+    // Fold the new records: one upsert per row of the daily sums they touch.
     let mut rows: HashMap<[&str; 6], Sums> = HashMap::new();
-    for r in records {
+    for r in fresh.iter().copied() {
         let row = [
             r.institution_id.as_str(),
             r.day.as_str(),
@@ -143,7 +264,7 @@ fn insert_usage(c: &mut Connection, records: &[UsageRecord]) -> Result<usize, St
         ];
         let sums = rows.entry(row).or_default();
         sums.requests += 1;
-        sums.incomplete += i64::from(!r.complete);
+        sums.incomplete += i64::from(r.status != UsageStatus::Complete);
         sums.prompt_tokens = sums
             .prompt_tokens
             .saturating_add(saturating_i64(r.prompt_tokens));
@@ -152,7 +273,6 @@ fn insert_usage(c: &mut Connection, records: &[UsageRecord]) -> Result<usize, St
             .saturating_add(saturating_i64(r.completion_tokens));
         sums.cost_nano_usd = sums.cost_nano_usd.saturating_add(r.cost_nano_usd);
     }
-    let tx = c.transaction()?;
     {
         let mut stmt = tx.prepare_cached(
             "INSERT INTO usage_daily (institution_id, day, key_id, model, site_id, group_id,
@@ -182,7 +302,7 @@ fn insert_usage(c: &mut Connection, records: &[UsageRecord]) -> Result<usize, St
         }
     }
     tx.commit()?;
-    Ok(records.len())
+    Ok(fresh.len())
 }
 
 fn saturating_i64(n: u64) -> i64 {

@@ -1,22 +1,48 @@
-//! The metered response body and the reading of `usage` from its tail.
+//! The metered response body: it reads what a response used, settles the request's
+//! reservation to it, and hands the usage record to the ledger.
+//!
+//! Two ways of reading, chosen by the response's content type:
+//!
+//! - **JSON** (`application/json`): the body passes through untouched; the last
+//!   [`TAIL_BYTES`] are kept (shared `Bytes`, no copy) and the provider's `usage` object is read
+//!   from them when the body ends.
+//! - **SSE** (`text/event-stream`): the body is read event by event. Each event's generated
+//!   text is counted with the model's tokenizer as it passes, so Carrel knows how much a stream
+//!   has produced at any point: enough to estimate the usage when the provider reports none, to
+//!   settle what was generated when the client goes away, and to cut a stream that runs past
+//!   its reservation with a final SSE error event. The usage event the gateway asked for on the
+//!   client's behalf (`stream_options.include_usage`) is read and then dropped, so the client
+//!   sees the stream it asked for.
+//!
+//! Settlement and the record happen exactly once: at the end of the body, when the provider
+//! breaks off, or when the body is dropped (the client went away, which also drops the
+//! upstream body and so cancels the provider's work).
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Instant;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use carrel_core::domain::{Principal, unix_now};
-use carrel_core::store::UsageRecord;
+use carrel_core::quota::Reservation;
+use carrel_core::store::{UsageRecord, UsageStatus};
 use http_body::{Body, Frame, SizeHint};
 use serde::Deserialize;
 
 use super::{PendingUsage, UsageLedger};
 use crate::body::ResponseBody;
 use crate::error::BoxError;
+use crate::tokens::Tokenizer;
 
-/// How much of a body's end is kept to find its `usage` (the final SSE events, or the end of a
-/// JSON response, however long the embeddings before it).
+/// How much of a body's end is kept to find its `usage` (the end of a JSON response, however
+/// long the embeddings before it).
 pub const TAIL_BYTES: usize = 64 * 1024;
+/// Most bytes of one unfinished SSE event held while waiting for its end; a stream whose
+/// events are longer passes through unread (and is settled at its reservation).
+pub const MAX_EVENT_BYTES: usize = 1024 * 1024;
 
 /// Most tokens one response is counted with.
 pub const MAX_TOKENS: u64 = u32::MAX as u64;
@@ -34,43 +60,85 @@ pub struct Usage {
     pub completion_tokens: u64,
 }
 
-/// What a metered response is about.
+/// What a metered response is about, and what it settles.
 #[derive(Debug)]
 pub struct Meter {
     /// Where the record goes.
     pub ledger: UsageLedger,
     /// Who made the request.
     pub principal: Principal,
+    /// The patron, by reference.
+    pub patron_ref: Option<Arc<str>>,
     /// Public model name.
     pub model: String,
     /// Prices per million prompt and completion tokens, in US dollars.
     pub prices: (f64, f64),
+    /// The request's id; the ledger writes one record per id.
+    pub request_id: String,
+    /// When the request arrived.
+    pub started: Instant,
+    /// Carrel's estimate of the prompt, used when the provider reports no usage.
+    pub prompt_estimate: u64,
+    /// How the model's output is counted.
+    pub tokenizer: Tokenizer,
+    /// What the request holds until it settles.
+    pub reservation: Option<Reservation>,
 }
 
 impl Meter {
-    fn finish(self, usage: Usage, complete: bool) {
+    /// Settles and records. `usage` is the provider's report; without one, the prompt estimate
+    /// and `counted` output tokens stand in, and the record says so.
+    pub fn finish(mut self, usage: Option<Usage>, counted: u64, status: UsageStatus) {
+        let (usage, estimated) = match usage {
+            Some(u) => (u, false),
+            None => (
+                Usage {
+                    prompt_tokens: self.prompt_estimate,
+                    completion_tokens: counted,
+                },
+                true,
+            ),
+        };
+        self.record(usage, estimated, status);
+    }
+
+    /// Records a request the provider refused: nothing used, the reservation refunded.
+    pub fn refused(mut self) {
+        self.record(Usage::default(), false, UsageStatus::UpstreamError);
+    }
+
+    fn record(&mut self, usage: Usage, estimated: bool, status: UsageStatus) {
         // A provider reporting more than this is wrong; one bad number must not overflow an
         // institution's sums.
         let prompt_tokens = usage.prompt_tokens.min(MAX_TOKENS);
         let completion_tokens = usage.completion_tokens.min(MAX_TOKENS);
         let cost = prompt_tokens as f64 * self.prices.0 + completion_tokens as f64 * self.prices.1;
-        let p = self.principal;
+        // Prices are per million tokens: tokens × price is in millionths of a dollar.
+        let cost_nano_usd = ((cost * 1000.0).round() as i64).clamp(0, MAX_COST_NANO_USD);
+        if let Some(reservation) = self.reservation.take() {
+            reservation.settle(prompt_tokens + completion_tokens, cost_nano_usd as u64);
+        }
+        let p = &self.principal;
         self.ledger.record(PendingUsage {
             record: UsageRecord {
+                request_id: std::mem::take(&mut self.request_id),
+                at: unix_now(),
                 day: String::new(),
                 institution_id: p.institution_id.to_string(),
                 site_id: p.site_id.as_deref().map(str::to_owned),
                 group_id: p.group_id.as_deref().map(str::to_owned),
                 key_id: p.key_id.to_string(),
-                model: self.model,
-                complete,
+                patron_ref: self.patron_ref.as_deref().map(str::to_owned),
+                model: std::mem::take(&mut self.model),
+                status,
                 prompt_tokens,
                 completion_tokens,
-                // Prices are per million tokens: tokens × price is in millionths of a dollar.
-                cost_nano_usd: ((cost * 1000.0).round() as i64).min(MAX_COST_NANO_USD),
+                cost_nano_usd,
+                estimated,
+                cached: false,
+                latency_ms: self.started.elapsed().as_millis() as u64,
             },
-            at: unix_now(),
-            timezone: p.timezone,
+            timezone: Arc::clone(&p.timezone),
         });
     }
 }
@@ -100,7 +168,7 @@ impl Tail {
         match self.frames.len() {
             1 => self.frames[0].clone(),
             _ => {
-                let mut joined = bytes::BytesMut::with_capacity(self.len);
+                let mut joined = BytesMut::with_capacity(self.len);
                 for frame in &self.frames {
                     joined.extend_from_slice(frame);
                 }
@@ -110,10 +178,176 @@ impl Tail {
     }
 }
 
-/// A response body that records its usage when it ends or is dropped.
+/// What the SSE reader decided about the events of one frame.
+#[derive(Debug, PartialEq, Eq)]
+enum Read {
+    /// Go on.
+    More,
+    /// The stream's `[DONE]` went by: settle now, before the last bytes reach the client.
+    Done,
+    /// The stream ran past its reservation: it ends here.
+    Cut,
+}
+
+/// Reads a stream event by event (see the module docs).
+#[derive(Debug)]
+struct SseReader {
+    /// The unfinished event at the end of what has arrived.
+    partial: BytesMut,
+    /// Output tokens counted so far, all choices together.
+    counted: u64,
+    /// The provider's usage, once reported.
+    usage: Option<Usage>,
+    /// Drop the usage event: Carrel asked for it, the client did not.
+    strip_usage: bool,
+    /// Output tokens the stream may produce before it is cut.
+    allowance: u64,
+    tokenizer: Tokenizer,
+    /// Events too long to hold: pass everything through unread.
+    blind: bool,
+}
+
+#[derive(Deserialize)]
+struct Chunk<'a> {
+    #[serde(borrow, default)]
+    choices: Option<Vec<ChunkChoice<'a>>>,
+    #[serde(default)]
+    usage: Option<Usage>,
+}
+
+#[derive(Deserialize)]
+struct ChunkChoice<'a> {
+    #[serde(borrow, default)]
+    delta: Option<Delta<'a>>,
+    #[serde(borrow, default)]
+    text: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct Delta<'a> {
+    #[serde(borrow, default)]
+    content: Option<Cow<'a, str>>,
+}
+
+/// The end of the first event in `buf` (after its blank line), if it is complete.
+fn event_end(buf: &[u8]) -> Option<usize> {
+    let lf = memchr::memmem::find(buf, b"\n\n").map(|i| i + 2);
+    let crlf = memchr::memmem::find(buf, b"\r\n\r\n").map(|i| i + 4);
+    match (lf, crlf) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+impl SseReader {
+    fn new(strip_usage: bool, allowance: u64, tokenizer: Tokenizer) -> Self {
+        SseReader {
+            partial: BytesMut::new(),
+            counted: 0,
+            usage: None,
+            strip_usage,
+            // Providers stop at `max_tokens`; counting chunk by chunk can read a token or two
+            // more than they report, so a stream is cut only well past its allowance.
+            allowance: allowance + allowance / 20 + 4,
+            tokenizer,
+            blind: false,
+        }
+    }
+
+    /// Takes in one frame and queues what goes on to the client.
+    fn feed(&mut self, data: &Bytes, out: &mut VecDeque<Bytes>) -> Read {
+        if self.blind {
+            out.push_back(data.clone());
+            return Read::More;
+        }
+        self.partial.extend_from_slice(data);
+        let mut read = Read::More;
+        while let Some(end) = event_end(&self.partial) {
+            let event = self.partial.split_to(end).freeze();
+            match self.event(&event) {
+                Event::Keep => out.push_back(event),
+                Event::Drop => {}
+                Event::Done => {
+                    out.push_back(event);
+                    read = Read::Done;
+                }
+                Event::Over => return Read::Cut,
+            }
+        }
+        if self.partial.len() > MAX_EVENT_BYTES {
+            self.blind = true;
+            out.push_back(self.partial.split().freeze());
+        }
+        read
+    }
+
+    /// What is left when the provider ends without a final blank line.
+    fn rest(&mut self) -> Option<Bytes> {
+        (!self.partial.is_empty()).then(|| self.partial.split().freeze())
+    }
+
+    fn event(&mut self, event: &[u8]) -> Event {
+        let Some(data) = event.split(|b| *b == b'\n').find_map(|line| {
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            line.strip_prefix(b"data:").map(<[u8]>::trim_ascii)
+        }) else {
+            return Event::Keep;
+        };
+        if data == b"[DONE]" {
+            return Event::Done;
+        }
+        let Ok(chunk) = serde_json::from_slice::<Chunk<'_>>(data) else {
+            return Event::Keep;
+        };
+        let choices = chunk.choices.unwrap_or_default();
+        for choice in &choices {
+            let delta = choice.delta.as_ref().and_then(|d| d.content.as_deref());
+            let pieces = [delta, choice.text.as_deref()].into_iter().flatten();
+            for text in pieces.filter(|t| !t.is_empty()) {
+                self.counted += self.tokenizer.count_piece(text);
+            }
+        }
+        if self.counted > self.allowance {
+            return Event::Over;
+        }
+        if let Some(usage) = chunk.usage {
+            self.usage = Some(usage);
+            if self.strip_usage && choices.is_empty() {
+                return Event::Drop;
+            }
+        }
+        Event::Keep
+    }
+}
+
+enum Event {
+    Keep,
+    Drop,
+    Done,
+    Over,
+}
+
+/// The SSE event that ends a stream cut at its reservation.
+fn cut_event() -> Bytes {
+    let body = serde_json::json!({"error": {
+        "message": "This response reached the tokens reserved for it and was stopped.",
+        "type": "tokens",
+        "param": null,
+        "code": "reservation_exceeded",
+    }});
+    Bytes::from(format!("data: {body}\n\n"))
+}
+
+/// A response body that settles and records its usage when it ends or is dropped.
 pub struct MeteredBody {
+    /// The provider's body; replaced by an empty one when a stream is cut.
     inner: ResponseBody,
     tail: Tail,
+    sse: Option<SseReader>,
+    /// Frames ready for the client (SSE).
+    ready: VecDeque<Bytes>,
+    /// The provider's body has ended (or was cut).
+    ended: bool,
     meter: Option<Meter>,
 }
 
@@ -121,25 +355,126 @@ impl std::fmt::Debug for MeteredBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MeteredBody")
             .field("tail_len", &self.tail.len)
+            .field("sse", &self.sse)
             .finish_non_exhaustive()
     }
 }
 
+/// How a stream is read.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamReading {
+    /// Drop the usage event (Carrel asked for it on the client's behalf).
+    pub strip_usage: bool,
+    /// Output tokens the stream may produce, all choices together.
+    pub allowance: u64,
+}
+
 impl MeteredBody {
-    /// Meters `inner`.
-    pub fn new(inner: ResponseBody, meter: Meter) -> Self {
+    /// Meters a JSON body.
+    pub fn json(inner: ResponseBody, meter: Meter) -> Self {
+        MeteredBody::new(inner, meter, None)
+    }
+
+    /// Meters an SSE body.
+    pub fn sse(inner: ResponseBody, meter: Meter, reading: StreamReading) -> Self {
+        let sse = SseReader::new(reading.strip_usage, reading.allowance, meter.tokenizer);
+        MeteredBody::new(inner, meter, Some(sse))
+    }
+
+    fn new(inner: ResponseBody, meter: Meter, sse: Option<SseReader>) -> Self {
         MeteredBody {
             inner,
             tail: Tail::default(),
+            sse,
+            ready: VecDeque::new(),
+            ended: false,
             meter: Some(meter),
         }
     }
 
-    /// Records the usage once; `complete` when the body reached its end.
-    fn finish(&mut self, complete: bool) {
-        if let Some(meter) = self.meter.take() {
-            let usage = find_usage(&self.tail.bytes()).unwrap_or_default();
-            meter.finish(usage, complete);
+    /// Settles and records once.
+    fn finish(&mut self, status: UsageStatus) {
+        let Some(meter) = self.meter.take() else {
+            return;
+        };
+        match &self.sse {
+            Some(sse) => meter.finish(sse.usage, sse.counted, status),
+            None => {
+                let tail = self.tail.bytes();
+                let usage = find_usage(&tail);
+                let counted = match usage {
+                    Some(_) => 0,
+                    None => count_output(&tail, meter.tokenizer).unwrap_or_else(|| {
+                        meter
+                            .reservation
+                            .as_ref()
+                            .map_or(0, Reservation::output_tokens)
+                    }),
+                };
+                meter.finish(usage, counted, status);
+            }
+        }
+    }
+
+    fn poll_json(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.tail.push(data);
+                }
+                // Settle before the last bytes go out, so the client cannot outrun the ledger.
+                if self.inner.is_end_stream() {
+                    self.finish(UsageStatus::Complete);
+                }
+            }
+            Poll::Ready(None) => self.finish(UsageStatus::Complete),
+            // The provider broke off.
+            Poll::Ready(Some(Err(_))) => self.finish(UsageStatus::Incomplete),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn poll_sse(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        loop {
+            if let Some(bytes) = self.ready.pop_front() {
+                return Poll::Ready(Some(Ok(Frame::data(bytes))));
+            }
+            if self.ended {
+                return Poll::Ready(None);
+            }
+            let sse = self.sse.as_mut().expect("SSE mode");
+            match Pin::new(&mut self.inner).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => {
+                    self.ready.extend(sse.rest());
+                    self.ended = true;
+                    self.finish(UsageStatus::Complete);
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    self.ended = true;
+                    self.finish(UsageStatus::Incomplete);
+                    return Poll::Ready(Some(Err(e)));
+                }
+                Poll::Ready(Some(Ok(frame))) => {
+                    let data = match frame.into_data() {
+                        Ok(data) => data,
+                        Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
+                    };
+                    match sse.feed(&data, &mut self.ready) {
+                        Read::More => {}
+                        Read::Done => self.finish(UsageStatus::Complete),
+                        Read::Cut => {
+                            self.ready.push_back(cut_event());
+                            self.ended = true;
+                            // Dropping the provider's body cancels its work.
+                            self.inner = crate::body::full(Bytes::new());
+                            self.finish(UsageStatus::Cut);
+                        }
+                    }
+                }
+            }
         }
     }
 }
@@ -153,46 +488,42 @@ impl Body for MeteredBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    this.tail.push(data);
-                }
-                // Record before the last bytes go out, so the client cannot outrun the ledger.
-                if this.inner.is_end_stream() {
-                    this.finish(true);
-                }
-            }
-            Poll::Ready(None) => this.finish(true),
-            // The provider broke off.
-            Poll::Ready(Some(Err(_))) => this.finish(false),
-            Poll::Pending => {}
+        if this.sse.is_some() {
+            this.poll_sse(cx)
+        } else {
+            this.poll_json(cx)
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        if self.sse.is_some() {
+            self.ended && self.ready.is_empty()
+        } else {
+            self.inner.is_end_stream()
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        if self.sse.is_some() {
+            // Events may be dropped or added: the length is not known.
+            SizeHint::default()
+        } else {
+            self.inner.size_hint()
+        }
     }
 }
 
 impl Drop for MeteredBody {
     fn drop(&mut self) {
-        // Dropped before the end: the client went away. What the provider already reported
-        // (or nothing) is recorded.
-        self.finish(false);
+        // Dropped before the end: the client went away. What the provider reported, or what
+        // was counted, is settled.
+        self.finish(UsageStatus::Incomplete);
     }
 }
 
 /// The last well-formed `"usage": {...}` object in `tail` with at least one count, if any.
-/// The top-level usage of a response (and the usage event of a stream) comes after its content,
-/// and a `"usage"` inside generated text is escaped (`\"usage\"`), so searching from the end
-/// finds the provider's own.
+/// The top-level usage of a response comes after its content, and a `"usage"` inside
+/// generated text is escaped (`\"usage\"`), so searching from the end finds the provider's own.
 pub fn find_usage(tail: &[u8]) -> Option<Usage> {
     memchr::memmem::rfind_iter(tail, b"\"usage\"").find_map(|at| {
         if at > 0 && tail[at - 1] == b'\\' {
@@ -210,9 +541,44 @@ pub fn find_usage(tail: &[u8]) -> Option<Usage> {
     })
 }
 
+/// Output tokens of a whole JSON completion without a usage report: its choices' text.
+fn count_output(body: &[u8], tokenizer: Tokenizer) -> Option<u64> {
+    #[derive(Deserialize)]
+    struct Completion<'a> {
+        #[serde(borrow)]
+        choices: Vec<Choice<'a>>,
+    }
+    #[derive(Deserialize)]
+    struct Choice<'a> {
+        #[serde(borrow, default)]
+        message: Option<Delta<'a>>,
+        #[serde(borrow, default)]
+        text: Option<Cow<'a, str>>,
+    }
+    let completion: Completion<'_> = serde_json::from_slice(body).ok()?;
+    Some(
+        completion
+            .choices
+            .iter()
+            .map(|c| {
+                let message = c.message.as_ref().and_then(|m| m.content.as_deref());
+                [message, c.text.as_deref()]
+                    .into_iter()
+                    .flatten()
+                    .map(|t| tokenizer.count(t))
+                    .sum::<u64>()
+            })
+            .sum(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use carrel_core::quota::{
+        Demand, FakeClock, Level, Limits, LimitsTable, OverPolicy, QuotaEngine, Subject,
+    };
+    use http_body_util::BodyExt;
 
     #[test]
     fn usage_is_read_from_json_and_sse() {
@@ -225,22 +591,14 @@ mod tests {
                 completion_tokens: 30
             })
         );
-        let sse = b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}],\"usage\":null}\n\n\
-                    data: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":2}}\n\n\
-                    data: [DONE]\n\n";
-        assert_eq!(
-            find_usage(sse),
-            Some(Usage {
-                prompt_tokens: 5,
-                completion_tokens: 2
-            })
-        );
         let embeddings =
             br#"{"data":[{"embedding":[0.1]}],"usage":{"prompt_tokens":8,"total_tokens":8}}"#;
         assert_eq!(find_usage(embeddings).unwrap().prompt_tokens, 8);
         assert_eq!(find_usage(b"data: {\"usage\":null}\n\n"), None);
         assert_eq!(find_usage(b"{\"usage\": {\"prompt_tokens\": 3"), None);
         assert_eq!(find_usage(b""), None);
+        let no_usage = br#"{"choices":[{"message":{"content":"Hello there"}},{"text":"again"}]}"#;
+        assert_eq!(count_output(no_usage, Tokenizer::Bytes), Some(3 + 2));
     }
 
     #[test]
@@ -261,6 +619,7 @@ mod tests {
             timezone: "America/Chicago".into(),
             institution_status: carrel_core::domain::InstitutionStatus::Active,
             frontier_verified: false,
+            over_quota: carrel_core::domain::OverQuota::Reject,
             key_id: "key_a".into(),
             site_id: None,
             group_id: None,
@@ -270,73 +629,230 @@ mod tests {
         }
     }
 
-    fn metered(ledger: &UsageLedger, frames: Vec<&'static str>) -> MeteredBody {
+    struct Rig {
+        store: carrel_core::store::Store,
+        ledger: UsageLedger,
+        engine: QuotaEngine,
+    }
+
+    impl Rig {
+        fn new() -> Rig {
+            let store = carrel_core::store::Store::open_in_memory().unwrap();
+            let engine = QuotaEngine::new(FakeClock::at("2026-11-27T16:00:00Z".parse().unwrap()));
+            let mut table = LimitsTable::default();
+            table.insert(
+                Level::Key,
+                "key_a",
+                Limits {
+                    tokens_per_day: Some(1_000_000),
+                    ..Limits::default()
+                },
+            );
+            engine.set_limits(table);
+            Rig {
+                ledger: UsageLedger::start(store.clone()).unwrap(),
+                store,
+                engine,
+            }
+        }
+
+        fn meter(&self, id: &str, output: u64) -> Meter {
+            let p = principal();
+            let subject = Subject {
+                institution: p.institution_id.clone(),
+                timezone: p.timezone.clone(),
+                site: None,
+                group: None,
+                key: p.key_id.clone(),
+                patron: None,
+                model: Some("m".into()),
+            };
+            let demand = Demand {
+                prompt_tokens: 10,
+                max_output_tokens: output,
+                choices: 1,
+                input_nano_per_token: 1000.0,
+                output_nano_per_token: 2000.0,
+                stream: true,
+            };
+            Meter {
+                ledger: self.ledger.clone(),
+                principal: p,
+                patron_ref: None,
+                model: "m".to_owned(),
+                prices: (1.0, 2.0),
+                request_id: id.to_owned(),
+                started: Instant::now(),
+                prompt_estimate: 10,
+                tokenizer: Tokenizer::O200k,
+                reservation: Some(
+                    self.engine
+                        .reserve(&subject, demand, OverPolicy::Reject)
+                        .unwrap(),
+                ),
+            }
+        }
+
+        fn used_today(&self) -> u64 {
+            self.engine
+                .usage(
+                    &"inst_a".into(),
+                    &"America/Chicago".into(),
+                    Level::Key,
+                    "key_a",
+                )
+                .day_tokens
+        }
+
+        async fn records(&self) -> Vec<(String, u64, u64, bool, String)> {
+            self.ledger.flush().await;
+            self.store
+                .usage_records("inst_a", 100)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|r| {
+                    (
+                        r.request_id,
+                        r.prompt_tokens,
+                        r.completion_tokens,
+                        r.estimated,
+                        r.status.as_str().to_owned(),
+                    )
+                })
+                .collect()
+        }
+    }
+
+    fn frames(frames: Vec<String>) -> ResponseBody {
         let stream = futures_util::stream::iter(
             frames
                 .into_iter()
-                .map(|f| Ok::<_, BoxError>(Frame::data(Bytes::from_static(f.as_bytes())))),
+                .map(|f| Ok::<_, BoxError>(Frame::data(Bytes::from(f)))),
         );
-        let body = http_body_util::BodyExt::boxed(http_body_util::StreamBody::new(stream));
-        MeteredBody::new(
-            body,
-            Meter {
-                ledger: ledger.clone(),
-                principal: principal(),
-                model: "m".to_owned(),
-                prices: (1.0, 2.0),
-            },
+        BodyExt::boxed(http_body_util::StreamBody::new(stream))
+    }
+
+    fn chunk(text: &str) -> String {
+        format!(
+            "data: {}\n\n",
+            serde_json::json!({"choices": [{"index": 0, "delta": {"content": text}}]})
         )
     }
 
+    const USAGE: &str =
+        "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":3}}\n\n";
+
     #[tokio::test]
-    async fn a_finished_body_and_a_dropped_one_are_both_recorded_once() {
-        use http_body_util::BodyExt;
-        let store = carrel_core::store::Store::open_in_memory().unwrap();
-        let ledger = UsageLedger::start(store.clone()).unwrap();
-        let done = metered(
-            &ledger,
-            vec![
-                "data: {\"choices\":[]}\n\n",
-                "data: {\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4}}\n\n",
-            ],
+    async fn a_stream_settles_to_the_reported_usage_and_hides_the_usage_it_was_not_asked_for() {
+        let rig = Rig::new();
+        let body = MeteredBody::sse(
+            // Events split across frames, as networks do.
+            frames(vec![
+                chunk(" hello")[..10].to_owned(),
+                chunk(" hello")[10..].to_owned() + &chunk(" world"),
+                chunk(" again") + USAGE,
+                "data: [DONE]\n\n".to_owned(),
+            ]),
+            rig.meter("req_1", 100),
+            StreamReading {
+                strip_usage: true,
+                allowance: 100,
+            },
         );
-        let bytes = done.collect().await.unwrap().to_bytes();
-        assert!(bytes.ends_with(b"}}\n\n"));
-        // The client reads one frame and goes away.
-        let mut cut = metered(&ledger, vec!["data: a\n\n", "data: b\n\n"]);
-        assert!(cut.frame().await.unwrap().is_ok());
-        drop(cut);
-        ledger.flush().await;
-        let lines = store
-            .usage_report(
-                "inst_a",
-                "2000-01-01",
-                "2999-12-31",
-                carrel_core::domain::UsageGroupBy::Key,
-            )
-            .await
-            .unwrap();
-        assert_eq!(lines.len(), 1);
+        let out = body.collect().await.unwrap().to_bytes();
+        let out = std::str::from_utf8(&out).unwrap();
+        assert_eq!(out.matches("\"content\"").count(), 3);
+        assert!(!out.contains("usage"), "{out}");
+        assert!(out.ends_with("data: [DONE]\n\n"));
+        assert_eq!(rig.used_today(), 12);
         assert_eq!(
-            (
-                lines[0].requests,
-                lines[0].prompt_tokens,
-                lines[0].completion_tokens
-            ),
-            (2, 3, 4)
+            rig.records().await,
+            [("req_1".to_owned(), 9, 3, false, "complete".to_owned())]
         );
-        // 3 × $1 + 4 × $2 per million tokens.
-        assert!(
-            (lines[0].cost_usd - 11e-6).abs() < 1e-12,
-            "{}",
-            lines[0].cost_usd
+    }
+
+    #[tokio::test]
+    async fn without_usage_a_stream_is_counted_and_marked_estimated() {
+        let rig = Rig::new();
+        let body = MeteredBody::sse(
+            frames(vec![
+                chunk(" hello"),
+                chunk(" world"),
+                "data: [DONE]\n\n".to_owned(),
+            ]),
+            rig.meter("req_1", 100),
+            StreamReading {
+                strip_usage: false,
+                allowance: 100,
+            },
         );
+        body.collect().await.unwrap();
         assert_eq!(
-            ledger
-                .counters()
-                .written
-                .load(std::sync::atomic::Ordering::Relaxed),
-            2
+            rig.records().await,
+            [("req_1".to_owned(), 10, 2, true, "complete".to_owned())]
         );
+        assert_eq!(rig.used_today(), 12);
+    }
+
+    #[tokio::test]
+    async fn a_stream_past_its_reservation_is_cut_with_an_error_event() {
+        let rig = Rig::new();
+        let words: Vec<String> = (0..200).map(|_| chunk(" word")).collect();
+        let body = MeteredBody::sse(
+            frames(words),
+            rig.meter("req_1", 20),
+            StreamReading {
+                strip_usage: false,
+                allowance: 20,
+            },
+        );
+        let out = body.collect().await.unwrap().to_bytes();
+        let out = std::str::from_utf8(&out).unwrap();
+        let last = out.trim_end().rsplit("\n\n").next().unwrap();
+        assert!(last.contains("\"code\":\"reservation_exceeded\""), "{last}");
+        // 20 + 5% + 4 tokens pass, then the cut.
+        assert_eq!(out.matches("\"content\"").count(), 25);
+        let records = rig.records().await;
+        // The provider produced the 26th token; it is paid for though the client never saw it.
+        assert_eq!((records[0].2, records[0].4.as_str()), (26, "cut"));
+    }
+
+    #[tokio::test]
+    async fn a_client_that_leaves_mid_stream_is_settled_once_for_what_it_got() {
+        let rig = Rig::new();
+        let mut body = MeteredBody::sse(
+            frames(vec![chunk(" one"), chunk(" two"), chunk(" three")]),
+            rig.meter("req_1", 100),
+            StreamReading {
+                strip_usage: false,
+                allowance: 100,
+            },
+        );
+        assert!(body.frame().await.unwrap().is_ok());
+        drop(body);
+        assert_eq!(
+            rig.records().await,
+            [("req_1".to_owned(), 10, 1, true, "incomplete".to_owned())]
+        );
+        assert_eq!(rig.used_today(), 11);
+    }
+
+    #[tokio::test]
+    async fn a_json_body_settles_before_its_last_bytes_go_out() {
+        let rig = Rig::new();
+        let mut body = MeteredBody::json(
+            frames(vec![
+                "{\"choices\":[],".to_owned(),
+                "\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4}}".to_owned(),
+            ]),
+            rig.meter("req_1", 100),
+        );
+        while let Some(frame) = body.frame().await {
+            frame.unwrap();
+        }
+        assert_eq!(rig.used_today(), 7);
+        drop(body);
+        assert_eq!(rig.records().await.len(), 1);
     }
 }

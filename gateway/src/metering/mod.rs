@@ -1,11 +1,11 @@
-//! Metering: what each forwarded request used, into the usage ledger.
+//! Metering: what each forwarded request used, settled against its reservation and written to
+//! the usage ledger.
 //!
-//! [`MeteredBody`] wraps a 2xx response body on its way to the client. It keeps the last
-//! [`body::TAIL_BYTES`] of the body (shared `Bytes`, no copy) and, when the body ends — or the
-//! client goes away — reads the `usage` object the provider put at the end (the last JSON
-//! object of a response, the last SSE event before `[DONE]` of a stream) and hands a
-//! [`PendingUsage`] to the [`UsageLedger`]. The record is handed over before the final bytes
-//! reach the client, so a report asked for after a response has been read includes it.
+//! [`MeteredBody`] wraps a 2xx response body on its way to the client and, when the body ends —
+//! or the client goes away — settles the request's quota reservation to the provider's usage
+//! (or Carrel's count, see [`body`]) and hands a [`PendingUsage`] to the [`UsageLedger`]. Both
+//! happen before the final bytes reach the client, so a quota or report asked for after a
+//! response has been read includes it.
 //!
 //! The ledger's writer is one thread that wakes every [`WRITE_INTERVAL`] and writes what has
 //! queued in one transaction, folded into daily sums (see `core::store::usage`). The data plane
@@ -15,9 +15,8 @@
 //! and counts it (a store that cannot keep up for 65 536 responses is an incident to alert on,
 //! not a reason to stall patrons).
 //!
-//! Streams are counted from the provider's own usage event, which it sends when the client asks
-//! with `stream_options.include_usage`; asking on every stream (and estimating when no usage
-//! comes) belongs to the quota stage.
+//! Records are written once per request id (a replay is ignored), one row each, plus the
+//! daily sums reports read (see `core::store::usage`).
 
 pub mod body;
 
@@ -41,10 +40,23 @@ const BATCH: usize = 1024;
 pub struct PendingUsage {
     /// The record, with `day` still empty.
     pub record: UsageRecord,
-    /// Unix seconds when the response ended.
-    pub at: i64,
     /// The institution's IANA time zone.
     pub timezone: Arc<str>,
+}
+
+/// A new request id: `req_`, the time in milliseconds, a per-process random part and a
+/// counter, so ids are unique across replicas and restarts and sort by time.
+pub fn request_id() -> String {
+    static PROCESS: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let process = PROCESS.get_or_init(|| carrel_core::ids::random_base62(6));
+    let ms = jiff::Timestamp::now().as_millisecond().max(0) as u64;
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!(
+        "req_{}{process}{}",
+        carrel_core::ids::base62_fixed(ms, 8),
+        carrel_core::ids::base62_fixed(n, 6)
+    )
 }
 
 enum Msg {
@@ -194,7 +206,7 @@ fn write(store: &Store, batch: &[UsageRecord], counters: &Counters) {
 /// Fills in the institution's local date at the record's time.
 fn with_day(pending: PendingUsage) -> UsageRecord {
     let mut record = pending.record;
-    record.day = carrel_core::domain::local_date(pending.at, &pending.timezone).to_string();
+    record.day = carrel_core::domain::local_date(record.at, &pending.timezone).to_string();
     record
 }
 
@@ -208,18 +220,23 @@ mod tests {
         let at = carrel_core::domain::unix_seconds("2026-11-27T03:00:00Z").unwrap();
         let pending = |tz: &str| PendingUsage {
             record: UsageRecord {
+                request_id: "req_1".into(),
+                at,
                 day: String::new(),
                 institution_id: "i".into(),
                 site_id: None,
                 group_id: None,
                 key_id: "k".into(),
+                patron_ref: None,
                 model: "m".into(),
-                complete: true,
+                status: carrel_core::store::UsageStatus::Complete,
                 prompt_tokens: 1,
                 completion_tokens: 1,
                 cost_nano_usd: 0,
+                estimated: false,
+                cached: false,
+                latency_ms: 0,
             },
-            at,
             timezone: tz.into(),
         };
         assert_eq!(with_day(pending("America/Chicago")).day, "2026-11-26");

@@ -1,5 +1,6 @@
 //! Stage 9, forward + meter: send the request to where the model is served, stream the answer
-//! back, and meter a successful answer into the usage ledger.
+//! back, and meter it: a 2xx body settles the reservation and is recorded when it ends; a
+//! refusal by the provider refunds it and is recorded as such.
 
 use std::sync::Arc;
 
@@ -11,9 +12,9 @@ use crate::body::ResponseBody;
 use crate::demo;
 use crate::error::GatewayError;
 use crate::metering::MeteredBody;
-use crate::metering::body::Meter;
-use crate::openai::rewrite_model;
-use crate::pipeline::RequestCtx;
+use crate::metering::body::{Meter, StreamReading};
+use crate::openai::Rewrite;
+use crate::pipeline::{Endpoint, RequestCtx};
 use crate::upstream::catalog::Target;
 
 /// Stage 9.
@@ -22,13 +23,38 @@ pub async fn run(
     ctx: &mut RequestCtx,
 ) -> Result<Response<ResponseBody>, GatewayError> {
     let route = Arc::clone(ctx.route());
+    let reservation = ctx.reservation.take();
+    let fields = ctx.fields();
+    // A usage event at the end of every stream, so streams are settled to the provider's count.
+    let ask_usage = fields.stream && !fields.include_usage && ctx.endpoint != Endpoint::Embeddings;
+    let rewrite = Rewrite {
+        model: route.renames().then_some(route.upstream_model.as_str()),
+        max_tokens: reservation
+            .as_ref()
+            .and_then(|r| r.clamped_to())
+            .map(|n| (fields.max_tokens_param, n)),
+        include_usage: ask_usage,
+        drop_user: fields.user.is_some(),
+    };
+    let body = if rewrite.is_needed() {
+        rewrite.apply(&ctx.body)?
+    } else {
+        ctx.body.clone()
+    };
+    let meter = Meter {
+        ledger: state.ledger.clone(),
+        principal: ctx.principal().clone(),
+        patron_ref: ctx.patron_ref.clone(),
+        model: route.name.clone(),
+        prices: (route.input_price_per_mtok, route.output_price_per_mtok),
+        request_id: std::mem::take(&mut ctx.request_id),
+        started: ctx.started,
+        prompt_estimate: ctx.prompt_tokens,
+        tokenizer: route.tokenizer,
+        reservation,
+    };
     let resp = match &route.target {
         Target::Http(target) => {
-            let body = if route.renames() {
-                rewrite_model(&ctx.body, &route.upstream_model)?
-            } else {
-                ctx.body.clone()
-            };
             state
                 .upstream
                 .forward(target, ctx.endpoint, ctx.accept.as_ref(), body)
@@ -37,19 +63,36 @@ pub async fn run(
         Target::Demo => Ok(demo::respond(
             ctx.endpoint,
             ctx.fields(),
-            &ctx.body,
+            &body,
             state.demo_word_delay,
         )),
-    }?;
-    if !resp.status().is_success() {
-        // The provider refused: nothing was used.
-        return Ok(resp);
-    }
-    let meter = Meter {
-        ledger: state.ledger.clone(),
-        principal: ctx.principal().clone(),
-        model: route.name.clone(),
-        prices: (route.input_price_per_mtok, route.output_price_per_mtok),
     };
-    Ok(resp.map(|body| MeteredBody::new(body, meter).boxed()))
+    let resp = match resp {
+        Ok(resp) if resp.status().is_success() => resp,
+        other => {
+            // The provider refused or could not be reached: nothing was used.
+            meter.refused();
+            return other;
+        }
+    };
+    let is_sse = resp
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    let allowance = meter
+        .reservation
+        .as_ref()
+        .map_or(u64::MAX / 2, |r| r.output_tokens());
+    Ok(resp.map(|body| {
+        if is_sse {
+            let reading = StreamReading {
+                strip_usage: ask_usage,
+                allowance,
+            };
+            MeteredBody::sse(body, meter, reading).boxed()
+        } else {
+            MeteredBody::json(body, meter).boxed()
+        }
+    }))
 }

@@ -4,10 +4,18 @@
 //! | # | stage | module | may answer with |
 //! |---|-------|--------|-----------------|
 //! | 1 | authenticate | [`authenticate`] | 401 `missing_api_key`, 401 `invalid_api_key`, 401 `expired_api_key`, 403 `institution_suspended`, 503 `store_unavailable` |
-//! | 2 | read body | [`read_body`] | 413 `request_too_large`, 400 `body_read_failed`, 400 `invalid_json`, 400 `invalid_parameter` |
-//! | 3 | authorize | [`authorize`] | 404 `model_not_found`, 403 `frontier_not_verified`, 403 `model_not_permitted` |
-//! | 4–8 | safeguards, rate limit, quota, cache, routing | (issues 4, 7, 8) | |
-//! | 9 | forward + meter | [`forward`] | the upstream's own status, 502 `upstream_unreachable`, 502 `upstream_failed`, 504 `upstream_timeout`; a 2xx body is metered into the usage ledger ([`crate::metering`]) |
+//! | 2 | rate limit (credential) | [`quota::rate_limit`] | 429 `rate_limit_exceeded` |
+//! | 3 | read body | [`read_body`] | 413 `request_too_large`, 400 `body_read_failed`, 400 `invalid_json`, 400 `invalid_parameter` |
+//! | 4 | authorize | [`authorize`] | 404 `model_not_found`, 403 `frontier_not_verified`, 403 `model_not_permitted` |
+//! | 5 | quota reserve | [`quota::reserve`] | 400 `invalid_parameter` (`max_tokens` over the model's cap), 429 `rate_limit_exceeded`, 429 `insufficient_quota`, 429 `budget_exceeded` |
+//! | 6–8 | safeguards, cache, routing | (issues 7, 8) | |
+//! | 9 | forward + meter | [`forward`] | the upstream's own status, 502 `upstream_unreachable`, 502 `upstream_failed`, 504 `upstream_timeout`; a 2xx body settles the reservation and is recorded in the usage ledger ([`crate::metering`]) |
+//!
+//! The credential's request rate is counted before the body is read (DESIGN.md put it after
+//! authorize): so requests that fail later still count, as rate limits must, and a client over
+//! its rate costs no body read. Every response after authenticate carries the
+//! `x-ratelimit-*` headers of the tightest limits ([`quota::add_headers`]); a 429 carries
+//! `Retry-After`.
 //!
 //! Routing itself answers 404 `unknown_url` and 405 `method_not_allowed`. Adding a stage means
 //! editing [`inference`] and this table, nowhere else.
@@ -15,12 +23,15 @@
 pub mod authenticate;
 pub mod authorize;
 pub mod forward;
+pub mod quota;
 pub mod read_body;
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use carrel_core::domain::Principal;
+use carrel_core::quota::Reservation;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
@@ -76,6 +87,18 @@ pub struct RequestCtx {
     pub body: Bytes,
     /// Set by authorize: where the model is served.
     pub route: Option<Arc<ModelRoute>>,
+    /// Set by the quota stages: the tightest limits, for the response headers.
+    pub standing: quota::Standing,
+    /// Set by quota reserve: what the request holds until it settles (refunded if dropped).
+    pub reservation: Option<Reservation>,
+    /// Set by quota reserve: Carrel's estimate of the prompt.
+    pub prompt_tokens: u64,
+    /// Set by quota reserve: the patron, by reference.
+    pub patron_ref: Option<Arc<str>>,
+    /// This request's id in the usage ledger.
+    pub request_id: String,
+    /// When the request arrived.
+    pub started: Instant,
 }
 
 impl RequestCtx {
@@ -87,6 +110,12 @@ impl RequestCtx {
             fields: None,
             body: Bytes::new(),
             route: None,
+            standing: quota::Standing::default(),
+            reservation: None,
+            prompt_tokens: 0,
+            patron_ref: None,
+            request_id: crate::metering::request_id(),
+            started: Instant::now(),
         }
     }
 
@@ -117,6 +146,7 @@ enum Route<'a> {
     Inference(Endpoint),
     Models,
     Model(&'a str),
+    Quota,
     Healthz,
     Readyz,
 }
@@ -127,6 +157,7 @@ fn route<'a>(method: &Method, path: &'a str) -> Result<Route<'a>, GatewayError> 
         "/v1/completions" => (Route::Inference(Endpoint::Completions), "POST"),
         "/v1/embeddings" => (Route::Inference(Endpoint::Embeddings), "POST"),
         "/v1/models" => (Route::Models, "GET"),
+        "/v1/quota" => (Route::Quota, "GET"),
         "/healthz" => (Route::Healthz, "GET"),
         "/readyz" => (Route::Readyz, "GET"),
         _ => match path.strip_prefix("/v1/models/") {
@@ -154,12 +185,13 @@ fn route<'a>(method: &Method, path: &'a str) -> Result<Route<'a>, GatewayError> 
 /// logged once here.
 pub async fn handle(state: &AppState, req: Request<Incoming>) -> Response<ResponseBody> {
     let result = match route(req.method(), req.uri().path()) {
-        Ok(Route::Inference(endpoint)) => inference(state, endpoint, req).await,
+        Ok(Route::Inference(endpoint)) => return inference(state, endpoint, req).await,
         Ok(Route::Models) => list_models(state, req).await,
         Ok(Route::Model(id)) => {
             let id = id.to_owned();
             get_model(state, req, &id).await
         }
+        Ok(Route::Quota) => quota::status(state, &req).await,
         Ok(Route::Healthz) => Ok(body::json(StatusCode::OK, &br#"{"status":"ok"}"#[..])),
         Ok(Route::Readyz) => Ok(readyz(state).await),
         Err(e) => Err(e),
@@ -170,15 +202,31 @@ pub async fn handle(state: &AppState, req: Request<Incoming>) -> Response<Respon
     })
 }
 
-/// The inference stages, in order.
+/// An inference request: the stages, then the rate-limit headers on whatever the answer is.
 async fn inference(
     state: &AppState,
     endpoint: Endpoint,
     req: Request<Incoming>,
-) -> Result<Response<ResponseBody>, GatewayError> {
+) -> Response<ResponseBody> {
     let (parts, body) = req.into_parts();
     let mut ctx = RequestCtx::new(endpoint, parts.headers.get(http::header::ACCEPT).cloned());
+    let mut resp = stages(state, &mut ctx, &parts.headers, body)
+        .await
+        .unwrap_or_else(|err| {
+            err.log();
+            body::error(&err)
+        });
+    quota::add_headers(&ctx.standing, resp.headers_mut());
+    resp
+}
 
+/// The inference stages, in order.
+async fn stages(
+    state: &AppState,
+    ctx: &mut RequestCtx,
+    headers: &http::HeaderMap,
+    body: Incoming,
+) -> Result<Response<ResponseBody>, GatewayError> {
     macro_rules! stage {
         ($stage:expr) => {
             if let Flow::Respond(resp) = $stage? {
@@ -187,10 +235,12 @@ async fn inference(
         };
     }
 
-    stage!(authenticate::run(state, &mut ctx, &parts.headers).await);
-    stage!(read_body::run(state, &mut ctx, &parts.headers, body).await);
-    stage!(authorize::run(state, &mut ctx));
-    forward::run(state, &mut ctx).await
+    stage!(authenticate::run(state, ctx, headers).await);
+    stage!(quota::rate_limit(state, ctx));
+    stage!(read_body::run(state, ctx, headers, body).await);
+    stage!(authorize::run(state, ctx));
+    stage!(quota::reserve(state, ctx));
+    forward::run(state, ctx).await
 }
 
 async fn list_models(

@@ -4,6 +4,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use crate::tokens::Tokenizer;
+
 use carrel_core::domain::{Model, Provider, ProviderKind, Tier};
 use http::{HeaderValue, Uri};
 
@@ -63,6 +65,10 @@ pub struct ModelRoute {
     pub input_price_per_mtok: f64,
     /// Price of a million completion tokens, in US dollars.
     pub output_price_per_mtok: f64,
+    /// Most output tokens per choice; reserved when a request does not say.
+    pub max_output_tokens: u32,
+    /// How its prompts are counted before forwarding.
+    pub tokenizer: Tokenizer,
     /// Where requests go.
     pub target: Target,
 }
@@ -130,6 +136,8 @@ impl Catalog {
                 created,
                 input_price_per_mtok: m.input_price_per_mtok,
                 output_price_per_mtok: m.output_price_per_mtok,
+                max_output_tokens: m.max_output_tokens,
+                tokenizer: Tokenizer::for_model(&m.upstream_model),
                 target: target.clone(),
             });
             catalog.models.insert(m.name.clone(), Arc::clone(&route));

@@ -109,9 +109,9 @@ async fn the_first_streamed_chunk_arrives_before_the_upstream_finishes() {
             ..StreamScript::default()
         }),
     );
-    let mut resp = gw
-        .post("/v1/chat/completions", &key, &chat("mock-model", true))
-        .await;
+    let mut request = chat("mock-model", true);
+    request["stream_options"] = json!({"include_usage": true});
+    let mut resp = gw.post("/v1/chat/completions", &key, &request).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["content-type"], "text/event-stream");
     let first = resp.chunk().await.unwrap().expect("a first chunk");
@@ -134,7 +134,7 @@ async fn the_first_streamed_chunk_arrives_before_the_upstream_finishes() {
     assert!(rest.contains(" five."), "{rest}");
     assert!(
         rest.contains("\"usage\""),
-        "the usage chunk passes through: {rest}"
+        "the usage chunk the client asked for passes through: {rest}"
     );
     assert!(rest.ends_with("data: [DONE]\n\n"), "{rest}");
     assert!(gate.finished());

@@ -19,6 +19,8 @@ struct Tenant {
     secret: String,
     token_id: String,
     user_id: String,
+    site_id: String,
+    group_id: String,
 }
 
 async fn tenant(gw: &Gateway, name: &str) -> Tenant {
@@ -39,6 +41,13 @@ async fn tenant(gw: &Gateway, name: &str) -> Tenant {
         )
         .await;
     assert!(site["id"].is_string(), "{site}");
+    let (_, group) = gw
+        .admin(
+            Method::POST,
+            &format!("/admin/v1/institutions/{id}/groups"),
+            Some(json!({"name": format!("{name} class"), "kind": "class"})),
+        )
+        .await;
     let (_, key) = gw
         .admin(
             Method::POST,
@@ -68,6 +77,8 @@ async fn tenant(gw: &Gateway, name: &str) -> Tenant {
         .await;
     Tenant {
         user_id: user["id"].as_str().unwrap().to_owned(),
+        site_id: site["id"].as_str().unwrap().to_owned(),
+        group_id: group["id"].as_str().unwrap().to_owned(),
         id,
         key_id: key["id"].as_str().unwrap().to_owned(),
         secret: key["secret"].as_str().unwrap().to_owned(),
@@ -83,7 +94,10 @@ fn aimed_at(b: &Tenant, method: &str, template: &str) -> (String, Option<Value>)
         .replace("/institutions/{id}", &format!("/institutions/{}", b.id))
         .replace("/keys/{id}", &format!("/keys/{}", b.key_id))
         .replace("/tokens/{id}", &format!("/tokens/{}", b.token_id))
-        .replace("/users/{id}", &format!("/users/{}", b.user_id));
+        .replace("/users/{id}", &format!("/users/{}", b.user_id))
+        .replace("/sites/{id}", &format!("/sites/{}", b.site_id))
+        .replace("/groups/{id}", &format!("/groups/{}", b.group_id))
+        .replace("/models/{name}", "/models/mock-model");
     let body = match (method, template) {
         ("get" | "delete", _) => None,
         ("post", "/admin/v1/institutions") => {
@@ -111,6 +125,13 @@ fn aimed_at(b: &Tenant, method: &str, template: &str) -> (String, Option<Value>)
             Some(json!({"name": "m", "provider": "mock", "tier": "baseline"}))
         }
         ("post", "/admin/v1/logout") => None,
+        ("put", t) if t.ends_with("/limits") => Some(json!({"tokens_per_day": 10})),
+        ("post", "/admin/v1/institutions/{id}/patron-extensions") => {
+            Some(json!({"patron": "card-1", "tokens": 10, "expires_in_minutes": 5}))
+        }
+        ("post", "/admin/v1/institutions/{id}/patron-day-resets") => {
+            Some(json!({"patron": "card-1"}))
+        }
         other => panic!("the tenant sweep has no request for {other:?}: add one"),
     };
     (path, body)
@@ -127,6 +148,7 @@ fn own_view(method: &str, template: &str) -> bool {
                 | "/admin/v1/audit"
                 | "/admin/v1/models"
                 | "/admin/v1/tokens"
+                | "/admin/v1/models/{name}/limits"
         )
 }
 
@@ -201,7 +223,14 @@ async fn every_admin_route_keeps_institutions_apart() {
                         status == 200 || status == 403,
                         "{who}: {method} {path}: {status}"
                     );
-                    for id in [&b.id, &b.key_id, &b.token_id, &b.user_id] {
+                    for id in [
+                        &b.id,
+                        &b.key_id,
+                        &b.token_id,
+                        &b.user_id,
+                        &b.site_id,
+                        &b.group_id,
+                    ] {
                         assert!(
                             !text.contains(id.as_str()),
                             "{who}: {method} {path} listed B's {id}: {text}"

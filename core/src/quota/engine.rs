@@ -1,0 +1,830 @@
+//! The quota engine of one process: request rates, token and money budgets and concurrent
+//! streams at every level a request counts against, checked and committed together.
+//!
+//! State is kept per institution, behind one mutex each: every level a request counts against
+//! (institution, site, group, key, patron, model) belongs to one institution, so one lock makes
+//! a reservation all-or-nothing across levels, and institutions never wait on each other. The
+//! critical section is a few hash lookups and additions. Limits themselves are a read-mostly
+//! snapshot ([`LimitsTable`] in an `ArcSwap`), replaced whole when an admin changes one.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use arc_swap::ArcSwap;
+use dashmap::DashMap;
+use jiff::Timestamp;
+use jiff::tz::TimeZone;
+
+use super::gcra::Gcra;
+use super::limits::{Level, LimitKind, Limits};
+use super::period::{Period, Window};
+use crate::store::PeriodUsage;
+
+/// Where the engine reads time. Rates use the monotonic reading, periods the wall clock.
+pub trait Clock: Send + Sync + std::fmt::Debug + 'static {
+    /// Monotonic nanoseconds since some fixed start.
+    fn mono_ns(&self) -> u64;
+    /// The wall-clock time.
+    fn wall(&self) -> Timestamp;
+}
+
+/// The system's clocks.
+#[derive(Debug)]
+pub struct SystemClock {
+    start: std::time::Instant,
+}
+
+impl Default for SystemClock {
+    fn default() -> Self {
+        SystemClock {
+            start: std::time::Instant::now(),
+        }
+    }
+}
+
+impl Clock for SystemClock {
+    fn mono_ns(&self) -> u64 {
+        self.start.elapsed().as_nanos() as u64
+    }
+    fn wall(&self) -> Timestamp {
+        Timestamp::now()
+    }
+}
+
+/// A clock tests move by hand: both readings advance together.
+#[derive(Debug)]
+pub struct FakeClock {
+    start: Timestamp,
+    elapsed_ns: AtomicU64,
+}
+
+impl FakeClock {
+    /// A clock that reads `start` until advanced.
+    pub fn at(start: Timestamp) -> Arc<FakeClock> {
+        Arc::new(FakeClock {
+            start,
+            elapsed_ns: AtomicU64::new(0),
+        })
+    }
+
+    /// Moves both readings forward.
+    pub fn advance(&self, by: std::time::Duration) {
+        self.elapsed_ns
+            .fetch_add(by.as_nanos() as u64, Ordering::SeqCst);
+    }
+}
+
+impl Clock for FakeClock {
+    fn mono_ns(&self) -> u64 {
+        // Never zero, so a fresh limiter's TAT of 0 is in the past.
+        1 + self.elapsed_ns.load(Ordering::SeqCst)
+    }
+    fn wall(&self) -> Timestamp {
+        self.start + jiff::SignedDuration::from_nanos(self.elapsed_ns.load(Ordering::SeqCst) as i64)
+    }
+}
+
+/// Limits by level and id: a snapshot, replaced whole.
+#[derive(Debug, Default, Clone)]
+pub struct LimitsTable {
+    by_level: HashMap<Level, HashMap<String, Limits>>,
+}
+
+impl LimitsTable {
+    /// Sets the limits of one level (an empty set removes the entry).
+    pub fn insert(&mut self, level: Level, id: &str, limits: Limits) {
+        let map = self.by_level.entry(level).or_default();
+        if limits.is_empty() {
+            map.remove(id);
+        } else {
+            map.insert(id.to_owned(), limits);
+        }
+    }
+
+    /// The limits of one level, if any are set.
+    pub fn get(&self, level: Level, id: &str) -> Option<&Limits> {
+        self.by_level.get(&level)?.get(id)
+    }
+}
+
+/// Who and what a request counts against.
+#[derive(Debug, Clone)]
+pub struct Subject {
+    /// The institution.
+    pub institution: Arc<str>,
+    /// Its IANA time zone: periods turn over at its local midnight.
+    pub timezone: Arc<str>,
+    /// The key's site.
+    pub site: Option<Arc<str>>,
+    /// The key's group.
+    pub group: Option<Arc<str>>,
+    /// The key.
+    pub key: Arc<str>,
+    /// The patron reference, when a patron is known.
+    pub patron: Option<Arc<str>>,
+    /// The model, when one is asked for.
+    pub model: Option<Arc<str>>,
+}
+
+impl Subject {
+    /// The levels this subject counts against, widest first.
+    pub fn levels(&self) -> Vec<(Level, Arc<str>)> {
+        let mut levels = Vec::with_capacity(6);
+        levels.push((Level::Institution, Arc::clone(&self.institution)));
+        if let Some(site) = &self.site {
+            levels.push((Level::Site, Arc::clone(site)));
+        }
+        if let Some(group) = &self.group {
+            levels.push((Level::Group, Arc::clone(group)));
+        }
+        levels.push((Level::Key, Arc::clone(&self.key)));
+        if let Some(patron) = &self.patron {
+            levels.push((Level::Patron, Arc::clone(patron)));
+        }
+        if let Some(model) = &self.model {
+            levels.push((Level::Model, Arc::clone(model)));
+        }
+        levels
+    }
+}
+
+/// What a request asks to reserve.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Demand {
+    /// Estimated prompt tokens.
+    pub prompt_tokens: u64,
+    /// Output tokens per choice the request may produce (`max_tokens` or the model's cap).
+    pub max_output_tokens: u64,
+    /// Choices asked for (`n`); the output counts once for each.
+    pub choices: u64,
+    /// Nano-dollars per prompt token.
+    pub input_nano_per_token: f64,
+    /// Nano-dollars per output token.
+    pub output_nano_per_token: f64,
+    /// Whether the request streams (and so holds a stream slot).
+    pub stream: bool,
+}
+
+impl Demand {
+    fn cost(&self, prompt: u64, output: u64) -> u64 {
+        (prompt as f64 * self.input_nano_per_token + output as f64 * self.output_nano_per_token)
+            .ceil() as u64
+    }
+}
+
+/// What to do when a request's estimate is more than what is left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OverPolicy {
+    /// Refuse with 429.
+    Reject,
+    /// Lower `max_tokens` to what is left, when at least one token per choice is.
+    Clamp,
+}
+
+/// Why a request was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// The level whose limit was hit.
+    pub level: Level,
+    /// Which limit.
+    pub kind: LimitKind,
+    /// The limit.
+    pub limit: u64,
+    /// What was left of it (tokens, or nano-dollars, for period limits; 0 for rates and
+    /// streams).
+    pub remaining: u64,
+    /// Seconds until trying again can succeed.
+    pub retry_after_secs: u64,
+    /// When the period turns over, for period limits.
+    pub resets_at: Option<Timestamp>,
+}
+
+/// The tightest limit of one kind for response headers: limit, remaining, and when it is full
+/// again (a duration for rates, an instant for periods).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Headroom {
+    /// The limit.
+    pub limit: u64,
+    /// What is left.
+    pub remaining: u64,
+    /// Nanoseconds until it resets.
+    pub reset_ns: u64,
+}
+
+/// The counters of one level in the current periods.
+#[derive(Debug, Default, Clone, Copy)]
+struct Counters {
+    tat: u64,
+    day_id: i32,
+    day_tokens: u64,
+    month_id: i32,
+    month_tokens: u64,
+    month_cost: u64,
+    streams: u64,
+}
+
+impl Counters {
+    fn roll(&mut self, day: i32, month: i32) {
+        if self.day_id != day {
+            self.day_id = day;
+            self.day_tokens = 0;
+        }
+        if self.month_id != month {
+            self.month_id = month;
+            self.month_tokens = 0;
+            self.month_cost = 0;
+        }
+    }
+}
+
+/// A time-boxed addition to a patron's daily allotment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extension {
+    /// Tokens added.
+    pub tokens: u64,
+    /// When the extension lapses.
+    pub expires_at: Timestamp,
+}
+
+#[derive(Debug)]
+struct InstState {
+    tz_name: Arc<str>,
+    tz: TimeZone,
+    day: Window,
+    month: Window,
+    counters: HashMap<(Level, Arc<str>), Counters>,
+    extensions: HashMap<Arc<str>, Vec<Extension>>,
+}
+
+impl InstState {
+    fn new(tz_name: &Arc<str>, now: Timestamp) -> InstState {
+        let tz = TimeZone::get(tz_name).unwrap_or(TimeZone::UTC);
+        InstState {
+            tz_name: Arc::clone(tz_name),
+            day: Window::containing(Period::Day, now, &tz),
+            month: Window::containing(Period::Month, now, &tz),
+            tz,
+            counters: HashMap::new(),
+            extensions: HashMap::new(),
+        }
+    }
+
+    /// Brings the periods up to `now` (and the zone up to date).
+    fn refresh(&mut self, tz_name: &Arc<str>, now: Timestamp) {
+        if *self.tz_name != **tz_name {
+            let fresh = InstState::new(tz_name, now);
+            self.tz_name = fresh.tz_name;
+            self.tz = fresh.tz;
+            self.day = fresh.day;
+            self.month = fresh.month;
+        }
+        if now >= self.day.resets_at {
+            self.day = Window::containing(Period::Day, now, &self.tz);
+            // Yesterday's patrons are done with; keep those with a stream still open.
+            self.counters
+                .retain(|(level, _), c| *level != Level::Patron || c.streams > 0);
+        }
+        if now >= self.month.resets_at {
+            self.month = Window::containing(Period::Month, now, &self.tz);
+        }
+    }
+
+    fn counters(&mut self, level: Level, id: &Arc<str>) -> &mut Counters {
+        let (day, month) = (self.day.id, self.month.id);
+        let c = self
+            .counters
+            .entry((level, Arc::clone(id)))
+            .or_insert(Counters {
+                day_id: day,
+                month_id: month,
+                ..Counters::default()
+            });
+        c.roll(day, month);
+        c
+    }
+
+    fn extension_tokens(&mut self, patron: &str, now: Timestamp) -> u64 {
+        let Some(list) = self.extensions.get_mut(patron) else {
+            return 0;
+        };
+        list.retain(|e| e.expires_at > now);
+        list.iter().map(|e| e.tokens).fold(0, u64::saturating_add)
+    }
+}
+
+/// The limits that apply at one level of a subject.
+fn limits_at(table: &LimitsTable, subject: &Subject, level: Level, id: &str) -> Limits {
+    match level {
+        // A patron's daily allotment is the smallest `patron_tokens_per_day` any of the
+        // subject's levels sets.
+        Level::Patron => {
+            let allotment = subject
+                .levels()
+                .iter()
+                .filter(|(l, _)| !matches!(l, Level::Patron | Level::Model))
+                .filter_map(|(l, id)| table.get(*l, id)?.patron_tokens_per_day)
+                .min();
+            Limits {
+                tokens_per_day: allotment,
+                ..Limits::default()
+            }
+        }
+        _ => table.get(level, id).copied().unwrap_or_default(),
+    }
+}
+
+/// What one level has used in the current periods.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LevelUsage {
+    /// Tokens today (reserved ones included).
+    pub day_tokens: u64,
+    /// Tokens this month.
+    pub month_tokens: u64,
+    /// Cost this month, nano-dollars.
+    pub month_cost_nano_usd: u64,
+    /// Streams open now.
+    pub streams: u64,
+    /// Requests that could be made at once now, when a rate limit is set.
+    pub requests_remaining: Option<u64>,
+    /// When the day ends.
+    pub day_resets_at: Timestamp,
+    /// When the month ends.
+    pub month_resets_at: Timestamp,
+}
+
+/// A level's limits and usage, as `GET /v1/quota` shows them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LevelStatus {
+    /// The level.
+    pub level: Level,
+    /// Its id.
+    pub id: Arc<str>,
+    /// Its limits (for a patron: the allotment plus extensions, as `tokens_per_day`).
+    pub limits: Limits,
+    /// Its usage.
+    pub usage: LevelUsage,
+}
+
+/// The engine. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct QuotaEngine {
+    inner: Arc<EngineInner>,
+}
+
+#[derive(Debug)]
+struct EngineInner {
+    clock: Arc<dyn Clock>,
+    limits: ArcSwap<LimitsTable>,
+    /// One lock per institution (see the module docs). DashMap shards the lookup of the lock;
+    /// the lock itself is what makes a reservation atomic.
+    institutions: DashMap<Arc<str>, Arc<Mutex<InstState>>>,
+}
+
+impl QuotaEngine {
+    /// An engine with no limits, on `clock`.
+    pub fn new(clock: Arc<dyn Clock>) -> QuotaEngine {
+        QuotaEngine {
+            inner: Arc::new(EngineInner {
+                clock,
+                limits: ArcSwap::from_pointee(LimitsTable::default()),
+                institutions: DashMap::new(),
+            }),
+        }
+    }
+
+    /// Replaces every limit.
+    pub fn set_limits(&self, table: LimitsTable) {
+        self.inner.limits.store(Arc::new(table));
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> Arc<LimitsTable> {
+        self.inner.limits.load_full()
+    }
+
+    fn institution(&self, id: &Arc<str>, tz: &Arc<str>) -> Arc<Mutex<InstState>> {
+        if let Some(state) = self.inner.institutions.get(id) {
+            return Arc::clone(&state);
+        }
+        let now = self.inner.clock.wall();
+        Arc::clone(
+            &self
+                .inner
+                .institutions
+                .entry(Arc::clone(id))
+                .or_insert_with(|| Arc::new(Mutex::new(InstState::new(tz, now)))),
+        )
+    }
+
+    fn lock<'a>(
+        &self,
+        state: &'a Mutex<InstState>,
+        tz: &Arc<str>,
+    ) -> (MutexGuard<'a, InstState>, Timestamp) {
+        // A panic while holding the lock leaves counters that are still numbers; carry on.
+        let mut guard = state.lock().unwrap_or_else(|p| p.into_inner());
+        let now = self.inner.clock.wall();
+        guard.refresh(tz, now);
+        (guard, now)
+    }
+
+    /// Counts a request against the request rates of `levels` of `subject`: all of them, or
+    /// none when one is over its rate. Returns the tightest rate for the response headers.
+    pub fn admit(&self, subject: &Subject, levels: &[Level]) -> Result<Option<Headroom>, Refusal> {
+        let table = self.inner.limits.load();
+        let rated: Vec<(Level, Arc<str>, Gcra)> = subject
+            .levels()
+            .into_iter()
+            .filter(|(l, _)| levels.contains(l))
+            .filter_map(|(l, id)| {
+                let rpm = limits_at(&table, subject, l, &id).requests_per_minute?;
+                Some((l, id, Gcra::per_minute(rpm.min(u64::from(u32::MAX)) as u32)))
+            })
+            .collect();
+        if rated.is_empty() {
+            return Ok(None);
+        }
+        let state = self.institution(&subject.institution, &subject.timezone);
+        let (mut st, _) = self.lock(&state, &subject.timezone);
+        let now = self.inner.clock.mono_ns();
+        let mut next = Vec::with_capacity(rated.len());
+        for (level, id, gcra) in &rated {
+            let tat = st.counters(*level, id).tat;
+            match gcra.check(tat, now) {
+                Ok(t) => next.push(t),
+                Err(wait) => {
+                    return Err(Refusal {
+                        level: *level,
+                        kind: LimitKind::RequestsPerMinute,
+                        limit: u64::from(gcra.burst()),
+                        remaining: 0,
+                        retry_after_secs: wait.div_ceil(1_000_000_000).max(1),
+                        resets_at: None,
+                    });
+                }
+            }
+        }
+        let mut tightest: Option<Headroom> = None;
+        for ((level, id, gcra), tat) in rated.iter().zip(next) {
+            st.counters(*level, id).tat = tat;
+            let room = Headroom {
+                limit: u64::from(gcra.burst()),
+                remaining: u64::from(gcra.remaining(tat, now)),
+                reset_ns: gcra.reset_ns(tat, now),
+            };
+            if tightest.is_none_or(|t| room.remaining < t.remaining) {
+                tightest = Some(room);
+            }
+        }
+        Ok(tightest)
+    }
+
+    /// Reserves `demand` at every level of `subject`, or refuses (or, under
+    /// [`OverPolicy::Clamp`], reserves a smaller output). The reservation is refunded when it
+    /// is dropped unsettled.
+    pub fn reserve(
+        &self,
+        subject: &Subject,
+        demand: Demand,
+        policy: OverPolicy,
+    ) -> Result<Reservation, Refusal> {
+        let table = self.inner.limits.load();
+        let levels = subject.levels();
+        let state = self.institution(&subject.institution, &subject.timezone);
+        let (mut st, now) = self.lock(&state, &subject.timezone);
+        let choices = demand.choices.max(1);
+        let wanted_output = demand.max_output_tokens.saturating_mul(choices);
+        let (day, month) = (st.day, st.month);
+
+        // The most output each limited level leaves room for, and the tightest one.
+        let mut output_room = u64::MAX;
+        let mut binding: Option<Refusal> = None;
+        let mut tokens_headroom: Option<Headroom> = None;
+        for (level, id) in &levels {
+            let mut limits = limits_at(&table, subject, *level, id);
+            if *level == Level::Patron
+                && let Some(allotment) = limits.tokens_per_day
+            {
+                let extra = st.extension_tokens(id, now);
+                limits.tokens_per_day = Some(allotment.saturating_add(extra));
+            }
+            if limits.is_empty() {
+                continue;
+            }
+            let c = *st.counters(*level, id);
+            if demand.stream
+                && let Some(max) = limits.concurrent_streams
+                && c.streams >= max
+            {
+                return Err(Refusal {
+                    level: *level,
+                    kind: LimitKind::ConcurrentStreams,
+                    limit: max,
+                    remaining: 0,
+                    retry_after_secs: 1,
+                    resets_at: None,
+                });
+            }
+            let periods = [
+                (
+                    LimitKind::TokensPerDay,
+                    limits.tokens_per_day,
+                    c.day_tokens,
+                    day,
+                ),
+                (
+                    LimitKind::TokensPerMonth,
+                    limits.tokens_per_month,
+                    c.month_tokens,
+                    month,
+                ),
+            ];
+            for (kind, limit, used, window) in periods {
+                let Some(limit) = limit else { continue };
+                let left = limit.saturating_sub(used);
+                let after = left.saturating_sub(demand.prompt_tokens.saturating_add(wanted_output));
+                if tokens_headroom.is_none_or(|t| after < t.remaining) {
+                    tokens_headroom = Some(Headroom {
+                        limit,
+                        remaining: after,
+                        reset_ns: nanos_until(now, window.resets_at),
+                    });
+                }
+                let refused = || refusal(*level, kind, limit, left, now, window.resets_at);
+                let Some(room) = left.checked_sub(demand.prompt_tokens) else {
+                    return Err(refused());
+                };
+                if room < output_room {
+                    output_room = room;
+                    binding = Some(refused());
+                }
+            }
+            if let Some(limit) = limits.cost_per_month_nano_usd {
+                let left = limit.saturating_sub(c.month_cost);
+                let prompt_cost = demand.cost(demand.prompt_tokens, 0);
+                let refused = || {
+                    let kind = LimitKind::CostPerMonth;
+                    refusal(*level, kind, limit, left, now, month.resets_at)
+                };
+                let Some(left) = left.checked_sub(prompt_cost) else {
+                    return Err(refused());
+                };
+                let room = if demand.output_nano_per_token > 0.0 {
+                    (left as f64 / demand.output_nano_per_token).floor() as u64
+                } else {
+                    u64::MAX
+                };
+                if room < output_room {
+                    output_room = room;
+                    binding = Some(refused());
+                }
+            }
+        }
+
+        let output = if wanted_output <= output_room {
+            wanted_output
+        } else {
+            let refusal = binding.expect("a limit was binding");
+            let per_choice = output_room / choices;
+            if policy == OverPolicy::Reject || per_choice == 0 {
+                return Err(refusal);
+            }
+            per_choice * choices
+        };
+        let tokens = demand.prompt_tokens.saturating_add(output);
+        let cost = demand.cost(demand.prompt_tokens, output);
+        for (level, id) in &levels {
+            let c = st.counters(*level, id);
+            c.day_tokens = c.day_tokens.saturating_add(tokens);
+            c.month_tokens = c.month_tokens.saturating_add(tokens);
+            c.month_cost = c.month_cost.saturating_add(cost);
+            if demand.stream {
+                c.streams += 1;
+            }
+        }
+        if let Some(h) = &mut tokens_headroom {
+            // Clamping used what was left.
+            h.remaining = h.remaining.min(output_room.saturating_sub(output));
+        }
+        drop(st);
+        Ok(Reservation {
+            engine: self.clone(),
+            state,
+            timezone: Arc::clone(&subject.timezone),
+            levels,
+            day_id: day.id,
+            month_id: month.id,
+            tokens,
+            cost,
+            stream: demand.stream,
+            output_tokens: output,
+            clamped_to: (output < wanted_output).then_some(output / choices),
+            tokens_headroom,
+            settled: false,
+        })
+    }
+
+    /// The limits and usage of every level of `subject`, widest first.
+    pub fn status(&self, subject: &Subject) -> Vec<LevelStatus> {
+        let table = self.inner.limits.load();
+        let state = self.institution(&subject.institution, &subject.timezone);
+        let (mut st, now) = self.lock(&state, &subject.timezone);
+        let mono = self.inner.clock.mono_ns();
+        let (day, month) = (st.day, st.month);
+        subject
+            .levels()
+            .into_iter()
+            .map(|(level, id)| {
+                let mut limits = limits_at(&table, subject, level, &id);
+                if level == Level::Patron
+                    && let Some(allotment) = limits.tokens_per_day
+                {
+                    let extra = st.extension_tokens(&id, now);
+                    limits.tokens_per_day = Some(allotment.saturating_add(extra));
+                }
+                let c = *st.counters(level, &id);
+                let requests_remaining = limits.requests_per_minute.map(|rpm| {
+                    u64::from(
+                        Gcra::per_minute(rpm.min(u64::from(u32::MAX)) as u32)
+                            .remaining(c.tat, mono),
+                    )
+                });
+                LevelStatus {
+                    level,
+                    id,
+                    limits,
+                    usage: LevelUsage {
+                        day_tokens: c.day_tokens,
+                        month_tokens: c.month_tokens,
+                        month_cost_nano_usd: c.month_cost,
+                        streams: c.streams,
+                        requests_remaining,
+                        day_resets_at: day.resets_at,
+                        month_resets_at: month.resets_at,
+                    },
+                }
+            })
+            .collect()
+    }
+
+    /// Usage of one level of an institution (zero when it has none).
+    pub fn usage(
+        &self,
+        institution: &Arc<str>,
+        timezone: &Arc<str>,
+        level: Level,
+        id: &str,
+    ) -> LevelUsage {
+        let state = self.institution(institution, timezone);
+        let (mut st, _) = self.lock(&state, timezone);
+        let (day, month) = (st.day, st.month);
+        let c = *st.counters(level, &Arc::from(id));
+        LevelUsage {
+            day_tokens: c.day_tokens,
+            month_tokens: c.month_tokens,
+            month_cost_nano_usd: c.month_cost,
+            streams: c.streams,
+            requests_remaining: None,
+            day_resets_at: day.resets_at,
+            month_resets_at: month.resets_at,
+        }
+    }
+
+    /// Adds usage recorded before this process started (the ledger's sums of the current day
+    /// and month) to one level.
+    pub fn seed(&self, institution: &Arc<str>, timezone: &Arc<str>, used: &PeriodUsage) {
+        let state = self.institution(institution, timezone);
+        let (mut st, _) = self.lock(&state, timezone);
+        let c = st.counters(used.level, &Arc::from(used.id.as_str()));
+        c.day_tokens = c.day_tokens.saturating_add(used.day_tokens);
+        c.month_tokens = c.month_tokens.saturating_add(used.month_tokens);
+        c.month_cost = c.month_cost.saturating_add(used.month_cost_nano_usd);
+    }
+
+    /// Starts a patron's day afresh: today's tokens no longer count against the allotment
+    /// (they still count at the other levels).
+    pub fn reset_patron_day(&self, institution: &Arc<str>, timezone: &Arc<str>, patron: &str) {
+        let state = self.institution(institution, timezone);
+        let (mut st, _) = self.lock(&state, timezone);
+        st.counters(Level::Patron, &Arc::from(patron)).day_tokens = 0;
+    }
+
+    /// Replaces a patron's extensions.
+    pub fn set_extensions(
+        &self,
+        institution: &Arc<str>,
+        timezone: &Arc<str>,
+        patron: &str,
+        extensions: Vec<Extension>,
+    ) {
+        let state = self.institution(institution, timezone);
+        let (mut st, _) = self.lock(&state, timezone);
+        st.extensions.insert(Arc::from(patron), extensions);
+    }
+
+    /// The current wall-clock time of the engine's clock.
+    pub fn now(&self) -> Timestamp {
+        self.inner.clock.wall()
+    }
+}
+
+fn nanos_until(now: Timestamp, then: Timestamp) -> u64 {
+    u64::try_from(then.as_nanosecond().saturating_sub(now.as_nanosecond())).unwrap_or(0)
+}
+
+fn refusal(
+    level: Level,
+    kind: LimitKind,
+    limit: u64,
+    remaining: u64,
+    now: Timestamp,
+    resets_at: Timestamp,
+) -> Refusal {
+    Refusal {
+        remaining,
+        level,
+        kind,
+        limit,
+        retry_after_secs: nanos_until(now, resets_at).div_ceil(1_000_000_000).max(1),
+        resets_at: Some(resets_at),
+    }
+}
+
+/// Tokens and money held for one request until it settles.
+#[derive(Debug)]
+pub struct Reservation {
+    engine: QuotaEngine,
+    state: Arc<Mutex<InstState>>,
+    timezone: Arc<str>,
+    levels: Vec<(Level, Arc<str>)>,
+    day_id: i32,
+    month_id: i32,
+    tokens: u64,
+    cost: u64,
+    stream: bool,
+    output_tokens: u64,
+    clamped_to: Option<u64>,
+    tokens_headroom: Option<Headroom>,
+    settled: bool,
+}
+
+impl Reservation {
+    /// Output tokens reserved, all choices together; a stream that produces more is cut.
+    pub fn output_tokens(&self) -> u64 {
+        self.output_tokens
+    }
+
+    /// Tokens reserved.
+    pub fn tokens(&self) -> u64 {
+        self.tokens
+    }
+
+    /// When the policy lowered the output, the `max_tokens` per choice to forward.
+    pub fn clamped_to(&self) -> Option<u64> {
+        self.clamped_to
+    }
+
+    /// The tightest token limit after this reservation, for the response headers.
+    pub fn tokens_headroom(&self) -> Option<Headroom> {
+        self.tokens_headroom
+    }
+
+    /// Replaces the reservation with what the request really used.
+    pub fn settle(mut self, tokens: u64, cost_nano_usd: u64) {
+        self.apply(tokens, cost_nano_usd);
+    }
+
+    fn apply(&mut self, tokens: u64, cost: u64) {
+        if std::mem::replace(&mut self.settled, true) {
+            return;
+        }
+        let (mut st, _) = self.engine.lock(&self.state, &self.timezone);
+        for (level, id) in &self.levels {
+            let c = st.counters(*level, id);
+            if c.day_id == self.day_id {
+                c.day_tokens = c.day_tokens.saturating_sub(self.tokens);
+            }
+            c.day_tokens = c.day_tokens.saturating_add(tokens);
+            if c.month_id == self.month_id {
+                c.month_tokens = c.month_tokens.saturating_sub(self.tokens);
+                c.month_cost = c.month_cost.saturating_sub(self.cost);
+            }
+            c.month_tokens = c.month_tokens.saturating_add(tokens);
+            c.month_cost = c.month_cost.saturating_add(cost);
+            if self.stream {
+                c.streams = c.streams.saturating_sub(1);
+            }
+        }
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        // Never settled: the request went nowhere (upstream failure, cancelled); refund.
+        self.apply(0, 0);
+    }
+}
+
+#[cfg(test)]
+mod tests;

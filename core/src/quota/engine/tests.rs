@@ -1,0 +1,437 @@
+use std::sync::{Arc, Barrier};
+use std::time::Duration;
+
+use super::*;
+use crate::quota::limits::{Level, LimitKind, Limits};
+
+fn subject(patron: Option<&str>) -> Subject {
+    Subject {
+        institution: "inst".into(),
+        timezone: "America/Chicago".into(),
+        site: Some("site".into()),
+        group: None,
+        key: "key".into(),
+        patron: patron.map(Into::into),
+        model: Some("m".into()),
+    }
+}
+
+fn demand(prompt: u64, output: u64) -> Demand {
+    Demand {
+        prompt_tokens: prompt,
+        max_output_tokens: output,
+        choices: 1,
+        input_nano_per_token: 1000.0,
+        output_nano_per_token: 2000.0,
+        stream: false,
+    }
+}
+
+fn engine_with(level: Level, id: &str, limits: Limits) -> (QuotaEngine, Arc<FakeClock>) {
+    // 10:00 in Chicago.
+    let clock = FakeClock::at("2026-11-27T16:00:00Z".parse().unwrap());
+    let engine = QuotaEngine::new(clock.clone());
+    let mut table = LimitsTable::default();
+    table.insert(level, id, limits);
+    engine.set_limits(table);
+    (engine, clock)
+}
+
+#[test]
+fn the_rate_limit_follows_a_fake_clock_exactly() {
+    let (engine, clock) = engine_with(
+        Level::Key,
+        "key",
+        Limits {
+            requests_per_minute: Some(120),
+            ..Limits::default()
+        },
+    );
+    let s = subject(None);
+    let key = [Level::Key];
+    for i in 0..120 {
+        let room = engine.admit(&s, &key).unwrap().unwrap();
+        assert_eq!((room.limit, room.remaining), (120, 119 - i));
+    }
+    let refused = engine.admit(&s, &key).unwrap_err();
+    assert_eq!(
+        (refused.level, refused.kind),
+        (Level::Key, LimitKind::RequestsPerMinute)
+    );
+    assert_eq!(refused.retry_after_secs, 1);
+    // Half a second on, one more (one every 500 ms), then none.
+    clock.advance(Duration::from_millis(499));
+    assert!(engine.admit(&s, &key).is_err());
+    clock.advance(Duration::from_millis(1));
+    assert!(engine.admit(&s, &key).is_ok());
+    assert!(engine.admit(&s, &key).is_err());
+    // Over ten simulated minutes at one request every 100 ms, exactly 2 a second pass.
+    let mut admitted = 0;
+    for _ in 0..6000 {
+        clock.advance(Duration::from_millis(100));
+        admitted += usize::from(engine.admit(&s, &key).is_ok());
+    }
+    assert_eq!(admitted, 1200);
+}
+
+#[test]
+fn a_refused_rate_counts_at_no_level() {
+    let clock = FakeClock::at("2026-11-27T16:00:00Z".parse().unwrap());
+    let engine = QuotaEngine::new(clock);
+    let mut table = LimitsTable::default();
+    let rpm = |n| Limits {
+        requests_per_minute: Some(n),
+        ..Limits::default()
+    };
+    table.insert(Level::Institution, "inst", rpm(10));
+    table.insert(Level::Key, "key", rpm(2));
+    engine.set_limits(table);
+    let s = subject(None);
+    let levels = [Level::Institution, Level::Key];
+    assert!(engine.admit(&s, &levels).is_ok());
+    assert!(engine.admit(&s, &levels).is_ok());
+    for _ in 0..5 {
+        assert_eq!(engine.admit(&s, &levels).unwrap_err().level, Level::Key);
+    }
+    // The key's refusals did not use the institution's rate: another key has 8 left.
+    let other = Subject {
+        key: "other".into(),
+        ..subject(None)
+    };
+    for _ in 0..8 {
+        assert!(engine.admit(&other, &levels).is_ok());
+    }
+    assert_eq!(
+        engine.admit(&other, &levels).unwrap_err().level,
+        Level::Institution
+    );
+}
+
+#[test]
+fn reservations_settle_and_refund() {
+    let (engine, _) = engine_with(
+        Level::Institution,
+        "inst",
+        Limits {
+            tokens_per_day: Some(1000),
+            ..Limits::default()
+        },
+    );
+    let s = subject(None);
+    let r = engine
+        .reserve(&s, demand(100, 400), OverPolicy::Reject)
+        .unwrap();
+    assert_eq!(r.tokens(), 500);
+    assert_eq!(r.tokens_headroom().unwrap().remaining, 500);
+    let r2 = engine
+        .reserve(&s, demand(100, 400), OverPolicy::Reject)
+        .unwrap();
+    let refused = engine
+        .reserve(&s, demand(1, 1), OverPolicy::Reject)
+        .unwrap_err();
+    assert_eq!(
+        (refused.level, refused.kind),
+        (Level::Institution, LimitKind::TokensPerDay)
+    );
+    // Chicago's midnight is 14 hours away.
+    assert_eq!(refused.retry_after_secs, 14 * 3600);
+    r.settle(150, 0);
+    drop(r2); // an upstream failure: refunded
+    let usage = engine.usage(&s.institution, &s.timezone, Level::Institution, "inst");
+    assert_eq!(usage.day_tokens, 150);
+    assert_eq!(
+        engine
+            .usage(&s.institution, &s.timezone, Level::Key, "key")
+            .day_tokens,
+        150
+    );
+}
+
+#[test]
+fn clamping_gives_what_is_left_and_no_less_than_a_token_a_choice() {
+    let (engine, _) = engine_with(
+        Level::Key,
+        "key",
+        Limits {
+            tokens_per_day: Some(1000),
+            ..Limits::default()
+        },
+    );
+    let s = subject(None);
+    let mut d = demand(100, 2000);
+    d.choices = 2;
+    let r = engine.reserve(&s, d, OverPolicy::Clamp).unwrap();
+    assert_eq!(
+        (r.clamped_to(), r.output_tokens(), r.tokens()),
+        (Some(450), 900, 1000)
+    );
+    assert_eq!(r.tokens_headroom().unwrap().remaining, 0);
+    let refused = engine
+        .reserve(&s, demand(1, 10), OverPolicy::Clamp)
+        .unwrap_err();
+    assert_eq!(refused.kind, LimitKind::TokensPerDay);
+    r.settle(0, 0);
+    // Exactly enough room: not clamped.
+    let r = engine
+        .reserve(&s, demand(100, 900), OverPolicy::Clamp)
+        .unwrap();
+    assert_eq!(r.clamped_to(), None);
+}
+
+#[test]
+fn money_budgets_use_the_model_prices() {
+    let (engine, _) = engine_with(
+        Level::Institution,
+        "inst",
+        Limits {
+            // One millionth of a dollar per prompt token, two per output token; 1 cent.
+            cost_per_month_nano_usd: Some(10_000_000),
+            ..Limits::default()
+        },
+    );
+    let s = subject(None);
+    // 1000 prompt + 4000 output = 0.1 ms + 8 ms of dollars... = $0.009.
+    let r = engine
+        .reserve(&s, demand(1000, 4000), OverPolicy::Reject)
+        .unwrap();
+    let refused = engine
+        .reserve(&s, demand(1000, 1000), OverPolicy::Reject)
+        .unwrap_err();
+    assert_eq!(refused.kind, LimitKind::CostPerMonth);
+    // December 1st, Chicago midnight.
+    assert_eq!(
+        refused.resets_at.unwrap(),
+        "2026-12-01T06:00:00Z".parse().unwrap()
+    );
+    r.settle(1000, 1_000_000);
+    assert!(
+        engine
+            .reserve(&s, demand(1000, 1000), OverPolicy::Reject)
+            .is_ok()
+    );
+}
+
+#[test]
+fn patrons_get_the_smallest_allotment_plus_extensions_and_a_new_day() {
+    let clock = FakeClock::at("2026-11-27T16:00:00Z".parse().unwrap());
+    let engine = QuotaEngine::new(clock.clone());
+    let mut table = LimitsTable::default();
+    let allot = |n| Limits {
+        patron_tokens_per_day: Some(n),
+        ..Limits::default()
+    };
+    table.insert(Level::Institution, "inst", allot(1000));
+    table.insert(Level::Site, "site", allot(300));
+    engine.set_limits(table);
+    let ana = subject(Some("p_ana"));
+    let r = engine
+        .reserve(&ana, demand(100, 200), OverPolicy::Reject)
+        .unwrap();
+    r.settle(300, 0);
+    let refused = engine
+        .reserve(&ana, demand(1, 1), OverPolicy::Reject)
+        .unwrap_err();
+    assert_eq!(
+        (refused.level, refused.kind),
+        (Level::Patron, LimitKind::TokensPerDay)
+    );
+    // Another patron is untouched.
+    assert!(
+        engine
+            .reserve(&subject(Some("p_bo")), demand(100, 200), OverPolicy::Reject)
+            .is_ok()
+    );
+    // Staff extend Ana's day by 100 tokens for an hour.
+    let (inst, tz) = (ana.institution.clone(), ana.timezone.clone());
+    engine.set_extensions(
+        &inst,
+        &tz,
+        "p_ana",
+        vec![Extension {
+            tokens: 100,
+            expires_at: engine.now() + jiff::SignedDuration::from_hours(1),
+        }],
+    );
+    engine
+        .reserve(&ana, demand(50, 50), OverPolicy::Reject)
+        .unwrap()
+        .settle(100, 0);
+    assert!(
+        engine
+            .reserve(&ana, demand(1, 1), OverPolicy::Reject)
+            .is_err()
+    );
+    // Or reset her day.
+    engine.reset_patron_day(&inst, &tz, "p_ana");
+    engine
+        .reserve(&ana, demand(100, 300), OverPolicy::Reject)
+        .unwrap()
+        .settle(400, 0);
+    assert!(
+        engine
+            .reserve(&ana, demand(1, 1), OverPolicy::Reject)
+            .is_err()
+    );
+    // Local midnight (14 hours on) gives everyone a new day.
+    clock.advance(Duration::from_secs(14 * 3600));
+    assert!(
+        engine
+            .reserve(&ana, demand(100, 200), OverPolicy::Reject)
+            .is_ok()
+    );
+}
+
+#[test]
+fn concurrent_streams_are_held_until_settled() {
+    let (engine, _) = engine_with(
+        Level::Key,
+        "key",
+        Limits {
+            concurrent_streams: Some(2),
+            ..Limits::default()
+        },
+    );
+    let s = subject(None);
+    let mut d = demand(1, 1);
+    d.stream = true;
+    let a = engine.reserve(&s, d, OverPolicy::Reject).unwrap();
+    let _b = engine.reserve(&s, d, OverPolicy::Reject).unwrap();
+    assert_eq!(
+        engine.reserve(&s, d, OverPolicy::Reject).unwrap_err().kind,
+        LimitKind::ConcurrentStreams
+    );
+    // Requests that do not stream are not held back.
+    assert!(engine.reserve(&s, demand(1, 1), OverPolicy::Reject).is_ok());
+    a.settle(2, 0);
+    assert!(engine.reserve(&s, d, OverPolicy::Reject).is_ok());
+}
+
+/// 500 requests, released 200 at a time through a barrier, against a 10,000-token budget with
+/// 120-token reservations: exactly 83 are admitted and what settles stays within the budget.
+#[test]
+fn a_budget_holds_under_contention() {
+    let (engine, _) = engine_with(
+        Level::Key,
+        "key",
+        Limits {
+            tokens_per_day: Some(10_000),
+            ..Limits::default()
+        },
+    );
+    let wide = Arc::new(Barrier::new(200));
+    let rest = Arc::new(Barrier::new(100));
+    let threads: Vec<_> = (0..500)
+        .map(|i| {
+            let engine = engine.clone();
+            let barrier = if i < 400 {
+                Arc::clone(&wide)
+            } else {
+                Arc::clone(&rest)
+            };
+            std::thread::spawn(move || {
+                barrier.wait();
+                match engine.reserve(&subject(None), demand(20, 100), OverPolicy::Reject) {
+                    Ok(r) => {
+                        r.settle(120, 0);
+                        true
+                    }
+                    Err(_) => false,
+                }
+            })
+        })
+        .collect();
+    let admitted = threads
+        .into_iter()
+        .filter(|_| true)
+        .map(|t| t.join().unwrap())
+        .filter(|ok| *ok)
+        .count();
+    assert_eq!(admitted, 83);
+    let s = subject(None);
+    let used = engine
+        .usage(&s.institution, &s.timezone, Level::Key, "key")
+        .day_tokens;
+    assert_eq!(used, 83 * 120);
+}
+
+/// 64 first requests of a new patron at once: the allotment is not overshot.
+#[test]
+fn a_new_patron_cannot_overshoot() {
+    let (engine, _) = engine_with(
+        Level::Institution,
+        "inst",
+        Limits {
+            patron_tokens_per_day: Some(1000),
+            ..Limits::default()
+        },
+    );
+    let barrier = Arc::new(Barrier::new(64));
+    let threads: Vec<_> = (0..64)
+        .map(|_| {
+            let engine = engine.clone();
+            let barrier = Arc::clone(&barrier);
+            std::thread::spawn(move || {
+                barrier.wait();
+                engine
+                    .reserve(&subject(Some("p_new")), demand(50, 50), OverPolicy::Reject)
+                    .map(|r| r.settle(100, 0))
+                    .is_ok()
+            })
+        })
+        .collect();
+    let admitted = threads
+        .into_iter()
+        .map(|t| t.join().unwrap())
+        .filter(|ok| *ok)
+        .count();
+    assert_eq!(admitted, 10);
+    let s = subject(Some("p_new"));
+    assert_eq!(
+        engine
+            .usage(&s.institution, &s.timezone, Level::Patron, "p_new")
+            .day_tokens,
+        1000
+    );
+}
+
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever mix of reservations, settlements and refunds, a day's tokens never pass the
+        /// limit while every reservation is held, and what remains is what was settled.
+        #[test]
+        fn reservations_never_overshoot(
+            ops in proptest::collection::vec((1u64..200, 0u64..400, 0u8..3), 1..200),
+            limit in 1u64..5000,
+        ) {
+            let (engine, _) = engine_with(Level::Key, "key", Limits {
+                tokens_per_day: Some(limit),
+                ..Limits::default()
+            });
+            let s = subject(None);
+            let mut held = Vec::new();
+            let mut settled = 0u64;
+            for (prompt, output, action) in ops {
+                if let Ok(r) = engine.reserve(&s, demand(prompt, output), OverPolicy::Clamp) {
+                    held.push(r);
+                }
+                let usage = engine.usage(&s.institution, &s.timezone, Level::Key, "key").day_tokens;
+                prop_assert!(usage <= limit.max(settled));
+                if action > 0 && let Some(r) = held.pop() {
+                    if action == 1 {
+                        let real = r.tokens() / 2;
+                        settled += real;
+                        r.settle(real, 0);
+                    } else {
+                        drop(r);
+                    }
+                }
+            }
+            drop(held);
+            let usage = engine.usage(&s.institution, &s.timezone, Level::Key, "key").day_tokens;
+            prop_assert_eq!(usage, settled);
+        }
+    }
+}
