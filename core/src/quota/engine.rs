@@ -7,7 +7,6 @@
 //! critical section is a few hash lookups and additions. Limits themselves are a read-mostly
 //! snapshot ([`LimitsTable`] in an `ArcSwap`), replaced whole when an admin changes one.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -15,6 +14,9 @@ use arc_swap::ArcSwap;
 use dashmap::DashMap;
 use jiff::Timestamp;
 use jiff::tz::TimeZone;
+// The engine's maps are keyed by ids from the store, catalog names and keyed-hash patron
+// references, none chosen by a client: a fast non-keyed hash is safe here.
+use rustc_hash::{FxBuildHasher, FxHashMap};
 
 use super::gcra::Gcra;
 use super::limits::{Level, LimitKind, Limits};
@@ -88,7 +90,7 @@ impl Clock for FakeClock {
 /// Limits by level and id: a snapshot, replaced whole.
 #[derive(Debug, Default, Clone)]
 pub struct LimitsTable {
-    by_level: HashMap<Level, HashMap<String, Limits>>,
+    by_level: FxHashMap<Level, FxHashMap<String, Limits>>,
 }
 
 impl LimitsTable {
@@ -129,23 +131,17 @@ pub struct Subject {
 
 impl Subject {
     /// The levels this subject counts against, widest first.
-    pub fn levels(&self) -> Vec<(Level, Arc<str>)> {
-        let mut levels = Vec::with_capacity(6);
-        levels.push((Level::Institution, Arc::clone(&self.institution)));
-        if let Some(site) = &self.site {
-            levels.push((Level::Site, Arc::clone(site)));
-        }
-        if let Some(group) = &self.group {
-            levels.push((Level::Group, Arc::clone(group)));
-        }
-        levels.push((Level::Key, Arc::clone(&self.key)));
-        if let Some(patron) = &self.patron {
-            levels.push((Level::Patron, Arc::clone(patron)));
-        }
-        if let Some(model) = &self.model {
-            levels.push((Level::Model, Arc::clone(model)));
-        }
-        levels
+    pub fn levels(&self) -> impl Iterator<Item = (Level, &Arc<str>)> {
+        [
+            (Level::Institution, Some(&self.institution)),
+            (Level::Site, self.site.as_ref()),
+            (Level::Group, self.group.as_ref()),
+            (Level::Key, Some(&self.key)),
+            (Level::Patron, self.patron.as_ref()),
+            (Level::Model, self.model.as_ref()),
+        ]
+        .into_iter()
+        .filter_map(|(level, id)| Some((level, id?)))
     }
 }
 
@@ -253,8 +249,8 @@ struct InstState {
     tz: TimeZone,
     day: Window,
     month: Window,
-    counters: HashMap<(Level, Arc<str>), Counters>,
-    extensions: HashMap<Arc<str>, Vec<Extension>>,
+    counters: FxHashMap<(Level, Arc<str>), Counters>,
+    extensions: FxHashMap<Arc<str>, Vec<Extension>>,
 }
 
 impl InstState {
@@ -265,8 +261,8 @@ impl InstState {
             day: Window::containing(Period::Day, now, &tz),
             month: Window::containing(Period::Month, now, &tz),
             tz,
-            counters: HashMap::new(),
-            extensions: HashMap::new(),
+            counters: FxHashMap::default(),
+            extensions: FxHashMap::default(),
         }
     }
 
@@ -321,9 +317,8 @@ fn limits_at(table: &LimitsTable, subject: &Subject, level: Level, id: &str) -> 
         Level::Patron => {
             let allotment = subject
                 .levels()
-                .iter()
                 .filter(|(l, _)| !matches!(l, Level::Patron | Level::Model))
-                .filter_map(|(l, id)| table.get(*l, id)?.patron_tokens_per_day)
+                .filter_map(|(l, id)| table.get(l, id)?.patron_tokens_per_day)
                 .min();
             Limits {
                 tokens_per_day: allotment,
@@ -378,7 +373,7 @@ struct EngineInner {
     limits: ArcSwap<LimitsTable>,
     /// One lock per institution (see the module docs). DashMap shards the lookup of the lock;
     /// the lock itself is what makes a reservation atomic.
-    institutions: DashMap<Arc<str>, Arc<Mutex<InstState>>>,
+    institutions: DashMap<Arc<str>, Arc<Mutex<InstState>>, FxBuildHasher>,
 }
 
 impl QuotaEngine {
@@ -388,7 +383,7 @@ impl QuotaEngine {
             inner: Arc::new(EngineInner {
                 clock,
                 limits: ArcSwap::from_pointee(LimitsTable::default()),
-                institutions: DashMap::new(),
+                institutions: DashMap::with_hasher(FxBuildHasher),
             }),
         }
     }
@@ -433,12 +428,11 @@ impl QuotaEngine {
     /// none when one is over its rate. Returns the tightest rate for the response headers.
     pub fn admit(&self, subject: &Subject, levels: &[Level]) -> Result<Option<Headroom>, Refusal> {
         let table = self.inner.limits.load();
-        let rated: Vec<(Level, Arc<str>, Gcra)> = subject
+        let rated: Vec<(Level, &Arc<str>, Gcra)> = subject
             .levels()
-            .into_iter()
             .filter(|(l, _)| levels.contains(l))
             .filter_map(|(l, id)| {
-                let rpm = limits_at(&table, subject, l, &id).requests_per_minute?;
+                let rpm = limits_at(&table, subject, l, id).requests_per_minute?;
                 Some((l, id, Gcra::per_minute(rpm.min(u64::from(u32::MAX)) as u32)))
             })
             .collect();
@@ -490,7 +484,6 @@ impl QuotaEngine {
         policy: OverPolicy,
     ) -> Result<Reservation, Refusal> {
         let table = self.inner.limits.load();
-        let levels = subject.levels();
         let state = self.institution(&subject.institution, &subject.timezone);
         let (mut st, now) = self.lock(&state, &subject.timezone);
         let choices = demand.choices.max(1);
@@ -501,9 +494,9 @@ impl QuotaEngine {
         let mut output_room = u64::MAX;
         let mut binding: Option<Refusal> = None;
         let mut tokens_headroom: Option<Headroom> = None;
-        for (level, id) in &levels {
-            let mut limits = limits_at(&table, subject, *level, id);
-            if *level == Level::Patron
+        for (level, id) in subject.levels() {
+            let mut limits = limits_at(&table, subject, level, id);
+            if level == Level::Patron
                 && let Some(allotment) = limits.tokens_per_day
             {
                 let extra = st.extension_tokens(id, now);
@@ -512,13 +505,13 @@ impl QuotaEngine {
             if limits.is_empty() {
                 continue;
             }
-            let c = *st.counters(*level, id);
+            let c = *st.counters(level, id);
             if demand.stream
                 && let Some(max) = limits.concurrent_streams
                 && c.streams >= max
             {
                 return Err(Refusal {
-                    level: *level,
+                    level,
                     kind: LimitKind::ConcurrentStreams,
                     limit: max,
                     remaining: 0,
@@ -551,7 +544,7 @@ impl QuotaEngine {
                         reset_ns: nanos_until(now, window.resets_at),
                     });
                 }
-                let refused = || refusal(*level, kind, limit, left, now, window.resets_at);
+                let refused = || refusal(level, kind, limit, left, now, window.resets_at);
                 let Some(room) = left.checked_sub(demand.prompt_tokens) else {
                     return Err(refused());
                 };
@@ -565,7 +558,7 @@ impl QuotaEngine {
                 let prompt_cost = demand.cost(demand.prompt_tokens, 0);
                 let refused = || {
                     let kind = LimitKind::CostPerMonth;
-                    refusal(*level, kind, limit, left, now, month.resets_at)
+                    refusal(level, kind, limit, left, now, month.resets_at)
                 };
                 let Some(left) = left.checked_sub(prompt_cost) else {
                     return Err(refused());
@@ -594,8 +587,8 @@ impl QuotaEngine {
         };
         let tokens = demand.prompt_tokens.saturating_add(output);
         let cost = demand.cost(demand.prompt_tokens, output);
-        for (level, id) in &levels {
-            let c = st.counters(*level, id);
+        for (level, id) in subject.levels() {
+            let c = st.counters(level, id);
             c.day_tokens = c.day_tokens.saturating_add(tokens);
             c.month_tokens = c.month_tokens.saturating_add(tokens);
             c.month_cost = c.month_cost.saturating_add(cost);
@@ -611,8 +604,7 @@ impl QuotaEngine {
         Ok(Reservation {
             engine: self.clone(),
             state,
-            timezone: Arc::clone(&subject.timezone),
-            levels,
+            subject: subject.clone(),
             day_id: day.id,
             month_id: month.id,
             tokens,
@@ -634,8 +626,8 @@ impl QuotaEngine {
         let (day, month) = (st.day, st.month);
         subject
             .levels()
-            .into_iter()
             .map(|(level, id)| {
+                let id = Arc::clone(id);
                 let mut limits = limits_at(&table, subject, level, &id);
                 if level == Level::Patron
                     && let Some(allotment) = limits.tokens_per_day
@@ -756,8 +748,7 @@ fn refusal(
 pub struct Reservation {
     engine: QuotaEngine,
     state: Arc<Mutex<InstState>>,
-    timezone: Arc<str>,
-    levels: Vec<(Level, Arc<str>)>,
+    subject: Subject,
     day_id: i32,
     month_id: i32,
     tokens: u64,
@@ -799,9 +790,9 @@ impl Reservation {
         if std::mem::replace(&mut self.settled, true) {
             return;
         }
-        let (mut st, _) = self.engine.lock(&self.state, &self.timezone);
-        for (level, id) in &self.levels {
-            let c = st.counters(*level, id);
+        let (mut st, _) = self.engine.lock(&self.state, &self.subject.timezone);
+        for (level, id) in self.subject.levels() {
+            let c = st.counters(level, id);
             if c.day_id == self.day_id {
                 c.day_tokens = c.day_tokens.saturating_sub(self.tokens);
             }

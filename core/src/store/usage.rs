@@ -121,7 +121,8 @@ impl Store {
         self.blocking(|c| insert_usage(c, records))
     }
 
-    /// An institution's per-request records, oldest first, at most `limit`.
+    /// An institution's per-request records, oldest first (request ids sort by time), at most
+    /// `limit`.
     pub async fn usage_records(
         &self,
         institution_id: &str,
@@ -133,7 +134,7 @@ impl Store {
                 "SELECT request_id, at, day, institution_id, site_id, group_id, key_id,
                     patron_ref, model, prompt_tokens, completion_tokens, cost_nano_usd, cached,
                     estimated, status, latency_ms
-                 FROM usage_records WHERE institution_id = ?1 ORDER BY rowid LIMIT ?2",
+                 FROM usage_records WHERE institution_id = ?1 ORDER BY request_id LIMIT ?2",
             )?;
             let rows = stmt.query_map(params![inst, limit], |r| {
                 let status: String = r.get(14)?;

@@ -45,18 +45,29 @@ pub struct PendingUsage {
 }
 
 /// A new request id: `req_`, the time in milliseconds, a per-process random part and a
-/// counter, so ids are unique across replicas and restarts and sort by time.
+/// counter, all base62, so ids are unique across replicas and restarts and sort by time
+/// (which keeps the ledger's inserts at the end of its index).
 pub fn request_id() -> String {
     static PROCESS: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     static NEXT: AtomicU64 = AtomicU64::new(0);
+    const DIGITS: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+    fn push_base62(out: &mut String, mut n: u64, width: usize) {
+        let mut buf = [b'0'; 11];
+        for slot in buf[..width].iter_mut().rev() {
+            *slot = DIGITS[(n % 62) as usize];
+            n /= 62;
+        }
+        out.extend(buf[..width].iter().map(|b| char::from(*b)));
+    }
     let process = PROCESS.get_or_init(|| carrel_core::ids::random_base62(6));
     let ms = jiff::Timestamp::now().as_millisecond().max(0) as u64;
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    format!(
-        "req_{}{process}{}",
-        carrel_core::ids::base62_fixed(ms, 8),
-        carrel_core::ids::base62_fixed(n, 6)
-    )
+    let mut id = String::with_capacity(24);
+    id.push_str("req_");
+    push_base62(&mut id, ms, 8);
+    id.push_str(process);
+    push_base62(&mut id, n, 6);
+    id
 }
 
 enum Msg {
@@ -213,6 +224,15 @@ fn with_day(pending: PendingUsage) -> UsageRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn request_ids_are_unique_and_sort_by_time() {
+        let a = request_id();
+        let b = request_id();
+        assert_eq!((a.len(), &a[..4]), (24, "req_"));
+        assert!(a < b, "{a} {b}");
+        assert!(carrel_core::ids::is_base62(&a[4..]));
+    }
 
     #[test]
     fn days_are_local_to_the_institution() {

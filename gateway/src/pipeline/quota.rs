@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use carrel_core::domain::{OverQuota, Principal};
 use carrel_core::quota::{Demand, Headroom, Level, LimitKind, OverPolicy, Refusal, Subject};
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::app::AppState;
 use crate::error::GatewayError;
@@ -205,28 +205,25 @@ pub fn duration_text(ns: u64) -> String {
     }
 }
 
+/// The `x-ratelimit-*` header names: limit, remaining, reset; parsed once.
+const REQUEST_HEADERS: [HeaderName; 3] = [
+    HeaderName::from_static("x-ratelimit-limit-requests"),
+    HeaderName::from_static("x-ratelimit-remaining-requests"),
+    HeaderName::from_static("x-ratelimit-reset-requests"),
+];
+const TOKEN_HEADERS: [HeaderName; 3] = [
+    HeaderName::from_static("x-ratelimit-limit-tokens"),
+    HeaderName::from_static("x-ratelimit-remaining-tokens"),
+    HeaderName::from_static("x-ratelimit-reset-tokens"),
+];
+
 /// Adds the `x-ratelimit-*` headers for the tightest limits that apply; a kind with no limit
 /// at any level has no headers.
 pub fn add_headers(standing: &Standing, headers: &mut HeaderMap) {
-    let pairs = [
-        (
-            standing.requests,
-            [
-                "x-ratelimit-limit-requests",
-                "x-ratelimit-remaining-requests",
-                "x-ratelimit-reset-requests",
-            ],
-        ),
-        (
-            standing.tokens,
-            [
-                "x-ratelimit-limit-tokens",
-                "x-ratelimit-remaining-tokens",
-                "x-ratelimit-reset-tokens",
-            ],
-        ),
-    ];
-    for (room, [limit, remaining, reset]) in pairs {
+    for (room, [limit, remaining, reset]) in [
+        (standing.requests, REQUEST_HEADERS),
+        (standing.tokens, TOKEN_HEADERS),
+    ] {
         let Some(room) = room else { continue };
         headers.insert(limit, HeaderValue::from(room.limit));
         headers.insert(remaining, HeaderValue::from(room.remaining));
