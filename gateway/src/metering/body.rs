@@ -398,6 +398,15 @@ impl MeteredBody {
             return;
         };
         match &self.sse {
+            // A stream read blind (events too long to hold) counted only part of its output:
+            // without the provider's usage it settles at its reservation.
+            Some(sse) if sse.blind && sse.usage.is_none() => {
+                let reserved = meter
+                    .reservation
+                    .as_ref()
+                    .map_or(0, Reservation::output_tokens);
+                meter.finish(None, sse.counted.max(reserved), status);
+            }
             Some(sse) => meter.finish(sse.usage, sse.counted, status),
             None => {
                 let tail = self.tail.bytes();
@@ -816,6 +825,30 @@ mod tests {
         let records = rig.records().await;
         // The provider produced the 26th token; it is paid for though the client never saw it.
         assert_eq!((records[0].2, records[0].4.as_str()), (26, "cut"));
+    }
+
+    #[tokio::test]
+    async fn a_stream_too_long_to_read_passes_through_and_settles_at_its_reservation() {
+        let rig = Rig::new();
+        let huge = format!("data: {}", "x".repeat(MAX_EVENT_BYTES + 1));
+        let body = MeteredBody::sse(
+            frames(vec![
+                chunk(" one"),
+                huge.clone(),
+                "\n\ndata: [DONE]\n\n".to_owned(),
+            ]),
+            rig.meter("req_1", 50),
+            StreamReading {
+                strip_usage: false,
+                allowance: 50,
+            },
+        );
+        let out = body.collect().await.unwrap().to_bytes();
+        assert_eq!(out.len(), chunk(" one").len() + huge.len() + 16);
+        assert_eq!(
+            rig.records().await,
+            [("req_1".to_owned(), 10, 50, true, "complete".to_owned())]
+        );
     }
 
     #[tokio::test]
