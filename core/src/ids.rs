@@ -24,13 +24,23 @@ pub fn new_id(prefix: &str) -> String {
 }
 
 /// `n` encoded as exactly `width` base62 digits (most significant first), wrapping above 62^width.
-pub fn base62_fixed(mut n: u64, width: usize) -> String {
-    let mut digits = vec![b'0'; width];
+pub fn base62_fixed(n: u64, width: usize) -> String {
+    let mut out = String::with_capacity(width);
+    push_base62(&mut out, n, width);
+    out
+}
+
+/// Appends `n` as exactly `width` base62 digits to `out`, without allocating.
+pub fn push_base62(out: &mut String, mut n: u64, width: usize) {
+    // Eleven digits hold any u64; a wider field is zero-padded.
+    out.extend(std::iter::repeat_n('0', width.saturating_sub(11)));
+    let mut digits = [b'0'; 11];
+    let digits = &mut digits[..width.min(11)];
     for slot in digits.iter_mut().rev() {
         *slot = BASE62[(n % 62) as usize];
         n /= 62;
     }
-    String::from_utf8(digits).expect("base62 digits are ASCII")
+    out.extend(digits.iter().map(|b| char::from(*b)));
 }
 
 /// True when every byte of `s` is a base62 digit.

@@ -300,6 +300,46 @@ impl InstState {
         c
     }
 
+    /// The limits at one level of `subject`; a patron's daily allotment includes their running
+    /// extensions.
+    fn limits(
+        &mut self,
+        table: &LimitsTable,
+        subject: &Subject,
+        level: Level,
+        id: &str,
+        now: Timestamp,
+    ) -> Limits {
+        let mut limits = limits_at(table, subject, level, id);
+        if level == Level::Patron
+            && let Some(allotment) = limits.tokens_per_day
+        {
+            let extra = self.extension_tokens(id, now);
+            limits.tokens_per_day = Some(allotment.saturating_add(extra));
+        }
+        limits
+    }
+
+    /// What one level has used, in the current periods.
+    fn usage(
+        &mut self,
+        level: Level,
+        id: &Arc<str>,
+        requests_remaining: Option<u64>,
+    ) -> LevelUsage {
+        let (day, month) = (self.day, self.month);
+        let c = *self.counters(level, id);
+        LevelUsage {
+            day_tokens: c.day_tokens,
+            month_tokens: c.month_tokens,
+            month_cost_nano_usd: c.month_cost,
+            streams: c.streams,
+            requests_remaining,
+            day_resets_at: day.resets_at,
+            month_resets_at: month.resets_at,
+        }
+    }
+
     fn extension_tokens(&mut self, patron: &str, now: Timestamp) -> u64 {
         let Some(list) = self.extensions.get_mut(patron) else {
             return 0;
@@ -433,7 +473,7 @@ impl QuotaEngine {
             .filter(|(l, _)| levels.contains(l))
             .filter_map(|(l, id)| {
                 let rpm = limits_at(&table, subject, l, id).requests_per_minute?;
-                Some((l, id, Gcra::per_minute(rpm.min(u64::from(u32::MAX)) as u32)))
+                Some((l, id, Gcra::for_limit(rpm)))
             })
             .collect();
         if rated.is_empty() {
@@ -495,13 +535,7 @@ impl QuotaEngine {
         let mut binding: Option<Refusal> = None;
         let mut tokens_headroom: Option<Headroom> = None;
         for (level, id) in subject.levels() {
-            let mut limits = limits_at(&table, subject, level, id);
-            if level == Level::Patron
-                && let Some(allotment) = limits.tokens_per_day
-            {
-                let extra = st.extension_tokens(id, now);
-                limits.tokens_per_day = Some(allotment.saturating_add(extra));
-            }
+            let limits = st.limits(&table, subject, level, id, now);
             if limits.is_empty() {
                 continue;
             }
@@ -623,38 +657,19 @@ impl QuotaEngine {
         let state = self.institution(&subject.institution, &subject.timezone);
         let (mut st, now) = self.lock(&state, &subject.timezone);
         let mono = self.inner.clock.mono_ns();
-        let (day, month) = (st.day, st.month);
         subject
             .levels()
             .map(|(level, id)| {
-                let id = Arc::clone(id);
-                let mut limits = limits_at(&table, subject, level, &id);
-                if level == Level::Patron
-                    && let Some(allotment) = limits.tokens_per_day
-                {
-                    let extra = st.extension_tokens(&id, now);
-                    limits.tokens_per_day = Some(allotment.saturating_add(extra));
-                }
-                let c = *st.counters(level, &id);
-                let requests_remaining = limits.requests_per_minute.map(|rpm| {
-                    u64::from(
-                        Gcra::per_minute(rpm.min(u64::from(u32::MAX)) as u32)
-                            .remaining(c.tat, mono),
-                    )
-                });
+                let limits = st.limits(&table, subject, level, id, now);
+                let tat = st.counters(level, id).tat;
+                let requests_remaining = limits
+                    .requests_per_minute
+                    .map(|rpm| u64::from(Gcra::for_limit(rpm).remaining(tat, mono)));
                 LevelStatus {
                     level,
-                    id,
+                    id: Arc::clone(id),
                     limits,
-                    usage: LevelUsage {
-                        day_tokens: c.day_tokens,
-                        month_tokens: c.month_tokens,
-                        month_cost_nano_usd: c.month_cost,
-                        streams: c.streams,
-                        requests_remaining,
-                        day_resets_at: day.resets_at,
-                        month_resets_at: month.resets_at,
-                    },
+                    usage: st.usage(level, id, requests_remaining),
                 }
             })
             .collect()
@@ -670,17 +685,7 @@ impl QuotaEngine {
     ) -> LevelUsage {
         let state = self.institution(institution, timezone);
         let (mut st, _) = self.lock(&state, timezone);
-        let (day, month) = (st.day, st.month);
-        let c = *st.counters(level, &Arc::from(id));
-        LevelUsage {
-            day_tokens: c.day_tokens,
-            month_tokens: c.month_tokens,
-            month_cost_nano_usd: c.month_cost,
-            streams: c.streams,
-            requests_remaining: None,
-            day_resets_at: day.resets_at,
-            month_resets_at: month.resets_at,
-        }
+        st.usage(level, &Arc::from(id), None)
     }
 
     /// Adds usage recorded before this process started (the ledger's sums of the current day

@@ -27,6 +27,12 @@ impl Gcra {
         }
     }
 
+    /// [`Gcra::per_minute`] for a stored limit (a `u64`; the admin API caps it far below
+    /// `u32::MAX`).
+    pub fn for_limit(per_minute: u64) -> Gcra {
+        Gcra::per_minute(u32::try_from(per_minute).unwrap_or(u32::MAX))
+    }
+
     /// The burst size, which is also the limit reported to clients.
     pub fn burst(&self) -> u32 {
         self.burst

@@ -72,16 +72,23 @@ pub async fn refresh_extensions(
                     .unwrap_or(jiff::Timestamp::MAX),
             });
     }
+    // Each institution's time zone, read once however many of its patrons have extensions.
+    let mut zones: std::collections::HashMap<String, Option<Arc<str>>> = Default::default();
     for ((inst, pref), list) in by_patron {
-        let Some(institution) = store.get_institution(&inst).await? else {
-            continue;
+        let zone = match zones.get(&inst) {
+            Some(zone) => zone.clone(),
+            None => {
+                let zone = store
+                    .get_institution(&inst)
+                    .await?
+                    .map(|i| Arc::from(i.timezone.as_str()));
+                zones.insert(inst.clone(), zone.clone());
+                zone
+            }
         };
-        engine.set_extensions(
-            &inst.as_str().into(),
-            &institution.timezone.as_str().into(),
-            &pref,
-            list,
-        );
+        if let Some(zone) = zone {
+            engine.set_extensions(&inst.as_str().into(), &zone, &pref, list);
+        }
     }
     Ok(())
 }

@@ -50,23 +50,14 @@ pub struct PendingUsage {
 pub fn request_id() -> String {
     static PROCESS: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     static NEXT: AtomicU64 = AtomicU64::new(0);
-    const DIGITS: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
-    fn push_base62(out: &mut String, mut n: u64, width: usize) {
-        let mut buf = [b'0'; 11];
-        for slot in buf[..width].iter_mut().rev() {
-            *slot = DIGITS[(n % 62) as usize];
-            n /= 62;
-        }
-        out.extend(buf[..width].iter().map(|b| char::from(*b)));
-    }
     let process = PROCESS.get_or_init(|| carrel_core::ids::random_base62(6));
     let ms = jiff::Timestamp::now().as_millisecond().max(0) as u64;
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
     let mut id = String::with_capacity(24);
     id.push_str("req_");
-    push_base62(&mut id, ms, 8);
+    carrel_core::ids::push_base62(&mut id, ms, 8);
     id.push_str(process);
-    push_base62(&mut id, n, 6);
+    carrel_core::ids::push_base62(&mut id, n, 6);
     id
 }
 

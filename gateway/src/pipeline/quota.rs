@@ -59,7 +59,7 @@ pub fn rate_limit(state: &AppState, ctx: &mut RequestCtx) -> Result<Flow, Gatewa
         }
         Err(refusal) => {
             ctx.standing.requests = Some(refused_headroom(&refusal));
-            Err(over_limit(refusal, ctx.principal(), false))
+            Err(over_limit(refusal, ctx.principal()))
         }
     }
 }
@@ -99,12 +99,11 @@ pub fn reserve(state: &AppState, ctx: &mut RequestCtx) -> Result<Flow, GatewayEr
         patron.clone(),
         Some(Arc::from(route.name.as_str())),
     );
-    let is_patron = patron.is_some();
     let requests = match state.quota.admit(&s, &[Level::Model]) {
         Ok(room) => room,
         Err(refusal) => {
             ctx.standing.requests = Some(refused_headroom(&refusal));
-            return Err(over_limit(refusal, ctx.principal(), is_patron));
+            return Err(over_limit(refusal, ctx.principal()));
         }
     };
     let embeddings = ctx.endpoint == Endpoint::Embeddings;
@@ -135,7 +134,7 @@ pub fn reserve(state: &AppState, ctx: &mut RequestCtx) -> Result<Flow, GatewayEr
             ) {
                 ctx.standing.tokens = Some(refused_headroom(&refusal));
             }
-            return Err(over_limit(refusal, ctx.principal(), is_patron));
+            return Err(over_limit(refusal, ctx.principal()));
         }
     };
     ctx.standing.tokens = reservation.tokens_headroom();
@@ -146,11 +145,11 @@ pub fn reserve(state: &AppState, ctx: &mut RequestCtx) -> Result<Flow, GatewayEr
 }
 
 /// The 429 for a refusal, with a message a person can act on.
-fn over_limit(refusal: Refusal, principal: &Principal, patron: bool) -> GatewayError {
-    let whose = match (refusal.level, patron) {
-        (Level::Patron, _) => "Your".to_owned(),
-        (Level::Institution, _) => "The institution's".to_owned(),
-        (level, _) => format!("This {}'s", level.as_str()),
+fn over_limit(refusal: Refusal, principal: &Principal) -> GatewayError {
+    let whose = match refusal.level {
+        Level::Patron => "Your".to_owned(),
+        Level::Institution => "The institution's".to_owned(),
+        level => format!("This {}'s", level.as_str()),
     };
     let when = refusal
         .resets_at
