@@ -181,13 +181,8 @@ impl Store {
                 }
             }
             let mut stmt = c.prepare_cached(
-                "SELECT r.patron_ref, SUM(r.prompt_tokens + r.completion_tokens)
-                 FROM usage_records r LEFT JOIN patron_day_resets x
-                   ON x.institution_id = r.institution_id AND x.patron_ref = r.patron_ref
-                  AND x.day = r.day
-                 WHERE r.institution_id = ?1 AND r.day = ?2 AND r.patron_ref IS NOT NULL
-                   AND (x.at IS NULL OR r.at > x.at)
-                 GROUP BY r.patron_ref",
+                "SELECT patron_ref, tokens FROM patron_daily
+                 WHERE institution_id = ?1 AND day = ?2",
             )?;
             let rows = stmt.query_map(params![inst, day], |r| {
                 Ok(PeriodUsage {
@@ -297,6 +292,13 @@ impl Store {
                  VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT (institution_id, patron_ref, day) DO UPDATE SET at = excluded.at",
                 params![inst, pref, day, at],
+            )?;
+            // What the ledger wrote before the reset no longer counts; what it writes later
+            // counts only if it ended after the reset (see `usage::insert_usage`).
+            c.execute(
+                "UPDATE patron_daily SET tokens = 0
+                 WHERE institution_id = ?1 AND day = ?2 AND patron_ref = ?3",
+                params![inst, day, pref],
             )?;
             Ok(())
         })

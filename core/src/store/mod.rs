@@ -211,6 +211,31 @@ CREATE TABLE patron_day_resets (
     PRIMARY KEY (institution_id, patron_ref, day)
 ) WITHOUT ROWID;
 "#,
+    // 8: per-request records move into one row per written batch (`usage::encode_batch`), and
+    // patrons' daily sums get a table of their own. `usage::after_migration_8` moves the rows.
+    r#"
+CREATE TABLE usage_batches (
+    seq         INTEGER PRIMARY KEY,
+    first_at    INTEGER NOT NULL,
+    last_at     INTEGER NOT NULL,
+    records     INTEGER NOT NULL,
+    data        BLOB NOT NULL
+);
+CREATE TABLE patron_daily (
+    institution_id  TEXT NOT NULL,
+    day             TEXT NOT NULL,
+    patron_ref      TEXT NOT NULL,
+    tokens          INTEGER NOT NULL,
+    PRIMARY KEY (institution_id, day, patron_ref)
+) WITHOUT ROWID;
+INSERT INTO patron_daily (institution_id, day, patron_ref, tokens)
+    SELECT r.institution_id, r.day, r.patron_ref, SUM(r.prompt_tokens + r.completion_tokens)
+    FROM usage_records r LEFT JOIN patron_day_resets x
+      ON x.institution_id = r.institution_id AND x.patron_ref = r.patron_ref AND x.day = r.day
+    WHERE r.patron_ref IS NOT NULL AND r.status != 'upstream_error'
+      AND (x.at IS NULL OR r.at > x.at)
+    GROUP BY r.institution_id, r.day, r.patron_ref;
+"#,
 ];
 
 /// Columns of an institution, in [`institution_row`]'s order.
@@ -1565,6 +1590,9 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
         let tx = conn.transaction()?;
         tx.execute_batch(sql)?;
+        if i + 1 == 8 {
+            usage::after_migration_8(&tx)?;
+        }
         tx.pragma_update(None, "user_version", i as i64 + 1)?;
         tx.commit()?;
         tracing::info!(version = i + 1, "store schema migrated");
@@ -1688,6 +1716,71 @@ mod tests {
             again.schema_version().await.unwrap(),
             MIGRATIONS.len() as i64
         );
+    }
+
+    /// A schema-7 database with per-request rows: migration 8 moves them into batches and sums
+    /// patrons' days, leaving out what a day reset wiped.
+    #[tokio::test]
+    async fn migration_8_moves_usage_rows_into_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+            for sql in &MIGRATIONS[..7] {
+                conn.execute_batch(sql).unwrap();
+            }
+            conn.pragma_update(None, "user_version", 7).unwrap();
+            let tx = conn.transaction().unwrap();
+            for (id, at, patron, tokens, status) in [
+                ("req_1", 100, Some("pat_a"), 10, "complete"),
+                ("req_2", 200, Some("pat_a"), 20, "cut"),
+                ("req_3", 300, Some("pat_a"), 40, "complete"),
+                ("req_4", 300, None, 80, "incomplete"),
+                ("req_5", 300, Some("pat_a"), 0, "upstream_error"),
+            ] {
+                tx.execute(
+                    "INSERT INTO usage_records VALUES (?1, ?2, '2026-11-26', 'inst_a', 'site_a',
+                        NULL, 'key_a', ?3, 'm', ?4, 1, 7, 0, 1, ?5, 12)",
+                    params![id, at, patron, tokens, status],
+                )
+                .unwrap();
+            }
+            tx.execute(
+                "INSERT INTO patron_day_resets VALUES ('inst_a', 'pat_a', '2026-11-26', 150)",
+                [],
+            )
+            .unwrap();
+            tx.commit().unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let records = store.usage_records("inst_a", 10).await.unwrap();
+        let got: Vec<_> = records
+            .iter()
+            .map(|r| (r.request_id.as_str(), r.prompt_tokens, r.status.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("req_1", 10, "complete"),
+                ("req_2", 20, "cut"),
+                ("req_3", 40, "complete"),
+                ("req_4", 80, "incomplete"),
+                ("req_5", 0, "upstream_error"),
+            ]
+        );
+        assert_eq!(records[0].site_id.as_deref(), Some("site_a"));
+        assert_eq!(records[0].group_id, None);
+        assert!(records[0].estimated && !records[0].cached);
+        assert_eq!((records[0].latency_ms, records[0].cost_nano_usd), (12, 7));
+        let period = store
+            .period_usage("inst_a", "2026-11-26", "2026-11-01")
+            .await
+            .unwrap();
+        let patron = period
+            .iter()
+            .find(|p| p.level == crate::quota::Level::Patron)
+            .unwrap();
+        // Requests 2 and 3 ended after the reset at 150: 21 + 41 tokens.
+        assert_eq!((patron.id.as_str(), patron.day_tokens), ("pat_a", 62));
     }
 
     #[tokio::test]
@@ -2052,11 +2145,15 @@ mod tests {
                 .unwrap(),
             1
         );
-        // A replay of the same request is ignored, in the records and in the sums.
-        assert_eq!(store.record_usage_blocking(&[k2]).unwrap(), 0);
+        // A provider error is kept as a record but adds nothing to the sums.
         let mut failed = record("2026-11-26", "k2", true);
         failed.status = UsageStatus::UpstreamError;
-        assert_eq!(store.record_usage(vec![failed]).await.unwrap(), 0);
+        assert_eq!(store.record_usage(vec![failed]).await.unwrap(), 1);
+        assert_eq!(store.record_usage(Vec::new()).await.unwrap(), 0);
+        let records = store.usage_records(&inst.id, 100).await.unwrap();
+        assert_eq!(records.len(), 5);
+        assert_eq!(records[4].status, UsageStatus::UpstreamError);
+        assert_eq!(records[3], k2);
         let by_key = |from: &'static str| {
             let store = store.clone();
             let inst = inst.id.clone();

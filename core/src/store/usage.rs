@@ -1,14 +1,23 @@
-//! The usage ledger: one record per forwarded request (`usage_records`), and the daily sums by
-//! key (with its site and group) and model that reports read (`usage_daily`). Records hold ids
-//! and numbers only — never prompt text, and a patron only as a keyed-hash reference.
+//! The usage ledger: what each forwarded request used, and the daily sums that reports and the
+//! quota engine read. Records hold ids and numbers only — never prompt text, and a patron only
+//! as a keyed-hash reference.
 //!
-//! Writers hand over [`UsageRecord`]s in batches; [`Store::record_usage`] writes a batch in one
-//! transaction (group commit). A record is idempotent by its request id: one written twice (a
-//! replay) is ignored, and only records written for the first time are added to the sums.
+//! Writers hand over [`UsageRecord`]s in batches (the gateway's ledger thread, a batch per
+//! wake-up). [`Store::record_usage`] writes a batch in one transaction: the records, encoded
+//! together into one `usage_batches` row ([`encode_batch`]); the daily sums by key (with its
+//! site and group) and model they add to (`usage_daily`); and patrons' daily sums
+//! (`patron_daily`). A batch is all or nothing, and the one writer hands each record over
+//! once, so each is counted once.
+//!
+//! One row per batch rather than per request: a row per request cost ~2 µs of SQLite each, a
+//! fifth of the gateway's own CPU per chat request (deploy/bench/RESULTS.md, run 5). The price
+//! is that records are not indexed: [`Store::usage_records`] reads them by scanning the
+//! batches, which suits audits and tests, not a hot path. Nothing here de-duplicates by request
+//! id; a replayed journal (issue 5) must be idempotent where it is replayed.
 
 use std::collections::HashMap;
 
-use rusqlite::{Connection, params};
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use serde::Serialize;
 
 use super::{Store, StoreError};
@@ -110,8 +119,7 @@ pub struct UsageLine {
 }
 
 impl Store {
-    /// Adds usage records to the ledger in one transaction. Returns how many were new (a
-    /// record whose request id is already there is ignored).
+    /// Adds usage records to the ledger in one transaction. Returns how many were written.
     pub async fn record_usage(&self, records: Vec<UsageRecord>) -> Result<usize, StoreError> {
         self.call(move |c| insert_usage(c, &records)).await
     }
@@ -122,7 +130,7 @@ impl Store {
     }
 
     /// An institution's per-request records, oldest first (request ids sort by time), at most
-    /// `limit`.
+    /// `limit`. Scans every batch: for audits and tests.
     pub async fn usage_records(
         &self,
         institution_id: &str,
@@ -130,34 +138,20 @@ impl Store {
     ) -> Result<Vec<UsageRecord>, StoreError> {
         let inst = institution_id.to_owned();
         self.call(move |c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT request_id, at, day, institution_id, site_id, group_id, key_id,
-                    patron_ref, model, prompt_tokens, completion_tokens, cost_nano_usd, cached,
-                    estimated, status, latency_ms
-                 FROM usage_records WHERE institution_id = ?1 ORDER BY request_id LIMIT ?2",
-            )?;
-            let rows = stmt.query_map(params![inst, limit], |r| {
-                let status: String = r.get(14)?;
-                Ok(UsageRecord {
-                    request_id: r.get(0)?,
-                    at: r.get(1)?,
-                    day: r.get(2)?,
-                    institution_id: r.get(3)?,
-                    site_id: r.get(4)?,
-                    group_id: r.get(5)?,
-                    key_id: r.get(6)?,
-                    patron_ref: r.get(7)?,
-                    model: r.get(8)?,
-                    prompt_tokens: r.get::<_, i64>(9)?.max(0) as u64,
-                    completion_tokens: r.get::<_, i64>(10)?.max(0) as u64,
-                    cost_nano_usd: r.get(11)?,
-                    cached: r.get(12)?,
-                    estimated: r.get(13)?,
-                    status: UsageStatus::parse(&status),
-                    latency_ms: r.get::<_, i64>(15)?.max(0) as u64,
-                })
-            })?;
-            Ok(rows.collect::<Result<_, _>>()?)
+            let mut stmt = c.prepare_cached("SELECT data FROM usage_batches ORDER BY seq")?;
+            let mut rows = stmt.query([])?;
+            let mut out = Vec::new();
+            while let Some(row) = rows.next()? {
+                let data: Vec<u8> = row.get(0)?;
+                out.extend(
+                    decode_batch(&data)?
+                        .into_iter()
+                        .filter(|r| r.institution_id == inst),
+                );
+            }
+            out.sort_by(|a, b| a.request_id.cmp(&b.request_id));
+            out.truncate(limit as usize);
+            Ok(out)
         })
         .await
     }
@@ -219,42 +213,29 @@ struct Sums {
 }
 
 fn insert_usage(c: &mut Connection, records: &[UsageRecord]) -> Result<usize, StoreError> {
-    let tx = c.transaction()?;
-    let mut fresh = Vec::with_capacity(records.len());
-    {
-        let mut stmt = tx.prepare_cached(
-            "INSERT OR IGNORE INTO usage_records (request_id, at, day, institution_id, site_id,
-                group_id, key_id, patron_ref, model, prompt_tokens, completion_tokens,
-                cost_nano_usd, cached, estimated, status, latency_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
-        )?;
-        for r in records {
-            let added = stmt.execute(params![
-                r.request_id,
-                r.at,
-                r.day,
-                r.institution_id,
-                r.site_id,
-                r.group_id,
-                r.key_id,
-                r.patron_ref,
-                r.model,
-                saturating_i64(r.prompt_tokens),
-                saturating_i64(r.completion_tokens),
-                r.cost_nano_usd,
-                r.cached,
-                r.estimated,
-                r.status.as_str(),
-                saturating_i64(r.latency_ms)
-            ])?;
-            if added == 1 && r.status != UsageStatus::UpstreamError {
-                fresh.push(r);
-            }
-        }
+    if records.is_empty() {
+        return Ok(0);
     }
-    // Fold the new records: one upsert per row of the daily sums they touch.
+    let tx = c.transaction()?;
+    let (first_at, last_at) = records.iter().fold((i64::MAX, i64::MIN), |(lo, hi), r| {
+        (lo.min(r.at), hi.max(r.at))
+    });
+    tx.prepare_cached(
+        "INSERT INTO usage_batches (first_at, last_at, records, data) VALUES (?1, ?2, ?3, ?4)",
+    )?
+    .execute(params![
+        first_at,
+        last_at,
+        records.len() as i64,
+        encode_batch(records)
+    ])?;
+    // Fold the records: one upsert per row of the daily sums they touch.
     let mut rows: HashMap<[&str; 6], Sums> = HashMap::new();
-    for r in fresh.iter().copied() {
+    let mut patrons: HashMap<[&str; 3], Vec<(i64, u64)>> = HashMap::new();
+    for r in records
+        .iter()
+        .filter(|r| r.status != UsageStatus::UpstreamError)
+    {
         let row = [
             r.institution_id.as_str(),
             r.day.as_str(),
@@ -273,6 +254,12 @@ fn insert_usage(c: &mut Connection, records: &[UsageRecord]) -> Result<usize, St
             .completion_tokens
             .saturating_add(saturating_i64(r.completion_tokens));
         sums.cost_nano_usd = sums.cost_nano_usd.saturating_add(r.cost_nano_usd);
+        if let Some(patron) = &r.patron_ref {
+            patrons
+                .entry([r.institution_id.as_str(), r.day.as_str(), patron.as_str()])
+                .or_default()
+                .push((r.at, r.prompt_tokens.saturating_add(r.completion_tokens)));
+        }
     }
     {
         let mut stmt = tx.prepare_cached(
@@ -302,10 +289,343 @@ fn insert_usage(c: &mut Connection, records: &[UsageRecord]) -> Result<usize, St
             ])?;
         }
     }
+    if !patrons.is_empty() {
+        // A patron's day restarts at a reset: what ended before it no longer counts (a record
+        // can reach the ledger up to a writer interval after its response ended).
+        let mut reset_at = tx.prepare_cached(
+            "SELECT at FROM patron_day_resets
+             WHERE institution_id = ?1 AND patron_ref = ?2 AND day = ?3",
+        )?;
+        let mut upsert = tx.prepare_cached(
+            "INSERT INTO patron_daily (institution_id, day, patron_ref, tokens)
+             VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (institution_id, day, patron_ref) DO UPDATE SET
+                tokens = tokens + excluded.tokens",
+        )?;
+        for ([inst, day, patron], used) in &patrons {
+            let since: Option<i64> = reset_at
+                .query_row(params![inst, patron, day], |r| r.get(0))
+                .optional()?;
+            let tokens = used
+                .iter()
+                .filter(|(at, _)| since.is_none_or(|since| *at > since))
+                .fold(0u64, |sum, (_, t)| sum.saturating_add(*t));
+            upsert.execute(params![inst, day, patron, saturating_i64(tokens)])?;
+        }
+    }
     tx.commit()?;
-    Ok(fresh.len())
+    Ok(records.len())
+}
+
+/// Moves the per-request rows of schema 7 into batches (migration 8); the SQL of the migration
+/// has already summed patrons' days.
+pub(super) fn after_migration_8(tx: &Transaction<'_>) -> Result<(), StoreError> {
+    let records = {
+        let mut stmt = tx.prepare(
+            "SELECT request_id, at, day, institution_id, site_id, group_id, key_id,
+                patron_ref, model, prompt_tokens, completion_tokens, cost_nano_usd, cached,
+                estimated, status, latency_ms
+             FROM usage_records ORDER BY request_id",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            let status: String = r.get(14)?;
+            Ok(UsageRecord {
+                request_id: r.get(0)?,
+                at: r.get(1)?,
+                day: r.get(2)?,
+                institution_id: r.get(3)?,
+                site_id: r.get(4)?,
+                group_id: r.get(5)?,
+                key_id: r.get(6)?,
+                patron_ref: r.get(7)?,
+                model: r.get(8)?,
+                prompt_tokens: r.get::<_, i64>(9)?.max(0) as u64,
+                completion_tokens: r.get::<_, i64>(10)?.max(0) as u64,
+                cost_nano_usd: r.get(11)?,
+                cached: r.get(12)?,
+                estimated: r.get(13)?,
+                status: UsageStatus::parse(&status),
+                latency_ms: r.get::<_, i64>(15)?.max(0) as u64,
+            })
+        })?;
+        rows.collect::<Result<Vec<_>, _>>()?
+    };
+    for chunk in records.chunks(4096) {
+        let (lo, hi) = chunk.iter().fold((i64::MAX, i64::MIN), |(lo, hi), r| {
+            (lo.min(r.at), hi.max(r.at))
+        });
+        tx.execute(
+            "INSERT INTO usage_batches (first_at, last_at, records, data) VALUES (?1, ?2, ?3, ?4)",
+            params![lo, hi, chunk.len() as i64, encode_batch(chunk)],
+        )?;
+    }
+    tx.execute_batch("DROP TABLE usage_records;")?;
+    Ok(())
+}
+
+/// Format of a batch: this byte, then each record in turn.
+const BATCH_FORMAT: u8 = 1;
+
+/// Encodes records for one `usage_batches` row. Each record is its strings (LEB128 length,
+/// then UTF-8; an optional one stores length + 1, or 0 for none), its numbers as LEB128
+/// (signed ones zigzagged), and a flags byte (status in bits 0–1, estimated, cached).
+pub fn encode_batch(records: &[UsageRecord]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1 + records.len() * 128);
+    out.push(BATCH_FORMAT);
+    for r in records {
+        for s in [
+            &r.request_id,
+            &r.day,
+            &r.institution_id,
+            &r.key_id,
+            &r.model,
+        ] {
+            put_uint(&mut out, s.len() as u64);
+            out.extend_from_slice(s.as_bytes());
+        }
+        for s in [&r.site_id, &r.group_id, &r.patron_ref] {
+            match s {
+                None => out.push(0),
+                Some(s) => {
+                    put_uint(&mut out, s.len() as u64 + 1);
+                    out.extend_from_slice(s.as_bytes());
+                }
+            }
+        }
+        put_uint(&mut out, zigzag(r.at));
+        put_uint(&mut out, r.prompt_tokens);
+        put_uint(&mut out, r.completion_tokens);
+        put_uint(&mut out, r.latency_ms);
+        put_uint(&mut out, zigzag(r.cost_nano_usd));
+        let status = match r.status {
+            UsageStatus::Complete => 0,
+            UsageStatus::Incomplete => 1,
+            UsageStatus::Cut => 2,
+            UsageStatus::UpstreamError => 3,
+        };
+        out.push(status | u8::from(r.estimated) << 2 | u8::from(r.cached) << 3);
+    }
+    out
+}
+
+/// Decodes what [`encode_batch`] wrote.
+pub fn decode_batch(data: &[u8]) -> Result<Vec<UsageRecord>, StoreError> {
+    let corrupt = |what: &str| StoreError::Corrupt(format!("usage batch: {what}"));
+    let (&format, mut rest) = data.split_first().ok_or_else(|| corrupt("empty"))?;
+    if format != BATCH_FORMAT {
+        return Err(corrupt(&format!("unknown format {format}")));
+    }
+    let mut out = Vec::new();
+    while !rest.is_empty() {
+        let mut text = |optional: bool| -> Result<Option<String>, StoreError> {
+            let mut len = get_uint(&mut rest).ok_or_else(|| corrupt("truncated length"))?;
+            if optional {
+                if len == 0 {
+                    return Ok(None);
+                }
+                len -= 1;
+            }
+            let len = usize::try_from(len)
+                .ok()
+                .filter(|&n| n <= rest.len())
+                .ok_or_else(|| corrupt("length past the end"))?;
+            let (bytes, tail) = rest.split_at(len);
+            rest = tail;
+            let s = std::str::from_utf8(bytes).map_err(|_| corrupt("text is not UTF-8"))?;
+            Ok(Some(s.to_owned()))
+        };
+        let mut required =
+            || -> Result<String, StoreError> { Ok(text(false)?.unwrap_or_default()) };
+        let (request_id, day, institution_id, key_id, model) = (
+            required()?,
+            required()?,
+            required()?,
+            required()?,
+            required()?,
+        );
+        let (site_id, group_id, patron_ref) = (text(true)?, text(true)?, text(true)?);
+        let mut num = || get_uint(&mut rest).ok_or_else(|| corrupt("truncated number"));
+        let at = unzigzag(num()?);
+        let (prompt_tokens, completion_tokens, latency_ms) = (num()?, num()?, num()?);
+        let cost_nano_usd = unzigzag(num()?);
+        let (&flags, tail) = rest
+            .split_first()
+            .ok_or_else(|| corrupt("truncated flags"))?;
+        rest = tail;
+        out.push(UsageRecord {
+            request_id,
+            at,
+            day,
+            institution_id,
+            site_id,
+            group_id,
+            key_id,
+            patron_ref,
+            model,
+            status: match flags & 3 {
+                0 => UsageStatus::Complete,
+                1 => UsageStatus::Incomplete,
+                2 => UsageStatus::Cut,
+                _ => UsageStatus::UpstreamError,
+            },
+            prompt_tokens,
+            completion_tokens,
+            estimated: flags & 4 != 0,
+            cached: flags & 8 != 0,
+            latency_ms,
+            cost_nano_usd,
+        });
+    }
+    Ok(out)
+}
+
+fn put_uint(out: &mut Vec<u8>, mut n: u64) {
+    while n >= 0x80 {
+        out.push(n as u8 | 0x80);
+        n >>= 7;
+    }
+    out.push(n as u8);
+}
+
+fn get_uint(input: &mut &[u8]) -> Option<u64> {
+    let mut n = 0u64;
+    for shift in (0..64).step_by(7) {
+        let (&b, rest) = input.split_first()?;
+        *input = rest;
+        if shift == 63 && b > 1 {
+            return None; // more than 64 bits
+        }
+        n |= u64::from(b & 0x7f) << shift;
+        if b & 0x80 == 0 {
+            return Some(n);
+        }
+    }
+    None
+}
+
+fn zigzag(n: i64) -> u64 {
+    ((n << 1) ^ (n >> 63)) as u64
+}
+
+fn unzigzag(n: u64) -> i64 {
+    (n >> 1) as i64 ^ -((n & 1) as i64)
 }
 
 fn saturating_i64(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn text() -> impl Strategy<Value = String> {
+        "\\PC{0,40}"
+    }
+
+    fn record() -> impl Strategy<Value = UsageRecord> {
+        (
+            (
+                text(),
+                any::<i64>(),
+                text(),
+                text(),
+                proptest::option::of(text()),
+            ),
+            (
+                proptest::option::of(text()),
+                text(),
+                proptest::option::of(text()),
+                text(),
+            ),
+            (
+                0u8..4,
+                any::<u64>(),
+                any::<u64>(),
+                any::<bool>(),
+                any::<bool>(),
+            ),
+            (any::<u64>(), any::<i64>()),
+        )
+            .prop_map(
+                |(
+                    (request_id, at, day, institution_id, site_id),
+                    (group_id, key_id, patron_ref, model),
+                    (status, prompt_tokens, completion_tokens, estimated, cached),
+                    (latency_ms, cost_nano_usd),
+                )| UsageRecord {
+                    request_id,
+                    at,
+                    day,
+                    institution_id,
+                    site_id,
+                    group_id,
+                    key_id,
+                    patron_ref,
+                    model,
+                    status: [
+                        UsageStatus::Complete,
+                        UsageStatus::Incomplete,
+                        UsageStatus::Cut,
+                        UsageStatus::UpstreamError,
+                    ][usize::from(status)],
+                    prompt_tokens,
+                    completion_tokens,
+                    estimated,
+                    cached,
+                    latency_ms,
+                    cost_nano_usd,
+                },
+            )
+    }
+
+    proptest! {
+        #[test]
+        fn batches_decode_to_what_was_encoded(records in proptest::collection::vec(record(), 0..20)) {
+            let data = encode_batch(&records);
+            prop_assert_eq!(decode_batch(&data).unwrap(), records);
+        }
+
+        #[test]
+        fn a_cut_or_damaged_batch_is_an_error_not_a_panic(
+            records in proptest::collection::vec(record(), 1..5),
+            cut in any::<prop::sample::Index>(),
+            flip in any::<prop::sample::Index>(),
+        ) {
+            let data = encode_batch(&records);
+            let at = cut.index(data.len() - 1) + 1;
+            // Cut short: an error, unless the cut fell between two records.
+            if let Ok(got) = decode_batch(&data[..at]) {
+                prop_assert!(got.len() < records.len());
+                prop_assert_eq!(&got[..], &records[..got.len()]);
+            }
+            let mut damaged = data.clone();
+            damaged[flip.index(data.len())] ^= 0xff;
+            let _ = decode_batch(&damaged);
+        }
+    }
+
+    #[test]
+    fn numbers_take_their_full_range() {
+        for n in [0, 1, 127, 128, u64::MAX] {
+            let mut out = Vec::new();
+            put_uint(&mut out, n);
+            assert_eq!(get_uint(&mut &out[..]), Some(n));
+        }
+        for n in [0, -1, i64::MIN, i64::MAX] {
+            assert_eq!(unzigzag(zigzag(n)), n);
+        }
+        // An eleventh byte, or a tenth that carries more than the 64th bit, is refused.
+        assert_eq!(get_uint(&mut &[0xff; 11][..]), None);
+        assert_eq!(
+            get_uint(&mut &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02][..]),
+            None
+        );
+        assert_eq!(
+            decode_batch(&[9]).unwrap_err().to_string(),
+            "corrupt record: usage batch: unknown format 9"
+        );
+    }
 }

@@ -10,13 +10,14 @@
 //! The ledger's writer is one thread that wakes every [`WRITE_INTERVAL`] and writes what has
 //! queued in one transaction, folded into daily sums (see `core::store::usage`). The data plane
 //! never waits for a disk and a response costs no thread wake-up: a transaction per response
-//! cost ~14 µs of CPU per request at concurrency 64, and a row per response ~3 µs more
-//! (deploy/bench/RESULTS.md). A flush wakes the writer at once. A full queue drops the record
+//! cost ~14 µs of CPU per request at concurrency 64, and a SQLite row per response ~2 µs
+//! more, so records are written a batch to a row (deploy/bench/RESULTS.md). A flush wakes the writer at once. A full queue drops the record
 //! and counts it (a store that cannot keep up for 65 536 responses is an incident to alert on,
 //! not a reason to stall patrons).
 //!
-//! Records are written once per request id (a replay is ignored), one row each, plus the
-//! daily sums reports read (see `core::store::usage`).
+//! Each record is handed to the store once; a batch is written in one transaction, as one
+//! row of records plus the daily sums reports and the quota engine read (see
+//! `core::store::usage`).
 
 pub mod body;
 
