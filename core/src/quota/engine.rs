@@ -4,7 +4,8 @@
 //! State is kept per institution, behind one mutex each: every level a request counts against
 //! (institution, site, group, key, patron, model) belongs to one institution, so one lock makes
 //! a reservation all-or-nothing across levels, and institutions never wait on each other. The
-//! critical section is a few hash lookups and additions. Limits themselves are a read-mostly
+//! critical section is one hash lookup per level (each level's counters are found once per
+//! call, with no allocation or reference count on a hit) and a few additions. Limits themselves are a read-mostly
 //! snapshot ([`LimitsTable`] in an `ArcSwap`), replaced whole when an admin changes one.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,6 +18,9 @@ use jiff::tz::TimeZone;
 // The engine's maps are keyed by ids from the store, catalog names and keyed-hash patron
 // references, none chosen by a client: a fast non-keyed hash is safe here.
 use rustc_hash::{FxBuildHasher, FxHashMap};
+
+/// A map per [`Level`], indexed by `level as usize`.
+type PerLevel<T> = [T; Level::ALL.len()];
 
 use super::gcra::Gcra;
 use super::limits::{Level, LimitKind, Limits};
@@ -90,23 +94,23 @@ impl Clock for FakeClock {
 /// Limits by level and id: a snapshot, replaced whole.
 #[derive(Debug, Default, Clone)]
 pub struct LimitsTable {
-    by_level: FxHashMap<Level, FxHashMap<String, Limits>>,
+    by_level: PerLevel<FxHashMap<Box<str>, Limits>>,
 }
 
 impl LimitsTable {
     /// Sets the limits of one level (an empty set removes the entry).
     pub fn insert(&mut self, level: Level, id: &str, limits: Limits) {
-        let map = self.by_level.entry(level).or_default();
+        let map = &mut self.by_level[level as usize];
         if limits.is_empty() {
             map.remove(id);
         } else {
-            map.insert(id.to_owned(), limits);
+            map.insert(id.into(), limits);
         }
     }
 
     /// The limits of one level, if any are set.
     pub fn get(&self, level: Level, id: &str) -> Option<&Limits> {
-        self.by_level.get(&level)?.get(id)
+        self.by_level[level as usize].get(id)
     }
 }
 
@@ -142,6 +146,18 @@ impl Subject {
         ]
         .into_iter()
         .filter_map(|(level, id)| Some((level, id?)))
+    }
+
+    /// Each level's id, indexed by `level as usize`.
+    fn ids(&self) -> PerLevel<Option<&Arc<str>>> {
+        [
+            Some(&self.institution),
+            self.site.as_ref(),
+            self.group.as_ref(),
+            Some(&self.key),
+            self.patron.as_ref(),
+            self.model.as_ref(),
+        ]
     }
 }
 
@@ -221,6 +237,14 @@ struct Counters {
 }
 
 impl Counters {
+    fn new(day: i32, month: i32) -> Counters {
+        Counters {
+            day_id: day,
+            month_id: month,
+            ..Counters::default()
+        }
+    }
+
     fn roll(&mut self, day: i32, month: i32) {
         if self.day_id != day {
             self.day_id = day;
@@ -249,7 +273,7 @@ struct InstState {
     tz: TimeZone,
     day: Window,
     month: Window,
-    counters: FxHashMap<(Level, Arc<str>), Counters>,
+    counters: PerLevel<hashbrown::HashMap<Arc<str>, Counters, FxBuildHasher>>,
     extensions: FxHashMap<Arc<str>, Vec<Extension>>,
 }
 
@@ -261,7 +285,7 @@ impl InstState {
             day: Window::containing(Period::Day, now, &tz),
             month: Window::containing(Period::Month, now, &tz),
             tz,
-            counters: FxHashMap::default(),
+            counters: Default::default(),
             extensions: FxHashMap::default(),
         }
     }
@@ -278,26 +302,38 @@ impl InstState {
         if now >= self.day.resets_at {
             self.day = Window::containing(Period::Day, now, &self.tz);
             // Yesterday's patrons are done with; keep those with a stream still open.
-            self.counters
-                .retain(|(level, _), c| *level != Level::Patron || c.streams > 0);
+            self.counters[Level::Patron as usize].retain(|_, c| c.streams > 0);
         }
         if now >= self.month.resets_at {
             self.month = Window::containing(Period::Month, now, &self.tz);
         }
     }
 
-    fn counters(&mut self, level: Level, id: &Arc<str>) -> &mut Counters {
+    /// One level's counters in the current periods (created when missing).
+    fn counters(&mut self, level: Level, id: &str) -> &mut Counters {
         let (day, month) = (self.day.id, self.month.id);
-        let c = self
-            .counters
-            .entry((level, Arc::clone(id)))
-            .or_insert(Counters {
-                day_id: day,
-                month_id: month,
-                ..Counters::default()
-            });
+        let c = self.counters[level as usize]
+            .entry_ref(id)
+            .or_insert_with(|| Counters::new(day, month));
         c.roll(day, month);
         c
+    }
+
+    /// The counters of every level of `ids` at once, each found once.
+    fn all_counters<'a>(
+        &'a mut self,
+        ids: &PerLevel<Option<&Arc<str>>>,
+    ) -> PerLevel<Option<&'a mut Counters>> {
+        let (day, month) = (self.day.id, self.month.id);
+        let mut maps = self.counters.iter_mut();
+        ids.map(|id| {
+            let map = maps.next().expect("one map per level");
+            let c = map
+                .entry_ref(&**id?)
+                .or_insert_with(|| Counters::new(day, month));
+            c.roll(day, month);
+            Some(c)
+        })
     }
 
     /// The limits at one level of `subject`; a patron's daily allotment includes their running
@@ -321,12 +357,7 @@ impl InstState {
     }
 
     /// What one level has used, in the current periods.
-    fn usage(
-        &mut self,
-        level: Level,
-        id: &Arc<str>,
-        requests_remaining: Option<u64>,
-    ) -> LevelUsage {
+    fn usage(&mut self, level: Level, id: &str, requests_remaining: Option<u64>) -> LevelUsage {
         let (day, month) = (self.day, self.month);
         let c = *self.counters(level, id);
         LevelUsage {
@@ -468,28 +499,37 @@ impl QuotaEngine {
     /// none when one is over its rate. Returns the tightest rate for the response headers.
     pub fn admit(&self, subject: &Subject, levels: &[Level]) -> Result<Option<Headroom>, Refusal> {
         let table = self.inner.limits.load();
-        let rated: Vec<(Level, &Arc<str>, Gcra)> = subject
-            .levels()
-            .filter(|(l, _)| levels.contains(l))
-            .filter_map(|(l, id)| {
-                let rpm = limits_at(&table, subject, l, id).requests_per_minute?;
-                Some((l, id, Gcra::for_limit(rpm)))
-            })
-            .collect();
-        if rated.is_empty() {
+        let mut ids = subject.ids();
+        let mut rated: PerLevel<Option<Gcra>> = [None; Level::ALL.len()];
+        for (level, (id, gcra)) in Level::ALL.into_iter().zip(ids.iter_mut().zip(&mut rated)) {
+            *gcra = id
+                .filter(|_| levels.contains(&level))
+                .and_then(|id| limits_at(&table, subject, level, id).requests_per_minute)
+                .map(Gcra::for_limit);
+            if gcra.is_none() {
+                *id = None;
+            }
+        }
+        if rated.iter().all(Option::is_none) {
             return Ok(None);
         }
         let state = self.institution(&subject.institution, &subject.timezone);
         let (mut st, _) = self.lock(&state, &subject.timezone);
         let now = self.inner.clock.mono_ns();
-        let mut next = Vec::with_capacity(rated.len());
-        for (level, id, gcra) in &rated {
-            let tat = st.counters(*level, id).tat;
-            match gcra.check(tat, now) {
-                Ok(t) => next.push(t),
+        let mut counters = st.all_counters(&ids);
+        let mut next = [0u64; Level::ALL.len()];
+        for (level, ((gcra, c), tat)) in Level::ALL
+            .into_iter()
+            .zip(rated.iter().zip(&counters).zip(&mut next))
+        {
+            let (Some(gcra), Some(c)) = (gcra, c) else {
+                continue;
+            };
+            match gcra.check(c.tat, now) {
+                Ok(t) => *tat = t,
                 Err(wait) => {
                     return Err(Refusal {
-                        level: *level,
+                        level,
                         kind: LimitKind::RequestsPerMinute,
                         limit: u64::from(gcra.burst()),
                         remaining: 0,
@@ -500,8 +540,11 @@ impl QuotaEngine {
             }
         }
         let mut tightest: Option<Headroom> = None;
-        for ((level, id, gcra), tat) in rated.iter().zip(next) {
-            st.counters(*level, id).tat = tat;
+        for ((gcra, c), tat) in rated.iter().zip(&mut counters).zip(next) {
+            let (Some(gcra), Some(c)) = (gcra, c) else {
+                continue;
+            };
+            c.tat = tat;
             let room = Headroom {
                 limit: u64::from(gcra.burst()),
                 remaining: u64::from(gcra.remaining(tat, now)),
@@ -530,16 +573,25 @@ impl QuotaEngine {
         let wanted_output = demand.max_output_tokens.saturating_mul(choices);
         let (day, month) = (st.day, st.month);
 
+        // Each level's limits, then its counters, each looked up once.
+        let ids = subject.ids();
+        let mut limits = [Limits::default(); Level::ALL.len()];
+        for ((level, id), limits) in Level::ALL.into_iter().zip(ids).zip(&mut limits) {
+            if let Some(id) = id {
+                *limits = st.limits(&table, subject, level, id, now);
+            }
+        }
+        let mut counters = st.all_counters(&ids);
+
         // The most output each limited level leaves room for, and the tightest one.
         let mut output_room = u64::MAX;
         let mut binding: Option<Refusal> = None;
         let mut tokens_headroom: Option<Headroom> = None;
-        for (level, id) in subject.levels() {
-            let limits = st.limits(&table, subject, level, id, now);
+        for (level, (limits, c)) in Level::ALL.into_iter().zip(limits.iter().zip(&counters)) {
+            let Some(c) = c else { continue };
             if limits.is_empty() {
                 continue;
             }
-            let c = *st.counters(level, id);
             if demand.stream
                 && let Some(max) = limits.concurrent_streams
                 && c.streams >= max
@@ -621,8 +673,7 @@ impl QuotaEngine {
         };
         let tokens = demand.prompt_tokens.saturating_add(output);
         let cost = demand.cost(demand.prompt_tokens, output);
-        for (level, id) in subject.levels() {
-            let c = st.counters(level, id);
+        for c in counters.iter_mut().flatten() {
             c.day_tokens = c.day_tokens.saturating_add(tokens);
             c.month_tokens = c.month_tokens.saturating_add(tokens);
             c.month_cost = c.month_cost.saturating_add(cost);
@@ -685,7 +736,7 @@ impl QuotaEngine {
     ) -> LevelUsage {
         let state = self.institution(institution, timezone);
         let (mut st, _) = self.lock(&state, timezone);
-        st.usage(level, &Arc::from(id), None)
+        st.usage(level, id, None)
     }
 
     /// Adds usage recorded before this process started (the ledger's sums of the current day
@@ -693,7 +744,7 @@ impl QuotaEngine {
     pub fn seed(&self, institution: &Arc<str>, timezone: &Arc<str>, used: &PeriodUsage) {
         let state = self.institution(institution, timezone);
         let (mut st, _) = self.lock(&state, timezone);
-        let c = st.counters(used.level, &Arc::from(used.id.as_str()));
+        let c = st.counters(used.level, &used.id);
         c.day_tokens = c.day_tokens.saturating_add(used.day_tokens);
         c.month_tokens = c.month_tokens.saturating_add(used.month_tokens);
         c.month_cost = c.month_cost.saturating_add(used.month_cost_nano_usd);
@@ -704,7 +755,7 @@ impl QuotaEngine {
     pub fn reset_patron_day(&self, institution: &Arc<str>, timezone: &Arc<str>, patron: &str) {
         let state = self.institution(institution, timezone);
         let (mut st, _) = self.lock(&state, timezone);
-        st.counters(Level::Patron, &Arc::from(patron)).day_tokens = 0;
+        st.counters(Level::Patron, patron).day_tokens = 0;
     }
 
     /// Replaces a patron's extensions.
@@ -796,8 +847,7 @@ impl Reservation {
             return;
         }
         let (mut st, _) = self.engine.lock(&self.state, &self.subject.timezone);
-        for (level, id) in self.subject.levels() {
-            let c = st.counters(level, id);
+        for c in st.all_counters(&self.subject.ids()).into_iter().flatten() {
             if c.day_id == self.day_id {
                 c.day_tokens = c.day_tokens.saturating_sub(self.tokens);
             }

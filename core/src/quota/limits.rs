@@ -45,6 +45,16 @@ impl Level {
         }
     }
 
+    /// Every level, widest first (`level as usize` indexes this).
+    pub const ALL: [Level; 6] = [
+        Level::Institution,
+        Level::Site,
+        Level::Group,
+        Level::Key,
+        Level::Patron,
+        Level::Model,
+    ];
+
     /// Levels limits are set on (patrons get theirs through `patron_tokens_per_day`).
     pub const SETTABLE: [Level; 5] = [
         Level::Institution,

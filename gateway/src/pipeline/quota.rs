@@ -192,15 +192,46 @@ fn over_limit(refusal: Refusal, principal: &Principal) -> GatewayError {
 
 /// A duration as OpenAI writes its reset headers: `20ms`, `1s`, `6m0s`, `2h3m4s`.
 pub fn duration_text(ns: u64) -> String {
-    if ns < 1_000_000_000 {
-        return format!("{}ms", ns.div_ceil(1_000_000));
+    let mut text = DurationText::default();
+    text.write(ns);
+    String::from_utf8_lossy(text.as_bytes()).into_owned()
+}
+
+/// A duration as [`duration_text`] writes it, on the stack: a header on every response.
+#[derive(Default)]
+struct DurationText {
+    buf: [u8; 32],
+    len: usize,
+}
+
+impl DurationText {
+    fn write(&mut self, ns: u64) {
+        use std::fmt::Write as _;
+        let secs = ns.div_ceil(1_000_000_000);
+        let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
+        // At most "5124095576030431h59m59s": it always fits.
+        let _ = match (ns < 1_000_000_000, h, m) {
+            (true, ..) => write!(self, "{}ms", ns.div_ceil(1_000_000)),
+            (false, 0, 0) => write!(self, "{s}s"),
+            (false, 0, _) => write!(self, "{m}m{s}s"),
+            (false, ..) => write!(self, "{h}h{m}m{s}s"),
+        };
     }
-    let secs = ns.div_ceil(1_000_000_000);
-    let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
-    match (h, m) {
-        (0, 0) => format!("{s}s"),
-        (0, _) => format!("{m}m{s}s"),
-        _ => format!("{h}h{m}m{s}s"),
+
+    fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+impl std::fmt::Write for DurationText {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let end = self.len + s.len();
+        self.buf
+            .get_mut(self.len..end)
+            .ok_or(std::fmt::Error)?
+            .copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
     }
 }
 
@@ -226,7 +257,9 @@ pub fn add_headers(standing: &Standing, headers: &mut HeaderMap) {
         let Some(room) = room else { continue };
         headers.insert(limit, HeaderValue::from(room.limit));
         headers.insert(remaining, HeaderValue::from(room.remaining));
-        if let Ok(v) = HeaderValue::from_str(&duration_text(room.reset_ns)) {
+        let mut text = DurationText::default();
+        text.write(room.reset_ns);
+        if let Ok(v) = HeaderValue::from_bytes(text.as_bytes()) {
             headers.insert(reset, v);
         }
     }
@@ -468,6 +501,7 @@ mod tests {
         assert_eq!(duration_text(1_000_000_000), "1s");
         assert_eq!(duration_text(360_000_000_000), "6m0s");
         assert_eq!(duration_text(7_384_000_000_000), "2h3m4s");
+        assert_eq!(duration_text(u64::MAX), "5124095h34m34s");
         assert_eq!(group_thousands(4_200_000), "4,200,000");
         assert_eq!(group_thousands(999), "999");
     }
