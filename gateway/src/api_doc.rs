@@ -162,6 +162,8 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     responses(
         (status = 200, description = "The completion: one JSON object, or server-sent events \
                                       when the request set `stream: true`",
+            headers(("x-carrel-request-id" = String,
+                description = "The id of this request's usage record, to quote when asking about it")),
             content(
                 (ChatCompletion = "application/json"),
                 (ChatCompletionEvent = "text/event-stream"),
@@ -189,6 +191,8 @@ pub fn v1_chat_completions() {}
     responses(
         (status = 200, description = "The completion: one JSON object, or server-sent events \
                                       when the request set `stream: true`",
+            headers(("x-carrel-request-id" = String,
+                description = "The id of this request's usage record, to quote when asking about it")),
             content(
                 (Completion = "application/json"),
                 (CompletionEvent = "text/event-stream"),
@@ -211,7 +215,9 @@ pub fn v1_completions() {}
 #[utoipa::path(post, path = "/v1/embeddings", tag = "public",
     request_body = EmbeddingRequest,
     responses(
-        (status = 200, description = "One embedding per input", body = EmbeddingList),
+        (status = 200, description = "One embedding per input", body = EmbeddingList,
+            headers(("x-carrel-request-id" = String,
+                description = "The id of this request's usage record, to quote when asking about it"))),
         (status = 400, response = BadRequest),
         (status = 401, response = Unauthorized),
         (status = 403, response = Forbidden),

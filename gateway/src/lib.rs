@@ -18,6 +18,7 @@
 //!
 //! # Layout
 //!
+//! - [`cli`]: the `carrel` command line (`serve`, `demo`, `openapi`).
 //! - [`server`]: listeners, thread-per-core workers, HTTP/1.1 + HTTP/2, TLS, graceful shutdown.
 //! - [`startup`]: config → ready [`startup::App`]; the demo seed; [`startup::InitError`].
 //! - [`app`]: [`app::AppState`], the swappable catalog, the control-plane hooks.
@@ -35,6 +36,7 @@
 pub mod api_doc;
 pub mod app;
 pub mod body;
+pub mod cli;
 pub mod demo;
 pub mod error;
 pub mod metering;

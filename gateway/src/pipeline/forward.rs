@@ -47,7 +47,11 @@ pub async fn run(
         patron_ref: ctx.patron_ref.clone(),
         model: route.name.clone(),
         prices: (route.input_price_per_mtok, route.output_price_per_mtok),
-        request_id: std::mem::take(&mut ctx.request_id),
+        request_id: {
+            // From here on the request has a usage record: the client learns its id.
+            ctx.recorded_as = http::HeaderValue::from_str(&ctx.request_id).ok();
+            std::mem::take(&mut ctx.request_id)
+        },
         started: ctx.started,
         prompt_estimate: ctx.prompt_tokens,
         tokenizer: route.tokenizer,

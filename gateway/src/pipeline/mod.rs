@@ -15,7 +15,8 @@
 //! authorize): so requests that fail later still count, as rate limits must, and a client over
 //! its rate costs no body read. Every response after authenticate carries the
 //! `x-ratelimit-*` headers of the tightest limits ([`quota::add_headers`]); a 429 carries
-//! `Retry-After`.
+//! `Retry-After`. A request that reached the provider is answered with `x-carrel-request-id`,
+//! the id of its usage record.
 //!
 //! Routing itself answers 404 `unknown_url` and 405 `method_not_allowed`. Adding a stage means
 //! editing [`inference`] and this table, nowhere else.
@@ -97,6 +98,9 @@ pub struct RequestCtx {
     pub patron_ref: Option<Arc<str>>,
     /// This request's id in the usage ledger.
     pub request_id: String,
+    /// Set by forward: the request id, for the `x-carrel-request-id` header of a request that
+    /// reached the provider (and so has a usage record).
+    pub recorded_as: Option<HeaderValue>,
     /// When the request arrived.
     pub started: Instant,
 }
@@ -115,6 +119,7 @@ impl RequestCtx {
             prompt_tokens: 0,
             patron_ref: None,
             request_id: crate::metering::request_id(),
+            recorded_as: None,
             started: Instant::now(),
         }
     }
@@ -217,8 +222,16 @@ async fn inference(
             body::error(&err)
         });
     quota::add_headers(&ctx.standing, resp.headers_mut());
+    if let Some(id) = ctx.recorded_as.take() {
+        resp.headers_mut().insert(REQUEST_ID_HEADER, id);
+    }
     resp
 }
+
+/// The id of a request's usage record, on every response to a request that reached the
+/// provider: what a patron or an institution quotes when asking about one request.
+pub const REQUEST_ID_HEADER: http::HeaderName =
+    http::HeaderName::from_static("x-carrel-request-id");
 
 /// The inference stages, in order.
 async fn stages(

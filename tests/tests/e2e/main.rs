@@ -5,6 +5,7 @@
 mod accounts;
 mod admin;
 mod docs;
+mod durability;
 mod governance;
 mod limits;
 mod openai_sdk;

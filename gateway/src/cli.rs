@@ -1,0 +1,269 @@
+//! The `carrel` command line: parse it, load config, set up logging, bind, and hand over to
+//! [`crate::server::run`]. In the library so that tests can run the real command as a process
+//! of its own (`kill -9` and restart), from a binary of the test crate.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use crate::startup::{self, App, InitError, StartOptions};
+use carrel_core::config::{Config, LogFormat};
+use clap::{Args, Parser, Subcommand};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Carrel: a Right-to-AI public access gateway for libraries, schools and small businesses.
+#[derive(Debug, Parser)]
+#[command(
+    name = "carrel",
+    version,
+    about = "Carrel: a Right-to-AI public access gateway for libraries, schools and small businesses."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Serve(ServeArgs),
+    /// Run the gateway on a fresh data dir with a built-in demo model, institution and key.
+    Demo(ServeArgs),
+    /// Print the OpenAPI document of the admin and public APIs.
+    Openapi,
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// TOML config file (every key is optional; see deploy/carrel.example.toml).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Public listener address; overrides server.listen.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Admin listener address; overrides server.admin_listen.
+    #[arg(long)]
+    admin_listen: Option<SocketAddr>,
+    /// Data directory; overrides server.data_dir (demo: a fresh temporary directory).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+}
+
+/// Runs the `carrel` command with the process's arguments.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let (args, demo) = match cli.command {
+        Command::Openapi => {
+            println!("{}", crate::api_doc::openapi_json());
+            return ExitCode::SUCCESS;
+        }
+        Command::Serve(args) => (args, false),
+        Command::Demo(args) => (args, true),
+    };
+
+    let mut config = match Config::load_from_env(args.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("carrel: config error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(addr) = args.listen {
+        config.server.listen = addr;
+    }
+    if let Some(addr) = args.admin_listen {
+        config.server.admin_listen = addr;
+    }
+    // The demo starts on a fresh directory unless told otherwise; it is removed on exit.
+    let mut _demo_dir = None;
+    match args.data_dir {
+        Some(dir) => config.server.data_dir = dir,
+        None if demo => match tempfile::Builder::new().prefix("carrel-demo-").tempdir() {
+            Ok(dir) => {
+                config.server.data_dir = dir.path().to_owned();
+                _demo_dir = Some(dir);
+            }
+            Err(e) => {
+                eprintln!("carrel: cannot create a demo data dir: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => {}
+    }
+    if demo {
+        startup::add_demo_model(&mut config);
+    }
+    init_tracing(&config);
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("carrel: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(config, demo)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("carrel: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log.level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn serve(config: Config, demo: bool) -> Result<(), InitError> {
+    let mut opts = StartOptions::from_env();
+    if demo && opts.admin_token.is_none() {
+        opts.admin_token = Some(format!(
+            "carrel-admin-{}",
+            carrel_core::ids::random_base62(32)
+        ));
+    }
+    let app = App::build(&config, &opts).await?;
+    let bind = |addr: SocketAddr| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|source| InitError::Bind { addr, source })
+    };
+    let public = bind(config.server.listen).await?;
+    let admin = bind(config.server.admin_listen).await?;
+    let scheme = if config.server.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let public_url = format!("{scheme}://{}", local_addr(&public));
+    let admin_url = format!("http://{}", local_addr(&admin));
+    say(&format!("listening public={public_url} admin={admin_url}"));
+    if demo {
+        let tenant = startup::seed_demo_tenant(&app).await?;
+        print_demo_banner(
+            &public_url,
+            &admin_url,
+            &tenant.api_key,
+            opts.admin_token.as_deref().unwrap_or_default(),
+            &tenant.institution_id,
+        );
+    }
+
+    let shutdown = CancellationToken::new();
+    let signal = shutdown.clone();
+    let router = app.admin_router();
+    let server = crate::server::run(
+        public,
+        admin,
+        app.state.clone(),
+        router,
+        &config.server,
+        shutdown,
+    );
+    // The signal only cancels the token; the server future keeps running so it can drain
+    // in-flight requests for server.shutdown_grace_ms before it returns.
+    tokio::pin!(server);
+    tokio::select! {
+        result = &mut server => return result,
+        () = wait_for_signal() => signal.cancel(),
+    }
+    server.await
+}
+
+fn local_addr(listener: &TcpListener) -> String {
+    listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| "?".to_owned())
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let terminate = async {
+            match term.as_mut() {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {},
+            () = terminate => {},
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+    tracing::info!("shutdown signal received");
+}
+
+/// Writes one message to stdout in a single write. A closed or broken stdout (`carrel demo |
+/// head`) must not take the server down, so errors are ignored.
+fn say(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(format!("{text}\n").as_bytes());
+    let _ = out.flush();
+}
+
+fn print_demo_banner(public: &str, admin: &str, key: &str, admin_token: &str, institution: &str) {
+    let model = crate::demo::DEMO_MODEL;
+    say(&format!(
+        r#"
+  Carrel demo is running: a Right-to-AI gateway in front of a built-in DEMO model
+  ("{model}", not a real AI; it streams the same short answer to every prompt).
+
+  OpenAI API base URL   {public}/v1
+  API key               {key}
+  Demo model            {model}
+  Admin API             {admin}/admin/v1   (bearer token: {admin_token})
+  API reference         {admin}/admin/docs
+  Health                {public}/healthz
+
+  Usage of the demo library so far (updated as each answer ends):
+
+    curl -H "Authorization: Bearer {admin_token}" \
+      "{admin}/admin/v1/institutions/{institution}/usage?group_by=model"
+
+  Try it with curl (streams word by word):
+
+    curl -N {public}/v1/chat/completions \
+      -H "Authorization: Bearer {key}" \
+      -H "Content-Type: application/json" \
+      -d '{{"model":"{model}","stream":true,"messages":[{{"role":"user","content":"Hello, Carrel!"}}]}}'
+
+  Or with the OpenAI Python SDK (pip install openai):
+
+    python3 - <<'PY'
+    from openai import OpenAI
+    client = OpenAI(base_url="{public}/v1", api_key="{key}")
+    for chunk in client.chat.completions.create(
+            model="{model}", stream=True,
+            messages=[{{"role": "user", "content": "Hello, Carrel!"}}]):
+        print(chunk.choices[0].delta.content or "", end="", flush=True)
+    print()
+    PY
+
+  Data lives in a temporary directory and is removed on exit. Press Ctrl-C to stop.
+"#
+    ));
+}

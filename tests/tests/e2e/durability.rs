@@ -1,0 +1,217 @@
+//! The embedded store's promise, with the real `carrel serve` as a process of its own: after
+//! `kill -9` during load, nothing written through the admin API is lost, and neither is the usage
+//! record of any response that ended 100 ms or more before the kill.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use carrel_core::store::{PageRequest, Store};
+use carrel_tests::mock::MockUpstream;
+use carrel_tests::{ADMIN_TOKEN, config_for};
+use serde_json::{Value, json};
+use tokio::io::AsyncBufReadExt;
+use tokio::process::{Child, Command};
+
+/// `carrel serve` in a child process, killed if the test ends first.
+struct Serve {
+    child: Child,
+    public: String,
+    admin: String,
+}
+
+impl Serve {
+    async fn start(dir: &Path) -> Serve {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_carrel-e2e"))
+            .arg("serve")
+            .arg("--config")
+            .arg(dir.join("carrel.toml"))
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+            .env("CARREL_ADMIN_TOKEN", ADMIN_TOKEN)
+            .env("MOCK_API_KEY", "sk-mock")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start carrel-e2e");
+        // The first line says where it listens: `listening public=http://… admin=http://…`.
+        let stdout = child.stdout.take().expect("piped stdout");
+        let line = tokio::io::BufReader::new(stdout)
+            .lines()
+            .next_line()
+            .await
+            .expect("read stdout")
+            .expect("carrel exited before listening");
+        let url = |name: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(name))
+                .unwrap_or_else(|| panic!("no {name} in {line:?}"))
+                .to_owned()
+        };
+        Serve {
+            public: url("public="),
+            admin: url("admin="),
+            child,
+        }
+    }
+
+    async fn admin(&self, http: &reqwest::Client, path: &str, body: Value) -> Value {
+        let resp = http
+            .post(format!("{}{path}", self.admin))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&body)
+            .send()
+            .await
+            .expect("admin request");
+        assert_eq!(resp.status(), 201);
+        resp.json().await.expect("admin JSON")
+    }
+}
+
+#[tokio::test]
+async fn kill_9_during_load_loses_no_control_data_and_no_settled_usage() {
+    let mock = MockUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("carrel.toml"),
+        config_for(&mock.base_url(), ""),
+    )
+    .unwrap();
+    let http = reqwest::Client::new();
+    let serve = Serve::start(dir.path()).await;
+    let inst = serve
+        .admin(
+            &http,
+            "/admin/v1/institutions",
+            json!({"name": "Kill Library", "kind": "library", "region": "US-IL",
+                   "timezone": "America/Chicago"}),
+        )
+        .await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let key = serve
+        .admin(
+            &http,
+            &format!("/admin/v1/institutions/{inst}/keys"),
+            json!({"name": "k", "kind": "service"}),
+        )
+        .await["secret"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // Load: eight clients, each noting when each answer ended and its record's id; an admin
+    // noting each site it created.
+    let stop = Arc::new(AtomicBool::new(false));
+    let answered: Arc<Mutex<Vec<(String, Instant)>>> = Arc::default();
+    let chat = json!({"model": "mock-model", "messages": [{"role": "user", "content": "Hi"}]});
+    let clients: Vec<_> = (0..8)
+        .map(|_| {
+            let (http, stop, answered) = (http.clone(), Arc::clone(&stop), Arc::clone(&answered));
+            let (url, key, chat) = (
+                format!("{}/v1/chat/completions", serve.public),
+                key.clone(),
+                chat.clone(),
+            );
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok(resp) = http.post(&url).bearer_auth(&key).json(&chat).send().await
+                    else {
+                        return;
+                    };
+                    assert_eq!(resp.status(), 200);
+                    let id = resp.headers()["x-carrel-request-id"]
+                        .to_str()
+                        .unwrap()
+                        .to_owned();
+                    if resp.bytes().await.is_err() {
+                        return;
+                    }
+                    answered.lock().unwrap().push((id, Instant::now()));
+                }
+            })
+        })
+        .collect();
+    // Until enough answers are well older than 100 ms, so the check below has something to
+    // check (the loop does work all along: it writes control data).
+    let enough = || {
+        let answered = answered.lock().unwrap();
+        answered.len() >= 400
+            && answered[answered.len() / 2].1.elapsed() >= Duration::from_millis(300)
+    };
+    let mut sites = Vec::new();
+    while sites.len() < 5 || !enough() {
+        let site = serve
+            .admin(
+                &http,
+                &format!("/admin/v1/institutions/{inst}/sites"),
+                json!({"name": format!("Branch {}", sites.len())}),
+            )
+            .await;
+        sites.push(site["id"].as_str().unwrap().to_owned());
+    }
+    let Serve { mut child, .. } = serve;
+    let killed_at = Instant::now();
+    child.start_kill().unwrap(); // SIGKILL
+    child.wait().await.unwrap();
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.await.unwrap();
+    }
+
+    // What the next start will find.
+    let store = Store::open(&dir.path().join("data")).unwrap();
+    let records = store.usage_records(&inst, u32::MAX).await.unwrap();
+    let recorded: HashSet<&str> = records.iter().map(|r| r.request_id.as_str()).collect();
+    assert_eq!(recorded.len(), records.len(), "a record written twice");
+    let answered = answered.lock().unwrap().clone();
+    let settled: Vec<_> = answered
+        .iter()
+        .filter(|(_, at)| killed_at.duration_since(*at) >= Duration::from_millis(100))
+        .collect();
+    let lost: Vec<_> = settled
+        .iter()
+        .filter(|(id, _)| !recorded.contains(id.as_str()))
+        .collect();
+    assert!(settled.len() >= 200, "{} answers to check", settled.len());
+    assert!(
+        lost.is_empty(),
+        "{} of {} responses that ended 100 ms before the kill have no record, such as {:?}",
+        lost.len(),
+        settled.len(),
+        &lost[..lost.len().min(3)]
+    );
+    assert!(
+        records.len() <= answered.len() + 8,
+        "more records than requests"
+    );
+    let stored: HashSet<String> = store
+        .list_sites(&inst, PageRequest::first(500))
+        .await
+        .unwrap()
+        .data
+        .into_iter()
+        .map(|s| s.id)
+        .collect();
+    for site in &sites {
+        assert!(stored.contains(site), "site {site} was lost");
+    }
+    drop(store);
+
+    // And it starts again on what is there, with the same key.
+    let again = Serve::start(dir.path()).await;
+    let resp = http
+        .post(format!("{}/v1/chat/completions", again.public))
+        .bearer_auth(&key)
+        .json(&chat)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+}
