@@ -25,6 +25,7 @@ type PerLevel<T> = [T; Level::ALL.len()];
 use super::gcra::Gcra;
 use super::limits::{Level, LimitKind, Limits};
 use super::period::{Period, Window};
+use crate::domain::Principal;
 use crate::store::PeriodUsage;
 
 /// Where the engine reads time. Rates use the monotonic reading, periods the wall clock.
@@ -114,19 +115,12 @@ impl LimitsTable {
     }
 }
 
-/// Who and what a request counts against.
+/// Who and what a request counts against: the key's principal (its institution, site, group
+/// and key), and the patron and model when known. Cloning shares the principal.
 #[derive(Debug, Clone)]
 pub struct Subject {
-    /// The institution.
-    pub institution: Arc<str>,
-    /// Its IANA time zone: periods turn over at its local midnight.
-    pub timezone: Arc<str>,
-    /// The key's site.
-    pub site: Option<Arc<str>>,
-    /// The key's group.
-    pub group: Option<Arc<str>>,
-    /// The key.
-    pub key: Arc<str>,
+    /// The key's principal; its institution's time zone sets when periods turn over.
+    pub principal: Arc<Principal>,
     /// The patron reference, when a patron is known.
     pub patron: Option<Arc<str>>,
     /// The model, when one is asked for.
@@ -134,27 +128,32 @@ pub struct Subject {
 }
 
 impl Subject {
+    /// The institution.
+    pub fn institution(&self) -> &Arc<str> {
+        &self.principal.institution_id
+    }
+
+    /// The institution's IANA time zone.
+    pub fn timezone(&self) -> &Arc<str> {
+        &self.principal.timezone
+    }
+
     /// The levels this subject counts against, widest first.
     pub fn levels(&self) -> impl Iterator<Item = (Level, &Arc<str>)> {
-        [
-            (Level::Institution, Some(&self.institution)),
-            (Level::Site, self.site.as_ref()),
-            (Level::Group, self.group.as_ref()),
-            (Level::Key, Some(&self.key)),
-            (Level::Patron, self.patron.as_ref()),
-            (Level::Model, self.model.as_ref()),
-        ]
-        .into_iter()
-        .filter_map(|(level, id)| Some((level, id?)))
+        Level::ALL
+            .into_iter()
+            .zip(self.ids())
+            .filter_map(|(level, id)| Some((level, id?)))
     }
 
     /// Each level's id, indexed by `level as usize`.
     fn ids(&self) -> PerLevel<Option<&Arc<str>>> {
+        let p = &*self.principal;
         [
-            Some(&self.institution),
-            self.site.as_ref(),
-            self.group.as_ref(),
-            Some(&self.key),
+            Some(&p.institution_id),
+            p.site_id.as_ref(),
+            p.group_id.as_ref(),
+            Some(&p.key_id),
             self.patron.as_ref(),
             self.model.as_ref(),
         ]
@@ -513,8 +512,8 @@ impl QuotaEngine {
         if rated.iter().all(Option::is_none) {
             return Ok(None);
         }
-        let state = self.institution(&subject.institution, &subject.timezone);
-        let (mut st, _) = self.lock(&state, &subject.timezone);
+        let state = self.institution(subject.institution(), subject.timezone());
+        let (mut st, _) = self.lock(&state, subject.timezone());
         let now = self.inner.clock.mono_ns();
         let mut counters = st.all_counters(&ids);
         let mut next = [0u64; Level::ALL.len()];
@@ -567,8 +566,8 @@ impl QuotaEngine {
         policy: OverPolicy,
     ) -> Result<Reservation, Refusal> {
         let table = self.inner.limits.load();
-        let state = self.institution(&subject.institution, &subject.timezone);
-        let (mut st, now) = self.lock(&state, &subject.timezone);
+        let state = self.institution(subject.institution(), subject.timezone());
+        let (mut st, now) = self.lock(&state, subject.timezone());
         let choices = demand.choices.max(1);
         let wanted_output = demand.max_output_tokens.saturating_mul(choices);
         let (day, month) = (st.day, st.month);
@@ -705,8 +704,8 @@ impl QuotaEngine {
     /// The limits and usage of every level of `subject`, widest first.
     pub fn status(&self, subject: &Subject) -> Vec<LevelStatus> {
         let table = self.inner.limits.load();
-        let state = self.institution(&subject.institution, &subject.timezone);
-        let (mut st, now) = self.lock(&state, &subject.timezone);
+        let state = self.institution(subject.institution(), subject.timezone());
+        let (mut st, now) = self.lock(&state, subject.timezone());
         let mono = self.inner.clock.mono_ns();
         subject
             .levels()
@@ -846,7 +845,7 @@ impl Reservation {
         if std::mem::replace(&mut self.settled, true) {
             return;
         }
-        let (mut st, _) = self.engine.lock(&self.state, &self.subject.timezone);
+        let (mut st, _) = self.engine.lock(&self.state, self.subject.timezone());
         for c in st.all_counters(&self.subject.ids()).into_iter().flatten() {
             if c.day_id == self.day_id {
                 c.day_tokens = c.day_tokens.saturating_sub(self.tokens);

@@ -2111,7 +2111,7 @@ mod tests {
             ),
             at: 0,
             day: day.into(),
-            institution_id: inst.id.clone(),
+            institution_id: inst.id.as_str().into(),
             site_id: None,
             group_id: None,
             key_id: key.into(),

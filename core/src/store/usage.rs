@@ -16,6 +16,7 @@
 //! id; a replayed journal (issue 5) must be idempotent where it is replayed.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use serde::Serialize;
@@ -68,17 +69,17 @@ pub struct UsageRecord {
     /// The institution's local date (`YYYY-MM-DD`) when the response ended.
     pub day: String,
     /// The institution that pays.
-    pub institution_id: String,
+    pub institution_id: Arc<str>,
     /// The key's site, if any.
-    pub site_id: Option<String>,
+    pub site_id: Option<Arc<str>>,
     /// The key's group, if any.
-    pub group_id: Option<String>,
+    pub group_id: Option<Arc<str>>,
     /// The API key.
-    pub key_id: String,
+    pub key_id: Arc<str>,
     /// The patron reference, when a patron made the request.
-    pub patron_ref: Option<String>,
+    pub patron_ref: Option<Arc<str>>,
     /// Public model name.
-    pub model: String,
+    pub model: Arc<str>,
     /// How it ended.
     pub status: UsageStatus,
     /// Prompt tokens, as the upstream reported them, or estimated.
@@ -146,7 +147,7 @@ impl Store {
                 out.extend(
                     decode_batch(&data)?
                         .into_iter()
-                        .filter(|r| r.institution_id == inst),
+                        .filter(|r| *r.institution_id == *inst),
                 );
             }
             out.sort_by(|a, b| a.request_id.cmp(&b.request_id));
@@ -237,10 +238,10 @@ fn insert_usage(c: &mut Connection, records: &[UsageRecord]) -> Result<usize, St
         .filter(|r| r.status != UsageStatus::UpstreamError)
     {
         let row = [
-            r.institution_id.as_str(),
+            &*r.institution_id,
             r.day.as_str(),
-            r.key_id.as_str(),
-            r.model.as_str(),
+            &*r.key_id,
+            &*r.model,
             r.site_id.as_deref().unwrap_or(""),
             r.group_id.as_deref().unwrap_or(""),
         ];
@@ -256,7 +257,7 @@ fn insert_usage(c: &mut Connection, records: &[UsageRecord]) -> Result<usize, St
         sums.cost_nano_usd = sums.cost_nano_usd.saturating_add(r.cost_nano_usd);
         if let Some(patron) = &r.patron_ref {
             patrons
-                .entry([r.institution_id.as_str(), r.day.as_str(), patron.as_str()])
+                .entry([&*r.institution_id, r.day.as_str(), &**patron])
                 .or_default()
                 .push((r.at, r.prompt_tokens.saturating_add(r.completion_tokens)));
         }
@@ -374,8 +375,8 @@ pub fn encode_batch(records: &[UsageRecord]) -> Vec<u8> {
     out.push(BATCH_FORMAT);
     for r in records {
         for s in [
-            &r.request_id,
-            &r.day,
+            r.request_id.as_str(),
+            r.day.as_str(),
             &r.institution_id,
             &r.key_id,
             &r.model,
@@ -417,7 +418,7 @@ pub fn decode_batch(data: &[u8]) -> Result<Vec<UsageRecord>, StoreError> {
     }
     let mut out = Vec::new();
     while !rest.is_empty() {
-        let mut text = |optional: bool| -> Result<Option<String>, StoreError> {
+        let mut text = |optional: bool| -> Result<Option<&str>, StoreError> {
             let mut len = get_uint(&mut rest).ok_or_else(|| corrupt("truncated length"))?;
             if optional {
                 if len == 0 {
@@ -432,18 +433,15 @@ pub fn decode_batch(data: &[u8]) -> Result<Vec<UsageRecord>, StoreError> {
             let (bytes, tail) = rest.split_at(len);
             rest = tail;
             let s = std::str::from_utf8(bytes).map_err(|_| corrupt("text is not UTF-8"))?;
-            Ok(Some(s.to_owned()))
+            Ok(Some(s))
         };
-        let mut required =
-            || -> Result<String, StoreError> { Ok(text(false)?.unwrap_or_default()) };
-        let (request_id, day, institution_id, key_id, model) = (
-            required()?,
-            required()?,
-            required()?,
-            required()?,
-            required()?,
-        );
-        let (site_id, group_id, patron_ref) = (text(true)?, text(true)?, text(true)?);
+        let mut required = || -> Result<&str, StoreError> { Ok(text(false)?.unwrap_or_default()) };
+        let (request_id, day) = (required()?.to_owned(), required()?.to_owned());
+        let (institution_id, key_id, model) =
+            (required()?.into(), required()?.into(), required()?.into());
+        let mut optional =
+            || -> Result<Option<Arc<str>>, StoreError> { Ok(text(true)?.map(Arc::from)) };
+        let (site_id, group_id, patron_ref) = (optional()?, optional()?, optional()?);
         let mut num = || get_uint(&mut rest).ok_or_else(|| corrupt("truncated number"));
         let at = unzigzag(num()?);
         let (prompt_tokens, completion_tokens, latency_ms) = (num()?, num()?, num()?);
@@ -559,12 +557,12 @@ mod tests {
                     request_id,
                     at,
                     day,
-                    institution_id,
-                    site_id,
-                    group_id,
-                    key_id,
-                    patron_ref,
-                    model,
+                    institution_id: institution_id.into(),
+                    site_id: site_id.map(Into::into),
+                    group_id: group_id.map(Into::into),
+                    key_id: key_id.into(),
+                    patron_ref: patron_ref.map(Into::into),
+                    model: model.into(),
                     status: [
                         UsageStatus::Complete,
                         UsageStatus::Incomplete,

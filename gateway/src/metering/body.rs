@@ -66,11 +66,11 @@ pub struct Meter {
     /// Where the record goes.
     pub ledger: UsageLedger,
     /// Who made the request.
-    pub principal: Principal,
+    pub principal: Arc<Principal>,
     /// The patron, by reference.
     pub patron_ref: Option<Arc<str>>,
     /// Public model name.
-    pub model: String,
+    pub model: Arc<str>,
     /// Prices per million prompt and completion tokens, in US dollars.
     pub prices: (f64, f64),
     /// The request's id; the ledger writes one record per id.
@@ -124,12 +124,12 @@ impl Meter {
                 request_id: std::mem::take(&mut self.request_id),
                 at: unix_now(),
                 day: String::new(),
-                institution_id: p.institution_id.to_string(),
-                site_id: p.site_id.as_deref().map(str::to_owned),
-                group_id: p.group_id.as_deref().map(str::to_owned),
-                key_id: p.key_id.to_string(),
-                patron_ref: self.patron_ref.as_deref().map(str::to_owned),
-                model: std::mem::take(&mut self.model),
+                institution_id: Arc::clone(&p.institution_id),
+                site_id: p.site_id.clone(),
+                group_id: p.group_id.clone(),
+                key_id: Arc::clone(&p.key_id),
+                patron_ref: self.patron_ref.clone(),
+                model: Arc::clone(&self.model),
                 status,
                 prompt_tokens,
                 completion_tokens,
@@ -666,13 +666,9 @@ mod tests {
         }
 
         fn meter(&self, id: &str, output: u64) -> Meter {
-            let p = principal();
+            let p = Arc::new(principal());
             let subject = Subject {
-                institution: p.institution_id.clone(),
-                timezone: p.timezone.clone(),
-                site: None,
-                group: None,
-                key: p.key_id.clone(),
+                principal: Arc::clone(&p),
                 patron: None,
                 model: Some("m".into()),
             };
@@ -688,7 +684,7 @@ mod tests {
                 ledger: self.ledger.clone(),
                 principal: p,
                 patron_ref: None,
-                model: "m".to_owned(),
+                model: "m".into(),
                 prices: (1.0, 2.0),
                 request_id: id.to_owned(),
                 started: Instant::now(),

@@ -22,7 +22,7 @@ use crate::pipeline::{Flow, RequestCtx};
 #[derive(Debug)]
 pub struct CachedKey {
     secret_hash: [u8; 32],
-    principal: Principal,
+    principal: Arc<Principal>,
 }
 
 /// Verified keys by public id.
@@ -74,7 +74,7 @@ impl KeyCache {
                 match store.key_credential(id).await {
                     Ok(Some(cred)) => Ok(Arc::new(CachedKey {
                         secret_hash: cred.secret_hash,
-                        principal: Principal::for_key(&cred),
+                        principal: Arc::new(Principal::for_key(&cred)),
                     })),
                     Ok(None) => Err(Miss::Unknown),
                     Err(e) => Err(Miss::Store(Arc::new(e))),
@@ -125,7 +125,10 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 }
 
 /// Verifies the request's key and returns who it runs as.
-pub async fn principal(state: &AppState, headers: &HeaderMap) -> Result<Principal, GatewayError> {
+pub async fn principal(
+    state: &AppState,
+    headers: &HeaderMap,
+) -> Result<Arc<Principal>, GatewayError> {
     let token = bearer(headers).ok_or(GatewayError::MissingApiKey)?;
     let parsed = ParsedKey::parse(token).ok_or(GatewayError::InvalidApiKey)?;
     let key = state
@@ -143,7 +146,7 @@ pub async fn principal(state: &AppState, headers: &HeaderMap) -> Result<Principa
     if key.principal.institution_status == InstitutionStatus::Suspended {
         return Err(GatewayError::InstitutionSuspended);
     }
-    Ok(key.principal.clone())
+    Ok(Arc::clone(&key.principal))
 }
 
 /// Stage 1.

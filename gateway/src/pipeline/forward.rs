@@ -43,9 +43,9 @@ pub async fn run(
     };
     let meter = Meter {
         ledger: state.ledger.clone(),
-        principal: ctx.principal().clone(),
+        principal: Arc::clone(ctx.principal()),
         patron_ref: ctx.patron_ref.clone(),
-        model: route.name.clone(),
+        model: Arc::clone(&route.name),
         prices: (route.input_price_per_mtok, route.output_price_per_mtok),
         request_id: {
             // From here on the request has a usage record: the client learns its id.

@@ -32,7 +32,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use carrel_core::domain::Principal;
-use carrel_core::quota::Reservation;
+use carrel_core::quota::{Reservation, Subject};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
@@ -81,7 +81,10 @@ pub struct RequestCtx {
     /// The client's `Accept` header, forwarded as is.
     pub accept: Option<HeaderValue>,
     /// Set by authenticate.
-    pub principal: Option<Principal>,
+    pub principal: Option<Arc<Principal>>,
+    /// Set by rate limit: what the request counts against (the patron and model are added by
+    /// quota reserve).
+    pub subject: Option<Subject>,
     /// Set by read body: the fields Carrel reads.
     pub fields: Option<RequestFields>,
     /// Set by read body: the original request bytes, forwarded unless a field must change.
@@ -111,6 +114,7 @@ impl RequestCtx {
             endpoint,
             accept,
             principal: None,
+            subject: None,
             fields: None,
             body: Bytes::new(),
             route: None,
@@ -125,7 +129,7 @@ impl RequestCtx {
     }
 
     /// The authenticated principal. Stages after authenticate may rely on it.
-    pub fn principal(&self) -> &Principal {
+    pub fn principal(&self) -> &Arc<Principal> {
         self.principal
             .as_ref()
             .expect("stage order: authenticate runs before this stage")

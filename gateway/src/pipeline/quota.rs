@@ -29,13 +29,9 @@ pub struct Standing {
     pub tokens: Option<Headroom>,
 }
 
-fn subject(p: &Principal, patron: Option<Arc<str>>, model: Option<Arc<str>>) -> Subject {
+fn subject(p: &Arc<Principal>, patron: Option<Arc<str>>, model: Option<Arc<str>>) -> Subject {
     Subject {
-        institution: Arc::clone(&p.institution_id),
-        timezone: Arc::clone(&p.timezone),
-        site: p.site_id.clone(),
-        group: p.group_id.clone(),
-        key: Arc::clone(&p.key_id),
+        principal: Arc::clone(p),
         patron,
         model,
     }
@@ -50,11 +46,11 @@ fn tighter(a: Option<Headroom>, b: Option<Headroom>) -> Option<Headroom> {
 
 /// Stage 4: counts the request against its credential's request rates.
 pub fn rate_limit(state: &AppState, ctx: &mut RequestCtx) -> Result<Flow, GatewayError> {
-    let principal = ctx.principal();
-    let s = subject(principal, None, None);
+    let s = subject(ctx.principal(), None, None);
     match state.quota.admit(&s, &CREDENTIAL_LEVELS) {
         Ok(room) => {
             ctx.standing.requests = room;
+            ctx.subject = Some(s);
             Ok(Flow::Continue)
         }
         Err(refusal) => {
@@ -75,6 +71,10 @@ fn refused_headroom(refusal: &Refusal) -> Headroom {
 
 /// Stage 5: the model's rate, then the reservation.
 pub fn reserve(state: &AppState, ctx: &mut RequestCtx) -> Result<Flow, GatewayError> {
+    let mut s = match ctx.subject.take() {
+        Some(s) => s,
+        None => subject(ctx.principal(), None, None),
+    };
     let route = Arc::clone(ctx.route());
     let fields = ctx.fields();
     let principal = ctx.principal();
@@ -94,11 +94,8 @@ pub fn reserve(state: &AppState, ctx: &mut RequestCtx) -> Result<Flow, GatewayEr
         .user
         .as_deref()
         .map(|user| Arc::from(state.pepper.patron_ref(&principal.institution_id, user)));
-    let s = subject(
-        principal,
-        patron.clone(),
-        Some(Arc::from(route.name.as_str())),
-    );
+    s.patron.clone_from(&patron);
+    s.model = Some(Arc::clone(&route.name));
     let requests = match state.quota.admit(&s, &[Level::Model]) {
         Ok(room) => room,
         Err(refusal) => {

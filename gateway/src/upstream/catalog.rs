@@ -52,7 +52,7 @@ impl HttpTarget {
 #[derive(Debug)]
 pub struct ModelRoute {
     /// Public name.
-    pub name: String,
+    pub name: Arc<str>,
     /// The provider's name for it.
     pub upstream_model: String,
     /// Tier.
@@ -76,7 +76,7 @@ pub struct ModelRoute {
 impl ModelRoute {
     /// Whether the body's `model` must be rewritten before forwarding.
     pub fn renames(&self) -> bool {
-        self.name != self.upstream_model
+        *self.name != *self.upstream_model
     }
 }
 
@@ -129,7 +129,7 @@ impl Catalog {
             };
             let created = carrel_core::domain::unix_seconds(&m.created_at).unwrap_or(0);
             let route = Arc::new(ModelRoute {
-                name: m.name.clone(),
+                name: m.name.as_str().into(),
                 upstream_model: m.upstream_model.clone(),
                 tier: m.tier,
                 provider: m.provider.clone(),

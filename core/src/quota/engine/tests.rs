@@ -4,13 +4,27 @@ use std::time::Duration;
 use super::*;
 use crate::quota::limits::{Level, LimitKind, Limits};
 
+fn principal(key: &str) -> Arc<Principal> {
+    use crate::domain::{InstitutionKind, InstitutionStatus, OverQuota, Tier};
+    Arc::new(Principal {
+        institution_id: "inst".into(),
+        institution_kind: InstitutionKind::Library,
+        timezone: "America/Chicago".into(),
+        institution_status: InstitutionStatus::Active,
+        frontier_verified: false,
+        over_quota: OverQuota::Reject,
+        key_id: key.into(),
+        site_id: Some("site".into()),
+        group_id: None,
+        tier_ceiling: Tier::Baseline,
+        allowed_models: None,
+        expires_at: None,
+    })
+}
+
 fn subject(patron: Option<&str>) -> Subject {
     Subject {
-        institution: "inst".into(),
-        timezone: "America/Chicago".into(),
-        site: Some("site".into()),
-        group: None,
-        key: "key".into(),
+        principal: principal("key"),
         patron: patron.map(Into::into),
         model: Some("m".into()),
     }
@@ -95,7 +109,7 @@ fn a_refused_rate_counts_at_no_level() {
     }
     // The key's refusals did not use the institution's rate: another key has 8 left.
     let other = Subject {
-        key: "other".into(),
+        principal: principal("other"),
         ..subject(None)
     };
     for _ in 0..8 {
@@ -137,11 +151,11 @@ fn reservations_settle_and_refund() {
     assert_eq!(refused.retry_after_secs, 14 * 3600);
     r.settle(150, 0);
     drop(r2); // an upstream failure: refunded
-    let usage = engine.usage(&s.institution, &s.timezone, Level::Institution, "inst");
+    let usage = engine.usage(s.institution(), s.timezone(), Level::Institution, "inst");
     assert_eq!(usage.day_tokens, 150);
     assert_eq!(
         engine
-            .usage(&s.institution, &s.timezone, Level::Key, "key")
+            .usage(s.institution(), s.timezone(), Level::Key, "key")
             .day_tokens,
         150
     );
@@ -242,7 +256,7 @@ fn patrons_get_the_smallest_allotment_plus_extensions_and_a_new_day() {
             .is_ok()
     );
     // Staff extend Ana's day by 100 tokens for an hour.
-    let (inst, tz) = (ana.institution.clone(), ana.timezone.clone());
+    let (inst, tz) = (ana.institution().clone(), ana.timezone().clone());
     engine.set_extensions(
         &inst,
         &tz,
@@ -349,7 +363,7 @@ fn a_budget_holds_under_contention() {
     assert_eq!(admitted, 83);
     let s = subject(None);
     let used = engine
-        .usage(&s.institution, &s.timezone, Level::Key, "key")
+        .usage(s.institution(), s.timezone(), Level::Key, "key")
         .day_tokens;
     assert_eq!(used, 83 * 120);
 }
@@ -388,7 +402,7 @@ fn a_new_patron_cannot_overshoot() {
     let s = subject(Some("p_new"));
     assert_eq!(
         engine
-            .usage(&s.institution, &s.timezone, Level::Patron, "p_new")
+            .usage(s.institution(), s.timezone(), Level::Patron, "p_new")
             .day_tokens,
         1000
     );
@@ -417,7 +431,7 @@ mod props {
                 if let Ok(r) = engine.reserve(&s, demand(prompt, output), OverPolicy::Clamp) {
                     held.push(r);
                 }
-                let usage = engine.usage(&s.institution, &s.timezone, Level::Key, "key").day_tokens;
+                let usage = engine.usage(s.institution(), s.timezone(), Level::Key, "key").day_tokens;
                 prop_assert!(usage <= limit.max(settled));
                 if action > 0 && let Some(r) = held.pop() {
                     if action == 1 {
@@ -430,7 +444,7 @@ mod props {
                 }
             }
             drop(held);
-            let usage = engine.usage(&s.institution, &s.timezone, Level::Key, "key").day_tokens;
+            let usage = engine.usage(s.institution(), s.timezone(), Level::Key, "key").day_tokens;
             prop_assert_eq!(usage, settled);
         }
     }
