@@ -15,10 +15,11 @@
 //! batches, which suits audits and tests, not a hot path. Nothing here de-duplicates by request
 //! id; a replayed journal (issue 5) must be idempotent where it is replayed.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
+// Keys are ids, days and operator-named models, none chosen by a client.
+use rustc_hash::FxHashMap;
 use serde::Serialize;
 
 use super::{Store, StoreError};
@@ -231,8 +232,8 @@ fn insert_usage(c: &mut Connection, records: &[UsageRecord]) -> Result<usize, St
         encode_batch(records)
     ])?;
     // Fold the records: one upsert per row of the daily sums they touch.
-    let mut rows: HashMap<[&str; 6], Sums> = HashMap::new();
-    let mut patrons: HashMap<[&str; 3], Vec<(i64, u64)>> = HashMap::new();
+    let mut rows: FxHashMap<[&str; 6], Sums> = FxHashMap::default();
+    let mut patrons: FxHashMap<[&str; 3], Vec<(i64, u64)>> = FxHashMap::default();
     for r in records
         .iter()
         .filter(|r| r.status != UsageStatus::UpstreamError)
