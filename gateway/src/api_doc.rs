@@ -329,6 +329,7 @@ pub struct PayloadTooLarge(pub ErrorBody);
 /// `upstream_unreachable`: the provider could not be connected to. `upstream_failed`: the
 /// provider's connection broke before it answered.
 #[derive(ToResponse)]
+#[response(headers(("x-carrel-request-id" = String, description = "The id of this request's usage record (the provider was asked)")))]
 pub struct BadGateway(pub ErrorBody);
 
 /// A limit was reached; `Retry-After` says when trying again can succeed, and the message says
@@ -356,11 +357,13 @@ pub struct StoreUnavailable(pub ErrorBody);
 
 /// `upstream_timeout`: the provider sent no answer within `upstream.response_timeout_ms`.
 #[derive(ToResponse)]
+#[response(headers(("x-carrel-request-id" = String, description = "The id of this request's usage record (the provider was asked)")))]
 pub struct GatewayTimeout(pub ErrorBody);
 
 /// Any other status is the provider's own answer, relayed unchanged with its body (usually
 /// the OpenAI error body): 500 when the provider fails, for example.
 #[derive(ToResponse)]
+#[response(headers(("x-carrel-request-id" = String, description = "The id of this request's usage record (the provider was asked)")))]
 pub struct Relayed(pub ErrorBody);
 
 // ---------------------------------------------------------------------------------------------

@@ -32,6 +32,18 @@ pub enum Level {
     Model,
 }
 
+// `Level::ALL[i] as usize == i`: arrays indexed by level rely on it (checked at compile time).
+const _: () = {
+    let mut i = 0;
+    while i < Level::ALL.len() {
+        assert!(
+            Level::ALL[i] as usize == i,
+            "Level::ALL is in declaration order"
+        );
+        i += 1;
+    }
+};
+
 impl Level {
     /// The wire name.
     pub const fn as_str(self) -> &'static str {

@@ -286,8 +286,11 @@ impl Store {
             day.to_owned(),
         );
         self.call(move |c| {
-            super::require_institution(c, &inst)?;
-            c.execute(
+            // One transaction: a crash never leaves the reset recorded but the day's sum
+            // standing, and no ledger batch lands between the two.
+            let tx = c.transaction()?;
+            super::require_institution(&tx, &inst)?;
+            tx.execute(
                 "INSERT INTO patron_day_resets (institution_id, patron_ref, day, at)
                  VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT (institution_id, patron_ref, day) DO UPDATE SET at = excluded.at",
@@ -295,11 +298,12 @@ impl Store {
             )?;
             // What the ledger wrote before the reset no longer counts; what it writes later
             // counts only if it ended after the reset (see `usage::insert_usage`).
-            c.execute(
+            tx.execute(
                 "UPDATE patron_daily SET tokens = 0
                  WHERE institution_id = ?1 AND day = ?2 AND patron_ref = ?3",
                 params![inst, day, pref],
             )?;
+            tx.commit()?;
             Ok(())
         })
         .await

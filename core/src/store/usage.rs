@@ -63,7 +63,7 @@ impl UsageStatus {
 /// What one forwarded request used.
 #[derive(Debug, Clone, PartialEq)]
 pub struct UsageRecord {
-    /// The request id; a record is written once per id.
+    /// The request id: unique, and sorts by time.
     pub request_id: String,
     /// Unix seconds when the response ended.
     pub at: i64,
@@ -219,18 +219,7 @@ fn insert_usage(c: &mut Connection, records: &[UsageRecord]) -> Result<usize, St
         return Ok(0);
     }
     let tx = c.transaction()?;
-    let (first_at, last_at) = records.iter().fold((i64::MAX, i64::MIN), |(lo, hi), r| {
-        (lo.min(r.at), hi.max(r.at))
-    });
-    tx.prepare_cached(
-        "INSERT INTO usage_batches (first_at, last_at, records, data) VALUES (?1, ?2, ?3, ?4)",
-    )?
-    .execute(params![
-        first_at,
-        last_at,
-        records.len() as i64,
-        encode_batch(records)
-    ])?;
+    insert_batch(&tx, records)?;
     // Fold the records: one upsert per row of the daily sums they touch.
     let mut rows: FxHashMap<[&str; 6], Sums> = FxHashMap::default();
     let mut patrons: FxHashMap<[&str; 3], Vec<(i64, u64)>> = FxHashMap::default();
@@ -322,46 +311,65 @@ fn insert_usage(c: &mut Connection, records: &[UsageRecord]) -> Result<usize, St
 /// Moves the per-request rows of schema 7 into batches (migration 8); the SQL of the migration
 /// has already summed patrons' days.
 pub(super) fn after_migration_8(tx: &Transaction<'_>) -> Result<(), StoreError> {
-    let records = {
-        let mut stmt = tx.prepare(
-            "SELECT request_id, at, day, institution_id, site_id, group_id, key_id,
-                patron_ref, model, prompt_tokens, completion_tokens, cost_nano_usd, cached,
-                estimated, status, latency_ms
-             FROM usage_records ORDER BY request_id",
-        )?;
-        let rows = stmt.query_map([], |r| {
-            let status: String = r.get(14)?;
-            Ok(UsageRecord {
-                request_id: r.get(0)?,
-                at: r.get(1)?,
-                day: r.get(2)?,
-                institution_id: r.get(3)?,
-                site_id: r.get(4)?,
-                group_id: r.get(5)?,
-                key_id: r.get(6)?,
-                patron_ref: r.get(7)?,
-                model: r.get(8)?,
-                prompt_tokens: r.get::<_, i64>(9)?.max(0) as u64,
-                completion_tokens: r.get::<_, i64>(10)?.max(0) as u64,
-                cost_nano_usd: r.get(11)?,
-                cached: r.get(12)?,
-                estimated: r.get(13)?,
-                status: UsageStatus::parse(&status),
-                latency_ms: r.get::<_, i64>(15)?.max(0) as u64,
-            })
-        })?;
-        rows.collect::<Result<Vec<_>, _>>()?
-    };
-    for chunk in records.chunks(4096) {
-        let (lo, hi) = chunk.iter().fold((i64::MAX, i64::MIN), |(lo, hi), r| {
-            (lo.min(r.at), hi.max(r.at))
-        });
-        tx.execute(
-            "INSERT INTO usage_batches (first_at, last_at, records, data) VALUES (?1, ?2, ?3, ?4)",
-            params![lo, hi, chunk.len() as i64, encode_batch(chunk)],
-        )?;
+    let mut stmt = tx.prepare(
+        "SELECT request_id, at, day, institution_id, site_id, group_id, key_id,
+            patron_ref, model, prompt_tokens, completion_tokens, cost_nano_usd, cached,
+            estimated, status, latency_ms
+         FROM usage_records ORDER BY request_id",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        let status: String = r.get(14)?;
+        Ok(UsageRecord {
+            request_id: r.get(0)?,
+            at: r.get(1)?,
+            day: r.get(2)?,
+            institution_id: r.get(3)?,
+            site_id: r.get(4)?,
+            group_id: r.get(5)?,
+            key_id: r.get(6)?,
+            patron_ref: r.get(7)?,
+            model: r.get(8)?,
+            prompt_tokens: r.get::<_, i64>(9)?.max(0) as u64,
+            completion_tokens: r.get::<_, i64>(10)?.max(0) as u64,
+            cost_nano_usd: r.get(11)?,
+            cached: r.get(12)?,
+            estimated: r.get(13)?,
+            status: UsageStatus::parse(&status),
+            latency_ms: r.get::<_, i64>(15)?.max(0) as u64,
+        })
+    })?;
+    // A batch at a time, so a large ledger does not have to fit in memory.
+    let mut chunk = Vec::with_capacity(4096);
+    for record in rows {
+        chunk.push(record?);
+        if chunk.len() == chunk.capacity() {
+            insert_batch(tx, &chunk)?;
+            chunk.clear();
+        }
     }
+    if !chunk.is_empty() {
+        insert_batch(tx, &chunk)?;
+    }
+    drop(stmt);
     tx.execute_batch("DROP TABLE usage_records;")?;
+    Ok(())
+}
+
+/// Writes `records` as one `usage_batches` row; `first_at` and `last_at` bound the records'
+/// times, for retention by age.
+fn insert_batch(tx: &Transaction<'_>, records: &[UsageRecord]) -> Result<(), StoreError> {
+    let (first_at, last_at) = records.iter().fold((i64::MAX, i64::MIN), |(lo, hi), r| {
+        (lo.min(r.at), hi.max(r.at))
+    });
+    tx.prepare_cached(
+        "INSERT INTO usage_batches (first_at, last_at, records, data) VALUES (?1, ?2, ?3, ?4)",
+    )?
+    .execute(params![
+        first_at,
+        last_at,
+        records.len() as i64,
+        encode_batch(records)
+    ])?;
     Ok(())
 }
 
@@ -449,7 +457,8 @@ pub fn decode_batch(data: &[u8]) -> Result<Vec<UsageRecord>, StoreError> {
         let cost_nano_usd = unzigzag(num()?);
         let (&flags, tail) = rest
             .split_first()
-            .ok_or_else(|| corrupt("truncated flags"))?;
+            .filter(|(flags, _)| **flags <= 0x0f)
+            .ok_or_else(|| corrupt("truncated or unknown flags"))?;
         rest = tail;
         out.push(UsageRecord {
             request_id,

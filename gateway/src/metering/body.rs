@@ -73,7 +73,7 @@ pub struct Meter {
     pub model: Arc<str>,
     /// Prices per million prompt and completion tokens, in US dollars.
     pub prices: (f64, f64),
-    /// The request's id; the ledger writes one record per id.
+    /// The request's id, which its usage record carries.
     pub request_id: String,
     /// When the request arrived.
     pub started: Instant,

@@ -49,20 +49,58 @@ pub struct PendingUsage {
 }
 
 /// A new request id: `req_`, the time in milliseconds, a per-process random part and a
-/// counter, all base62, so ids are unique across replicas and restarts and sort by time
-/// (which keeps the ledger's inserts at the end of its index).
+/// sequence number, all base62, so ids are unique across replicas and restarts and sort by time
+/// to the millisecond. Ids reach clients (`x-carrel-request-id`), so the sequence number is
+/// passed through a keyed permutation first: a plain counter would let anyone who sees two ids
+/// work out how many requests the whole gateway served between them.
 pub fn request_id() -> String {
-    static PROCESS: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    struct Process {
+        tag: String,
+        keys: [u64; 4],
+    }
+    static PROCESS: std::sync::OnceLock<Process> = std::sync::OnceLock::new();
     static NEXT: AtomicU64 = AtomicU64::new(0);
-    let process = PROCESS.get_or_init(|| carrel_core::ids::random_base62(6));
+    let process = PROCESS.get_or_init(|| Process {
+        tag: carrel_core::ids::random_base62(6),
+        keys: carrel_core::ids::random_bytes::<32>()
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+            .collect::<Vec<_>>()
+            .try_into()
+            .expect("4 keys"),
+    });
     let ms = jiff::Timestamp::now().as_millisecond().max(0) as u64;
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
     let mut id = String::with_capacity(24);
     id.push_str("req_");
     carrel_core::ids::push_base62(&mut id, ms, 8);
-    id.push_str(process);
-    carrel_core::ids::push_base62(&mut id, n, 6);
+    id.push_str(&process.tag);
+    carrel_core::ids::push_base62(&mut id, permute(n, &process.keys), 6);
     id
+}
+
+/// Bits of the sequence number that are permuted; six base62 digits hold them. Ids repeat only
+/// if one process hands out 2^34 of them within one millisecond.
+const SEQUENCE_BITS: u32 = 34;
+
+/// A keyed bijection on `0..2^SEQUENCE_BITS` (a four-round Feistel network), applied to `n`
+/// modulo that.
+fn permute(n: u64, keys: &[u64; 4]) -> u64 {
+    const HALF: u32 = SEQUENCE_BITS / 2;
+    const MASK: u64 = (1 << HALF) - 1;
+    let (mut left, mut right) = ((n >> HALF) & MASK, n & MASK);
+    for key in keys {
+        let mixed = mix(right ^ key) & MASK;
+        (left, right) = (right, left ^ mixed);
+    }
+    (left << HALF) | right
+}
+
+/// SplitMix64's finaliser: every input bit affects every output bit.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 enum Msg {
@@ -221,12 +259,32 @@ mod tests {
     use super::*;
 
     #[test]
-    fn request_ids_are_unique_and_sort_by_time() {
-        let a = request_id();
-        let b = request_id();
-        assert_eq!((a.len(), &a[..4]), (24, "req_"));
-        assert!(a < b, "{a} {b}");
-        assert!(carrel_core::ids::is_base62(&a[4..]));
+    fn request_ids_are_unique_sort_by_millisecond_and_hide_the_sequence() {
+        let ids: Vec<String> = (0..20_000).map(|_| request_id()).collect();
+        let unique: std::collections::HashSet<&String> = ids.iter().collect();
+        assert_eq!(unique.len(), ids.len());
+        for pair in ids.windows(2) {
+            let [a, b] = pair else { unreachable!() };
+            assert_eq!((a.len(), &a[..4]), (24, "req_"));
+            assert!(carrel_core::ids::is_base62(&a[4..]));
+            assert!(a[4..12] <= b[4..12], "{a} {b}");
+        }
+        // Consecutive ids do not give away how many came between: their last six digits are
+        // not in order.
+        let ascending = ids.windows(2).filter(|p| p[0][18..] < p[1][18..]).count();
+        assert!((5_000..15_000).contains(&ascending), "{ascending}");
+    }
+
+    #[test]
+    fn the_permutation_is_a_bijection() {
+        let keys = [1, 2, 3, 4];
+        let mut seen = std::collections::HashSet::new();
+        // Every value of a window maps to a distinct value in range.
+        for n in (1u64 << 33)..(1u64 << 33) + 100_000 {
+            let p = permute(n, &keys);
+            assert!(p < 1 << SEQUENCE_BITS);
+            assert!(seen.insert(p), "{n} collides");
+        }
     }
 
     #[test]

@@ -71,10 +71,10 @@ fn refused_headroom(refusal: &Refusal) -> Headroom {
 
 /// Stage 5: the model's rate, then the reservation.
 pub fn reserve(state: &AppState, ctx: &mut RequestCtx) -> Result<Flow, GatewayError> {
-    let mut s = match ctx.subject.take() {
-        Some(s) => s,
-        None => subject(ctx.principal(), None, None),
-    };
+    let mut s = ctx
+        .subject
+        .take()
+        .expect("stage order: rate limit runs before this stage");
     let route = Arc::clone(ctx.route());
     let fields = ctx.fields();
     let principal = ctx.principal();
@@ -206,7 +206,7 @@ impl DurationText {
         use std::fmt::Write as _;
         let secs = ns.div_ceil(1_000_000_000);
         let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
-        // At most "5124095576030431h59m59s": it always fits.
+        // At most "5124095h34m34s" (u64::MAX nanoseconds): it always fits.
         let _ = match (ns < 1_000_000_000, h, m) {
             (true, ..) => write!(self, "{}ms", ns.div_ceil(1_000_000)),
             (false, 0, 0) => write!(self, "{s}s"),

@@ -35,7 +35,8 @@ impl Serve {
             .env("CARREL_ADMIN_TOKEN", ADMIN_TOKEN)
             .env("MOCK_API_KEY", "sk-mock")
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            // Its log, should the test fail.
+            .stderr(Stdio::inherit())
             .kill_on_drop(true)
             .spawn()
             .expect("start carrel-e2e");
@@ -79,7 +80,7 @@ async fn kill_9_during_load_loses_no_control_data_and_no_settled_usage() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("carrel.toml"),
-        config_for(&mock.base_url(), ""),
+        config_for(&mock.base_url(), "[log]\nlevel = \"warn\"\n"),
     )
     .unwrap();
     let http = reqwest::Client::new();
@@ -110,10 +111,16 @@ async fn kill_9_during_load_loses_no_control_data_and_no_settled_usage() {
     // noting each site it created.
     let stop = Arc::new(AtomicBool::new(false));
     let answered: Arc<Mutex<Vec<(String, Instant)>>> = Arc::default();
+    let progress = Arc::new(tokio::sync::Notify::new());
     let chat = json!({"model": "mock-model", "messages": [{"role": "user", "content": "Hi"}]});
     let clients: Vec<_> = (0..8)
         .map(|_| {
-            let (http, stop, answered) = (http.clone(), Arc::clone(&stop), Arc::clone(&answered));
+            let (http, stop, answered, progress) = (
+                http.clone(),
+                Arc::clone(&stop),
+                Arc::clone(&answered),
+                Arc::clone(&progress),
+            );
             let (url, key, chat) = (
                 format!("{}/v1/chat/completions", serve.public),
                 key.clone(),
@@ -134,28 +141,40 @@ async fn kill_9_during_load_loses_no_control_data_and_no_settled_usage() {
                         return;
                     }
                     answered.lock().unwrap().push((id, Instant::now()));
+                    progress.notify_one();
                 }
             })
         })
         .collect();
-    // Until enough answers are well older than 100 ms, so the check below has something to
-    // check (the loop does work all along: it writes control data).
+    // Twenty sites written through the admin API while the load runs; then the load goes on
+    // until enough answers are well older than 100 ms for the check below to have teeth.
+    let mut sites = Vec::new();
+    for n in 0..20 {
+        let site = serve
+            .admin(
+                &http,
+                &format!("/admin/v1/institutions/{inst}/sites"),
+                json!({"name": format!("Branch {n}")}),
+            )
+            .await;
+        sites.push(site["id"].as_str().unwrap().to_owned());
+    }
     let enough = || {
         let answered = answered.lock().unwrap();
         answered.len() >= 400
             && answered[answered.len() / 2].1.elapsed() >= Duration::from_millis(300)
     };
-    let mut sites = Vec::new();
-    while sites.len() < 5 || !enough() {
-        let site = serve
-            .admin(
-                &http,
-                &format!("/admin/v1/institutions/{inst}/sites"),
-                json!({"name": format!("Branch {}", sites.len())}),
-            )
-            .await;
-        sites.push(site["id"].as_str().unwrap().to_owned());
-    }
+    let waited = tokio::time::timeout(Duration::from_secs(60), async {
+        while !enough() {
+            assert!(
+                clients.iter().all(|c| !c.is_finished()),
+                "a client stopped before the kill"
+            );
+            progress.notified().await;
+        }
+    })
+    .await;
+    assert!(waited.is_ok(), "the load never reached 400 answers");
     let Serve { mut child, .. } = serve;
     let killed_at = Instant::now();
     child.start_kill().unwrap(); // SIGKILL
