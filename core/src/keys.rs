@@ -98,9 +98,10 @@ fn checksum(body: &str) -> String {
     ids::base62_fixed(u64::from(crc32fast::hash(body.as_bytes())), CHECK_LEN)
 }
 
-/// The server-wide secret that keys the hash of API key secrets.
+/// The server-wide secret that keys the hash of API key secrets, held as the HMAC state it
+/// keys: every request hashes its key's secret, and keying HMAC-SHA256 is half of that work.
 #[derive(Clone)]
-pub struct Pepper([u8; 32]);
+pub struct Pepper(Hmac<Sha256>);
 
 impl std::fmt::Debug for Pepper {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -130,7 +131,7 @@ pub enum PepperError {
 impl Pepper {
     /// A pepper from raw bytes (tests and tools).
     pub fn from_bytes(bytes: [u8; 32]) -> Self {
-        Pepper(bytes)
+        Pepper(Hmac::<Sha256>::new_from_slice(&bytes).expect("HMAC takes a key of any length"))
     }
 
     /// The pepper from `CARREL_PEPPER` when given, else from `<data_dir>/pepper`, created with
@@ -140,7 +141,7 @@ impl Pepper {
             let bytes = hex::decode(hex_text.trim()).map_err(|_| PepperError::BadEnv)?;
             return bytes
                 .try_into()
-                .map(Pepper)
+                .map(Pepper::from_bytes)
                 .map_err(|_| PepperError::BadEnv);
         }
         let path = data_dir.join(PEPPER_FILE);
@@ -151,7 +152,7 @@ impl Pepper {
         match fs::read(&path) {
             Ok(bytes) => bytes
                 .try_into()
-                .map(Pepper)
+                .map(Pepper::from_bytes)
                 .map_err(|_| PepperError::BadFile(path.display().to_string())),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let bytes = ids::random_bytes::<32>();
@@ -162,7 +163,7 @@ impl Pepper {
                 let mut file = options.open(&path).map_err(io)?;
                 file.write_all(&bytes).map_err(io)?;
                 file.sync_all().map_err(io)?;
-                Ok(Pepper(bytes))
+                Ok(Pepper::from_bytes(bytes))
             }
             Err(e) => Err(io(e)),
         }
@@ -170,8 +171,7 @@ impl Pepper {
 
     /// HMAC-SHA256 of a key secret.
     pub fn hash_secret(&self, secret: &str) -> [u8; 32] {
-        let mut mac =
-            Hmac::<Sha256>::new_from_slice(&self.0).expect("HMAC takes a key of any length");
+        let mut mac = self.0.clone();
         mac.update(secret.as_bytes());
         mac.finalize().into_bytes().into()
     }
@@ -181,8 +181,7 @@ impl Pepper {
     /// the id itself is never stored, logged or sent upstream. Surrounding whitespace is not
     /// part of the id.
     pub fn patron_ref(&self, institution_id: &str, patron_id: &str) -> String {
-        let mut mac =
-            Hmac::<Sha256>::new_from_slice(&self.0).expect("HMAC takes a key of any length");
+        let mut mac = self.0.clone();
         // Domain-separated from key secrets, and from other institutions' patrons.
         mac.update(b"carrel patron\0");
         mac.update(institution_id.as_bytes());
@@ -201,6 +200,23 @@ impl Pepper {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Stored key hashes and patron references must never change: HMAC-SHA256 as any other
+    /// implementation computes it (these values are from Python's `hmac`).
+    #[test]
+    fn hashes_are_plain_hmac_sha256() {
+        let pepper = Pepper::from_bytes([7; 32]);
+        assert_eq!(
+            hex::encode(pepper.hash_secret("abc")),
+            "127da4ced6a839b8f6118bc244684d2663e70cb5ff0adeefca89d7e74d5a0525"
+        );
+        // The keyed state is reused, not consumed.
+        assert_eq!(pepper.hash_secret("abc"), pepper.hash_secret("abc"));
+        assert_eq!(
+            pepper.patron_ref("inst_a", "21234000123456"),
+            "pat_3a053f257ea59fec2522e393f53510b7"
+        );
+    }
 
     #[test]
     fn patron_refs_are_stable_per_institution_and_hide_the_id() {
@@ -283,9 +299,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let a = Pepper::load_or_create(dir.path(), None).unwrap();
         let b = Pepper::load_or_create(dir.path(), None).unwrap();
-        assert_eq!(a.0, b.0);
+        assert_eq!(a.hash_secret("x"), b.hash_secret("x"));
+        let other = Pepper::load_or_create(tempfile::tempdir().unwrap().path(), None).unwrap();
+        assert_ne!(a.hash_secret("x"), other.hash_secret("x"));
         let from_env = Pepper::load_or_create(dir.path(), Some(&"ab".repeat(32))).unwrap();
-        assert_eq!(from_env.0, [0xab; 32]);
+        assert_eq!(
+            from_env.hash_secret("x"),
+            Pepper::from_bytes([0xab; 32]).hash_secret("x")
+        );
         assert!(Pepper::load_or_create(dir.path(), Some("nothex")).is_err());
     }
 }
