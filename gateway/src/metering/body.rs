@@ -260,18 +260,28 @@ impl SseReader {
             out.push_back(data.clone());
             return Read::More;
         }
-        self.partial.extend_from_slice(data);
         let mut read = Read::More;
+        // Providers usually send whole events per frame: those are read and passed on as
+        // slices of the frame, with no copy. Only a split event is gathered in `partial`.
+        let mut from = 0;
+        if self.partial.is_empty() {
+            while let Some(end) = event_end(&data[from..]) {
+                let event = data.slice(from..from + end);
+                from += end;
+                match self.take(event, out) {
+                    Some(Read::Cut) => return Read::Cut,
+                    Some(done) => read = done,
+                    None => {}
+                }
+            }
+        }
+        self.partial.extend_from_slice(&data[from..]);
         while let Some(end) = event_end(&self.partial) {
             let event = self.partial.split_to(end).freeze();
-            match self.event(&event) {
-                Event::Keep => out.push_back(event),
-                Event::Drop => {}
-                Event::Done => {
-                    out.push_back(event);
-                    read = Read::Done;
-                }
-                Event::Over => return Read::Cut,
+            match self.take(event, out) {
+                Some(Read::Cut) => return Read::Cut,
+                Some(done) => read = done,
+                None => {}
             }
         }
         if self.partial.len() > MAX_EVENT_BYTES {
@@ -279,6 +289,21 @@ impl SseReader {
             out.push_back(self.partial.split().freeze());
         }
         read
+    }
+
+    /// Reads one whole event and queues it unless it is dropped; says when the stream is done
+    /// or must be cut.
+    fn take(&mut self, event: Bytes, out: &mut VecDeque<Bytes>) -> Option<Read> {
+        match self.event(&event) {
+            Event::Keep => out.push_back(event),
+            Event::Drop => {}
+            Event::Done => {
+                out.push_back(event);
+                return Some(Read::Done);
+            }
+            Event::Over => return Some(Read::Cut),
+        }
+        None
     }
 
     /// What is left when the provider ends without a final blank line.

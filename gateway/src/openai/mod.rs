@@ -310,6 +310,9 @@ impl Rewrite<'_> {
 
     /// Applies the changes to a JSON object body, keeping every other field.
     pub fn apply(&self, body: &[u8]) -> Result<Bytes, GatewayError> {
+        if let Some(spliced) = self.splice_usage(body) {
+            return Ok(spliced);
+        }
         let mut value: serde_json::Map<String, serde_json::Value> =
             serde_json::from_slice(body).map_err(|e| GatewayError::MalformedJson(e.to_string()))?;
         if let Some(model) = self.model {
@@ -336,6 +339,40 @@ impl Rewrite<'_> {
         Ok(Bytes::from(
             serde_json::to_vec(&value).expect("a JSON map serialises"),
         ))
+    }
+}
+
+impl Rewrite<'_> {
+    /// Every stream is asked for its usage, and usually that is the only change: then the
+    /// option is written in front of the client's fields, byte for byte as they came, instead
+    /// of parsing and re-serialising the body. Only when the body cannot already name
+    /// `stream_options` (the name does not occur, and no `\u` escape could spell it).
+    fn splice_usage(&self, body: &[u8]) -> Option<Bytes> {
+        const OPTION: &[u8] = br#""stream_options":{"include_usage":true}"#;
+        let only_usage = Rewrite {
+            include_usage: true,
+            ..Rewrite::default()
+        };
+        if *self != only_usage
+            || memchr::memmem::find(body, b"stream_options").is_some()
+            || memchr::memmem::find(body, b"\\u").is_some()
+        {
+            return None;
+        }
+        let open = body.iter().position(|b| !b.is_ascii_whitespace())?;
+        if body[open] != b'{' {
+            return None;
+        }
+        let rest = &body[open + 1..];
+        let empty = rest.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'}');
+        let mut out = Vec::with_capacity(body.len() + OPTION.len() + 1);
+        out.extend_from_slice(&body[..=open]);
+        out.extend_from_slice(OPTION);
+        if !empty {
+            out.push(b',');
+        }
+        out.extend_from_slice(rest);
+        Some(Bytes::from(out))
     }
 }
 
@@ -539,5 +576,47 @@ mod tests {
         );
         assert!(v.get("user").is_none());
         assert!(!Rewrite::default().is_needed());
+    }
+
+    /// The usual rewrite of a stream, spliced, means what the general rewrite means.
+    #[test]
+    fn asking_a_stream_for_its_usage_keeps_the_body_s_bytes() {
+        let usage = Rewrite {
+            include_usage: true,
+            ..Rewrite::default()
+        };
+        let general = |body: &[u8]| -> serde_json::Value {
+            let mut value: serde_json::Value = serde_json::from_slice(body).unwrap();
+            value["stream_options"] = serde_json::json!({"include_usage": true});
+            value
+        };
+        for body in [
+            &br#"{"model":"m","stream":true,"messages":[{"role":"user","content":"Hi"}]}"#[..],
+            br#"  { "model" : "m" , "stream" : true }  "#,
+            br#"{}"#,
+            br#" {  } "#,
+            // Spliced or not, these must come out right too.
+            br#"{"model":"m","stream":true,"stream_options":{"x":1}}"#,
+            br#"{"model":"m","stream\u005foptions":{"x":1},"stream":true}"#,
+            br#"{"model":"m","messages":[{"role":"user","content":"caf\u00e9"}]}"#,
+        ] {
+            let out = usage.apply(body).unwrap();
+            let got: serde_json::Value = serde_json::from_slice(&out).unwrap();
+            let mut want = general(body);
+            if let Some(opts) = serde_json::from_slice::<serde_json::Value>(body)
+                .unwrap()
+                .get("stream_options")
+            {
+                want["stream_options"] = opts.clone();
+                want["stream_options"]["include_usage"] = true.into();
+            }
+            assert_eq!(got, want, "{}", String::from_utf8_lossy(body));
+        }
+        // The common case keeps the client's bytes after the new field.
+        let body = br#"{"model":"m","stream":true}"#;
+        assert_eq!(
+            &usage.apply(body).unwrap()[..],
+            br#"{"stream_options":{"include_usage":true},"model":"m","stream":true}"#
+        );
     }
 }
