@@ -76,6 +76,7 @@ pub struct RawConfig {
     upstream: RawUpstream,
     auth: RawAuth,
     log: RawLog,
+    usage: RawUsage,
     providers: Vec<RawProvider>,
     models: Vec<RawModel>,
 }
@@ -116,6 +117,12 @@ struct RawUpstream {
 struct RawAuth {
     key_cache_ttl_ms: Option<i64>,
     key_cache_capacity: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawUsage {
+    record_retention_days: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -167,6 +174,8 @@ pub struct Config {
     pub auth: AuthConfig,
     /// Logging.
     pub log: LogConfig,
+    /// The usage ledger.
+    pub usage: UsageConfig,
     /// Providers declared in the file (re-applied to the store at every start).
     pub providers: Vec<ProviderConfig>,
     /// Models declared in the file (re-applied to the store at every start).
@@ -228,6 +237,17 @@ pub struct AuthConfig {
     /// Most keys cached at once.
     pub key_cache_capacity: u64,
 }
+
+/// `[usage]`.
+#[derive(Debug, Clone)]
+pub struct UsageConfig {
+    /// How long per-request usage records are kept; the daily sums that reports read are
+    /// kept for good.
+    pub record_retention: Duration,
+}
+
+/// Default of `usage.record_retention_days`.
+pub const DEFAULT_RECORD_RETENTION_DAYS: i64 = 90;
 
 /// `[log]`.
 #[derive(Debug, Clone)]
@@ -417,6 +437,16 @@ impl Config {
             level: raw.log.level.unwrap_or_else(|| "info".to_owned()),
             format: raw.log.format.unwrap_or(LogFormat::Text),
         };
+        let retention_days = bounded(
+            "usage.record_retention_days",
+            raw.usage.record_retention_days,
+            DEFAULT_RECORD_RETENTION_DAYS,
+            1,
+            3660,
+        )?;
+        let usage = UsageConfig {
+            record_retention: Duration::from_secs(retention_days as u64 * 86_400),
+        };
 
         let mut names = HashSet::new();
         let mut providers = Vec::with_capacity(raw.providers.len());
@@ -515,6 +545,7 @@ impl Config {
             upstream,
             auth,
             log,
+            usage,
             providers,
             models,
         })
@@ -731,6 +762,22 @@ mod tests {
         assert_eq!(c.server.admin_listen.to_string(), "127.0.0.1:8081");
         assert_eq!(c.server.data_dir, PathBuf::from("./carrel-data"));
         assert!(c.providers.is_empty());
+        assert_eq!(c.usage.record_retention, Duration::from_secs(90 * 86_400));
+    }
+
+    #[test]
+    fn usage_records_are_kept_one_day_to_ten_years() {
+        let days = |n: i64| load(&format!("[usage]\nrecord_retention_days = {n}\n"), &[]);
+        assert_eq!(
+            days(1).unwrap().usage.record_retention,
+            Duration::from_secs(86_400)
+        );
+        for bad in [0, -1, 3661] {
+            assert_eq!(
+                key_of(days(bad).unwrap_err()),
+                "usage.record_retention_days"
+            );
+        }
     }
 
     #[test]

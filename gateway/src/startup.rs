@@ -121,7 +121,8 @@ impl App {
             quota: quota.clone(),
             pepper: pepper.clone(),
             keys: KeyCache::new(config.auth.key_cache_capacity, config.auth.key_cache_ttl),
-            ledger: UsageLedger::start(store.clone()).map_err(InitError::Runtime)?,
+            ledger: UsageLedger::start(store.clone(), config.usage.record_retention)
+                .map_err(InitError::Runtime)?,
             upstream: config.upstream.clone(),
             limits: Limits {
                 max_body_bytes: config.server.max_body_bytes,

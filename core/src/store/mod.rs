@@ -2203,6 +2203,53 @@ mod tests {
         assert_eq!((key1.day_tokens, key1.month_tokens), (28, 42));
     }
 
+    #[tokio::test]
+    async fn old_usage_records_are_pruned_and_the_sums_stay() {
+        let (store, inst) = seeded().await;
+        let record = |id: &str, at: i64| UsageRecord {
+            request_id: id.into(),
+            at,
+            day: "2026-11-26".into(),
+            institution_id: inst.id.as_str().into(),
+            site_id: None,
+            group_id: None,
+            key_id: "k".into(),
+            patron_ref: None,
+            model: "m".into(),
+            status: UsageStatus::Complete,
+            prompt_tokens: 5,
+            completion_tokens: 0,
+            estimated: false,
+            cached: false,
+            latency_ms: 1,
+            cost_nano_usd: 0,
+        };
+        store
+            .record_usage(vec![record("req_1", 100), record("req_2", 150)])
+            .await
+            .unwrap();
+        store
+            .record_usage(vec![record("req_3", 300)])
+            .await
+            .unwrap();
+        // A batch goes only when all of it is past the line.
+        assert_eq!(store.prune_usage_records_blocking(150).unwrap(), 0);
+        assert_eq!(store.prune_usage_records_blocking(151).unwrap(), 2);
+        let left = store.usage_records(&inst.id, 10).await.unwrap();
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].request_id, "req_3");
+        let sums = store
+            .usage_report(
+                &inst.id,
+                "2026-11-26",
+                "2026-11-26",
+                crate::domain::UsageGroupBy::Key,
+            )
+            .await
+            .unwrap();
+        assert_eq!(sums[0].requests, 3);
+    }
+
     /// A patron's day as the quota engine will be seeded with it: a reset wipes what came
     /// before, and a record that reaches the ledger late counts only if it ended after the reset.
     #[tokio::test]

@@ -131,6 +131,20 @@ impl Store {
         self.blocking(|c| insert_usage(c, records))
     }
 
+    /// Deletes the per-request records of every batch that ended before `before` (Unix
+    /// seconds); the daily sums stay. Returns how many records went.
+    pub fn prune_usage_records_blocking(&self, before: i64) -> Result<u64, StoreError> {
+        self.blocking(|c| {
+            let gone: i64 = c.query_row(
+                "SELECT COALESCE(SUM(records), 0) FROM usage_batches WHERE last_at < ?1",
+                [before],
+                |r| r.get(0),
+            )?;
+            c.execute("DELETE FROM usage_batches WHERE last_at < ?1", [before])?;
+            Ok(gone.max(0) as u64)
+        })
+    }
+
     /// An institution's per-request records, oldest first (request ids sort by time), at most
     /// `limit`. Scans every batch: for audits and tests.
     pub async fn usage_records(

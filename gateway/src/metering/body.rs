@@ -684,7 +684,8 @@ mod tests {
             );
             engine.set_limits(table);
             Rig {
-                ledger: UsageLedger::start(store.clone()).unwrap(),
+                ledger: UsageLedger::start(store.clone(), std::time::Duration::from_secs(86_400))
+                    .unwrap(),
                 store,
                 engine,
             }

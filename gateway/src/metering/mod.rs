@@ -24,6 +24,7 @@ pub mod body;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError};
+use std::time::{Duration, Instant};
 
 use carrel_core::store::{Store, UsageRecord};
 
@@ -35,7 +36,9 @@ pub const QUEUE: usize = 65_536;
 /// killed (SQLite's WAL is in the OS's page cache), so a record is safe from `kill -9` within
 /// about this long after its response ended; the promise is 100 ms, and this leaves the rest for
 /// a slow write.
-pub const WRITE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(20);
+pub const WRITE_INTERVAL: Duration = Duration::from_millis(20);
+/// How often records past their retention are deleted (and once at start).
+pub const PRUNE_INTERVAL: Duration = Duration::from_secs(3600);
 /// Most records written in one transaction.
 const BATCH: usize = 1024;
 
@@ -137,15 +140,16 @@ impl std::fmt::Debug for UsageLedger {
 }
 
 impl UsageLedger {
-    /// Starts the writer thread over `store`. It stops when every handle is dropped, after
-    /// writing what was queued.
-    pub fn start(store: Store) -> std::io::Result<UsageLedger> {
+    /// Starts the writer thread over `store`, keeping per-request records for `retention` (see
+    /// [`PRUNE_INTERVAL`]). It stops when every handle is dropped, after writing what was
+    /// queued.
+    pub fn start(store: Store, retention: Duration) -> std::io::Result<UsageLedger> {
         let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE);
         let counters = Arc::new(Counters::default());
         let writer_counters = Arc::clone(&counters);
         let writer = std::thread::Builder::new()
             .name("carrel-ledger".to_owned())
-            .spawn(move || write_loop(&store, &rx, &writer_counters))?
+            .spawn(move || write_loop(&store, &rx, &writer_counters, retention))?
             .thread()
             .clone();
         Ok(UsageLedger {
@@ -196,8 +200,13 @@ impl UsageLedger {
     }
 }
 
-fn write_loop(store: &Store, rx: &Receiver<Msg>, counters: &Counters) {
+fn write_loop(store: &Store, rx: &Receiver<Msg>, counters: &Counters, retention: Duration) {
+    let mut next_prune = Instant::now();
     loop {
+        if Instant::now() >= next_prune {
+            prune(store, retention);
+            next_prune = Instant::now() + PRUNE_INTERVAL;
+        }
         std::thread::park_timeout(WRITE_INTERVAL);
         // Everything queued now, a batch at a time; records a flush follows are written before
         // it is acknowledged.
@@ -228,6 +237,18 @@ fn write_loop(store: &Store, rx: &Receiver<Msg>, counters: &Counters) {
                 break;
             }
         }
+    }
+}
+
+/// Deletes per-request records older than `retention`. A failure is logged and tried again at
+/// the next interval: records kept a little longer lose nothing.
+fn prune(store: &Store, retention: Duration) {
+    let before = carrel_core::domain::unix_now()
+        .saturating_sub(i64::try_from(retention.as_secs()).unwrap_or(i64::MAX));
+    match store.prune_usage_records_blocking(before) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(records = n, "usage records past their retention deleted"),
+        Err(e) => tracing::error!(error = %e, "could not delete old usage records"),
     }
 }
 
@@ -285,6 +306,44 @@ mod tests {
             assert!(p < 1 << SEQUENCE_BITS);
             assert!(seen.insert(p), "{n} collides");
         }
+    }
+
+    /// The writer deletes records past their retention when it starts (and hourly after).
+    #[tokio::test]
+    async fn the_writer_prunes_records_past_their_retention() {
+        let store = Store::open_in_memory().unwrap();
+        let now = carrel_core::domain::unix_now();
+        let record = |id: &str, at: i64| UsageRecord {
+            request_id: id.into(),
+            at,
+            day: "2026-11-26".into(),
+            institution_id: "inst_a".into(),
+            site_id: None,
+            group_id: None,
+            key_id: "k".into(),
+            patron_ref: None,
+            model: "m".into(),
+            status: carrel_core::store::UsageStatus::Complete,
+            prompt_tokens: 1,
+            completion_tokens: 1,
+            estimated: false,
+            cached: false,
+            latency_ms: 1,
+            cost_nano_usd: 0,
+        };
+        store
+            .record_usage(vec![record("req_old", now - 3 * 86_400)])
+            .await
+            .unwrap();
+        store
+            .record_usage(vec![record("req_new", now)])
+            .await
+            .unwrap();
+        let ledger = UsageLedger::start(store.clone(), Duration::from_secs(2 * 86_400)).unwrap();
+        ledger.flush().await;
+        let left = store.usage_records("inst_a", 10).await.unwrap();
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].request_id, "req_new");
     }
 
     #[test]
