@@ -46,6 +46,8 @@ if ! (command -v redis-cli >/dev/null 2>&1 && redis-cli -h 127.0.0.1 -p 6379 pin
   for _ in $(seq 1 50); do redis-cli -h 127.0.0.1 -p 6379 ping 2>/dev/null | grep -q PONG && break; sleep 0.1; done
 fi
 redis-cli -h 127.0.0.1 -p 6379 ping
+# A test also starts a private redis-server on deploy/redis.conf (on a unix socket).
+command -v redis-server >/dev/null 2>&1 || apt_install redis-server
 
 say "Format and lints"
 cargo fmt --all -- --check

@@ -4,6 +4,7 @@
 
 mod accounts;
 mod admin;
+mod deploy_files;
 mod docs;
 mod durability;
 mod governance;
