@@ -2112,10 +2112,7 @@ mod tests {
             at: 0,
             day: day.into(),
             institution_id: inst.id.as_str().into(),
-            site_id: None,
-            group_id: None,
             key_id: key.into(),
-            patron_ref: None,
             model: "m".into(),
             status: if complete {
                 UsageStatus::Complete
@@ -2124,10 +2121,9 @@ mod tests {
             },
             prompt_tokens: 10,
             completion_tokens: 4,
-            estimated: false,
-            cached: false,
             latency_ms: 3,
             cost_nano_usd: 1500,
+            ..UsageRecord::default()
         };
         let added = store
             .record_usage(vec![
@@ -2211,18 +2207,11 @@ mod tests {
             at,
             day: "2026-11-26".into(),
             institution_id: inst.id.as_str().into(),
-            site_id: None,
-            group_id: None,
             key_id: "k".into(),
-            patron_ref: None,
             model: "m".into(),
-            status: UsageStatus::Complete,
             prompt_tokens: 5,
-            completion_tokens: 0,
-            estimated: false,
-            cached: false,
             latency_ms: 1,
-            cost_nano_usd: 0,
+            ..UsageRecord::default()
         };
         store
             .record_usage(vec![record("req_1", 100), record("req_2", 150)])
@@ -2260,18 +2249,12 @@ mod tests {
             at,
             day: "2026-11-26".into(),
             institution_id: inst.id.as_str().into(),
-            site_id: None,
-            group_id: None,
             key_id: "k".into(),
             patron_ref: Some("pat_a".into()),
             model: "m".into(),
-            status: UsageStatus::Complete,
             prompt_tokens: tokens,
-            completion_tokens: 0,
-            estimated: false,
-            cached: false,
             latency_ms: 1,
-            cost_nano_usd: 0,
+            ..UsageRecord::default()
         };
         let patron_today = || async {
             store

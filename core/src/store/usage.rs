@@ -26,9 +26,10 @@ use super::{Store, StoreError};
 use crate::domain::UsageGroupBy;
 
 /// How a forwarded request ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum UsageStatus {
     /// The response reached its end.
+    #[default]
     Complete,
     /// Cut off before its end: the client left, or the provider broke off.
     Incomplete,
@@ -60,8 +61,9 @@ impl UsageStatus {
     }
 }
 
-/// What one forwarded request used.
-#[derive(Debug, Clone, PartialEq)]
+/// What one forwarded request used. The default is an empty complete record, for building
+/// one field by field.
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct UsageRecord {
     /// The request id: unique, and sorts by time.
     pub request_id: String,

@@ -318,18 +318,12 @@ mod tests {
             at,
             day: "2026-11-26".into(),
             institution_id: "inst_a".into(),
-            site_id: None,
-            group_id: None,
             key_id: "k".into(),
-            patron_ref: None,
             model: "m".into(),
-            status: carrel_core::store::UsageStatus::Complete,
             prompt_tokens: 1,
             completion_tokens: 1,
-            estimated: false,
-            cached: false,
             latency_ms: 1,
-            cost_nano_usd: 0,
+            ..UsageRecord::default()
         };
         store
             .record_usage(vec![record("req_old", now - 3 * 86_400)])
@@ -356,18 +350,11 @@ mod tests {
                 at,
                 day: String::new(),
                 institution_id: "i".into(),
-                site_id: None,
-                group_id: None,
                 key_id: "k".into(),
-                patron_ref: None,
                 model: "m".into(),
-                status: carrel_core::store::UsageStatus::Complete,
                 prompt_tokens: 1,
                 completion_tokens: 1,
-                cost_nano_usd: 0,
-                estimated: false,
-                cached: false,
-                latency_ms: 0,
+                ..UsageRecord::default()
             },
             timezone: tz.into(),
         };
