@@ -32,7 +32,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use carrel_core::domain::Principal;
-use carrel_core::quota::{Reservation, Subject};
+use carrel_core::quota::Reservation;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
@@ -82,9 +82,6 @@ pub struct RequestCtx {
     pub accept: Option<HeaderValue>,
     /// Set by authenticate.
     pub principal: Option<Arc<Principal>>,
-    /// Set by rate limit: what the request counts against (the patron and model are added by
-    /// quota reserve).
-    pub subject: Option<Subject>,
     /// Set by read body: the fields Carrel reads.
     pub fields: Option<RequestFields>,
     /// Set by read body: the original request bytes, forwarded unless a field must change.
@@ -114,7 +111,6 @@ impl RequestCtx {
             endpoint,
             accept,
             principal: None,
-            subject: None,
             fields: None,
             body: Bytes::new(),
             route: None,

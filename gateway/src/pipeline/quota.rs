@@ -50,7 +50,6 @@ pub fn rate_limit(state: &AppState, ctx: &mut RequestCtx) -> Result<Flow, Gatewa
     match state.quota.admit(&s, &CREDENTIAL_LEVELS) {
         Ok(room) => {
             ctx.standing.requests = room;
-            ctx.subject = Some(s);
             Ok(Flow::Continue)
         }
         Err(refusal) => {
@@ -71,10 +70,6 @@ fn refused_headroom(refusal: &Refusal) -> Headroom {
 
 /// Stage 5: the model's rate, then the reservation.
 pub fn reserve(state: &AppState, ctx: &mut RequestCtx) -> Result<Flow, GatewayError> {
-    let mut s = ctx
-        .subject
-        .take()
-        .expect("stage order: rate limit runs before this stage");
     let route = Arc::clone(ctx.route());
     let fields = ctx.fields();
     let principal = ctx.principal();
@@ -94,8 +89,7 @@ pub fn reserve(state: &AppState, ctx: &mut RequestCtx) -> Result<Flow, GatewayEr
         .user
         .as_deref()
         .map(|user| Arc::from(state.pepper.patron_ref(&principal.institution_id, user)));
-    s.patron.clone_from(&patron);
-    s.model = Some(Arc::clone(&route.name));
+    let s = subject(principal, patron.clone(), Some(Arc::clone(&route.name)));
     let requests = match state.quota.admit(&s, &[Level::Model]) {
         Ok(room) => room,
         Err(refusal) => {
@@ -189,46 +183,15 @@ fn over_limit(refusal: Refusal, principal: &Principal) -> GatewayError {
 
 /// A duration as OpenAI writes its reset headers: `20ms`, `1s`, `6m0s`, `2h3m4s`.
 pub fn duration_text(ns: u64) -> String {
-    let mut text = DurationText::default();
-    text.write(ns);
-    String::from_utf8_lossy(text.as_bytes()).into_owned()
-}
-
-/// A duration as [`duration_text`] writes it, on the stack: a header on every response.
-#[derive(Default)]
-struct DurationText {
-    buf: [u8; 32],
-    len: usize,
-}
-
-impl DurationText {
-    fn write(&mut self, ns: u64) {
-        use std::fmt::Write as _;
-        let secs = ns.div_ceil(1_000_000_000);
-        let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
-        // At most "5124095h34m34s" (u64::MAX nanoseconds): it always fits.
-        let _ = match (ns < 1_000_000_000, h, m) {
-            (true, ..) => write!(self, "{}ms", ns.div_ceil(1_000_000)),
-            (false, 0, 0) => write!(self, "{s}s"),
-            (false, 0, _) => write!(self, "{m}m{s}s"),
-            (false, ..) => write!(self, "{h}h{m}m{s}s"),
-        };
+    if ns < 1_000_000_000 {
+        return format!("{}ms", ns.div_ceil(1_000_000));
     }
-
-    fn as_bytes(&self) -> &[u8] {
-        &self.buf[..self.len]
-    }
-}
-
-impl std::fmt::Write for DurationText {
-    fn write_str(&mut self, s: &str) -> std::fmt::Result {
-        let end = self.len + s.len();
-        self.buf
-            .get_mut(self.len..end)
-            .ok_or(std::fmt::Error)?
-            .copy_from_slice(s.as_bytes());
-        self.len = end;
-        Ok(())
+    let secs = ns.div_ceil(1_000_000_000);
+    let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
+    match (h, m) {
+        (0, 0) => format!("{s}s"),
+        (0, _) => format!("{m}m{s}s"),
+        _ => format!("{h}h{m}m{s}s"),
     }
 }
 
@@ -254,9 +217,8 @@ pub fn add_headers(standing: &Standing, headers: &mut HeaderMap) {
         let Some(room) = room else { continue };
         headers.insert(limit, HeaderValue::from(room.limit));
         headers.insert(remaining, HeaderValue::from(room.remaining));
-        let mut text = DurationText::default();
-        text.write(room.reset_ns);
-        if let Ok(v) = HeaderValue::from_bytes(text.as_bytes()) {
+        // The header value takes over the string's buffer: one allocation.
+        if let Ok(v) = HeaderValue::try_from(duration_text(room.reset_ns)) {
             headers.insert(reset, v);
         }
     }
