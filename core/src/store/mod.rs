@@ -28,10 +28,33 @@ pub use usage::{UsageLine, UsageRecord, UsageStatus};
 /// File name of the database inside the data directory.
 pub const DB_FILE: &str = "carrel.db";
 
+/// Work in Rust that a migration does after its SQL, in the same transaction.
+type MigrationStep = fn(&rusqlite::Transaction<'_>) -> Result<(), StoreError>;
+
+/// One schema migration: SQL, then optionally a step in Rust, in one transaction.
+struct Migration {
+    sql: &'static str,
+    then: Option<MigrationStep>,
+}
+
+impl Migration {
+    const fn sql(sql: &'static str) -> Migration {
+        Migration { sql, then: None }
+    }
+
+    const fn then(step: MigrationStep, sql: &'static str) -> Migration {
+        Migration {
+            sql,
+            then: Some(step),
+        }
+    }
+}
+
 /// Numbered schema migrations; entry `i` moves the schema from version `i` to `i + 1`.
 /// Append only: never edit a migration that has shipped.
-const MIGRATIONS: &[&str] = &[
-    r#"
+const MIGRATIONS: &[Migration] = &[
+    Migration::sql(
+        r#"
 CREATE TABLE providers (
     id          TEXT PRIMARY KEY,
     name        TEXT NOT NULL UNIQUE,
@@ -72,7 +95,9 @@ CREATE TABLE api_keys (
 );
 CREATE INDEX api_keys_by_institution ON api_keys(institution_id);
 "#,
-    r#"
+    ),
+    Migration::sql(
+        r#"
 CREATE TABLE admin_users (
     id              TEXT PRIMARY KEY,
     username        TEXT NOT NULL UNIQUE,
@@ -93,7 +118,9 @@ CREATE TABLE login_failures (
 );
 CREATE INDEX login_failures_by_user ON login_failures(user_id, at);
 "#,
-    r#"
+    ),
+    Migration::sql(
+        r#"
 CREATE TABLE admin_audit (
     seq             INTEGER PRIMARY KEY AUTOINCREMENT,
     at              TEXT NOT NULL,
@@ -104,10 +131,14 @@ CREATE TABLE admin_audit (
 );
 CREATE INDEX admin_audit_by_institution ON admin_audit(institution_id, seq);
 "#,
-    r#"
+    ),
+    Migration::sql(
+        r#"
 ALTER TABLE api_keys ADD COLUMN expires_at TEXT;
 "#,
-    r#"
+    ),
+    Migration::sql(
+        r#"
 CREATE TABLE sites (
     id              TEXT PRIMARY KEY,
     institution_id  TEXT NOT NULL REFERENCES institutions(id),
@@ -126,7 +157,9 @@ CREATE TABLE member_groups (
 ALTER TABLE api_keys ADD COLUMN site_id TEXT REFERENCES sites(id);
 ALTER TABLE api_keys ADD COLUMN group_id TEXT REFERENCES member_groups(id);
 "#,
-    r#"
+    ),
+    Migration::sql(
+        r#"
 ALTER TABLE institutions ADD COLUMN sector TEXT;
 ALTER TABLE institutions ADD COLUMN status TEXT NOT NULL DEFAULT 'active';
 ALTER TABLE institutions ADD COLUMN frontier_verified INTEGER NOT NULL DEFAULT 0;
@@ -158,7 +191,9 @@ CREATE TABLE usage_daily (
     PRIMARY KEY (institution_id, day, key_id, model, site_id, group_id)
 ) WITHOUT ROWID;
 "#,
-    r#"
+    ),
+    Migration::sql(
+        r#"
 ALTER TABLE institutions ADD COLUMN over_quota TEXT NOT NULL DEFAULT 'reject';
 ALTER TABLE models ADD COLUMN max_output_tokens INTEGER NOT NULL DEFAULT 4096;
 CREATE TABLE limits (
@@ -211,9 +246,12 @@ CREATE TABLE patron_day_resets (
     PRIMARY KEY (institution_id, patron_ref, day)
 ) WITHOUT ROWID;
 "#,
+    ),
     // 8: per-request records move into one row per written batch (`usage::encode_batch`), and
     // patrons' daily sums get a table of their own. `usage::after_migration_8` moves the rows.
-    r#"
+    Migration::then(
+        usage::after_migration_8,
+        r#"
 CREATE TABLE usage_batches (
     seq         INTEGER PRIMARY KEY,
     first_at    INTEGER NOT NULL,
@@ -236,6 +274,7 @@ INSERT INTO patron_daily (institution_id, day, patron_ref, tokens)
       AND (x.at IS NULL OR r.at > x.at)
     GROUP BY r.institution_id, r.day, r.patron_ref;
 "#,
+    ),
 ];
 
 /// Columns of an institution, in [`institution_row`]'s order.
@@ -1587,11 +1626,11 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     if found > known {
         return Err(StoreError::TooNew { found, known });
     }
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+    for (i, migration) in MIGRATIONS.iter().enumerate().skip(found as usize) {
         let tx = conn.transaction()?;
-        tx.execute_batch(sql)?;
-        if i + 1 == 8 {
-            usage::after_migration_8(&tx)?;
+        tx.execute_batch(migration.sql)?;
+        if let Some(step) = migration.then {
+            step(&tx)?;
         }
         tx.pragma_update(None, "user_version", i as i64 + 1)?;
         tx.commit()?;
@@ -1725,8 +1764,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let mut conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
-            for sql in &MIGRATIONS[..7] {
-                conn.execute_batch(sql).unwrap();
+            for migration in &MIGRATIONS[..7] {
+                conn.execute_batch(migration.sql).unwrap();
             }
             conn.pragma_update(None, "user_version", 7).unwrap();
             let tx = conn.transaction().unwrap();

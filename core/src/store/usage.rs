@@ -50,6 +50,19 @@ impl UsageStatus {
         }
     }
 
+    /// Every status, by [`UsageStatus::code`].
+    pub const ALL: [UsageStatus; 4] = [
+        UsageStatus::Complete,
+        UsageStatus::Incomplete,
+        UsageStatus::Cut,
+        UsageStatus::UpstreamError,
+    ];
+
+    /// The status's number in an encoded batch (two bits).
+    pub const fn code(self) -> u8 {
+        self as u8
+    }
+
     /// The stored name.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -137,13 +150,10 @@ impl Store {
     /// seconds); the daily sums stay. Returns how many records went.
     pub fn prune_usage_records_blocking(&self, before: i64) -> Result<u64, StoreError> {
         self.blocking(|c| {
-            let gone: i64 = c.query_row(
-                "SELECT COALESCE(SUM(records), 0) FROM usage_batches WHERE last_at < ?1",
-                [before],
-                |r| r.get(0),
-            )?;
-            c.execute("DELETE FROM usage_batches WHERE last_at < ?1", [before])?;
-            Ok(gone.max(0) as u64)
+            let mut stmt =
+                c.prepare_cached("DELETE FROM usage_batches WHERE last_at < ?1 RETURNING records")?;
+            let gone = stmt.query_map([before], |r| r.get::<_, i64>(0))?;
+            gone.map(|n| Ok(n?.max(0) as u64)).sum()
         })
     }
 
@@ -423,13 +433,7 @@ pub fn encode_batch(records: &[UsageRecord]) -> Vec<u8> {
         put_uint(&mut out, r.completion_tokens);
         put_uint(&mut out, r.latency_ms);
         put_uint(&mut out, zigzag(r.cost_nano_usd));
-        let status = match r.status {
-            UsageStatus::Complete => 0,
-            UsageStatus::Incomplete => 1,
-            UsageStatus::Cut => 2,
-            UsageStatus::UpstreamError => 3,
-        };
-        out.push(status | u8::from(r.estimated) << 2 | u8::from(r.cached) << 3);
+        out.push(r.status.code() | u8::from(r.estimated) << 2 | u8::from(r.cached) << 3);
     }
     out
 }
@@ -486,12 +490,7 @@ pub fn decode_batch(data: &[u8]) -> Result<Vec<UsageRecord>, StoreError> {
             key_id,
             patron_ref,
             model,
-            status: match flags & 3 {
-                0 => UsageStatus::Complete,
-                1 => UsageStatus::Incomplete,
-                2 => UsageStatus::Cut,
-                _ => UsageStatus::UpstreamError,
-            },
+            status: UsageStatus::ALL[usize::from(flags & 3)],
             prompt_tokens,
             completion_tokens,
             estimated: flags & 4 != 0,
@@ -589,12 +588,7 @@ mod tests {
                     key_id: key_id.into(),
                     patron_ref: patron_ref.map(Into::into),
                     model: model.into(),
-                    status: [
-                        UsageStatus::Complete,
-                        UsageStatus::Incomplete,
-                        UsageStatus::Cut,
-                        UsageStatus::UpstreamError,
-                    ][usize::from(status)],
+                    status: UsageStatus::ALL[usize::from(status)],
                     prompt_tokens,
                     completion_tokens,
                     estimated,
