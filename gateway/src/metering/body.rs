@@ -260,28 +260,26 @@ impl SseReader {
             out.push_back(data.clone());
             return Read::More;
         }
-        let mut read = Read::More;
         // Providers usually send whole events per frame: those are read and passed on as
         // slices of the frame, with no copy. Only a split event is gathered in `partial`.
-        let mut from = 0;
+        let mut read = Read::More;
         if self.partial.is_empty() {
+            let mut from = 0;
             while let Some(end) = event_end(&data[from..]) {
                 let event = data.slice(from..from + end);
                 from += end;
-                match self.take(event, out) {
-                    Some(Read::Cut) => return Read::Cut,
-                    Some(done) => read = done,
-                    None => {}
+                if !self.take(event, out, &mut read) {
+                    return Read::Cut;
                 }
             }
-        }
-        self.partial.extend_from_slice(&data[from..]);
-        while let Some(end) = event_end(&self.partial) {
-            let event = self.partial.split_to(end).freeze();
-            match self.take(event, out) {
-                Some(Read::Cut) => return Read::Cut,
-                Some(done) => read = done,
-                None => {}
+            self.partial.extend_from_slice(&data[from..]);
+        } else {
+            self.partial.extend_from_slice(data);
+            while let Some(end) = event_end(&self.partial) {
+                let event = self.partial.split_to(end).freeze();
+                if !self.take(event, out, &mut read) {
+                    return Read::Cut;
+                }
             }
         }
         if self.partial.len() > MAX_EVENT_BYTES {
@@ -291,19 +289,19 @@ impl SseReader {
         read
     }
 
-    /// Reads one whole event and queues it unless it is dropped; says when the stream is done
-    /// or must be cut.
-    fn take(&mut self, event: Bytes, out: &mut VecDeque<Bytes>) -> Option<Read> {
+    /// Reads one whole event and queues it unless it is dropped, noting in `read` when the
+    /// stream is done; false when the stream must be cut.
+    fn take(&mut self, event: Bytes, out: &mut VecDeque<Bytes>, read: &mut Read) -> bool {
         match self.event(&event) {
             Event::Keep => out.push_back(event),
             Event::Drop => {}
             Event::Done => {
                 out.push_back(event);
-                return Some(Read::Done);
+                *read = Read::Done;
             }
-            Event::Over => return Some(Read::Cut),
+            Event::Over => return false,
         }
-        None
+        true
     }
 
     /// What is left when the provider ends without a final blank line.

@@ -65,12 +65,7 @@ pub fn request_id() -> String {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let process = PROCESS.get_or_init(|| Process {
         tag: carrel_core::ids::random_base62(6),
-        keys: carrel_core::ids::random_bytes::<32>()
-            .chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
-            .collect::<Vec<_>>()
-            .try_into()
-            .expect("4 keys"),
+        keys: std::array::from_fn(|_| u64::from_le_bytes(carrel_core::ids::random_bytes())),
     });
     let ms = jiff::Timestamp::now().as_millisecond().max(0) as u64;
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
