@@ -61,6 +61,9 @@ pub enum AdminError {
         /// Names both levels and both numbers.
         message: String,
     },
+    /// The shared store (Redis) did not answer: try again.
+    #[error("the shared state store is unavailable; try again shortly")]
+    StateUnavailable(#[source] StoreError),
     /// The store failed; details are logged, not returned.
     #[error("internal error")]
     Internal(#[source] StoreError),
@@ -120,6 +123,7 @@ impl AdminError {
             }
             AdminError::NotFound(_) => StatusCode::NOT_FOUND,
             AdminError::Conflict(_) | AdminError::OverParent { .. } => StatusCode::CONFLICT,
+            AdminError::StateUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             AdminError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -137,6 +141,7 @@ impl AdminError {
             AdminError::NotFound(_) => "not_found",
             AdminError::Conflict(_) => "conflict",
             AdminError::OverParent { .. } => "limit_over_parent",
+            AdminError::StateUnavailable(_) => "state_unavailable",
             AdminError::Internal(_) => "internal_error",
         }
     }
@@ -154,7 +159,7 @@ impl AdminError {
             | AdminError::AccountLocked { .. } => "authentication_error",
             AdminError::TooManyLogins { .. } => "rate_limit_error",
             AdminError::Forbidden => "permission_error",
-            AdminError::Internal(_) => "api_error",
+            AdminError::StateUnavailable(_) | AdminError::Internal(_) => "api_error",
         }
     }
 }
@@ -171,6 +176,7 @@ impl From<StoreError> for AdminError {
                     message: e.to_string(),
                 },
             },
+            e @ StoreError::Unavailable(_) => AdminError::StateUnavailable(e),
             other => AdminError::Internal(other),
         }
     }
@@ -178,8 +184,14 @@ impl From<StoreError> for AdminError {
 
 impl IntoResponse for AdminError {
     fn into_response(self) -> Response {
-        if let AdminError::Internal(source) = &self {
-            tracing::error!(error = %source, "admin request failed");
+        match &self {
+            AdminError::Internal(source) => {
+                tracing::error!(error = %source, "admin request failed")
+            }
+            AdminError::StateUnavailable(source) => {
+                tracing::warn!(error = %source, "admin request refused: shared store unavailable");
+            }
+            _ => {}
         }
         let param = match &self {
             AdminError::InvalidField { field, .. } | AdminError::OverParent { field, .. } => {

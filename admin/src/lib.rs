@@ -65,6 +65,9 @@ pub trait ControlHooks: Send + Sync + 'static {
     /// A usage report is about to be read: write every usage record already metered, so the
     /// report includes every response that has ended.
     fn usage_flush(&self) -> HookFuture;
+    /// Changes may have been missed (a replica fell behind the store's events): drop every
+    /// cache and reload every snapshot.
+    fn everything_changed(&self) -> HookFuture;
 }
 
 /// Shared state of the admin handlers.

@@ -49,7 +49,8 @@ pub enum ConfigError {
 }
 
 impl ConfigError {
-    fn invalid(key: impl Into<String>, message: impl Into<String>) -> Self {
+    /// A bad value at `key`.
+    pub fn invalid(key: impl Into<String>, message: impl Into<String>) -> Self {
         ConfigError::Invalid {
             key: key.into(),
             message: message.into(),
@@ -77,6 +78,7 @@ pub struct RawConfig {
     auth: RawAuth,
     log: RawLog,
     usage: RawUsage,
+    store: RawStore,
     providers: Vec<RawProvider>,
     models: Vec<RawModel>,
 }
@@ -123,6 +125,14 @@ struct RawAuth {
 #[serde(deny_unknown_fields, default)]
 struct RawUsage {
     record_retention_days: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawStore {
+    kind: Option<StoreKind>,
+    redis_url: Option<String>,
+    redis_prefix: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -176,6 +186,8 @@ pub struct Config {
     pub log: LogConfig,
     /// The usage ledger.
     pub usage: UsageConfig,
+    /// `[store]`.
+    pub store: StoreConfig,
     /// Providers declared in the file (re-applied to the store at every start).
     pub providers: Vec<ProviderConfig>,
     /// Models declared in the file (re-applied to the store at every start).
@@ -246,6 +258,27 @@ pub struct UsageConfig {
     pub record_retention: Duration,
 }
 
+/// `[store]`: where control data, counters and usage live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreConfig {
+    /// `embedded` (one process, SQLite in the data directory) or `redis` (several replicas).
+    pub kind: StoreKind,
+    /// Where Redis is, for `kind = "redis"`.
+    pub redis_url: String,
+    /// The hash tag every Redis key starts with: replicas of one deployment share it.
+    pub redis_prefix: String,
+}
+
+/// `store.kind`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreKind {
+    /// One process; SQLite in the data directory.
+    Embedded,
+    /// Several replicas sharing one Redis.
+    Redis,
+}
+
 /// Default of `usage.record_retention_days`.
 pub const DEFAULT_RECORD_RETENTION_DAYS: i64 = 90;
 
@@ -269,7 +302,7 @@ pub enum LogFormat {
 }
 
 /// `[[providers]]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, Deserialize)]
 pub struct ProviderConfig {
     /// Unique name.
     pub name: String,
@@ -277,12 +310,14 @@ pub struct ProviderConfig {
     pub kind: ProviderKind,
     /// Base URL including the version path, for `openai` providers.
     pub base_url: Option<String>,
-    /// The API key read from the environment variable named by `api_key_env`.
+    /// The API key read from the environment variable named by `api_key_env`. Never
+    /// serialised: it stays in this process's memory, out of every store and log.
+    #[serde(skip)]
     pub api_key: Option<String>,
 }
 
 /// `[[models]]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, Deserialize)]
 pub struct ModelConfig {
     /// Public model name.
     pub name: String,
@@ -447,6 +482,23 @@ impl Config {
         let usage = UsageConfig {
             record_retention: Duration::from_secs(retention_days as u64 * 86_400),
         };
+        let st = raw.store;
+        let store = StoreConfig {
+            kind: st.kind.unwrap_or(StoreKind::Embedded),
+            redis_url: match st.redis_url {
+                None => "redis://127.0.0.1:6379".to_owned(),
+                Some(u) => validate_redis_url(&u)
+                    .map_err(|m| ConfigError::invalid("store.redis_url", m))?,
+            },
+            redis_prefix: match st.redis_prefix {
+                None => "carrel".to_owned(),
+                Some(p) => {
+                    validate_redis_prefix(&p)
+                        .map_err(|m| ConfigError::invalid("store.redis_prefix", m))?;
+                    p
+                }
+            },
+        };
 
         let mut names = HashSet::new();
         let mut providers = Vec::with_capacity(raw.providers.len());
@@ -546,9 +598,36 @@ impl Config {
             auth,
             log,
             usage,
+            store,
             providers,
             models,
         })
+    }
+}
+
+/// A Redis URL: `redis://`, `rediss://` (TLS) or `redis+unix://` / `unix://` (a socket).
+/// Returns it trimmed.
+pub fn validate_redis_url(url: &str) -> Result<String, String> {
+    let url = url.trim();
+    let parsed = url::Url::parse(url).map_err(|e| format!("not a URL: {e}"))?;
+    match parsed.scheme() {
+        "redis" | "rediss" | "redis+unix" | "unix" => Ok(url.to_owned()),
+        other => Err(format!(
+            "scheme `{other}` is not one of redis, rediss, redis+unix, unix"
+        )),
+    }
+}
+
+/// A Redis key prefix: 1 to 64 of `A-Z a-z 0-9 _ - . :` (it becomes a hash tag, so no braces).
+pub fn validate_redis_prefix(prefix: &str) -> Result<(), String> {
+    let ok = (1..=64).contains(&prefix.len())
+        && prefix
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-.:".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err("must be 1 to 64 of A-Z a-z 0-9 _ - . :".to_owned())
     }
 }
 

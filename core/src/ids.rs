@@ -23,6 +23,23 @@ pub fn new_id(prefix: &str) -> String {
     format!("{prefix}_{}", random_base62(16))
 }
 
+/// `prefix_` and 16 base62 digits of `n` (taken modulo 62^16, a bias below 2^-32 for a
+/// uniform `n`): a record id derived from a seed rather than drawn (see `store::write`).
+pub fn prefixed_base62(prefix: &str, n: u128) -> String {
+    const DIGITS: usize = 16;
+    let mut n = n % 62u128.pow(DIGITS as u32);
+    let mut digits = [b'0'; DIGITS];
+    for d in digits.iter_mut().rev() {
+        *d = BASE62[(n % 62) as usize];
+        n /= 62;
+    }
+    let mut out = String::with_capacity(prefix.len() + 1 + DIGITS);
+    out.push_str(prefix);
+    out.push('_');
+    out.extend(digits.iter().map(|&b| b as char));
+    out
+}
+
 /// `n` encoded as exactly `width` base62 digits (most significant first), wrapping above 62^width.
 pub fn base62_fixed(n: u64, width: usize) -> String {
     let mut out = String::with_capacity(width);

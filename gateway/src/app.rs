@@ -172,7 +172,17 @@ impl ControlHooks for GatewayHooks {
 
     fn usage_flush(&self) -> HookFuture {
         let ledger = self.0.ledger.clone();
-        Box::pin(async move { ledger.flush().await })
+        let store = self.0.store.clone();
+        Box::pin(async move {
+            ledger.flush().await;
+            // On the Redis backend the records reach this replica's view through Redis.
+            store.usage_visible().await;
+        })
+    }
+
+    fn everything_changed(&self) -> HookFuture {
+        self.0.keys.evict_all();
+        self.catalog_changed()
     }
 
     fn institution_changed(&self, institution_id: &str) -> HookFuture {

@@ -7,11 +7,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use carrel_admin::AdminState;
-use carrel_core::config::{Config, ConfigError, ModelConfig, ProviderConfig};
+use carrel_core::config::{Config, ConfigError, ModelConfig, ProviderConfig, StoreKind};
 use carrel_core::domain::{InstitutionKind, KeyKind, ProviderKind, Tier};
 use carrel_core::keys::{NewKey, Pepper, PepperError};
 use carrel_core::quota::{QuotaEngine, SystemClock};
-use carrel_core::store::{NewApiKey, NewInstitution, Store, StoreError};
+use carrel_core::store::{NewApiKey, NewInstitution, RedisSettings, Store, StoreError};
 
 use crate::app::{AppState, GatewayHooks, Limits, StateParts};
 use crate::demo;
@@ -91,7 +91,7 @@ impl App {
     /// Opens the store in `server.data_dir`, applies the config's providers and models, and
     /// loads the catalog.
     pub async fn build(config: &Config, opts: &StartOptions) -> Result<App, InitError> {
-        let store = Store::open(&config.server.data_dir)?;
+        let store = open_store(config, opts).await?;
         App::build_with_store(config, opts, store).await
     }
 
@@ -149,12 +149,112 @@ impl App {
                 "CARREL_ADMIN_TOKEN is not set: only existing admin accounts can sign in"
             );
         }
+        #[expect(
+            clippy::disallowed_methods,
+            reason = "applies other replicas' changes for the life of the runtime; nothing to \
+                      drain at shutdown"
+        )]
+        tokio::spawn(follow_store_events(admin.clone()));
         Ok(App { state, admin })
     }
 
     /// The admin router over this app's state.
     pub fn admin_router(&self) -> axum::Router {
         carrel_admin::router(self.admin.clone())
+    }
+}
+
+/// Opens the store `store.kind` names, and says which at start.
+pub async fn open_store(config: &Config, opts: &StartOptions) -> Result<Store, InitError> {
+    let store = match config.store.kind {
+        StoreKind::Embedded => Store::open(&config.server.data_dir)?,
+        StoreKind::Redis => {
+            // Keys are hashed and patrons named with the pepper: replicas that each made their
+            // own would not recognise each other's keys.
+            if opts.pepper_env.is_none() {
+                return Err(InitError::Config(ConfigError::invalid(
+                    "store.kind",
+                    format!(
+                        "\"redis\" needs {}: every replica must share one pepper",
+                        carrel_core::keys::PEPPER_ENV
+                    ),
+                )));
+            }
+            Store::open_replica(RedisSettings {
+                url: config.store.redis_url.clone(),
+                prefix: config.store.redis_prefix.clone(),
+                data_dir: config.server.data_dir.clone(),
+            })
+            .await?
+        }
+    };
+    tracing::info!(
+        store = store.kind(),
+        redis_prefix =
+            (config.store.kind == StoreKind::Redis).then_some(config.store.redis_prefix.as_str()),
+        "store open"
+    );
+    Ok(store)
+}
+
+/// Applies to this replica's data plane what other replicas changed (on the Redis backend;
+/// the embedded store sends nothing). A replica that falls behind the events reloads
+/// everything the events would have touched.
+async fn follow_store_events(admin: AdminState) {
+    use carrel_core::store::StoreEvent;
+    use tokio::sync::broadcast::error::RecvError;
+    let mut events = admin.store.events();
+    loop {
+        let event = match events.recv().await {
+            Ok(event) => event,
+            Err(RecvError::Closed) => return,
+            Err(RecvError::Lagged(n)) => {
+                tracing::warn!(missed = n, "fell behind the store's events; reloading");
+                admin.hooks.everything_changed().await;
+                reload_quota(&admin).await;
+                continue;
+            }
+        };
+        tracing::debug!(?event, "change from another replica");
+        match event {
+            StoreEvent::KeyChanged(id) => admin.hooks.key_changed(&id).await,
+            StoreEvent::InstitutionChanged(id) => admin.hooks.institution_changed(&id).await,
+            StoreEvent::CatalogChanged => admin.hooks.catalog_changed().await,
+            StoreEvent::LimitsChanged => reload_quota(&admin).await,
+            StoreEvent::ExtensionsChanged {
+                institution_id,
+                patron_ref,
+            } => {
+                let patron = Some((institution_id.as_str(), patron_ref.as_str()));
+                if let Err(e) =
+                    carrel_core::quota::refresh_extensions(&admin.quota, &admin.store, patron).await
+                {
+                    tracing::error!(error = %e, "could not load a patron's extensions");
+                }
+            }
+            StoreEvent::PatronDayReset {
+                institution_id,
+                patron_ref,
+            } => match admin.store.get_institution(&institution_id).await {
+                Ok(Some(inst)) => {
+                    let (id, tz): (Arc<str>, Arc<str>) =
+                        (inst.id.as_str().into(), inst.timezone.as_str().into());
+                    admin.quota.reset_patron_day(&id, &tz, &patron_ref);
+                }
+                Ok(None) => {}
+                Err(e) => tracing::error!(error = %e, "could not read an institution"),
+            },
+        }
+    }
+}
+
+async fn reload_quota(admin: &AdminState) {
+    match admin.store.limits_table().await {
+        Ok(table) => admin.quota.set_limits(table),
+        Err(e) => tracing::error!(error = %e, "could not reload limits"),
+    }
+    if let Err(e) = carrel_core::quota::refresh_extensions(&admin.quota, &admin.store, None).await {
+        tracing::error!(error = %e, "could not reload extensions");
     }
 }
 

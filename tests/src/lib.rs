@@ -4,6 +4,7 @@
 #![allow(clippy::disallowed_methods)]
 
 pub mod mock;
+pub mod tcp_proxy;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -16,6 +17,42 @@ use tokio_util::sync::CancellationToken;
 
 /// The operator token every test gateway accepts.
 pub const ADMIN_TOKEN: &str = "test-admin-token";
+/// The pepper of every test replica on the Redis backend (replicas must share one).
+pub const TEST_PEPPER: &str = "7465737420706570706572207465737420706570706572207465737420706570";
+
+/// The Redis the tests share: `CARREL_TEST_REDIS_URL`, else the machine's.
+pub fn redis_url() -> String {
+    std::env::var("CARREL_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// A key prefix no other test uses.
+pub fn redis_prefix(test: &str) -> String {
+    format!("e2e-{test}-{}", carrel_core::ids::random_base62(10))
+}
+
+/// The `[store]` section of a replica on `prefix`.
+pub fn redis_store_toml(prefix: &str) -> String {
+    format!(
+        "[store]\nkind = \"redis\"\nredis_url = \"{}\"\nredis_prefix = \"{prefix}\"\n",
+        redis_url()
+    )
+}
+
+/// A replica of the store on `prefix`, up to date with everything Redis holds: what a fresh
+/// replica would find.
+pub async fn replica_of(prefix: &str) -> carrel_core::store::Store {
+    let dir = tempfile::tempdir().expect("temp dir").keep();
+    let store = carrel_core::store::Store::open_replica(carrel_core::store::RedisSettings {
+        url: redis_url(),
+        prefix: prefix.to_owned(),
+        data_dir: dir,
+    })
+    .await
+    .expect("the tests need Redis (tests/run.sh starts one)");
+    store.catch_up().await.expect("catch up");
+    store
+}
+
 /// Password of the admin accounts that tests create.
 pub const PASSWORD: &str = "correct horse battery staple";
 
@@ -72,7 +109,8 @@ impl Gateway {
         config.server.data_dir = dir.path().join("data");
         tweak(&mut config);
         let opts = StartOptions {
-            pepper_env: None,
+            pepper_env: (config.store.kind == carrel_core::config::StoreKind::Redis)
+                .then(|| TEST_PEPPER.to_owned()),
             admin_token: Some(ADMIN_TOKEN.to_owned()),
             demo_word_delay: Duration::ZERO,
         };

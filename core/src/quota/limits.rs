@@ -189,6 +189,38 @@ impl Limits {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LimitsPatch(pub [Option<Option<u64>>; 6]);
 
+/// One kind's change, as written in the store's log: `"keep"`, `"remove"` or `{"set": n}`.
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Change {
+    Keep,
+    Remove,
+    Set(u64),
+}
+
+impl Serialize for LimitsPatch {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0
+            .map(|c| match c {
+                None => Change::Keep,
+                Some(None) => Change::Remove,
+                Some(Some(v)) => Change::Set(v),
+            })
+            .serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for LimitsPatch {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let changes = <[Change; 6]>::deserialize(d)?;
+        Ok(LimitsPatch(changes.map(|c| match c {
+            Change::Keep => None,
+            Change::Remove => Some(None),
+            Change::Set(v) => Some(Some(v)),
+        })))
+    }
+}
+
 impl LimitsPatch {
     /// The change for `kind`.
     pub fn get(&self, kind: LimitKind) -> Option<Option<u64>> {

@@ -1,10 +1,10 @@
 //! Limits by level, the carving rule enforced where they are written, the usage of the current
 //! periods (to seed the quota engine at start), and patrons' extensions and day resets.
 
-use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use rusqlite::{Connection, OptionalExtension, params};
 
+use super::write::{Command, WriteCtx};
 use super::{Store, StoreError, get_key};
-use crate::ids;
 use crate::quota::limits::{check_carving, check_range};
 use crate::quota::{Level, LimitKind, Limits, LimitsPatch, LimitsTable};
 
@@ -72,31 +72,9 @@ impl Store {
         id: &str,
         patch: LimitsPatch,
     ) -> Result<Limits, StoreError> {
+        check_range(&patch)?;
         let id = id.to_owned();
-        self.call(move |c| {
-            check_range(&patch)?;
-            let tx = c.transaction()?;
-            let limits = patch.apply(read_limits(&tx, level, &id)?);
-            let parent = parent_of(&tx, level, &id)?;
-            for kind in LimitKind::ALL {
-                let Some(Some(value)) = patch.get(kind) else {
-                    continue;
-                };
-                if let Some((plevel, pid)) = &parent {
-                    let plimit = read_limits(&tx, *plevel, pid)?.get(kind);
-                    let others = sum_children(&tx, (*plevel, pid), level, Some(&id), kind)?;
-                    check_carving(kind, level, *plevel, plimit, [others, value])?;
-                }
-                for child in child_levels(level) {
-                    let sum = sum_children(&tx, (level, &id), *child, None, kind)?;
-                    check_carving(kind, *child, level, Some(value), [sum])?;
-                }
-            }
-            write_limits(&tx, level, &id, &limits)?;
-            tx.commit()?;
-            Ok(limits)
-        })
-        .await
+        self.write(Command::SetLimits { level, id, patch }).await
     }
 
     /// The institution a site, group or key belongs to (`None` when there is no such record;
@@ -210,32 +188,12 @@ impl Store {
         expires_at: i64,
         created_by: &str,
     ) -> Result<PatronExtension, StoreError> {
-        let ext = PatronExtension {
-            id: ids::new_id("ext"),
+        self.write(Command::AddPatronExtension {
             institution_id: institution_id.to_owned(),
             patron_ref: patron_ref.to_owned(),
             tokens,
             expires_at,
             created_by: created_by.to_owned(),
-            created_at: super::now(),
-        };
-        self.call(move |c| {
-            super::require_institution(c, &ext.institution_id)?;
-            c.execute(
-                "INSERT INTO patron_extensions
-                    (id, institution_id, patron_ref, tokens, expires_at, created_by, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                params![
-                    ext.id,
-                    ext.institution_id,
-                    ext.patron_ref,
-                    i64::try_from(ext.tokens).unwrap_or(i64::MAX),
-                    ext.expires_at,
-                    ext.created_by,
-                    ext.created_at
-                ],
-            )?;
-            Ok(ext)
         })
         .await
     }
@@ -280,34 +238,107 @@ impl Store {
         day: &str,
         at: i64,
     ) -> Result<(), StoreError> {
-        let (inst, pref, day) = (
-            institution_id.to_owned(),
-            patron_ref.to_owned(),
-            day.to_owned(),
-        );
-        self.call(move |c| {
-            // One transaction: a crash never leaves the reset recorded but the day's sum
-            // standing, and no ledger batch lands between the two.
-            let tx = c.transaction()?;
-            super::require_institution(&tx, &inst)?;
-            tx.execute(
-                "INSERT INTO patron_day_resets (institution_id, patron_ref, day, at)
-                 VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (institution_id, patron_ref, day) DO UPDATE SET at = excluded.at",
-                params![inst, pref, day, at],
-            )?;
-            // What the ledger wrote before the reset no longer counts; what it writes later
-            // counts only if it ended after the reset (see `usage::insert_usage`).
-            tx.execute(
-                "UPDATE patron_daily SET tokens = 0
-                 WHERE institution_id = ?1 AND day = ?2 AND patron_ref = ?3",
-                params![inst, day, pref],
-            )?;
-            tx.commit()?;
-            Ok(())
+        self.write(Command::ResetPatronDay {
+            institution_id: institution_id.to_owned(),
+            patron_ref: patron_ref.to_owned(),
+            day: day.to_owned(),
+            at,
         })
         .await
     }
+}
+
+pub(super) fn set_limits(
+    c: &mut Connection,
+    level: Level,
+    id: &str,
+    patch: LimitsPatch,
+) -> Result<Limits, StoreError> {
+    check_range(&patch)?;
+    let tx = c.savepoint()?;
+    let limits = patch.apply(read_limits(&tx, level, id)?);
+    let parent = parent_of(&tx, level, id)?;
+    for kind in LimitKind::ALL {
+        let Some(Some(value)) = patch.get(kind) else {
+            continue;
+        };
+        if let Some((plevel, pid)) = &parent {
+            let plimit = read_limits(&tx, *plevel, pid)?.get(kind);
+            let others = sum_children(&tx, (*plevel, pid), level, Some(id), kind)?;
+            check_carving(kind, level, *plevel, plimit, [others, value])?;
+        }
+        for child in child_levels(level) {
+            let sum = sum_children(&tx, (level, id), *child, None, kind)?;
+            check_carving(kind, *child, level, Some(value), [sum])?;
+        }
+    }
+    write_limits(&tx, level, id, &limits)?;
+    tx.commit()?;
+    Ok(limits)
+}
+
+pub(super) fn add_patron_extension(
+    c: &mut Connection,
+    w: &mut WriteCtx,
+    institution_id: String,
+    patron_ref: String,
+    tokens: u64,
+    expires_at: i64,
+    created_by: String,
+) -> Result<PatronExtension, StoreError> {
+    super::require_institution(c, &institution_id)?;
+    let ext = PatronExtension {
+        id: w.id("ext"),
+        institution_id,
+        patron_ref,
+        tokens,
+        expires_at,
+        created_by,
+        created_at: w.now(),
+    };
+    c.execute(
+        "INSERT INTO patron_extensions
+            (id, institution_id, patron_ref, tokens, expires_at, created_by, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![
+            ext.id,
+            ext.institution_id,
+            ext.patron_ref,
+            i64::try_from(ext.tokens).unwrap_or(i64::MAX),
+            ext.expires_at,
+            ext.created_by,
+            ext.created_at
+        ],
+    )?;
+    Ok(ext)
+}
+
+pub(super) fn reset_patron_day(
+    c: &mut Connection,
+    inst: &str,
+    pref: &str,
+    day: &str,
+    at: i64,
+) -> Result<(), StoreError> {
+    // One transaction: a crash never leaves the reset recorded but the day's sum standing, and
+    // no ledger batch lands between the two.
+    let tx = c.savepoint()?;
+    super::require_institution(&tx, inst)?;
+    tx.execute(
+        "INSERT INTO patron_day_resets (institution_id, patron_ref, day, at)
+         VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (institution_id, patron_ref, day) DO UPDATE SET at = excluded.at",
+        params![inst, pref, day, at],
+    )?;
+    // What the ledger wrote before the reset no longer counts; what it writes later counts
+    // only if it ended after the reset (see `usage::insert_usage`).
+    tx.execute(
+        "UPDATE patron_daily SET tokens = 0
+         WHERE institution_id = ?1 AND day = ?2 AND patron_ref = ?3",
+        params![inst, day, pref],
+    )?;
+    tx.commit()?;
+    Ok(())
 }
 
 fn level_from(s: &str) -> Option<Level> {
@@ -341,7 +372,7 @@ fn read_limits(c: &Connection, level: Level, id: &str) -> Result<Limits, StoreEr
 }
 
 fn write_limits(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     level: Level,
     id: &str,
     limits: &Limits,

@@ -15,15 +15,22 @@ use crate::domain::{
     AdminUser, ApiKey, Group, GroupKind, Institution, InstitutionKind, InstitutionStatus,
     KeyCredential, KeyKind, Model, OverQuota, Provider, ProviderKind, Role, Site, Source, Tier,
 };
-use crate::ids;
 
+mod control;
+mod journal;
 mod limits;
+mod replica;
 mod tokens;
 mod usage;
+mod write;
 
 pub use limits::{PatronExtension, PeriodUsage};
+pub use replica::{JOURNAL_FILE, RedisSettings, ReplicaCounters, VIEW_FILE};
 pub use tokens::NewAdminToken;
 pub use usage::{UsageLine, UsageRecord, UsageStatus};
+pub use write::StoreEvent;
+
+use write::{Command, WriteCtx};
 
 /// File name of the database inside the data directory.
 pub const DB_FILE: &str = "carrel.db";
@@ -359,10 +366,35 @@ pub enum StoreError {
     /// The blocking task running the statement panicked or was cancelled.
     #[error("store task failed: {0}")]
     Task(String),
+    /// The shared store (Redis) did not answer in time; nothing was changed, or the change
+    /// is logged but not yet applied here.
+    #[error("shared store unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl StoreError {
+    /// Whether the error follows from the data alone, so that every replica applying the
+    /// same write to the same view meets it too (rather than from a disk, a lock or a task).
+    pub(crate) fn is_deterministic(&self) -> bool {
+        match self {
+            StoreError::Conflict(_)
+            | StoreError::NotFound(_)
+            | StoreError::Corrupt(_)
+            | StoreError::Limit(_) => true,
+            StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => {
+                e.code == rusqlite::ErrorCode::ConstraintViolation
+            }
+            StoreError::Sqlite(_)
+            | StoreError::TooNew { .. }
+            | StoreError::Io { .. }
+            | StoreError::Task(_)
+            | StoreError::Unavailable(_) => false,
+        }
+    }
 }
 
 /// A provider to create through the admin API.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct NewProvider {
     /// Unique name.
     pub name: String,
@@ -378,7 +410,7 @@ pub struct NewProvider {
 pub type NewModel = ModelConfig;
 
 /// An institution to create.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct NewInstitution {
     /// Display name.
     pub name: String,
@@ -393,11 +425,16 @@ pub struct NewInstitution {
 }
 
 /// Changes to an institution; `None` leaves a field as it is.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct InstitutionPatch {
     /// New display name.
     pub name: Option<String>,
     /// New sector label, or `Some(None)` to clear it.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "write::double_option"
+    )]
     pub sector: Option<Option<String>>,
     /// New IANA time zone.
     pub timezone: Option<String>,
@@ -410,15 +447,25 @@ pub struct InstitutionPatch {
 }
 
 /// Changes to a key; `None` leaves a field as it is.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct KeyPatch {
     /// New display name.
     pub name: Option<String>,
     /// New tier ceiling.
     pub tier_ceiling: Option<Tier>,
     /// New RFC 3339 expiry, or `Some(None)` for none.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "write::double_option"
+    )]
     pub expires_at: Option<Option<String>>,
     /// New allow-list of models, or `Some(None)` for any model within the ceiling.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "write::double_option"
+    )]
     pub allowed_models: Option<Option<Vec<String>>>,
 }
 
@@ -467,7 +514,7 @@ impl<T> Page<T> {
 }
 
 /// An API key to record; the caller minted it and hashed its secret.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct NewApiKey {
     /// Public id from the key string.
     pub id: String,
@@ -492,7 +539,7 @@ pub struct NewApiKey {
 }
 
 /// An admin account to create; the caller hashed the password.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct NewUser {
     /// Unique login name.
     pub username: String,
@@ -533,22 +580,41 @@ pub struct AuditEntry {
     pub institution_id: Option<String>,
 }
 
-/// Handle to the embedded store. Cheap to clone.
+/// Handle to the store. Cheap to clone.
+///
+/// Two backends behind one API: **embedded** (one SQLite file, one process) and **redis**
+/// (several replicas; see [`replica`]). Reads always run on the local SQLite database (the
+/// whole store, or a replica's view of the shared one); writes are [`Command`]s, run here or
+/// appended to the shared log.
 #[derive(Clone)]
 pub struct Store {
     /// The one connection. A `std` mutex is right: it is only ever held inside a blocking-pool
     /// task, for one statement or transaction, never across an `.await`.
     conn: Arc<Mutex<Connection>>,
+    /// The Redis backend's side, when this is a replica.
+    replica: Option<Arc<replica::Replica>>,
 }
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Store(sqlite)")
+        f.write_str(match self.replica {
+            None => "Store(embedded)",
+            Some(_) => "Store(redis)",
+        })
     }
 }
 
-pub(crate) fn now() -> String {
-    jiff::Timestamp::now().to_string()
+/// Opens a SQLite file with the settings every Carrel database uses.
+fn open_file(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    // The usage ledger writes every 20 ms under load. When it wrote a row per request,
+    // checkpointing the WAL every 1000 pages (SQLite's default) made each row cost twice as
+    // much (4.8 against 2.2 µs measured on the benchmark machine); a WAL of up to ~40 MB
+    // between checkpoints is cheap for a server, and durability is the same.
+    conn.pragma_update(None, "wal_autocheckpoint", 10_000)?;
+    Ok(conn)
 }
 
 impl Store {
@@ -558,15 +624,7 @@ impl Store {
             path: dir.display().to_string(),
             source,
         })?;
-        let conn = Connection::open(dir.join(DB_FILE))?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
-        // The usage ledger writes every 20 ms under load. When it wrote a row per request,
-        // checkpointing the WAL every 1000 pages (SQLite's default) made each row cost twice
-        // as much (4.8 against 2.2 µs measured on the benchmark machine); a WAL of up to ~40 MB
-        // between checkpoints is cheap for a server, and durability is the same.
-        conn.pragma_update(None, "wal_autocheckpoint", 10_000)?;
-        Store::init(conn)
+        Store::init(open_file(&dir.join(DB_FILE))?)
     }
 
     /// A private in-memory store, for tests.
@@ -574,13 +632,45 @@ impl Store {
         Store::init(Connection::open_in_memory()?)
     }
 
-    fn init(mut conn: Connection) -> Result<Store, StoreError> {
+    fn init(conn: Connection) -> Result<Store, StoreError> {
+        Store::from_parts(conn, None)
+    }
+
+    fn from_parts(
+        mut conn: Connection,
+        replica: Option<Arc<replica::Replica>>,
+    ) -> Result<Store, StoreError> {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         migrate(&mut conn)?;
         Ok(Store {
             conn: Arc::new(Mutex::new(conn)),
+            replica,
         })
+    }
+
+    /// Which backend this is: `"embedded"` or `"redis"`.
+    pub fn kind(&self) -> &'static str {
+        if self.replica.is_some() {
+            "redis"
+        } else {
+            "embedded"
+        }
+    }
+
+    /// Runs a write: here on the embedded backend, through the shared log on the Redis one.
+    async fn write<T: Send + 'static>(&self, cmd: Command) -> Result<T, StoreError> {
+        let outcome = match &self.replica {
+            None => {
+                self.call(move |c| Ok(cmd.apply(c, &mut WriteCtx::fresh())))
+                    .await?
+            }
+            Some(replica) => replica.propose(cmd).await?,
+        };
+        outcome?
+            .downcast::<T>()
+            .map(|v| *v)
+            .map_err(|_| StoreError::Task("a write returned an unexpected type".into()))
     }
 
     /// The schema version in the file.
@@ -629,116 +719,12 @@ impl Store {
         providers: Vec<ProviderConfig>,
         models: Vec<ModelConfig>,
     ) -> Result<(), StoreError> {
-        self.call(move |c| {
-            let tx = c.transaction()?;
-            for p in &providers {
-                tx.execute(
-                    "INSERT INTO providers (id, name, kind, base_url, api_key, source, created_at)
-                     VALUES (?1, ?2, ?3, ?4, NULL, 'config', ?5)
-                     ON CONFLICT(name) DO UPDATE SET kind = excluded.kind,
-                        base_url = excluded.base_url, api_key = NULL, source = 'config'",
-                    params![
-                        ids::new_id("prov"),
-                        p.name,
-                        p.kind.as_str(),
-                        p.base_url,
-                        now()
-                    ],
-                )?;
-            }
-            for m in &models {
-                tx.execute(
-                    "INSERT INTO models (id, name, provider, upstream_model, tier,
-                        input_price_per_mtok, output_price_per_mtok, source, created_at,
-                        max_output_tokens)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'config', ?8, ?9)
-                     ON CONFLICT(name) DO UPDATE SET provider = excluded.provider,
-                        upstream_model = excluded.upstream_model, tier = excluded.tier,
-                        input_price_per_mtok = excluded.input_price_per_mtok,
-                        output_price_per_mtok = excluded.output_price_per_mtok,
-                        max_output_tokens = excluded.max_output_tokens,
-                        source = 'config'",
-                    params![
-                        ids::new_id("model"),
-                        m.name,
-                        m.provider,
-                        m.upstream_model,
-                        m.tier.as_str(),
-                        m.input_price_per_mtok,
-                        m.output_price_per_mtok,
-                        now(),
-                        m.max_output_tokens
-                    ],
-                )?;
-            }
-            // Entries dropped from the config file stop being served. A provider that an
-            // admin-made model still uses is kept, handed over to the admin API.
-            let models_json = json_names(models.iter().map(|m| m.name.as_str()));
-            let removed = tx.execute(
-                "DELETE FROM models WHERE source = 'config'
-                 AND name NOT IN (SELECT value FROM json_each(?1))",
-                [&models_json],
-            )?;
-            let providers_json = json_names(providers.iter().map(|p| p.name.as_str()));
-            let kept = tx.execute(
-                "UPDATE providers SET source = 'admin' WHERE source = 'config'
-                 AND name NOT IN (SELECT value FROM json_each(?1))
-                 AND name IN (SELECT provider FROM models)",
-                [&providers_json],
-            )?;
-            let removed_providers = tx.execute(
-                "DELETE FROM providers WHERE source = 'config'
-                 AND name NOT IN (SELECT value FROM json_each(?1))",
-                [&providers_json],
-            )?;
-            tx.commit()?;
-            if removed + removed_providers > 0 {
-                tracing::info!(
-                    models = removed,
-                    providers = removed_providers,
-                    "removed entries no longer in the config file"
-                );
-            }
-            if kept > 0 {
-                tracing::warn!(
-                    providers = kept,
-                    "providers removed from the config file are still used by admin-made models; \
-                     kept as admin-managed"
-                );
-            }
-            Ok(())
-        })
-        .await
+        self.write(Command::ApplyConfig { providers, models }).await
     }
 
     /// Creates a provider; a taken name is a conflict.
     pub async fn create_provider(&self, new: NewProvider) -> Result<Provider, StoreError> {
-        self.call(move |c| {
-            let provider = Provider {
-                id: ids::new_id("prov"),
-                name: new.name,
-                kind: new.kind,
-                base_url: new.base_url,
-                api_key: new.api_key,
-                source: Source::Admin,
-                created_at: now(),
-            };
-            c.execute(
-                "INSERT INTO providers (id, name, kind, base_url, api_key, source, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, 'admin', ?6)",
-                params![
-                    provider.id,
-                    provider.name,
-                    provider.kind.as_str(),
-                    provider.base_url,
-                    provider.api_key,
-                    provider.created_at
-                ],
-            )
-            .map_err(|e| unique_conflict(e, || format!("provider `{}`", provider.name)))?;
-            Ok(provider)
-        })
-        .await
+        self.write(Command::CreateProvider(new)).await
     }
 
     /// Providers, oldest first.
@@ -758,48 +744,7 @@ impl Store {
 
     /// Creates a model; its provider must exist and its name must be free.
     pub async fn create_model(&self, new: NewModel) -> Result<Model, StoreError> {
-        self.call(move |c| {
-            let exists: bool = c.query_row(
-                "SELECT EXISTS(SELECT 1 FROM providers WHERE name = ?1)",
-                [&new.provider],
-                |r| r.get(0),
-            )?;
-            if !exists {
-                return Err(StoreError::NotFound(format!("provider `{}`", new.provider)));
-            }
-            let model = Model {
-                id: ids::new_id("model"),
-                name: new.name,
-                provider: new.provider,
-                upstream_model: new.upstream_model,
-                tier: new.tier,
-                input_price_per_mtok: new.input_price_per_mtok,
-                output_price_per_mtok: new.output_price_per_mtok,
-                max_output_tokens: new.max_output_tokens,
-                source: Source::Admin,
-                created_at: now(),
-            };
-            c.execute(
-                "INSERT INTO models (id, name, provider, upstream_model, tier,
-                    input_price_per_mtok, output_price_per_mtok, source, created_at,
-                    max_output_tokens)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'admin', ?8, ?9)",
-                params![
-                    model.id,
-                    model.name,
-                    model.provider,
-                    model.upstream_model,
-                    model.tier.as_str(),
-                    model.input_price_per_mtok,
-                    model.output_price_per_mtok,
-                    model.created_at,
-                    model.max_output_tokens
-                ],
-            )
-            .map_err(|e| unique_conflict(e, || format!("model `{}`", model.name)))?;
-            Ok(model)
-        })
-        .await
+        self.write(Command::CreateModel(new)).await
     }
 
     /// Models, oldest first.
@@ -820,35 +765,7 @@ impl Store {
 
     /// Creates an institution.
     pub async fn create_institution(&self, new: NewInstitution) -> Result<Institution, StoreError> {
-        self.call(move |c| {
-            let inst = Institution {
-                id: ids::new_id("inst"),
-                name: new.name,
-                kind: new.kind,
-                region: new.region,
-                timezone: new.timezone,
-                sector: new.sector,
-                status: InstitutionStatus::Active,
-                frontier_verified: false,
-                over_quota: OverQuota::Reject,
-                created_at: now(),
-            };
-            c.execute(
-                "INSERT INTO institutions (id, name, kind, region, timezone, created_at, sector)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                params![
-                    inst.id,
-                    inst.name,
-                    inst.kind.as_str(),
-                    inst.region,
-                    inst.timezone,
-                    inst.created_at,
-                    inst.sector
-                ],
-            )?;
-            Ok(inst)
-        })
-        .await
+        self.write(Command::CreateInstitution(new)).await
     }
 
     /// One institution.
@@ -879,55 +796,12 @@ impl Store {
         patch: InstitutionPatch,
     ) -> Result<Option<Institution>, StoreError> {
         let id = id.to_owned();
-        self.call(move |c| {
-            let tx = c.transaction()?;
-            let Some(mut inst) = get_institution(&tx, &id)? else {
-                return Ok(None);
-            };
-            if let Some(name) = patch.name {
-                inst.name = name;
-            }
-            if let Some(sector) = patch.sector {
-                inst.sector = sector;
-            }
-            if let Some(tz) = patch.timezone {
-                inst.timezone = tz;
-            }
-            if let Some(status) = patch.status {
-                inst.status = status;
-            }
-            if let Some(verified) = patch.frontier_verified {
-                inst.frontier_verified = verified;
-            }
-            if let Some(policy) = patch.over_quota {
-                inst.over_quota = policy;
-            }
-            tx.execute(
-                "UPDATE institutions SET name = ?2, sector = ?3, timezone = ?4, status = ?5,
-                    frontier_verified = ?6, over_quota = ?7 WHERE id = ?1",
-                params![
-                    inst.id,
-                    inst.name,
-                    inst.sector,
-                    inst.timezone,
-                    inst.status.as_str(),
-                    inst.frontier_verified,
-                    inst.over_quota.as_str()
-                ],
-            )?;
-            tx.commit()?;
-            Ok(Some(inst))
-        })
-        .await
+        self.write(Command::UpdateInstitution { id, patch }).await
     }
 
     /// Records a new API key for an existing institution.
     pub async fn create_key(&self, new: NewApiKey) -> Result<ApiKey, StoreError> {
-        self.call(move |c| {
-            require_institution(c, &new.institution_id)?;
-            insert_key(c, new)
-        })
-        .await
+        self.write(Command::CreateKey(new)).await
     }
 
     /// The keys of one institution, oldest first.
@@ -955,38 +829,7 @@ impl Store {
         patch: KeyPatch,
     ) -> Result<Option<ApiKey>, StoreError> {
         let id = key_id.to_owned();
-        self.call(move |c| {
-            let tx = c.transaction()?;
-            let Some(mut key) = get_key(&tx, &id)?.filter(|k| k.revoked_at.is_none()) else {
-                return Ok(None);
-            };
-            if let Some(name) = patch.name {
-                key.name = name;
-            }
-            if let Some(tier) = patch.tier_ceiling {
-                key.tier_ceiling = tier;
-            }
-            if let Some(expires_at) = patch.expires_at {
-                key.expires_at = expires_at;
-            }
-            if let Some(allowed) = patch.allowed_models {
-                key.allowed_models = allowed;
-            }
-            tx.execute(
-                "UPDATE api_keys SET name = ?2, tier_ceiling = ?3, expires_at = ?4,
-                    allowed_models = ?5 WHERE id = ?1",
-                params![
-                    key.id,
-                    key.name,
-                    key.tier_ceiling.as_str(),
-                    key.expires_at,
-                    models_json(key.allowed_models.as_deref())
-                ],
-            )?;
-            tx.commit()?;
-            Ok(Some(key))
-        })
-        .await
+        self.write(Command::UpdateKey { id, patch }).await
     }
 
     /// What is needed to verify a presented key: `None` when the id is unknown or revoked.
@@ -1023,14 +866,7 @@ impl Store {
     /// Revokes a key. `Ok(false)` when no live key has that id.
     pub async fn revoke_key(&self, key_id: &str) -> Result<bool, StoreError> {
         let id = key_id.to_owned();
-        self.call(move |c| {
-            let n = c.execute(
-                "UPDATE api_keys SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
-                params![id, now()],
-            )?;
-            Ok(n == 1)
-        })
-        .await
+        self.write(Command::RevokeKey { id }).await
     }
 
     /// Creates a site of an existing institution; names are unique per institution.
@@ -1039,21 +875,10 @@ impl Store {
         institution_id: &str,
         name: String,
     ) -> Result<Site, StoreError> {
-        let inst = institution_id.to_owned();
-        self.call(move |c| {
-            require_institution(c, &inst)?;
-            let site = Site {
-                id: ids::new_id("site"),
-                institution_id: inst,
-                name,
-                created_at: now(),
-            };
-            c.execute(
-                "INSERT INTO sites (id, institution_id, name, created_at) VALUES (?1, ?2, ?3, ?4)",
-                params![site.id, site.institution_id, site.name, site.created_at],
-            )
-            .map_err(|e| unique_conflict(e, || format!("site `{}`", site.name)))?;
-            Ok(site)
+        let institution_id = institution_id.to_owned();
+        self.write(Command::CreateSite {
+            institution_id,
+            name,
         })
         .await
     }
@@ -1086,29 +911,11 @@ impl Store {
         name: String,
         kind: GroupKind,
     ) -> Result<Group, StoreError> {
-        let inst = institution_id.to_owned();
-        self.call(move |c| {
-            require_institution(c, &inst)?;
-            let group = Group {
-                id: ids::new_id("group"),
-                institution_id: inst,
-                name,
-                kind,
-                created_at: now(),
-            };
-            c.execute(
-                "INSERT INTO member_groups (id, institution_id, name, kind, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![
-                    group.id,
-                    group.institution_id,
-                    group.name,
-                    group.kind.as_str(),
-                    group.created_at
-                ],
-            )
-            .map_err(|e| unique_conflict(e, || format!("group `{}`", group.name)))?;
-            Ok(group)
+        let institution_id = institution_id.to_owned();
+        self.write(Command::CreateGroup {
+            institution_id,
+            name,
+            kind,
         })
         .await
     }
@@ -1182,54 +989,18 @@ impl Store {
         new: NewApiKey,
         old_expires_at: String,
     ) -> Result<ApiKey, StoreError> {
-        let old = old_id.to_owned();
-        self.call(move |c| {
-            let tx = c.transaction()?;
-            let changed = tx.execute(
-                "UPDATE api_keys SET expires_at = CASE
-                    WHEN expires_at IS NULL OR expires_at > ?2 THEN ?2 ELSE expires_at END
-                 WHERE id = ?1 AND revoked_at IS NULL",
-                params![old, old_expires_at],
-            )?;
-            if changed != 1 {
-                return Err(StoreError::NotFound(format!("key `{old}`")));
-            }
-            let key = insert_key(&tx, new)?;
-            tx.commit()?;
-            Ok(key)
+        let old_id = old_id.to_owned();
+        self.write(Command::RotateKey {
+            old_id,
+            new,
+            old_expires_at,
         })
         .await
     }
 
     /// Creates an admin account; a taken username is a conflict.
     pub async fn create_user(&self, new: NewUser) -> Result<AdminUser, StoreError> {
-        self.call(move |c| {
-            if let Some(inst) = &new.institution_id {
-                require_institution(c, inst)?;
-            }
-            let user = AdminUser {
-                id: ids::new_id("user"),
-                username: new.username,
-                role: new.role,
-                institution_id: new.institution_id,
-                created_at: now(),
-            };
-            c.execute(
-                "INSERT INTO admin_users (id, username, password_hash, role, institution_id,
-                    created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![
-                    user.id,
-                    user.username,
-                    new.password_hash,
-                    user.role.as_str(),
-                    user.institution_id,
-                    user.created_at
-                ],
-            )
-            .map_err(|e| unique_conflict(e, || format!("user `{}`", user.username)))?;
-            Ok(user)
-        })
-        .await
+        self.write(Command::CreateUser(new)).await
     }
 
     /// Admin accounts, of one institution or of all, oldest first.
@@ -1272,20 +1043,7 @@ impl Store {
     /// `Ok(false)` when there is no such account.
     pub async fn delete_user(&self, id: &str) -> Result<bool, StoreError> {
         let id = id.to_owned();
-        self.call(move |c| {
-            let tx = c.transaction()?;
-            tx.execute("DELETE FROM admin_sessions WHERE user_id = ?1", [&id])?;
-            tx.execute("DELETE FROM login_failures WHERE user_id = ?1", [&id])?;
-            tx.execute(
-                "UPDATE admin_tokens SET revoked_at = ?2
-                 WHERE created_by = ?1 AND revoked_at IS NULL",
-                params![format!("user:{id}"), now()],
-            )?;
-            let n = tx.execute("DELETE FROM admin_users WHERE id = ?1", [&id])?;
-            tx.commit()?;
-            Ok(n == 1)
-        })
-        .await
+        self.write(Command::DeleteUser { id }).await
     }
 
     /// What a login attempt for `username` needs.
@@ -1325,48 +1083,15 @@ impl Store {
         user_id: &str,
         now: i64,
     ) -> Result<Option<i64>, StoreError> {
-        let id = user_id.to_owned();
-        self.call(move |c| {
-            let tx = c.transaction()?;
-            tx.execute(
-                "DELETE FROM login_failures WHERE user_id = ?1 AND at <= ?2",
-                params![id, now - LOCKOUT_WINDOW_SECS],
-            )?;
-            tx.execute(
-                "INSERT INTO login_failures (user_id, at) VALUES (?1, ?2)",
-                params![id, now],
-            )?;
-            let recent: i64 = tx.query_row(
-                "SELECT COUNT(*) FROM login_failures WHERE user_id = ?1",
-                [&id],
-                |r| r.get(0),
-            )?;
-            let locked = (recent >= LOCKOUT_FAILURES).then_some(now + LOCKOUT_WINDOW_SECS);
-            if let Some(until) = locked {
-                tx.execute(
-                    "UPDATE admin_users SET locked_until = ?2 WHERE id = ?1",
-                    params![id, until],
-                )?;
-                tx.execute("DELETE FROM login_failures WHERE user_id = ?1", [&id])?;
-            }
-            tx.commit()?;
-            Ok(locked)
-        })
-        .await
+        let user_id = user_id.to_owned();
+        self.write(Command::RecordLoginFailure { user_id, now })
+            .await
     }
 
     /// Forgets failed logins after a successful one.
     pub async fn clear_login_failures(&self, user_id: &str) -> Result<(), StoreError> {
-        let id = user_id.to_owned();
-        self.call(move |c| {
-            c.execute("DELETE FROM login_failures WHERE user_id = ?1", [&id])?;
-            c.execute(
-                "UPDATE admin_users SET locked_until = NULL WHERE id = ?1",
-                [&id],
-            )?;
-            Ok(())
-        })
-        .await
+        let user_id = user_id.to_owned();
+        self.write(Command::ClearLoginFailures { user_id }).await
     }
 
     /// Stores a session (only the token's keyed hash).
@@ -1376,13 +1101,11 @@ impl Store {
         user_id: &str,
         expires_at: i64,
     ) -> Result<(), StoreError> {
-        let id = user_id.to_owned();
-        self.call(move |c| {
-            c.execute(
-                "INSERT INTO admin_sessions (token_hash, user_id, expires_at) VALUES (?1, ?2, ?3)",
-                params![&token_hash[..], id, expires_at],
-            )?;
-            Ok(())
+        let user_id = user_id.to_owned();
+        self.write(Command::CreateSession {
+            token_hash,
+            user_id,
+            expires_at,
         })
         .await
     }
@@ -1419,13 +1142,11 @@ impl Store {
         target: String,
         institution_id: Option<String>,
     ) -> Result<i64, StoreError> {
-        self.call(move |c| {
-            c.execute(
-                "INSERT INTO admin_audit (at, actor, action, target, institution_id)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![now(), actor, action, target, institution_id],
-            )?;
-            Ok(c.last_insert_rowid())
+        self.write(Command::AppendAudit {
+            actor,
+            action: action.to_owned(),
+            target,
+            institution_id,
         })
         .await
     }
@@ -1453,52 +1174,8 @@ impl Store {
 
     /// Ends a session.
     pub async fn delete_session(&self, token_hash: [u8; 32]) -> Result<(), StoreError> {
-        self.call(move |c| {
-            c.execute(
-                "DELETE FROM admin_sessions WHERE token_hash = ?1",
-                [&token_hash[..]],
-            )?;
-            Ok(())
-        })
-        .await
+        self.write(Command::DeleteSession { token_hash }).await
     }
-}
-
-/// Inserts a key row; a taken id is a conflict.
-fn insert_key(c: &Connection, new: NewApiKey) -> Result<ApiKey, StoreError> {
-    let key = ApiKey {
-        id: new.id,
-        institution_id: new.institution_id,
-        name: new.name,
-        kind: new.kind,
-        tier_ceiling: new.tier_ceiling,
-        created_at: now(),
-        revoked_at: None,
-        expires_at: new.expires_at,
-        site_id: new.site_id,
-        group_id: new.group_id,
-        allowed_models: new.allowed_models,
-    };
-    c.execute(
-        "INSERT INTO api_keys (id, institution_id, name, kind, tier_ceiling, secret_hash,
-            created_at, expires_at, site_id, group_id, allowed_models)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-        params![
-            key.id,
-            key.institution_id,
-            key.name,
-            key.kind.as_str(),
-            key.tier_ceiling.as_str(),
-            &new.secret_hash[..],
-            key.created_at,
-            key.expires_at,
-            key.site_id,
-            key.group_id,
-            models_json(key.allowed_models.as_deref())
-        ],
-    )
-    .map_err(|e| unique_conflict(e, || format!("key `{}`", key.id)))?;
-    Ok(key)
 }
 
 /// Reads one page: `select` is a query whose last column is the `rowid` and that ends in a
@@ -1726,8 +1403,80 @@ mod tests {
     use super::*;
     use crate::keys::{NewKey, Pepper};
 
+    /// The backend a conformance test runs on.
+    #[derive(Clone, Copy, Debug)]
+    enum Backend {
+        Embedded,
+        Redis,
+    }
+
+    tokio::task_local! {
+        static BACKEND: Backend;
+    }
+
+    /// Every test below the macro runs once per backend, each time on a fresh store (on
+    /// Redis: a key prefix of its own and a data directory of its own).
+    macro_rules! conformance {
+        ($($name:ident),* $(,)?) => {
+            mod embedded {
+                $(#[tokio::test]
+                async fn $name() {
+                    super::BACKEND.scope(super::Backend::Embedded, super::$name()).await
+                })*
+            }
+            mod redis {
+                $(#[tokio::test]
+                async fn $name() {
+                    super::BACKEND.scope(super::Backend::Redis, super::$name()).await
+                })*
+            }
+        };
+    }
+
+    conformance!(
+        keys_verify_until_revoked,
+        five_failures_lock_an_account_for_the_window,
+        sessions_expire_and_end,
+        the_audit_trail_pages_newest_first,
+        keys_need_an_institution,
+        config_upserts_and_admin_conflicts,
+        pages_follow_cursors_to_the_end,
+        usage_is_summed_per_day_and_key_across_batches,
+        old_usage_records_are_pruned_and_the_sums_stay,
+        a_patron_s_day_restarts_at_a_reset_even_for_late_records,
+        carved_limits_never_add_up_to_more_than_their_parent,
+        admin_tokens_stop_at_expiry_and_revocation
+    );
+
+    /// The Redis the tests use: `CARREL_TEST_REDIS_URL`, else the machine's.
+    pub(crate) fn test_redis_url() -> String {
+        std::env::var("CARREL_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+    }
+
+    /// A replica on a fresh prefix, with a data directory that lives as long as the test
+    /// process.
+    pub(crate) async fn test_replica(prefix: &str) -> Store {
+        let dir = tempfile::tempdir().unwrap().keep();
+        Store::open_replica(RedisSettings {
+            url: test_redis_url(),
+            prefix: prefix.to_owned(),
+            data_dir: dir,
+        })
+        .await
+        .expect("the tests need Redis (tests/run.sh starts one)")
+    }
+
+    async fn fresh_store() -> Store {
+        match BACKEND.try_with(|b| *b).unwrap_or(Backend::Embedded) {
+            Backend::Embedded => Store::open_in_memory().unwrap(),
+            Backend::Redis => {
+                test_replica(&format!("test-store-{}", crate::ids::random_base62(10))).await
+            }
+        }
+    }
+
     async fn seeded() -> (Store, Institution) {
-        let store = Store::open_in_memory().unwrap();
+        let store = fresh_store().await;
         let inst = store
             .create_institution(NewInstitution {
                 name: "Springfield Library".into(),
@@ -1835,7 +1584,6 @@ mod tests {
         ));
     }
 
-    #[tokio::test]
     async fn keys_verify_until_revoked() {
         let (store, inst) = seeded().await;
         let pepper = Pepper::from_bytes([1; 32]);
@@ -1869,7 +1617,6 @@ mod tests {
         assert!(listed[0].revoked_at.is_some());
     }
 
-    #[tokio::test]
     async fn five_failures_lock_an_account_for_the_window() {
         let (store, inst) = seeded().await;
         let user = store
@@ -1917,7 +1664,6 @@ mod tests {
         assert!(store.login_record("nobody").await.unwrap().is_none());
     }
 
-    #[tokio::test]
     async fn sessions_expire_and_end() {
         let (store, inst) = seeded().await;
         let user = store
@@ -1958,7 +1704,6 @@ mod tests {
         assert!(matches!(dup, StoreError::Conflict(_)));
     }
 
-    #[tokio::test]
     async fn the_audit_trail_pages_newest_first() {
         let (store, inst) = seeded().await;
         for i in 0..5 {
@@ -1984,9 +1729,8 @@ mod tests {
         assert_eq!(older[0].target, "t:0");
     }
 
-    #[tokio::test]
     async fn keys_need_an_institution() {
-        let store = Store::open_in_memory().unwrap();
+        let store = fresh_store().await;
         let err = store
             .create_key(NewApiKey {
                 id: "x".into(),
@@ -2005,9 +1749,8 @@ mod tests {
         assert!(matches!(err, StoreError::NotFound(_)));
     }
 
-    #[tokio::test]
     async fn config_upserts_and_admin_conflicts() {
-        let store = Store::open_in_memory().unwrap();
+        let store = fresh_store().await;
         let provider = ProviderConfig {
             name: "up".into(),
             kind: ProviderKind::Openai,
@@ -2110,7 +1853,6 @@ mod tests {
         assert!(matches!(orphan, StoreError::NotFound(_)));
     }
 
-    #[tokio::test]
     async fn pages_follow_cursors_to_the_end() {
         let (store, inst) = seeded().await;
         for i in 0..5 {
@@ -2139,7 +1881,6 @@ mod tests {
         assert_eq!((four.data.len(), four.next_cursor), (5, None));
     }
 
-    #[tokio::test]
     async fn usage_is_summed_per_day_and_key_across_batches() {
         let (store, inst) = seeded().await;
         let n = std::sync::atomic::AtomicU32::new(0);
@@ -2238,7 +1979,6 @@ mod tests {
         assert_eq!((key1.day_tokens, key1.month_tokens), (28, 42));
     }
 
-    #[tokio::test]
     async fn old_usage_records_are_pruned_and_the_sums_stay() {
         let (store, inst) = seeded().await;
         let record = |id: &str, at: i64| UsageRecord {
@@ -2280,7 +2020,6 @@ mod tests {
 
     /// A patron's day as the quota engine will be seeded with it: a reset wipes what came
     /// before, and a record that reaches the ledger late counts only if it ended after the reset.
-    #[tokio::test]
     async fn a_patron_s_day_restarts_at_a_reset_even_for_late_records() {
         let (store, inst) = seeded().await;
         let record = |id: &str, at: i64, tokens: u64| UsageRecord {
@@ -2335,7 +2074,6 @@ mod tests {
         assert_eq!(key.day_tokens, 70);
     }
 
-    #[tokio::test]
     async fn carved_limits_never_add_up_to_more_than_their_parent() {
         use crate::quota::{Level, LimitKind, LimitsPatch};
         let (store, inst) = seeded().await;
@@ -2404,7 +2142,6 @@ mod tests {
         );
     }
 
-    #[tokio::test]
     async fn admin_tokens_stop_at_expiry_and_revocation() {
         let (store, inst) = seeded().await;
         let hash = [7u8; 32];

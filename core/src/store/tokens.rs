@@ -1,13 +1,13 @@
 //! Admin API tokens for automation: scoped, expiring, revocable, stored only as a keyed hash.
 
-use rusqlite::{OptionalExtension, Row, params};
+use rusqlite::{Connection, OptionalExtension, Row, params};
 
-use super::{Page, PageRequest, Store, StoreError, now, paged, parse};
+use super::write::{Command, WriteCtx};
+use super::{Page, PageRequest, Store, StoreError, paged, parse};
 use crate::domain::{AdminToken, Role, Scope};
-use crate::ids;
 
 /// A token to record; the caller minted it and hashed it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct NewAdminToken {
     /// What it is for.
     pub name: String,
@@ -31,50 +31,7 @@ const COLS: &str =
 impl Store {
     /// Records a new token.
     pub async fn create_admin_token(&self, new: NewAdminToken) -> Result<AdminToken, StoreError> {
-        self.call(move |c| {
-            let tx = c.transaction()?;
-            // A token outlives no account: its maker must still exist when it is recorded
-            // (deleting an account revokes its tokens in one transaction too).
-            if let Some(user) = new.created_by.strip_prefix("user:") {
-                let exists: bool = tx.query_row(
-                    "SELECT EXISTS(SELECT 1 FROM admin_users WHERE id = ?1)",
-                    [user],
-                    |r| r.get(0),
-                )?;
-                if !exists {
-                    return Err(StoreError::NotFound(format!("user `{user}`")));
-                }
-            }
-            let token = AdminToken {
-                id: ids::new_id("tok"),
-                name: new.name,
-                role: new.role,
-                institution_id: new.institution_id,
-                scopes: new.scopes,
-                created_by: new.created_by,
-                created_at: now(),
-                expires_at: new.expires_at.map(crate::domain::rfc3339),
-                revoked_at: None,
-            };
-            tx.execute(
-                "INSERT INTO admin_tokens (id, name, token_hash, role, institution_id, scopes,
-                    created_by, created_at, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-                params![
-                    token.id,
-                    token.name,
-                    &new.token_hash[..],
-                    token.role.as_str(),
-                    token.institution_id,
-                    scopes_text(&token.scopes),
-                    token.created_by,
-                    token.created_at,
-                    new.expires_at
-                ],
-            )?;
-            tx.commit()?;
-            Ok(token)
-        })
-        .await
+        self.write(Command::CreateAdminToken(new)).await
     }
 
     /// Tokens of one institution or of all, oldest first.
@@ -133,15 +90,68 @@ impl Store {
     /// Revokes a token. `Ok(false)` when no live token has that id.
     pub async fn revoke_admin_token(&self, id: &str) -> Result<bool, StoreError> {
         let id = id.to_owned();
-        self.call(move |c| {
-            let n = c.execute(
-                "UPDATE admin_tokens SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
-                params![id, now()],
-            )?;
-            Ok(n == 1)
-        })
-        .await
+        self.write(Command::RevokeAdminToken { id }).await
     }
+}
+
+pub(super) fn create_admin_token(
+    c: &mut Connection,
+    w: &mut WriteCtx,
+    new: NewAdminToken,
+) -> Result<AdminToken, StoreError> {
+    let tx = c.savepoint()?;
+    // A token outlives no account: its maker must still exist when it is recorded (deleting
+    // an account revokes its tokens in one transaction too).
+    if let Some(user) = new.created_by.strip_prefix("user:") {
+        let exists: bool = tx.query_row(
+            "SELECT EXISTS(SELECT 1 FROM admin_users WHERE id = ?1)",
+            [user],
+            |r| r.get(0),
+        )?;
+        if !exists {
+            return Err(StoreError::NotFound(format!("user `{user}`")));
+        }
+    }
+    let token = AdminToken {
+        id: w.id("tok"),
+        name: new.name,
+        role: new.role,
+        institution_id: new.institution_id,
+        scopes: new.scopes,
+        created_by: new.created_by,
+        created_at: w.now(),
+        expires_at: new.expires_at.map(crate::domain::rfc3339),
+        revoked_at: None,
+    };
+    tx.execute(
+        "INSERT INTO admin_tokens (id, name, token_hash, role, institution_id, scopes,
+            created_by, created_at, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        params![
+            token.id,
+            token.name,
+            &new.token_hash[..],
+            token.role.as_str(),
+            token.institution_id,
+            scopes_text(&token.scopes),
+            token.created_by,
+            token.created_at,
+            new.expires_at
+        ],
+    )?;
+    tx.commit()?;
+    Ok(token)
+}
+
+pub(super) fn revoke_admin_token(
+    c: &mut Connection,
+    w: &WriteCtx,
+    id: &str,
+) -> Result<bool, StoreError> {
+    let n = c.execute(
+        "UPDATE admin_tokens SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
+        params![id, w.now()],
+    )?;
+    Ok(n == 1)
 }
 
 fn scopes_text(scopes: &[Scope]) -> String {

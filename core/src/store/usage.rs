@@ -136,19 +136,45 @@ pub struct UsageLine {
 }
 
 impl Store {
-    /// Adds usage records to the ledger in one transaction. Returns how many were written.
+    /// Adds usage records to the ledger in one transaction, and waits until this store's
+    /// reports include them. Returns how many were written.
     pub async fn record_usage(&self, records: Vec<UsageRecord>) -> Result<usize, StoreError> {
-        self.call(move |c| insert_usage(c, &records)).await
+        let store = self.clone();
+        let n = tokio::task::spawn_blocking(move || store.record_usage_blocking(&records))
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))??;
+        self.usage_visible().await;
+        Ok(n)
     }
 
     /// [`Store::record_usage`] for a thread of its own (the ledger writer), outside any runtime.
+    ///
+    /// On the Redis backend the batch goes to the shared usage stream (or, while Redis is
+    /// away, to the local journal) and reaches this replica's view from there.
     pub fn record_usage_blocking(&self, records: &[UsageRecord]) -> Result<usize, StoreError> {
-        self.blocking(|c| insert_usage(c, records))
+        match &self.replica {
+            None => self.blocking(|c| insert_usage(c, records)),
+            Some(r) => r.publish_usage(records),
+        }
+    }
+
+    /// Sends the usage journaled while Redis was away, if any and if Redis answers now. The
+    /// ledger writer calls it when it wakes (`now`: also when Redis failed moments ago, for a
+    /// flush); nothing to do on the embedded backend.
+    pub fn retry_usage_journal_blocking(&self, now: bool) {
+        if let Some(r) = &self.replica {
+            r.retry_journal(now);
+        }
     }
 
     /// Deletes the per-request records of every batch that ended before `before` (Unix
     /// seconds); the daily sums stay. Returns how many records went.
     pub fn prune_usage_records_blocking(&self, before: i64) -> Result<u64, StoreError> {
+        if let Some(r) = &self.replica
+            && let Err(e) = r.trim_usage(before)
+        {
+            tracing::warn!(error = %e, "could not trim the shared usage stream; trying later");
+        }
         self.blocking(|c| {
             let mut stmt =
                 c.prepare_cached("DELETE FROM usage_batches WHERE last_at < ?1 RETURNING records")?;
@@ -240,11 +266,14 @@ struct Sums {
     cost_nano_usd: i64,
 }
 
-fn insert_usage(c: &mut Connection, records: &[UsageRecord]) -> Result<usize, StoreError> {
+pub(super) fn insert_usage(
+    c: &mut Connection,
+    records: &[UsageRecord],
+) -> Result<usize, StoreError> {
     if records.is_empty() {
         return Ok(0);
     }
-    let tx = c.transaction()?;
+    let tx = c.savepoint()?;
     insert_batch(&tx, records)?;
     // Fold the records: one upsert per row of the daily sums they touch.
     let mut rows: FxHashMap<[&str; 6], Sums> = FxHashMap::default();
@@ -383,7 +412,7 @@ pub(super) fn after_migration_8(tx: &Transaction<'_>) -> Result<(), StoreError> 
 
 /// Writes `records` as one `usage_batches` row; `first_at` and `last_at` bound the records'
 /// times, for retention by age.
-fn insert_batch(tx: &Transaction<'_>, records: &[UsageRecord]) -> Result<(), StoreError> {
+fn insert_batch(tx: &Connection, records: &[UsageRecord]) -> Result<(), StoreError> {
     let (first_at, last_at) = records.iter().fold((i64::MAX, i64::MIN), |(lo, hi), r| {
         (lo.min(r.at), hi.max(r.at))
     });

@@ -203,6 +203,7 @@ fn write_loop(store: &Store, rx: &Receiver<Msg>, counters: &Counters, retention:
             next_prune = Instant::now() + PRUNE_INTERVAL;
         }
         std::thread::park_timeout(WRITE_INTERVAL);
+        store.retry_usage_journal_blocking(false);
         // Everything queued now, a batch at a time; records a flush follows are written before
         // it is acknowledged.
         loop {
@@ -222,6 +223,11 @@ fn write_loop(store: &Store, rx: &Receiver<Msg>, counters: &Counters, retention:
             }
             let full = batch.len() == BATCH;
             write(store, &batch, counters);
+            if !acks.is_empty() {
+                // A flush asks for everything to be in the store: the journal too, if Redis
+                // is back.
+                store.retry_usage_journal_blocking(true);
+            }
             for ack in acks {
                 let _ = ack.send(());
             }

@@ -90,9 +90,42 @@ impl KeyCache {
         match loaded {
             Ok(key) => Ok(Some(key)),
             Err(miss) => match &*miss {
+                Miss::Unknown if store.kind() == "redis" => self.after_catch_up(id, store).await,
                 Miss::Unknown => Ok(None),
                 Miss::Store(e) => Err(GatewayError::StoreUnavailable(Arc::clone(e))),
             },
+        }
+    }
+
+    /// A key unknown to this replica's view may have been made through another replica a
+    /// moment ago: catch up with the shared log (briefly) and look once more. Nothing is
+    /// cached on a second miss, as on the first.
+    async fn after_catch_up(
+        &self,
+        id: &str,
+        store: &Store,
+    ) -> Result<Option<Arc<CachedKey>>, GatewayError> {
+        let generation = self.generation.load(Ordering::Acquire);
+        match tokio::time::timeout(CATCH_UP, store.catch_up()).await {
+            Ok(Ok(())) => {}
+            // Redis is away or slow: the view is what this replica has.
+            Ok(Err(_)) | Err(_) => return Ok(None),
+        }
+        match store.key_credential(id).await {
+            Ok(Some(cred)) => {
+                let key = Arc::new(CachedKey {
+                    secret_hash: cred.secret_hash,
+                    principal: Arc::new(Principal::for_key(&cred)),
+                });
+                self.cache.insert(Arc::from(id), Arc::clone(&key)).await;
+                if self.generation.load(Ordering::Acquire) != generation {
+                    // As in `get`: an eviction ran meanwhile.
+                    self.cache.invalidate(id).await;
+                }
+                Ok(Some(key))
+            }
+            Ok(None) => Ok(None),
+            Err(e) => Err(GatewayError::StoreUnavailable(Arc::new(e))),
         }
     }
 
@@ -100,6 +133,12 @@ impl KeyCache {
     pub async fn evict(&self, id: &str) {
         self.generation.fetch_add(1, Ordering::AcqRel);
         self.cache.invalidate(id).await;
+    }
+
+    /// Forgets every key.
+    pub fn evict_all(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.cache.invalidate_all();
     }
 
     /// Forgets every key of an institution at once (suspension, time zone change).
@@ -116,6 +155,9 @@ impl KeyCache {
         }
     }
 }
+
+/// How long an unknown key waits for this replica to catch up with the shared log.
+const CATCH_UP: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// The bearer token of a request, if any.
 fn bearer(headers: &HeaderMap) -> Option<&str> {

@@ -1,90 +1,50 @@
-//! The embedded store's promise, with the real `carrel serve` as a process of its own: after
-//! `kill -9` during load, nothing written through the admin API is lost, and neither is the usage
-//! record of any response that ended 100 ms or more before the kill.
+//! The store's promise, with the real `carrel serve` as a process of its own: after `kill -9`
+//! during load, nothing written through the admin API is lost, and neither is the usage record
+//! of any response that ended 100 ms or more before the kill. On the embedded backend the
+//! restart reads the SQLite file; on the Redis backend a fresh replica reads Redis.
 
 use std::collections::HashSet;
-use std::path::Path;
-use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use carrel_core::store::{PageRequest, Store};
 use carrel_tests::mock::MockUpstream;
-use carrel_tests::{ADMIN_TOKEN, config_for};
-use serde_json::{Value, json};
-use tokio::io::AsyncBufReadExt;
-use tokio::process::{Child, Command};
+use carrel_tests::{TEST_PEPPER, config_for, redis_prefix, redis_store_toml, replica_of};
+use serde_json::json;
 
-/// `carrel serve` in a child process, killed if the test ends first.
-struct Serve {
-    child: Child,
-    public: String,
-    admin: String,
-}
-
-impl Serve {
-    async fn start(dir: &Path) -> Serve {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_carrel-e2e"))
-            .arg("serve")
-            .arg("--config")
-            .arg(dir.join("carrel.toml"))
-            .arg("--data-dir")
-            .arg(dir.join("data"))
-            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
-            .env("CARREL_ADMIN_TOKEN", ADMIN_TOKEN)
-            .env("MOCK_API_KEY", "sk-mock")
-            .stdout(Stdio::piped())
-            // Its log, should the test fail.
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start carrel-e2e");
-        // The first line says where it listens: `listening public=http://… admin=http://…`.
-        let stdout = child.stdout.take().expect("piped stdout");
-        let line = tokio::io::BufReader::new(stdout)
-            .lines()
-            .next_line()
-            .await
-            .expect("read stdout")
-            .expect("carrel exited before listening");
-        let url = |name: &str| {
-            line.split_whitespace()
-                .find_map(|w| w.strip_prefix(name))
-                .unwrap_or_else(|| panic!("no {name} in {line:?}"))
-                .to_owned()
-        };
-        Serve {
-            public: url("public="),
-            admin: url("admin="),
-            child,
-        }
-    }
-
-    async fn admin(&self, http: &reqwest::Client, path: &str, body: Value) -> Value {
-        let resp = http
-            .post(format!("{}{path}", self.admin))
-            .bearer_auth(ADMIN_TOKEN)
-            .json(&body)
-            .send()
-            .await
-            .expect("admin request");
-        assert_eq!(resp.status(), 201);
-        resp.json().await.expect("admin JSON")
-    }
-}
+use crate::serve::Serve;
 
 #[tokio::test]
 async fn kill_9_during_load_loses_no_control_data_and_no_settled_usage() {
+    kill_9_during_load(None).await;
+}
+
+#[tokio::test]
+async fn kill_9_of_a_replica_during_load_loses_nothing_in_redis() {
+    kill_9_during_load(Some(redis_prefix("kill9"))).await;
+}
+
+/// The test, on the embedded backend or (with a key prefix) on Redis.
+async fn kill_9_during_load(redis: Option<String>) {
     let mock = MockUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
+    let store_toml = redis.as_deref().map(redis_store_toml).unwrap_or_default();
     std::fs::write(
         dir.path().join("carrel.toml"),
-        config_for(&mock.base_url(), "[log]\nlevel = \"warn\"\n"),
+        config_for(
+            &mock.base_url(),
+            &format!("{store_toml}[log]\nlevel = \"warn\"\n"),
+        ),
     )
     .unwrap();
+    // Replicas share one pepper; the embedded store makes its own.
+    let env: &[(&str, &str)] = match redis {
+        Some(_) => &[("CARREL_PEPPER", TEST_PEPPER)],
+        None => &[],
+    };
     let http = reqwest::Client::new();
-    let serve = Serve::start(dir.path()).await;
+    let serve = Serve::start(dir.path(), env).await;
     let inst = serve
         .admin(
             &http,
@@ -185,7 +145,10 @@ async fn kill_9_during_load_loses_no_control_data_and_no_settled_usage() {
     }
 
     // What the next start will find.
-    let store = Store::open(&dir.path().join("data")).unwrap();
+    let store = match &redis {
+        None => Store::open(&dir.path().join("data")).unwrap(),
+        Some(prefix) => replica_of(prefix).await,
+    };
     let records = store.usage_records(&inst, u32::MAX).await.unwrap();
     let recorded: HashSet<&str> = records.iter().map(|r| r.request_id.as_str()).collect();
     assert_eq!(recorded.len(), records.len(), "a record written twice");
@@ -224,7 +187,7 @@ async fn kill_9_during_load_loses_no_control_data_and_no_settled_usage() {
     drop(store);
 
     // And it starts again on what is there, with the same key.
-    let again = Serve::start(dir.path()).await;
+    let again = Serve::start(dir.path(), env).await;
     let resp = http
         .post(format!("{}/v1/chat/completions", again.public))
         .bearer_auth(&key)

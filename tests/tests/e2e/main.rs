@@ -13,5 +13,7 @@ mod openai_sdk;
 mod openapi_contract;
 mod proxy;
 mod quota;
+mod replicas;
+mod serve;
 mod tenancy;
 mod transport;
