@@ -298,10 +298,10 @@ async fn target(
 }
 
 /// What `inst`'s level `id` has used, from the live engine.
-fn usage_in(state: &AdminState, inst: &Institution, level: Level, id: &str) -> LimitsUsage {
+async fn usage_in(state: &AdminState, inst: &Institution, level: Level, id: &str) -> LimitsUsage {
     let (inst_id, tz): (Arc<str>, Arc<str>) =
         (inst.id.as_str().into(), inst.timezone.as_str().into());
-    state.quota.usage(&inst_id, &tz, level, id).into()
+    state.quota.usage_now(&inst_id, &tz, level, id).await.into()
 }
 
 /// The report of a target with `limits`.
@@ -312,15 +312,16 @@ async fn report(
     limits: Limits,
 ) -> Result<LimitsReport, AdminError> {
     let usage = match &target.institution {
-        Some(inst) => Some(usage_in(state, inst, target.level, &target.id)),
+        Some(inst) => Some(usage_in(state, inst, target.level, &target.id).await),
         // A model's use is counted per institution: the caller's own, when it has one and may
         // read its usage.
         None => match principal.institution() {
-            Some(own) if principal.authorize(Action::ReadUsage, Some(own)).is_ok() => state
-                .store
-                .get_institution(own)
-                .await?
-                .map(|inst| usage_in(state, &inst, target.level, &target.id)),
+            Some(own) if principal.authorize(Action::ReadUsage, Some(own)).is_ok() => {
+                match state.store.get_institution(own).await? {
+                    Some(inst) => Some(usage_in(state, &inst, target.level, &target.id).await),
+                    None => None,
+                }
+            }
             _ => None,
         },
     };
@@ -787,7 +788,15 @@ pub async fn reset_patron_day(
         .await?;
     let (inst_id, tz): (Arc<str>, Arc<str>) =
         (inst.id.as_str().into(), inst.timezone.as_str().into());
-    state.quota.reset_patron_day(&inst_id, &tz, &patron_ref);
+    state
+        .quota
+        .reset_patron_day_now(&inst_id, &tz, &patron_ref)
+        .await
+        .map_err(|_| {
+            AdminError::StateUnavailable(carrel_core::store::StoreError::Unavailable(
+                "the shared counters (Redis) cannot be reached".into(),
+            ))
+        })?;
     tracing::info!(institution = %inst.id, patron = %patron_ref, day = %day, "patron day reset");
     state
         .audit(

@@ -133,6 +133,21 @@ struct RawStore {
     kind: Option<StoreKind>,
     redis_url: Option<String>,
     redis_prefix: Option<String>,
+    redis_timeout_ms: Option<i64>,
+    expected_replicas: Option<i64>,
+    on_redis_failure: RawOnFailure,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawOnFailure {
+    requests_per_minute: Option<OnFailure>,
+    tokens_per_day: Option<OnFailure>,
+    tokens_per_month: Option<OnFailure>,
+    cost_per_month_usd: Option<OnFailure>,
+    concurrent_streams: Option<OnFailure>,
+    patron_tokens_per_day: Option<OnFailure>,
+    frontier_models: Option<OnFailure>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -267,6 +282,83 @@ pub struct StoreConfig {
     pub redis_url: String,
     /// The hash tag every Redis key starts with: replicas of one deployment share it.
     pub redis_prefix: String,
+    /// How long a request waits for Redis on its path before the failure policy applies.
+    pub redis_timeout: Duration,
+    /// Replicas expected to share the load: a limit falling back to `local` is divided by it.
+    pub expected_replicas: u32,
+    /// What each kind of limit does while Redis cannot be reached.
+    pub on_redis_failure: FailurePolicy,
+}
+
+/// What a limit does while the shared counters cannot be reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnFailure {
+    /// Refuse the request: `503` with code `state_unavailable`.
+    FailClosed,
+    /// Count on this replica alone, against the limit divided by `store.expected_replicas`.
+    Local,
+}
+
+impl OnFailure {
+    /// The config name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnFailure::FailClosed => "fail_closed",
+            OnFailure::Local => "local",
+        }
+    }
+}
+
+/// `[store.on_redis_failure]`: a policy per kind of limit, and one for frontier models
+/// whatever their limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FailurePolicy {
+    /// `requests_per_minute` (default `local`).
+    pub requests_per_minute: OnFailure,
+    /// `tokens_per_day` (default `local`).
+    pub tokens_per_day: OnFailure,
+    /// `tokens_per_month` (default `local`).
+    pub tokens_per_month: OnFailure,
+    /// `cost_per_month_usd`, money (default `fail_closed`).
+    pub cost_per_month: OnFailure,
+    /// `concurrent_streams` (default `local`).
+    pub concurrent_streams: OnFailure,
+    /// `patron_tokens_per_day` (default `local`).
+    pub patron_tokens_per_day: OnFailure,
+    /// Any request for a frontier-tier model (default `fail_closed`).
+    pub frontier_models: OnFailure,
+}
+
+impl Default for FailurePolicy {
+    fn default() -> Self {
+        FailurePolicy {
+            requests_per_minute: OnFailure::Local,
+            tokens_per_day: OnFailure::Local,
+            tokens_per_month: OnFailure::Local,
+            cost_per_month: OnFailure::FailClosed,
+            concurrent_streams: OnFailure::Local,
+            patron_tokens_per_day: OnFailure::Local,
+            frontier_models: OnFailure::FailClosed,
+        }
+    }
+}
+
+impl std::fmt::Display for FailurePolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "requests_per_minute={} tokens_per_day={} tokens_per_month={} cost_per_month_usd={} \
+             concurrent_streams={} patron_tokens_per_day={} frontier_models={}",
+            self.requests_per_minute.as_str(),
+            self.tokens_per_day.as_str(),
+            self.tokens_per_month.as_str(),
+            self.cost_per_month.as_str(),
+            self.concurrent_streams.as_str(),
+            self.patron_tokens_per_day.as_str(),
+            self.frontier_models.as_str()
+        )
+    }
 }
 
 /// `store.kind`.
@@ -496,6 +588,30 @@ impl Config {
                     validate_redis_prefix(&p)
                         .map_err(|m| ConfigError::invalid("store.redis_prefix", m))?;
                     p
+                }
+            },
+            redis_timeout: Duration::from_millis(bounded(
+                "store.redis_timeout_ms",
+                st.redis_timeout_ms,
+                20,
+                1,
+                10_000,
+            )? as u64),
+            expected_replicas: bounded("store.expected_replicas", st.expected_replicas, 2, 1, 1000)?
+                as u32,
+            on_redis_failure: {
+                let f = st.on_redis_failure;
+                let d = FailurePolicy::default();
+                FailurePolicy {
+                    requests_per_minute: f.requests_per_minute.unwrap_or(d.requests_per_minute),
+                    tokens_per_day: f.tokens_per_day.unwrap_or(d.tokens_per_day),
+                    tokens_per_month: f.tokens_per_month.unwrap_or(d.tokens_per_month),
+                    cost_per_month: f.cost_per_month_usd.unwrap_or(d.cost_per_month),
+                    concurrent_streams: f.concurrent_streams.unwrap_or(d.concurrent_streams),
+                    patron_tokens_per_day: f
+                        .patron_tokens_per_day
+                        .unwrap_or(d.patron_tokens_per_day),
+                    frontier_models: f.frontier_models.unwrap_or(d.frontier_models),
                 }
             },
         };

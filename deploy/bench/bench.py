@@ -5,12 +5,18 @@ Three targets on one machine, in one run: the mock upstream directly, nginx as a
 proxy in front of it, and Carrel (release build, API-key auth on) in front of it. For each
 scenario the targets run back to back, so each ratio compares numbers from the same minutes.
 Every process binds port 0 or a port the OS just handed out; everything stops at the end.
+
+With `--store redis`, a fourth target `redis` is a second Carrel of the same binary and limits on
+the Redis store (`[store] kind = "redis"`, a key prefix of its own for this run); the report adds
+Redis mode against embedded and the Redis memory its usage records take. The run's keys are
+deleted at the end.
 """
 
 import argparse
 import json
 import os
 import platform
+import secrets
 import shutil
 import signal
 import socket
@@ -33,6 +39,10 @@ SCENARIOS = [
     ("chat c=64", 64, CHAT),
     ("stream c=64", 64, STREAM),
 ]
+REDIS_URL = "redis://127.0.0.1:6379"
+# Carrel on Redis refuses to start without a pepper (replicas must share one); any fixed 64 hex
+# digits do for a benchmark.
+PEPPER = "ab" * 32
 
 
 def free_port():
@@ -41,13 +51,20 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start(cmd, env=None):
-    """Starts a process and returns it with its first stdout line."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env={**os.environ, **(env or {})})
+def start(cmd, env=None, log=None):
+    """Starts a process and returns it with its first stdout line. With `log`, its stderr goes
+    to that file, whose end is shown if the process exits before it was ready."""
+    stderr = open(log, "w") if log else subprocess.DEVNULL
+    try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True,
+                                env={**os.environ, **(env or {})})
+    finally:
+        if log:
+            stderr.close()
     line = proc.stdout.readline().strip()
     if not line:
-        raise SystemExit(f"{cmd[0]} exited before it was ready")
+        tail = "".join(Path(log).read_text().splitlines(keepends=True)[-20:]) if log else ""
+        raise SystemExit(f"{cmd[0]} exited before it was ready\n{tail}".rstrip())
     return proc, line
 
 
@@ -168,14 +185,15 @@ LIMITS = {"requests_per_minute": 10_000_000, "tokens_per_day": 400_000_000_000,
           "concurrent_streams": 100_000, "patron_tokens_per_day": 1_000_000_000}
 
 
-def start_carrel(binary, cfg, data_dir, limits=True):
+def start_carrel(binary, cfg, data_dir, limits=True, env=None, log=None):
     """Starts `carrel serve` on free ports with an institution and a key; returns the process,
     the public URL and the key. With `limits`, the institution, a site, a group, the key (in
-    that site and group) and the model all have every kind of limit set."""
+    that site and group) and the model all have every kind of limit set. `env` is added to its
+    environment; `log` (a file) gets its stderr."""
     admin_token = "bench-admin-token"
     carrel, line = start([str(binary), "serve", "--config", str(cfg), "--data-dir", str(data_dir),
                           "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"],
-                         env={"CARREL_ADMIN_TOKEN": admin_token})
+                         env={"CARREL_ADMIN_TOKEN": admin_token, **(env or {})}, log=log)
     words = dict(w.split("=", 1) for w in line.split()[1:])
     carrel_url, admin_url = words["public"], words["admin"]
     inst = http_json("POST", f"{admin_url}/admin/v1/institutions",
@@ -205,26 +223,10 @@ def nginx_bin():
     return shutil.which("nginx") or "/usr/sbin/nginx"
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--duration", type=int, default=15, help="seconds per target and scenario")
-    ap.add_argument("--out", help="write a Markdown report here")
-    ap.add_argument("--only", help="comma-separated scenario names to run (default: all)")
-    ap.add_argument("--rounds", type=int, default=3,
-                    help="alternating rounds per scenario; the report shows each target's median")
-    ap.add_argument("--baseline", help="another `carrel` binary (an earlier build) to run as "
-                    "target `baseline` beside this one, for before/after numbers from one run")
-    args = ap.parse_args()
-
-    procs = []
-    work = Path(tempfile.mkdtemp(prefix="carrel-bench-"))
-    try:
-        mock, line = start([str(RELEASE / "mock-upstream")])
-        procs.append(mock)
-        mock_addr = line.split("http://", 1)[1]
-
-        cfg = work / "carrel.toml"
-        cfg.write_text(f"""
+def carrel_config(mock_addr, store=""):
+    """Carrel's config: the mock as its one provider and model, then `store` (a `[store]`
+    section, or nothing for the embedded store)."""
+    return f"""
 [log]
 level = "warn"
 [[providers]]
@@ -236,8 +238,152 @@ provider = "mock"
 tier = "baseline"
 input_price_per_mtok = 0.15
 output_price_per_mtok = 0.6
-""")
-        carrel, carrel_url, key = start_carrel(RELEASE / "carrel", cfg, work / "data")
+""" + store
+
+
+def redis_store(url, prefix):
+    """The `[store]` section of a Carrel on the Redis at `url`, its keys under `{prefix}`."""
+    return f"""[store]
+kind = "redis"
+redis_url = "{url}"
+redis_prefix = "{prefix}"
+"""
+
+
+def redis_cli(url, *args, commands=None):
+    """Runs `redis-cli -u url args...`; with `commands` (lists of words), sends them all, one a
+    line, through that one client. Returns the replies, one a line (raw: no type prefixes)."""
+    stdin = None if commands is None else "".join(" ".join(c) + "\n" for c in commands)
+    done = subprocess.run(["redis-cli", "-u", url, *args], input=stdin, capture_output=True,
+                          text=True)
+    if done.returncode != 0 or done.stdout.startswith(("ERR", "NOAUTH", "WRONGPASS")):
+        raise SystemExit(f"redis-cli {' '.join(args)} failed: {done.stderr or done.stdout}".strip())
+    return done.stdout.splitlines()
+
+
+def check_redis(url):
+    """Stops the run early unless `redis-cli` is installed and reaches Redis at `url`."""
+    if not shutil.which("redis-cli"):
+        raise SystemExit("--store redis needs redis-cli (Debian: apt-get install redis-tools)")
+    if redis_cli(url, "PING") != ["PONG"]:
+        raise SystemExit(f"no Redis answers at {url}")
+
+
+def redis_server_pid(url):
+    """The pid of the Redis server when it runs on this machine (its CPU time is then measured
+    too), else None."""
+    info = dict(line.split(":", 1) for line in redis_cli(url, "INFO", "server") if ":" in line)
+    pid = info.get("process_id", "").strip()
+    try:
+        comm = Path(f"/proc/{pid}/comm").read_text() if pid.isdigit() else ""
+    except OSError:
+        return None
+    return int(pid) if comm.startswith("redis") else None
+
+
+def redis_keys(url, prefix, pattern="*"):
+    """This run's keys matching `{prefix}` + `pattern`: every key Carrel makes starts with the
+    hash tag `{prefix}`."""
+    return redis_cli(url, "--scan", "--pattern", f"{{{prefix}}}{pattern}")
+
+
+def delete_redis_keys(url, prefix):
+    """Deletes this run's keys (and no others), 500 a command; returns how many it deleted."""
+    keys = redis_keys(url, prefix)
+    redis_cli(url, commands=[["DEL", *keys[i:i + 500]] for i in range(0, len(keys), 500)])
+    return len(keys)
+
+
+def memory_usage(url, keys):
+    """Bytes each key takes in Redis, counting every element (`SAMPLES 0`); 0 for a missing key."""
+    replies = redis_cli(url, commands=[["MEMORY", "USAGE", k, "SAMPLES", "0"] for k in keys])
+    return [int(r) if r.isdigit() else 0 for r in replies]
+
+
+def redis_memory(url, prefix, requests):
+    """What the run left in Redis, measured once Carrel has sent its last usage batch (it sends
+    one every 20 ms): the usage stream per request served, the seen-batch ids, the control log."""
+    usage, log = f"{{{prefix}}}:usage", f"{{{prefix}}}:log"
+    batches = -1
+    for _ in range(50):
+        time.sleep(0.2)
+        now = int(redis_cli(url, "XLEN", usage)[0])
+        if now == batches:
+            break
+        batches = now
+    seen = redis_keys(url, prefix, ":usage-seen:*")
+    usage_bytes, log_bytes = memory_usage(url, [usage, log])
+    return {"prefix": prefix, "requests": requests, "batches": batches,
+            "usage_bytes": usage_bytes, "log_bytes": log_bytes,
+            "seen_keys": len(seen), "seen_bytes": sum(memory_usage(url, seen)) if seen else 0}
+
+
+def redis_memory_lines(m):
+    """The memory measures as Markdown bullets."""
+    per_record = m["usage_bytes"] / max(m["requests"], 1)
+    with_seen = (m["usage_bytes"] + m["seen_bytes"]) / max(m["requests"], 1)
+    p = m["prefix"]
+    return [
+        f"- **Redis bytes per usage record: {per_record:.1f}** (`MEMORY USAGE {{{p}}}:usage "
+        f"SAMPLES 0` = {m['usage_bytes']} bytes over the {m['requests']} requests the `redis` "
+        f"target served, warm-up included, in {m['batches']} stream entries: "
+        f"{m['requests'] / max(m['batches'], 1):.0f} records a batch).",
+        f"- With the {m['seen_keys']} `usage-seen` keys (one a batch, kept 30 days): "
+        f"{m['seen_bytes']} bytes more, {with_seen:.1f} bytes per usage record.",
+        f"- `MEMORY USAGE {{{p}}}:log SAMPLES 0` (the control log: the catalog and the admin "
+        f"writes that set up the key and limits): {m['log_bytes']} bytes.",
+    ]
+
+
+def redis_table(results, scenarios):
+    """Markdown rows comparing Carrel on the Redis store with Carrel embedded, same run."""
+    lines = ["| scenario | embedded req/s | redis req/s | redis/embedded req/s | embedded p50 µs "
+             "| redis p50 µs | embedded p99 µs | redis p99 µs | embedded CPU µs/req "
+             "| redis CPU µs/req | Redis server CPU µs/req |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for scenario, _, _ in scenarios:
+        e, r = (results[(scenario, t)] for t in ("carrel", "redis"))
+        server = f"{r['redis_cpu_us']:.1f}" if "redis_cpu_us" in r else "n/a"
+        lines.append(
+            f"| {scenario} | {e['rps']:.0f} | {r['rps']:.0f} | {r['rps'] / e['rps']:.2f} | "
+            f"{e['p50_us']:.0f} | {r['p50_us']:.0f} | {e['p99_us']:.0f} | {r['p99_us']:.0f} | "
+            f"{e['cpu_us']:.1f} | {r['cpu_us']:.1f} | {server} |")
+    return lines
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--duration", type=int, default=15, help="seconds per target and scenario")
+    ap.add_argument("--out", help="write a Markdown report here")
+    ap.add_argument("--only", help="comma-separated scenario names to run (default: all)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="alternating rounds per scenario; the report shows each target's median")
+    ap.add_argument("--baseline", help="another `carrel` binary (an earlier build) to run as "
+                    "target `baseline` beside this one, for before/after numbers from one run")
+    ap.add_argument("--carrel", default=str(RELEASE / "carrel"),
+                    help="the `carrel` binary to measure (default: %(default)s)")
+    ap.add_argument("--mock-upstream", default=str(RELEASE / "mock-upstream"),
+                    help="the `mock-upstream` binary (default: %(default)s)")
+    ap.add_argument("--store", choices=["embedded", "redis"], default="embedded",
+                    help="`redis`: also run the same Carrel on the Redis store as target `redis` "
+                    "(same limits, a fresh key prefix), report it against embedded and measure "
+                    "the Redis memory a usage record takes; the run's keys are deleted at the "
+                    "end (default: %(default)s, Carrel embedded only)")
+    ap.add_argument("--redis-url", default=REDIS_URL,
+                    help="the Redis of `--store redis` (default: %(default)s)")
+    args = ap.parse_args()
+
+    procs = []
+    work = Path(tempfile.mkdtemp(prefix="carrel-bench-"))
+    prefix = None
+    try:
+        mock, line = start([args.mock_upstream])
+        procs.append(mock)
+        mock_addr = line.split("http://", 1)[1]
+
+        cfg = work / "carrel.toml"
+        cfg.write_text(carrel_config(mock_addr))
+        carrel, carrel_url, key = start_carrel(Path(args.carrel), cfg, work / "data")
         procs.append(carrel)
         baseline = None
         if args.baseline:
@@ -245,6 +391,17 @@ output_price_per_mtok = 0.6
             baseline, baseline_url, baseline_key = start_carrel(
                 Path(args.baseline), cfg, work / "baseline-data", limits=False)
             procs.append(baseline)
+        on_redis, redis_pid = None, None
+        if args.store == "redis":
+            check_redis(args.redis_url)
+            redis_pid = redis_server_pid(args.redis_url)
+            prefix = f"bench-{secrets.token_hex(6)}"
+            redis_cfg = work / "carrel-redis.toml"
+            redis_cfg.write_text(carrel_config(mock_addr, redis_store(args.redis_url, prefix)))
+            on_redis, redis_url, redis_key = start_carrel(
+                Path(args.carrel), redis_cfg, work / "redis-data",
+                env={"CARREL_PEPPER": PEPPER}, log=work / "carrel-redis.log")
+            procs.append(on_redis)
 
         nginx_port = free_port()
         (work / "nginx.conf").write_text(nginx_conf(work, nginx_port, mock_addr))
@@ -261,9 +418,10 @@ output_price_per_mtok = 0.6
         if baseline:
             targets.append(("baseline", f"{baseline_url}/v1/chat/completions", baseline_key,
                             baseline.pid))
+        if on_redis:
+            targets.append(("redis", f"{redis_url}/v1/chat/completions", redis_key, on_redis.pid))
         # Warm every path (connection pools, caches) before measuring.
-        for _, url, token, _ in targets:
-            oha(url, 8, CHAT, 2, token)
+        warm_up = {name: oha(url, 8, CHAT, 2, token) for name, url, token, _ in targets}
 
         runs = {}
         scenarios = [s for s in SCENARIOS if not args.only or s[0] in args.only.split(",")]
@@ -273,11 +431,19 @@ output_price_per_mtok = 0.6
                 order = targets if rnd % 2 == 0 else list(reversed(targets))
                 for name, url, token, pid in order:
                     before = cpu_seconds(pid) if pid else 0.0
+                    # The Redis server works for the `redis` target only: its CPU is charged there.
+                    server_pid = redis_pid if name == "redis" else None
+                    server_before = cpu_seconds(server_pid) if server_pid else 0.0
                     r = oha(url, conc, body, args.duration, token)
                     if pid:
                         r["cpu_us"] = (cpu_seconds(pid) - before) * 1e6 / max(r["requests"], 1)
+                    if server_pid:
+                        r["redis_cpu_us"] = ((cpu_seconds(server_pid) - server_before) * 1e6
+                                             / max(r["requests"], 1))
                     runs.setdefault((scenario, name), []).append(r)
                     cpu = f"  proxy CPU {r['cpu_us']:6.1f} µs/req" if pid else ""
+                    if server_pid:
+                        cpu += f"  Redis CPU {r['redis_cpu_us']:6.1f} µs/req"
                     print(f"{scenario:12} {name:7} {r['rps']:10.0f} req/s  p50 {r['p50_us']:8.0f} µs"
                           f"  p99 {r['p99_us']:8.0f} µs{cpu}  non-2xx {r['non2xx']}"
                           f"  errors {r['errors']}", flush=True)
@@ -304,15 +470,25 @@ output_price_per_mtok = 0.6
                     f"| {scenario} | {b['rps']:.0f} | {c['rps']:.0f} | {c['rps'] / b['rps']:.2f} | "
                     f"{b['p50_us']:.0f} | {c['p50_us']:.0f} | {b['cpu_us']:.1f} | "
                     f"{c['cpu_us']:.1f} |")
+        memory = None
+        if on_redis:
+            lines += [""] + redis_table(results, scenarios)
+            served = warm_up["redis"]["requests"] + sum(
+                r["requests"] for (_, name), v in runs.items() if name == "redis" for r in v)
+            memory = redis_memory(args.redis_url, prefix, served)
         table = "\n".join(lines)
         print()
         print(table)
+        if memory:
+            print()
+            print("\n".join(redis_memory_lines(memory)))
         print()
         print(f"machine: {machine()}")
         failures = sum(r["non2xx"] + r["errors"] for v in runs.values() for r in v)
         print(f"non-2xx responses and transport errors across all runs: {failures}")
         if args.out:
-            Path(args.out).write_text(report(table, args.duration, args.rounds, failures))
+            Path(args.out).write_text(report(table, args.duration, args.rounds, failures,
+                                             memory, args.redis_url))
             print(f"wrote {args.out}")
     finally:
         for p in reversed(procs):
@@ -322,10 +498,14 @@ output_price_per_mtok = 0.6
                 p.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 p.kill()
+        if prefix:
+            # After the replica stopped, so that nothing writes under the prefix any more.
+            print(f"deleted the run's {delete_redis_keys(args.redis_url, prefix)} Redis keys "
+                  f"({{{prefix}}}*)")
         shutil.rmtree(work, ignore_errors=True)
 
 
-def report(table, duration, rounds, failures):
+def report(table, duration, rounds, failures, memory=None, redis_url=REDIS_URL):
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     return f"""# Benchmark results
 
@@ -340,13 +520,40 @@ Produced by `deploy/bench/run.sh --out deploy/bench/RESULTS.md` on {stamp}.
   requests it served: the steadiest measure on a shared machine, where req/s moves with whatever
   else runs.
 - `chat` posts a small chat completion and gets ~330 bytes of JSON; `stream` gets 7 SSE events.
-- req/s counts only 2xx answers; non-2xx responses and transport errors across all runs: {failures}.
+- req/s counts only 2xx answers; non-2xx responses and transport errors across all runs: {failures}.{redis_notes(memory, redis_url)}
 
-{table}
+{table}{redis_section(memory)}
 
 Targets for issue 2: Carrel ≥ 0.8× nginx req/s at concurrency 64; at concurrency 1, Carrel's p50
-≤ nginx's p50 + 50 µs.
+≤ nginx's p50 + 50 µs.{redis_target(memory)}
 """
+
+
+def redis_notes(memory, redis_url):
+    """The report's bullet on the `redis` target, or nothing without `--store redis`."""
+    if not memory:
+        return ""
+    return f"""
+- `--store redis`: target `redis` is a second Carrel, the same binary with the same limits, on
+  `[store] kind = "redis"` ({redis_url}, prefix `{memory['prefix']}`, its own data dir); it runs
+  in the same rounds as the others, and "embedded" in its table is target `carrel`. Redis server
+  CPU µs/req is the whole redis-server's CPU time while that target ran (anything else using
+  that Redis counts too)."""
+
+
+def redis_section(memory):
+    """The report's Redis memory measures, or nothing without `--store redis`."""
+    if not memory:
+        return ""
+    return "\n\nRedis memory after the run:\n\n" + "\n".join(redis_memory_lines(memory))
+
+
+def redis_target(memory):
+    """The Redis store's target, or nothing without `--store redis`."""
+    if not memory:
+        return ""
+    return ("\nTarget for the Redis store: Redis mode ≥ 0.6× embedded req/s at concurrency 64, "
+            "same run.")
 
 
 if __name__ == "__main__":

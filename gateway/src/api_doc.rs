@@ -352,6 +352,8 @@ pub struct BadGateway(pub ErrorBody);
 pub struct TooManyRequests(pub ErrorBody);
 
 /// `store_unavailable`: the state store failed while checking the API key; retry later.
+/// `state_unavailable`: on several replicas, the shared counters (Redis) cannot be reached and
+/// a limit this request meets fails closed (`store.on_redis_failure`); retry later.
 #[derive(ToResponse)]
 pub struct StoreUnavailable(pub ErrorBody);
 

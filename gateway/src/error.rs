@@ -96,6 +96,10 @@ pub enum GatewayError {
     /// The state store failed while checking the key.
     #[error("The service is temporarily unable to check credentials.")]
     StoreUnavailable(#[source] std::sync::Arc<carrel_core::store::StoreError>),
+    /// The shared counters (Redis) cannot be reached and a limit this request meets fails
+    /// closed (`store.on_redis_failure`).
+    #[error("The service cannot check this request's limits right now. Please try again shortly.")]
+    StateUnavailable,
 }
 
 /// A boxed error from a lower layer.
@@ -123,7 +127,9 @@ impl GatewayError {
                 StatusCode::BAD_GATEWAY
             }
             GatewayError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
-            GatewayError::StoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::StoreUnavailable(_) | GatewayError::StateUnavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             GatewayError::OverLimit { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
@@ -147,7 +153,8 @@ impl GatewayError {
             GatewayError::UpstreamUnreachable(_)
             | GatewayError::UpstreamFailed(_)
             | GatewayError::UpstreamTimeout
-            | GatewayError::StoreUnavailable(_) => "api_error",
+            | GatewayError::StoreUnavailable(_)
+            | GatewayError::StateUnavailable => "api_error",
             GatewayError::OverLimit { refusal, .. } => match refusal.kind {
                 LimitKind::RequestsPerMinute | LimitKind::ConcurrentStreams => "requests",
                 LimitKind::TokensPerDay
@@ -178,6 +185,7 @@ impl GatewayError {
             GatewayError::UpstreamFailed(_) => "upstream_failed",
             GatewayError::UpstreamTimeout => "upstream_timeout",
             GatewayError::StoreUnavailable(_) => "store_unavailable",
+            GatewayError::StateUnavailable => "state_unavailable",
             GatewayError::OverLimit { refusal, .. } => match refusal.kind {
                 LimitKind::RequestsPerMinute | LimitKind::ConcurrentStreams => {
                     "rate_limit_exceeded"
@@ -209,6 +217,7 @@ impl GatewayError {
             | GatewayError::UpstreamFailed(_)
             | GatewayError::UpstreamTimeout => "upstream",
             GatewayError::StoreUnavailable(_) => "store",
+            GatewayError::StateUnavailable => "state",
             GatewayError::OverLimit { .. } => "limit",
         }
     }
@@ -241,6 +250,7 @@ impl GatewayError {
             | GatewayError::UpstreamFailed(_)
             | GatewayError::UpstreamTimeout
             | GatewayError::StoreUnavailable(_)
+            | GatewayError::StateUnavailable
             | GatewayError::OverLimit { .. } => None,
         }
     }
@@ -282,6 +292,7 @@ impl GatewayError {
             GatewayError::StoreUnavailable(std::sync::Arc::new(
                 carrel_core::store::StoreError::Task("x".into()),
             )),
+            GatewayError::StateUnavailable,
         ];
         let mut all = all;
         // One limit error per distinct code.
@@ -321,6 +332,7 @@ impl GatewayError {
                 | GatewayError::UpstreamFailed(_)
                 | GatewayError::UpstreamTimeout
                 | GatewayError::StoreUnavailable(_)
+                | GatewayError::StateUnavailable
                 | GatewayError::OverLimit { .. } => {}
             }
         }

@@ -184,8 +184,10 @@ pub async fn run(
     let _ = joined.await;
     admin_tracker.close();
     let _ = tokio::time::timeout(cfg.shutdown_grace, admin_task).await;
-    // Every response has ended (or been cut off): their usage goes to disk before exit.
+    // Every response has ended (or been cut off): their usage goes to disk, and their
+    // settlements to the shared counters, before exit.
     state.ledger.flush().await;
+    let _ = tokio::time::timeout(cfg.shutdown_grace, state.quota.quiesce()).await;
     tracing::info!("stopped");
     Ok(())
 }

@@ -10,7 +10,7 @@ use carrel_admin::AdminState;
 use carrel_core::config::{Config, ConfigError, ModelConfig, ProviderConfig, StoreKind};
 use carrel_core::domain::{InstitutionKind, KeyKind, ProviderKind, Tier};
 use carrel_core::keys::{NewKey, Pepper, PepperError};
-use carrel_core::quota::{QuotaEngine, SystemClock};
+use carrel_core::quota::{QuotaEngine, SharedSettings, SystemClock};
 use carrel_core::store::{NewApiKey, NewInstitution, RedisSettings, Store, StoreError};
 
 use crate::app::{AppState, GatewayHooks, Limits, StateParts};
@@ -114,7 +114,22 @@ impl App {
             .iter()
             .filter_map(|p| p.api_key.clone().map(|k| (p.name.clone(), k)))
             .collect();
-        let quota = QuotaEngine::new(Arc::new(SystemClock::default()));
+        let clock = Arc::new(SystemClock::default());
+        let quota = match store.kind() {
+            "redis" => QuotaEngine::with_shared_counters(
+                clock,
+                &SharedSettings {
+                    url: config.store.redis_url.clone(),
+                    prefix: config.store.redis_prefix.clone(),
+                    timeout: config.store.redis_timeout,
+                    expected_replicas: config.store.expected_replicas,
+                    policy: config.store.on_redis_failure,
+                },
+            )
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("quota counters: {e}")))?,
+            _ => QuotaEngine::new(clock),
+        };
         carrel_core::quota::load(&quota, &store).await?;
         let state = AppState::new(StateParts {
             store: store.clone(),

@@ -25,6 +25,10 @@ type PerLevel<T> = [T; Level::ALL.len()];
 use super::gcra::Gcra;
 use super::limits::{Level, LimitKind, Limits};
 use super::period::{Period, Window};
+use super::shared::{
+    Denial, InFlight, Shared, SharedCounters, SharedHold, SharedSettings, Windows,
+};
+use crate::config::OnFailure;
 use crate::domain::Principal;
 use crate::store::PeriodUsage;
 
@@ -112,6 +116,24 @@ impl LimitsTable {
     /// The limits of one level, if any are set.
     pub fn get(&self, level: Level, id: &str) -> Option<&Limits> {
         self.by_level[level as usize].get(id)
+    }
+
+    /// Every limit divided by `n` (at least 1 where a limit is set): one replica's share.
+    pub fn divided(&self, n: u32) -> LimitsTable {
+        let n = u64::from(n.max(1));
+        let mut out = LimitsTable::default();
+        for (level, map) in Level::ALL.into_iter().zip(&self.by_level) {
+            for (id, limits) in map {
+                let mut share = *limits;
+                for kind in LimitKind::ALL {
+                    if let Some(v) = limits.get(kind) {
+                        share.set(kind, Some((v / n).max(1)));
+                    }
+                }
+                out.insert(level, id, share);
+            }
+        }
+        out
     }
 }
 
@@ -272,6 +294,9 @@ struct InstState {
     tz: TimeZone,
     day: Window,
     month: Window,
+    /// The periods after `day` and `month`, for the shared counters' scripts.
+    next_day: Window,
+    next_month: Window,
     counters: PerLevel<hashbrown::HashMap<Arc<str>, Counters, FxBuildHasher>>,
     extensions: FxHashMap<Arc<str>, Vec<Extension>>,
 }
@@ -279,10 +304,14 @@ struct InstState {
 impl InstState {
     fn new(tz_name: &Arc<str>, now: Timestamp) -> InstState {
         let tz = TimeZone::get(tz_name).unwrap_or(TimeZone::UTC);
+        let day = Window::containing(Period::Day, now, &tz);
+        let month = Window::containing(Period::Month, now, &tz);
         InstState {
             tz_name: Arc::clone(tz_name),
-            day: Window::containing(Period::Day, now, &tz),
-            month: Window::containing(Period::Month, now, &tz),
+            day,
+            month,
+            next_day: Window::containing(Period::Day, day.resets_at, &tz),
+            next_month: Window::containing(Period::Month, month.resets_at, &tz),
             tz,
             counters: Default::default(),
             extensions: FxHashMap::default(),
@@ -297,14 +326,27 @@ impl InstState {
             self.tz = fresh.tz;
             self.day = fresh.day;
             self.month = fresh.month;
+            self.next_day = fresh.next_day;
+            self.next_month = fresh.next_month;
         }
         if now >= self.day.resets_at {
             self.day = Window::containing(Period::Day, now, &self.tz);
+            self.next_day = Window::containing(Period::Day, self.day.resets_at, &self.tz);
             // Yesterday's patrons are done with; keep those with a stream still open.
             self.counters[Level::Patron as usize].retain(|_, c| c.streams > 0);
         }
         if now >= self.month.resets_at {
             self.month = Window::containing(Period::Month, now, &self.tz);
+            self.next_month = Window::containing(Period::Month, self.month.resets_at, &self.tz);
+        }
+    }
+
+    fn windows(&self) -> Windows {
+        Windows {
+            day: self.day,
+            next_day: self.next_day,
+            month: self.month,
+            next_month: self.next_month,
         }
     }
 
@@ -444,22 +486,62 @@ struct EngineInner {
     /// One lock per institution (see the module docs). DashMap shards the lookup of the lock;
     /// the lock itself is what makes a reservation atomic.
     institutions: DashMap<Arc<str>, Arc<Mutex<InstState>>, FxBuildHasher>,
+    /// On the Redis backend: the shared counters, and the in-process engine (limits divided by
+    /// the expected replicas) that counts while they cannot be reached.
+    shared: Option<(Arc<Shared>, QuotaEngine)>,
 }
 
 impl QuotaEngine {
     /// An engine with no limits, on `clock`.
     pub fn new(clock: Arc<dyn Clock>) -> QuotaEngine {
+        QuotaEngine::build(clock, None)
+    }
+
+    fn build(clock: Arc<dyn Clock>, shared: Option<(Arc<Shared>, QuotaEngine)>) -> QuotaEngine {
         QuotaEngine {
             inner: Arc::new(EngineInner {
                 clock,
                 limits: ArcSwap::from_pointee(LimitsTable::default()),
                 institutions: DashMap::with_hasher(FxBuildHasher),
+                shared,
             }),
         }
     }
 
+    /// An engine whose counters live in Redis, shared by every replica (see [`super::shared`]).
+    pub async fn with_shared_counters(
+        clock: Arc<dyn Clock>,
+        settings: &SharedSettings,
+    ) -> Result<QuotaEngine, String> {
+        let shared = Shared::connect(settings).await?;
+        tracing::info!(
+            timeout_ms = settings.timeout.as_millis() as u64,
+            expected_replicas = settings.expected_replicas,
+            on_redis_failure = %settings.policy,
+            "quota counters shared in Redis"
+        );
+        let fallback = QuotaEngine::new(Arc::clone(&clock));
+        Ok(QuotaEngine::build(
+            clock,
+            Some((Arc::new(shared), fallback)),
+        ))
+    }
+
+    /// Whether the counters are shared in Redis.
+    pub fn is_shared(&self) -> bool {
+        self.inner.shared.is_some()
+    }
+
+    /// What the shared counters have done (`None` in process).
+    pub fn shared_counters(&self) -> Option<&SharedCounters> {
+        self.inner.shared.as_ref().map(|(s, _)| &s.counters)
+    }
+
     /// Replaces every limit.
     pub fn set_limits(&self, table: LimitsTable) {
+        if let Some((shared, fallback)) = &self.inner.shared {
+            fallback.set_limits(table.divided(shared.expected_replicas));
+        }
         self.inner.limits.store(Arc::new(table));
     }
 
@@ -686,14 +768,16 @@ impl QuotaEngine {
         }
         drop(st);
         Ok(Reservation {
-            engine: self.clone(),
-            state,
-            subject: subject.clone(),
-            day_id: day.id,
-            month_id: month.id,
+            held: Held::Local {
+                engine: self.clone(),
+                state,
+                subject: subject.clone(),
+                day_id: day.id,
+                month_id: month.id,
+                cost,
+                stream: demand.stream,
+            },
             tokens,
-            cost,
-            stream: demand.stream,
             output_tokens: output,
             clamped_to: (output < wanted_output).then_some(output / choices),
             tokens_headroom,
@@ -752,6 +836,9 @@ impl QuotaEngine {
     /// Starts a patron's day afresh: today's tokens no longer count against the allotment
     /// (they still count at the other levels).
     pub fn reset_patron_day(&self, institution: &Arc<str>, timezone: &Arc<str>, patron: &str) {
+        if let Some((_, fallback)) = &self.inner.shared {
+            fallback.reset_patron_day(institution, timezone, patron);
+        }
         let state = self.institution(institution, timezone);
         let (mut st, _) = self.lock(&state, timezone);
         st.counters(Level::Patron, patron).day_tokens = 0;
@@ -765,6 +852,9 @@ impl QuotaEngine {
         patron: &str,
         extensions: Vec<Extension>,
     ) {
+        if let Some((_, fallback)) = &self.inner.shared {
+            fallback.set_extensions(institution, timezone, patron, extensions.clone());
+        }
         let state = self.institution(institution, timezone);
         let (mut st, _) = self.lock(&state, timezone);
         st.extensions.insert(Arc::from(patron), extensions);
@@ -773,6 +863,297 @@ impl QuotaEngine {
     /// The current wall-clock time of the engine's clock.
     pub fn now(&self) -> Timestamp {
         self.inner.clock.wall()
+    }
+
+    /// Waits until every settlement this engine has started has reached Redis (or failed):
+    /// what it counted is then what Redis holds. Immediate in process.
+    pub async fn quiesce(&self) {
+        let Some((shared, _)) = &self.inner.shared else {
+            return;
+        };
+        loop {
+            let woken = shared.settled.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            if shared.in_flight.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            woken.await;
+        }
+    }
+
+    /// The current periods of `subject`'s institution and the ones after them.
+    fn windows(&self, subject: &Subject) -> Windows {
+        let state = self.institution(subject.institution(), subject.timezone());
+        let (st, _) = self.lock(&state, subject.timezone());
+        st.windows()
+    }
+
+    /// [`QuotaEngine::admit`] on the counters this engine keeps: in process, or shared in
+    /// Redis (under the failure policy when Redis cannot be reached).
+    pub async fn check_rate(
+        &self,
+        subject: &Subject,
+        levels: &[Level],
+    ) -> Result<Option<Headroom>, Denial> {
+        let Some((shared, fallback)) = &self.inner.shared else {
+            return self.admit(subject, levels).map_err(Denial::Refused);
+        };
+        let table = self.inner.limits.load();
+        let rated: Vec<(Level, &str, u64)> = subject
+            .levels()
+            .filter(|(level, _)| levels.contains(level))
+            .filter_map(|(level, id)| {
+                let rpm = limits_at(&table, subject, level, id).requests_per_minute?;
+                Some((level, &**id, rpm))
+            })
+            .collect();
+        if rated.is_empty() {
+            return Ok(None);
+        }
+        match shared.admit(subject.institution(), &rated).await {
+            Ok(verdict) => verdict.map_err(Denial::Refused),
+            Err(e) => match shared.policy.requests_per_minute {
+                OnFailure::FailClosed => {
+                    shared
+                        .counters
+                        .failed_closed
+                        .fetch_add(1, Ordering::Relaxed);
+                    shared.log_fallback(&e, "fail_closed");
+                    Err(Denial::Unavailable)
+                }
+                OnFailure::Local => {
+                    shared
+                        .counters
+                        .local_fallbacks
+                        .fetch_add(1, Ordering::Relaxed);
+                    shared.log_fallback(&e, "local");
+                    fallback.admit(subject, levels).map_err(Denial::Refused)
+                }
+            },
+        }
+    }
+
+    /// [`QuotaEngine::reserve`] on the counters this engine keeps. `frontier` says the model
+    /// is of the frontier tier, which has a failure policy of its own.
+    pub async fn take(
+        &self,
+        subject: &Subject,
+        demand: Demand,
+        policy: OverPolicy,
+        frontier: bool,
+    ) -> Result<Reservation, Denial> {
+        let Some((shared, fallback)) = &self.inner.shared else {
+            return self
+                .reserve(subject, demand, policy)
+                .map_err(Denial::Refused);
+        };
+        let table = self.inner.limits.load();
+        let state = self.institution(subject.institution(), subject.timezone());
+        let (levels, windows, now) = {
+            let (mut st, now) = self.lock(&state, subject.timezone());
+            let levels: Vec<(Level, &str, Limits)> = subject
+                .levels()
+                .map(|(level, id)| (level, &**id, st.limits(&table, subject, level, id, now)))
+                .collect();
+            (levels, st.windows(), now)
+        };
+        let e = match shared
+            .reserve(
+                subject.institution(),
+                &levels,
+                windows,
+                &demand,
+                policy,
+                now,
+            )
+            .await
+        {
+            Ok(Ok(hold)) => {
+                return Ok(Reservation {
+                    tokens: hold.tokens,
+                    output_tokens: hold.output_tokens,
+                    clamped_to: hold.clamped_to,
+                    tokens_headroom: hold.tokens_headroom,
+                    held: Held::Shared {
+                        engine: self.clone(),
+                        subject: subject.clone(),
+                        hold,
+                    },
+                    settled: false,
+                });
+            }
+            Ok(Err(refusal)) => return Err(Denial::Refused(refusal)),
+            Err(e) => e,
+        };
+        // Redis is away: what the request meets decides.
+        let met: Vec<(Level, LimitKind)> = levels
+            .iter()
+            .flat_map(|&(level, _, limits)| {
+                [
+                    LimitKind::TokensPerDay,
+                    LimitKind::TokensPerMonth,
+                    LimitKind::CostPerMonth,
+                    LimitKind::ConcurrentStreams,
+                ]
+                .into_iter()
+                .filter(move |&kind| {
+                    limits.get(kind).is_some()
+                        && (kind != LimitKind::ConcurrentStreams || demand.stream)
+                })
+                .map(move |kind| (level, kind))
+            })
+            .collect();
+        let closed = (frontier && shared.policy.frontier_models == OnFailure::FailClosed)
+            || met
+                .iter()
+                .any(|&(level, kind)| shared.policy_for(level, kind) == OnFailure::FailClosed);
+        if closed {
+            shared
+                .counters
+                .failed_closed
+                .fetch_add(1, Ordering::Relaxed);
+            shared.log_fallback(&e, "fail_closed");
+            return Err(Denial::Unavailable);
+        }
+        if met.is_empty() {
+            shared.counters.uncounted.fetch_add(1, Ordering::Relaxed);
+            shared.log_fallback(&e, "no limit: uncounted");
+            let output = demand
+                .max_output_tokens
+                .saturating_mul(demand.choices.max(1));
+            return Ok(Reservation {
+                held: Held::Uncounted,
+                tokens: demand.prompt_tokens.saturating_add(output),
+                output_tokens: output,
+                clamped_to: None,
+                tokens_headroom: None,
+                settled: false,
+            });
+        }
+        shared
+            .counters
+            .local_fallbacks
+            .fetch_add(1, Ordering::Relaxed);
+        shared.log_fallback(&e, "local");
+        fallback
+            .reserve(subject, demand, policy)
+            .map_err(Denial::Refused)
+    }
+
+    /// [`QuotaEngine::status`] on the counters this engine keeps (this replica's fallback
+    /// counts while Redis cannot be reached).
+    pub async fn status_now(&self, subject: &Subject) -> Vec<LevelStatus> {
+        let Some((shared, fallback)) = &self.inner.shared else {
+            return self.status(subject);
+        };
+        let table = self.inner.limits.load();
+        let state = self.institution(subject.institution(), subject.timezone());
+        let (levels, windows, now) = {
+            let (mut st, now) = self.lock(&state, subject.timezone());
+            let levels: Vec<(Level, Arc<str>, Limits)> = subject
+                .levels()
+                .map(|(level, id)| {
+                    let limits = st.limits(&table, subject, level, id, now);
+                    (level, Arc::clone(id), limits)
+                })
+                .collect();
+            (levels, st.windows(), now)
+        };
+        let mut out = Vec::with_capacity(levels.len());
+        for (level, id, limits) in levels {
+            match shared
+                .read(subject.institution(), level, &id, windows, now)
+                .await
+            {
+                Ok([day_tokens, month_tokens, month_cost, streams, tat_us]) => {
+                    let now_ns = u64::try_from(now.as_nanosecond()).unwrap_or(0);
+                    let requests_remaining = limits.requests_per_minute.map(|rpm| {
+                        u64::from(
+                            Gcra::for_limit(rpm).remaining(tat_us.saturating_mul(1000), now_ns),
+                        )
+                    });
+                    out.push(LevelStatus {
+                        level,
+                        id,
+                        limits,
+                        usage: LevelUsage {
+                            day_tokens,
+                            month_tokens,
+                            month_cost_nano_usd: month_cost,
+                            streams,
+                            requests_remaining,
+                            day_resets_at: windows.day.resets_at,
+                            month_resets_at: windows.month.resets_at,
+                        },
+                    });
+                }
+                Err(e) => {
+                    shared.log_fallback(&e, "status from this replica's fallback counts");
+                    return fallback.status(subject);
+                }
+            }
+        }
+        out
+    }
+
+    /// [`QuotaEngine::usage`] on the counters this engine keeps.
+    pub async fn usage_now(
+        &self,
+        institution: &Arc<str>,
+        timezone: &Arc<str>,
+        level: Level,
+        id: &str,
+    ) -> LevelUsage {
+        let Some((shared, fallback)) = &self.inner.shared else {
+            return self.usage(institution, timezone, level, id);
+        };
+        let state = self.institution(institution, timezone);
+        let (windows, now) = {
+            let (st, now) = self.lock(&state, timezone);
+            (st.windows(), now)
+        };
+        match shared.read(institution, level, id, windows, now).await {
+            Ok([day_tokens, month_tokens, month_cost, streams, _]) => LevelUsage {
+                day_tokens,
+                month_tokens,
+                month_cost_nano_usd: month_cost,
+                streams,
+                requests_remaining: None,
+                day_resets_at: windows.day.resets_at,
+                month_resets_at: windows.month.resets_at,
+            },
+            Err(e) => {
+                shared.log_fallback(&e, "usage from this replica's fallback counts");
+                fallback.usage(institution, timezone, level, id)
+            }
+        }
+    }
+
+    /// [`QuotaEngine::reset_patron_day`] on the counters this engine keeps; on the shared
+    /// ones, [`Denial::Unavailable`] when Redis cannot be reached.
+    pub async fn reset_patron_day_now(
+        &self,
+        institution: &Arc<str>,
+        timezone: &Arc<str>,
+        patron: &str,
+    ) -> Result<(), Denial> {
+        self.reset_patron_day(institution, timezone, patron);
+        let Some((shared, _)) = &self.inner.shared else {
+            return Ok(());
+        };
+        let state = self.institution(institution, timezone);
+        let (windows, now) = {
+            let (st, now) = self.lock(&state, timezone);
+            (st.windows(), now)
+        };
+        shared
+            .reset_patron_day(institution, patron, windows, now)
+            .await
+            .map_err(|e| {
+                shared.log_fallback(&e, "patron day reset refused");
+                Denial::Unavailable
+            })
     }
 }
 
@@ -801,18 +1182,34 @@ fn refusal(
 /// Tokens and money held for one request until it settles.
 #[derive(Debug)]
 pub struct Reservation {
-    engine: QuotaEngine,
-    state: Arc<Mutex<InstState>>,
-    subject: Subject,
-    day_id: i32,
-    month_id: i32,
+    held: Held,
     tokens: u64,
-    cost: u64,
-    stream: bool,
     output_tokens: u64,
     clamped_to: Option<u64>,
     tokens_headroom: Option<Headroom>,
     settled: bool,
+}
+
+#[derive(Debug)]
+enum Held {
+    /// In this process's counters.
+    Local {
+        engine: QuotaEngine,
+        state: Arc<Mutex<InstState>>,
+        subject: Subject,
+        day_id: i32,
+        month_id: i32,
+        cost: u64,
+        stream: bool,
+    },
+    /// In Redis.
+    Shared {
+        engine: QuotaEngine,
+        subject: Subject,
+        hold: SharedHold,
+    },
+    /// Nowhere: the shared counters were unreachable and no limit applied.
+    Uncounted,
 }
 
 impl Reservation {
@@ -845,21 +1242,60 @@ impl Reservation {
         if std::mem::replace(&mut self.settled, true) {
             return;
         }
-        let (mut st, _) = self.engine.lock(&self.state, self.subject.timezone());
-        for c in st.all_counters(&self.subject.ids()).into_iter().flatten() {
-            if c.day_id == self.day_id {
-                c.day_tokens = c.day_tokens.saturating_sub(self.tokens);
+        let reserved = self.tokens;
+        match std::mem::replace(&mut self.held, Held::Uncounted) {
+            Held::Local {
+                engine,
+                state,
+                subject,
+                day_id,
+                month_id,
+                cost: reserved_cost,
+                stream,
+            } => {
+                let (mut st, _) = engine.lock(&state, subject.timezone());
+                for c in st.all_counters(&subject.ids()).into_iter().flatten() {
+                    if c.day_id == day_id {
+                        c.day_tokens = c.day_tokens.saturating_sub(reserved);
+                    }
+                    c.day_tokens = c.day_tokens.saturating_add(tokens);
+                    if c.month_id == month_id {
+                        c.month_tokens = c.month_tokens.saturating_sub(reserved);
+                        c.month_cost = c.month_cost.saturating_sub(reserved_cost);
+                    }
+                    c.month_tokens = c.month_tokens.saturating_add(tokens);
+                    c.month_cost = c.month_cost.saturating_add(cost);
+                    if stream {
+                        c.streams = c.streams.saturating_sub(1);
+                    }
+                }
             }
-            c.day_tokens = c.day_tokens.saturating_add(tokens);
-            if c.month_id == self.month_id {
-                c.month_tokens = c.month_tokens.saturating_sub(self.tokens);
-                c.month_cost = c.month_cost.saturating_sub(self.cost);
+            Held::Shared {
+                engine,
+                subject,
+                hold,
+            } => {
+                let Some((shared, _)) = &engine.inner.shared else {
+                    return;
+                };
+                let in_flight = InFlight::start(shared);
+                // The request is over: its settlement must not hold up its response. One short
+                // write; should it fail, the reservation stays counted in full, which never
+                // lets spending past a limit.
+                shared.runtime.clone().spawn(async move {
+                    let shared = &in_flight.0;
+                    let windows = engine.windows(&subject);
+                    if let Err(e) = shared.settle(&hold, windows, tokens, cost).await {
+                        shared
+                            .counters
+                            .settle_failures
+                            .fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(error = %e.0, "a settlement did not reach Redis; \
+                            the reservation stays counted in full");
+                    }
+                });
             }
-            c.month_tokens = c.month_tokens.saturating_add(tokens);
-            c.month_cost = c.month_cost.saturating_add(cost);
-            if self.stream {
-                c.streams = c.streams.saturating_sub(1);
-            }
+            Held::Uncounted => {}
         }
     }
 }

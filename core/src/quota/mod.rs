@@ -9,26 +9,33 @@
 //! - [`gcra`]: the request-rate algorithm.
 //! - [`engine`]: the in-process engine that checks and commits all levels at once, and the
 //!   [`engine::Reservation`] a request holds until it settles.
+//! - [`shared`]: the same counters in Redis, shared by every replica, with the failure policy.
 
 pub mod engine;
 pub mod gcra;
 pub mod limits;
 pub mod period;
+pub mod shared;
 
 pub use engine::{
     Clock, Demand, Extension, FakeClock, Headroom, LevelStatus, LevelUsage, LimitsTable,
     OverPolicy, QuotaEngine, Refusal, Reservation, Subject, SystemClock,
 };
 pub use limits::{Level, LimitError, LimitKind, Limits, LimitsPatch};
+pub use shared::{Denial, SharedCounters, SharedSettings};
 
 use std::sync::Arc;
 
 use crate::store::{PageRequest, Store, StoreError};
 
 /// Loads `engine` from the store at start: the limits, what each institution used in its
-/// current day and month (from the ledger), and patrons' running extensions.
+/// current day and month (from the ledger; shared counters keep their own in Redis), and
+/// patrons' running extensions.
 pub async fn load(engine: &QuotaEngine, store: &Store) -> Result<(), StoreError> {
     engine.set_limits(store.limits_table().await?);
+    if engine.is_shared() {
+        return refresh_extensions(engine, store, None).await;
+    }
     let now = engine.now();
     for inst in store.list_institutions(PageRequest::ALL).await?.data {
         let (id, tz): (Arc<str>, Arc<str>) =

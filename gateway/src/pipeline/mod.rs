@@ -249,10 +249,10 @@ async fn stages(
     }
 
     stage!(authenticate::run(state, ctx, headers).await);
-    stage!(quota::rate_limit(state, ctx));
+    stage!(quota::rate_limit(state, ctx).await);
     stage!(read_body::run(state, ctx, headers, body).await);
     stage!(authorize::run(state, ctx));
-    stage!(quota::reserve(state, ctx));
+    stage!(quota::reserve(state, ctx).await);
     forward::run(state, ctx).await
 }
 

@@ -9,8 +9,10 @@
 
 use std::sync::Arc;
 
-use carrel_core::domain::{OverQuota, Principal};
-use carrel_core::quota::{Demand, Headroom, Level, LimitKind, OverPolicy, Refusal, Subject};
+use carrel_core::domain::{OverQuota, Principal, Tier};
+use carrel_core::quota::{
+    Demand, Denial, Headroom, Level, LimitKind, OverPolicy, Refusal, Subject,
+};
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::app::AppState;
@@ -45,17 +47,18 @@ fn tighter(a: Option<Headroom>, b: Option<Headroom>) -> Option<Headroom> {
 }
 
 /// Stage 4: counts the request against its credential's request rates.
-pub fn rate_limit(state: &AppState, ctx: &mut RequestCtx) -> Result<Flow, GatewayError> {
+pub async fn rate_limit(state: &AppState, ctx: &mut RequestCtx) -> Result<Flow, GatewayError> {
     let s = subject(ctx.principal(), None, None);
-    match state.quota.admit(&s, &CREDENTIAL_LEVELS) {
+    match state.quota.check_rate(&s, &CREDENTIAL_LEVELS).await {
         Ok(room) => {
             ctx.standing.requests = room;
             Ok(Flow::Continue)
         }
-        Err(refusal) => {
+        Err(Denial::Refused(refusal)) => {
             ctx.standing.requests = Some(refused_headroom(&refusal));
             Err(over_limit(refusal, ctx.principal()))
         }
+        Err(Denial::Unavailable) => Err(GatewayError::StateUnavailable),
     }
 }
 
@@ -69,7 +72,7 @@ fn refused_headroom(refusal: &Refusal) -> Headroom {
 }
 
 /// Stage 5: the model's rate, then the reservation.
-pub fn reserve(state: &AppState, ctx: &mut RequestCtx) -> Result<Flow, GatewayError> {
+pub async fn reserve(state: &AppState, ctx: &mut RequestCtx) -> Result<Flow, GatewayError> {
     let route = Arc::clone(ctx.route());
     let fields = ctx.fields();
     let principal = ctx.principal();
@@ -90,12 +93,13 @@ pub fn reserve(state: &AppState, ctx: &mut RequestCtx) -> Result<Flow, GatewayEr
         .as_deref()
         .map(|user| Arc::from(state.pepper.patron_ref(&principal.institution_id, user)));
     let s = subject(principal, patron.clone(), Some(Arc::clone(&route.name)));
-    let requests = match state.quota.admit(&s, &[Level::Model]) {
+    let requests = match state.quota.check_rate(&s, &[Level::Model]).await {
         Ok(room) => room,
-        Err(refusal) => {
+        Err(Denial::Refused(refusal)) => {
             ctx.standing.requests = Some(refused_headroom(&refusal));
             return Err(over_limit(refusal, ctx.principal()));
         }
+        Err(Denial::Unavailable) => return Err(GatewayError::StateUnavailable),
     };
     let embeddings = ctx.endpoint == Endpoint::Embeddings;
     let prompt_tokens = fields.prompt.estimate(route.tokenizer);
@@ -116,9 +120,11 @@ pub fn reserve(state: &AppState, ctx: &mut RequestCtx) -> Result<Flow, GatewayEr
         OverQuota::Clamp => OverPolicy::Clamp,
     };
     ctx.standing.requests = tighter(ctx.standing.requests, requests);
-    let reservation = match state.quota.reserve(&s, demand, policy) {
+    let frontier = route.tier == Tier::Frontier;
+    let reservation = match state.quota.take(&s, demand, policy, frontier).await {
         Ok(reservation) => reservation,
-        Err(refusal) => {
+        Err(Denial::Unavailable) => return Err(GatewayError::StateUnavailable),
+        Err(Denial::Refused(refusal)) => {
             if matches!(
                 refusal.kind,
                 LimitKind::TokensPerDay | LimitKind::TokensPerMonth | LimitKind::PatronTokensPerDay
@@ -266,7 +272,7 @@ pub async fn status(
         .as_deref()
         .map(|u| Arc::from(state.pepper.patron_ref(&principal.institution_id, u)));
     let s = subject(&principal, patron, model.as_deref().map(Arc::from));
-    let levels = state.quota.status(&s);
+    let levels = state.quota.status_now(&s).await;
     let body = QuotaReport::new(&principal, &levels, state.quota.now());
     Ok(crate::body::json(
         http::StatusCode::OK,

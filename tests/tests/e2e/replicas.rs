@@ -5,7 +5,10 @@ use std::time::{Duration, Instant};
 
 use carrel_tests::mock::MockUpstream;
 use carrel_tests::tcp_proxy::{TcpProxy, redis_addr};
-use carrel_tests::{Gateway, TEST_PEPPER, config_for, redis_prefix, redis_store_toml, replica_of};
+use carrel_tests::{
+    Gateway, TEST_PEPPER, config_for, redis_prefix, redis_store_toml, redis_store_toml_at,
+    replica_of,
+};
 use serde_json::{Value, json};
 
 use crate::serve::Serve;
@@ -98,10 +101,7 @@ async fn usage_while_redis_is_away_is_journaled_then_sent_once() {
     let mock = MockUpstream::start().await;
     let proxy = TcpProxy::start(redis_addr().await).await;
     let prefix = redis_prefix("journal");
-    let store = format!(
-        "[store]\nkind = \"redis\"\nredis_url = \"redis://{}\"\nredis_prefix = \"{prefix}\"\n",
-        proxy.addr()
-    );
+    let store = redis_store_toml_at(&format!("redis://{}", proxy.addr()), &prefix);
     let gw = Gateway::start(&config_for(&mock.base_url(), &store)).await;
     let inst = gw.institution("Outage Library").await;
     let (status, key) = gw
@@ -115,7 +115,7 @@ async fn usage_while_redis_is_away_is_journaled_then_sent_once() {
     let secret = key["secret"].as_str().unwrap();
     let public = format!("http://{}", gw.public);
     let mut ids = Vec::new();
-    let mut send = |n: usize| {
+    let send = |n: usize| {
         let (http, public, secret) = (gw.http.clone(), public.clone(), secret.to_owned());
         async move {
             let mut got = Vec::new();
@@ -175,4 +175,281 @@ async fn usage_while_redis_is_away_is_journaled_then_sent_once() {
     assert_eq!(records.len(), recorded.len(), "a record was sent twice");
     let answered: HashSet<&str> = ids.iter().map(String::as_str).collect();
     assert_eq!(recorded, answered);
+}
+
+#[tokio::test]
+async fn a_token_budget_shared_by_two_replicas_is_never_overshot() {
+    let mock = MockUpstream::start().await;
+    let prefix = redis_prefix("budget");
+    let toml = config_for(
+        &mock.base_url(),
+        &format!("{}[log]\nlevel = \"warn\"\n", redis_store_toml(&prefix)),
+    );
+    let env: &[(&str, &str)] = &[("CARREL_PEPPER", TEST_PEPPER)];
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    for dir in [&dir_a, &dir_b] {
+        std::fs::write(dir.path().join("carrel.toml"), &toml).unwrap();
+    }
+    let a = Serve::start(dir_a.path(), env).await;
+    let b = Serve::start(dir_b.path(), env).await;
+    let http = reqwest::Client::new();
+    let inst = a
+        .admin(
+            &http,
+            "/admin/v1/institutions",
+            json!({"name": "Shared Budget Library", "kind": "library", "region": "US-IL",
+                   "timezone": "America/Chicago"}),
+        )
+        .await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let secret = a
+        .admin(
+            &http,
+            &format!("/admin/v1/institutions/{inst}/keys"),
+            json!({"name": "desk", "kind": "service"}),
+        )
+        .await["secret"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    const BUDGET: u64 = 1200;
+    let resp = http
+        .put(format!("{}/admin/v1/institutions/{inst}/limits", a.admin))
+        .bearer_auth(carrel_tests::ADMIN_TOKEN)
+        .json(&json!({"tokens_per_day": BUDGET}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    // B learns of the limit from the shared log; wait until its quota report shows it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let quota: Value = http
+            .get(format!("{}/v1/quota", b.public))
+            .bearer_auth(&secret)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if quota["levels"].to_string().contains("tokens_per_day") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "B never saw the limit: {quota}");
+        tokio::task::yield_now().await;
+    }
+
+    // Sixteen clients, eight on each replica, each until the budget refuses it.
+    let body = json!({"model": "mock-model", "max_tokens": 20,
+                      "messages": [{"role": "user", "content": "Hi"}]});
+    let clients: Vec<_> = (0..16)
+        .map(|i| {
+            let url = format!(
+                "{}/v1/chat/completions",
+                if i % 2 == 0 { &a.public } else { &b.public }
+            );
+            let (http, secret, body) = (http.clone(), secret.clone(), body.clone());
+            tokio::spawn(async move {
+                let mut used = 0u64;
+                loop {
+                    let resp = http
+                        .post(&url)
+                        .bearer_auth(&secret)
+                        .json(&body)
+                        .send()
+                        .await
+                        .unwrap();
+                    match resp.status().as_u16() {
+                        200 => {
+                            let reply: Value = resp.json().await.unwrap();
+                            used += reply["usage"]["total_tokens"].as_u64().unwrap();
+                        }
+                        429 => return used,
+                        other => panic!("{other}: {}", resp.text().await.unwrap()),
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut used = 0;
+    for c in clients {
+        used += c.await.unwrap();
+    }
+    assert!(
+        used <= BUDGET,
+        "{used} tokens used of a {BUDGET}-token budget"
+    );
+    // And the budget was used, not refused early: what is left is less than one request.
+    assert!(used > BUDGET - 100, "only {used} of {BUDGET} tokens used");
+    // Both replicas report the same count, from Redis.
+    for s in [&a, &b] {
+        let report: Value = http
+            .get(format!("{}/admin/v1/institutions/{inst}/limits", s.admin))
+            .bearer_auth(carrel_tests::ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(report["usage"]["tokens_today"], used, "{report}");
+    }
+}
+
+/// The failure policy, on an engine whose Redis is cut off by a proxy.
+#[tokio::test]
+async fn without_redis_each_kind_of_limit_follows_its_policy() {
+    use std::sync::Arc;
+    use std::sync::atomic::Ordering::Relaxed;
+
+    use carrel_core::config::FailurePolicy;
+    use carrel_core::domain::{InstitutionKind, InstitutionStatus, OverQuota, Principal, Tier};
+    use carrel_core::quota::{
+        Demand, Denial, Level, LimitKind, Limits, LimitsTable, OverPolicy, QuotaEngine,
+        SharedSettings, Subject, SystemClock,
+    };
+
+    let proxy = TcpProxy::start(redis_addr().await).await;
+    let engine = QuotaEngine::with_shared_counters(
+        Arc::new(SystemClock::default()),
+        &SharedSettings {
+            url: format!("redis://{}", proxy.addr()),
+            prefix: redis_prefix("policy"),
+            timeout: Duration::from_millis(500),
+            expected_replicas: 2,
+            policy: FailurePolicy::default(),
+        },
+    )
+    .await
+    .unwrap();
+    let subject = Subject {
+        principal: Arc::new(Principal {
+            institution_id: "inst".into(),
+            institution_kind: InstitutionKind::Library,
+            timezone: "America/Chicago".into(),
+            institution_status: InstitutionStatus::Active,
+            frontier_verified: true,
+            over_quota: OverQuota::Reject,
+            key_id: "key".into(),
+            site_id: None,
+            group_id: None,
+            tier_ceiling: Tier::Frontier,
+            allowed_models: None,
+            expires_at: None,
+        }),
+        patron: None,
+        model: Some("m".into()),
+    };
+    let demand = Demand {
+        prompt_tokens: 100,
+        max_output_tokens: 100,
+        choices: 1,
+        input_nano_per_token: 1.0,
+        output_nano_per_token: 1.0,
+        stream: false,
+    };
+    let limits = |level: Level, id: &str, limits: Limits| {
+        let mut t = LimitsTable::default();
+        t.insert(level, id, limits);
+        engine.set_limits(t);
+    };
+    let tokens = Limits {
+        tokens_per_day: Some(1000),
+        ..Limits::default()
+    };
+    limits(Level::Key, "key", tokens);
+    let shared = engine
+        .take(&subject, demand, OverPolicy::Reject, false)
+        .await
+        .unwrap();
+    drop(shared);
+    engine.quiesce().await;
+    let counters = engine.shared_counters().unwrap();
+    proxy.cut();
+
+    // Token budgets go local, at a half share each (two replicas expected): 500 tokens.
+    let held: Vec<_> = [(); 2]
+        .iter()
+        .map(|()| engine.take(&subject, demand, OverPolicy::Reject, false))
+        .collect();
+    let mut kept = Vec::new();
+    for r in held {
+        kept.push(r.await.expect("within the local share"));
+    }
+    let Err(Denial::Refused(refusal)) = engine
+        .take(&subject, demand, OverPolicy::Reject, false)
+        .await
+    else {
+        panic!("the third is over the local share")
+    };
+    assert_eq!(
+        (refusal.kind, refusal.limit),
+        (LimitKind::TokensPerDay, 500)
+    );
+    assert_eq!(counters.local_fallbacks.load(Relaxed), 3);
+
+    // Money fails closed.
+    limits(
+        Level::Institution,
+        "inst",
+        Limits {
+            cost_per_month_nano_usd: Some(1_000_000),
+            ..Limits::default()
+        },
+    );
+    assert_eq!(
+        engine
+            .take(&subject, demand, OverPolicy::Reject, false)
+            .await
+            .err(),
+        Some(Denial::Unavailable)
+    );
+    assert_eq!(counters.failed_closed.load(Relaxed), 1);
+
+    // Nothing limited: the request goes on, uncounted; but a frontier model fails closed.
+    engine.set_limits(LimitsTable::default());
+    assert!(
+        engine
+            .take(&subject, demand, OverPolicy::Reject, false)
+            .await
+            .is_ok()
+    );
+    assert_eq!(counters.uncounted.load(Relaxed), 1);
+    assert_eq!(
+        engine
+            .take(&subject, demand, OverPolicy::Reject, true)
+            .await
+            .err(),
+        Some(Denial::Unavailable)
+    );
+
+    // Request rates go local: 10 a minute is 5 here.
+    limits(
+        Level::Key,
+        "key",
+        Limits {
+            requests_per_minute: Some(10),
+            ..Limits::default()
+        },
+    );
+    let mut admitted = 0;
+    for _ in 0..8 {
+        admitted += usize::from(engine.check_rate(&subject, &[Level::Key]).await.is_ok());
+    }
+    assert_eq!(admitted, 5);
+
+    // Back to the shared counters once Redis answers.
+    proxy.restore();
+    limits(Level::Key, "key", tokens);
+    let before = counters.local_fallbacks.load(Relaxed);
+    let r = engine
+        .take(&subject, demand, OverPolicy::Reject, false)
+        .await
+        .unwrap();
+    assert_eq!(counters.local_fallbacks.load(Relaxed), before);
+    drop(r);
+    drop(kept);
 }

@@ -449,3 +449,256 @@ mod props {
         }
     }
 }
+
+/// The same engine with its counters in Redis (the machine's, or `CARREL_TEST_REDIS_URL`):
+/// what the in-process engine decides, the shared one decides, and two engines on one prefix
+/// (two replicas) share every limit. Redis keeps its own time, so these use the system clock.
+mod shared {
+    use super::*;
+    use crate::config::FailurePolicy;
+    use crate::quota::{Denial, SharedSettings};
+
+    fn settings(prefix: &str) -> SharedSettings {
+        SharedSettings {
+            url: std::env::var("CARREL_TEST_REDIS_URL")
+                .unwrap_or_else(|_| "redis://127.0.0.1:6379".into()),
+            prefix: prefix.to_owned(),
+            timeout: Duration::from_secs(2),
+            expected_replicas: 2,
+            policy: FailurePolicy::default(),
+        }
+    }
+
+    fn prefix(test: &str) -> String {
+        format!("test-quota-{test}-{}", crate::ids::random_base62(10))
+    }
+
+    /// A shared engine on `prefix` and an in-process one, both with `table`.
+    async fn engines(prefix: &str, table: &LimitsTable) -> (QuotaEngine, QuotaEngine) {
+        let clock = Arc::new(SystemClock::default());
+        let shared = QuotaEngine::with_shared_counters(clock.clone(), &settings(prefix))
+            .await
+            .expect("the tests need Redis (tests/run.sh starts one)");
+        let local = QuotaEngine::new(clock);
+        shared.set_limits(table.clone());
+        local.set_limits(table.clone());
+        (shared, local)
+    }
+
+    fn table(level: Level, id: &str, limits: Limits) -> LimitsTable {
+        let mut t = LimitsTable::default();
+        t.insert(level, id, limits);
+        t
+    }
+
+    /// What a reservation or refusal says, for comparing backends.
+    fn outcome(r: &Result<Reservation, Denial>) -> String {
+        match r {
+            Ok(r) => format!(
+                "ok tokens={} output={} clamped={:?} left={:?}",
+                r.tokens(),
+                r.output_tokens(),
+                r.clamped_to(),
+                r.tokens_headroom().map(|h| (h.limit, h.remaining))
+            ),
+            Err(Denial::Refused(f)) => format!(
+                "refused {:?} {:?} limit={} left={} resets={:?}",
+                f.level, f.kind, f.limit, f.remaining, f.resets_at
+            ),
+            Err(Denial::Unavailable) => "unavailable".into(),
+        }
+    }
+
+    /// A script of reservations, settlements and refunds, run on both backends step by step:
+    /// every answer the same.
+    #[tokio::test]
+    async fn the_shared_engine_decides_as_the_local_one_does() {
+        let mut t = LimitsTable::default();
+        t.insert(
+            Level::Key,
+            "key",
+            Limits {
+                tokens_per_day: Some(1000),
+                concurrent_streams: Some(2),
+                ..Limits::default()
+            },
+        );
+        t.insert(
+            Level::Institution,
+            "inst",
+            Limits {
+                cost_per_month_nano_usd: Some(3_000_000),
+                patron_tokens_per_day: Some(400),
+                ..Limits::default()
+            },
+        );
+        let (shared, local) = engines(&prefix("same"), &t).await;
+        let mut held: [Vec<Reservation>; 2] = [Vec::new(), Vec::new()];
+        let mut streamed = demand(10, 10);
+        streamed.stream = true;
+        let mut two_choices = demand(100, 2000);
+        two_choices.choices = 2;
+        let steps: Vec<(Option<&str>, Demand, OverPolicy, &str)> = vec![
+            (None, demand(100, 200), OverPolicy::Reject, "hold"),
+            (Some("p_ana"), demand(100, 200), OverPolicy::Reject, "hold"),
+            (Some("p_ana"), demand(50, 100), OverPolicy::Reject, "hold"),
+            (Some("p_ana"), demand(10, 500), OverPolicy::Clamp, "hold"),
+            (None, two_choices, OverPolicy::Clamp, "settle"),
+            (None, demand(100, 900), OverPolicy::Reject, "drop"),
+            (None, streamed, OverPolicy::Reject, "hold"),
+            (None, streamed, OverPolicy::Reject, "hold"),
+            (None, streamed, OverPolicy::Reject, "hold"),
+            (Some("p_bo"), demand(300, 0), OverPolicy::Reject, "settle"),
+            (None, demand(1, 1), OverPolicy::Reject, "hold"),
+        ];
+        for (i, (patron, d, policy, then)) in steps.into_iter().enumerate() {
+            let s = subject(patron);
+            let mut answers = Vec::new();
+            for (engine, held) in [&shared, &local].into_iter().zip(held.iter_mut()) {
+                let r = engine.take(&s, d, policy, false).await;
+                answers.push(outcome(&r));
+                if let Ok(r) = r {
+                    match then {
+                        "hold" => held.push(r),
+                        "settle" => {
+                            let used = r.tokens() / 2;
+                            r.settle(used, used * 1000);
+                        }
+                        _ => drop(r),
+                    }
+                }
+                engine.quiesce().await;
+            }
+            assert_eq!(answers[0], answers[1], "step {i}");
+        }
+        let failures = shared
+            .shared_counters()
+            .unwrap()
+            .settle_failures
+            .load(Ordering::Relaxed);
+        assert_eq!(failures, 0, "settlements failed");
+        for level in [Level::Institution, Level::Key, Level::Patron] {
+            let id = match level {
+                Level::Institution => "inst",
+                Level::Key => "key",
+                _ => "p_ana",
+            };
+            let s = subject(None);
+            let a = shared
+                .usage_now(s.institution(), s.timezone(), level, id)
+                .await;
+            let b = local
+                .usage_now(s.institution(), s.timezone(), level, id)
+                .await;
+            assert_eq!(
+                (
+                    a.day_tokens,
+                    a.month_tokens,
+                    a.month_cost_nano_usd,
+                    a.streams
+                ),
+                (
+                    b.day_tokens,
+                    b.month_tokens,
+                    b.month_cost_nano_usd,
+                    b.streams
+                ),
+                "{level:?}"
+            );
+        }
+    }
+
+    /// Two replicas, 500 requests at once (250 through each) against a 10,000-token budget
+    /// with 120-token reservations: exactly 83 admitted, as in process.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_budget_shared_by_two_replicas_never_overshoots() {
+        let prefix = prefix("budget");
+        let t = table(
+            Level::Key,
+            "key",
+            Limits {
+                tokens_per_day: Some(10_000),
+                ..Limits::default()
+            },
+        );
+        let (a, _) = engines(&prefix, &t).await;
+        let (b, _) = engines(&prefix, &t).await;
+        let tasks: Vec<_> = (0..500)
+            .map(|i| {
+                let engine = if i % 2 == 0 { a.clone() } else { b.clone() };
+                tokio::spawn(async move {
+                    match engine
+                        .take(&subject(None), demand(20, 100), OverPolicy::Reject, false)
+                        .await
+                    {
+                        Ok(r) => {
+                            r.settle(120, 0);
+                            true
+                        }
+                        Err(Denial::Refused(_)) => false,
+                        Err(Denial::Unavailable) => panic!("Redis unavailable"),
+                    }
+                })
+            })
+            .collect();
+        let mut admitted = 0;
+        for t in tasks {
+            admitted += usize::from(t.await.unwrap());
+        }
+        assert_eq!(admitted, 83);
+        a.quiesce().await;
+        b.quiesce().await;
+        let s = subject(None);
+        for engine in [&a, &b] {
+            let used = engine
+                .usage_now(s.institution(), s.timezone(), Level::Key, "key")
+                .await;
+            assert_eq!(used.day_tokens, 83 * 120);
+        }
+    }
+
+    /// A rate of 30 a minute (a burst of 30) shared by two replicas: 30 of 100 requests.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_rate_shared_by_two_replicas_admits_its_burst_once() {
+        let prefix = prefix("rate");
+        let t = table(
+            Level::Key,
+            "key",
+            Limits {
+                requests_per_minute: Some(30),
+                ..Limits::default()
+            },
+        );
+        let (a, _) = engines(&prefix, &t).await;
+        let (b, _) = engines(&prefix, &t).await;
+        let tasks: Vec<_> = (0..100)
+            .map(|i| {
+                let engine = if i % 2 == 0 { a.clone() } else { b.clone() };
+                tokio::spawn(async move {
+                    engine
+                        .check_rate(&subject(None), &[Level::Key])
+                        .await
+                        .is_ok()
+                })
+            })
+            .collect();
+        let mut admitted = 0;
+        for t in tasks {
+            admitted += usize::from(t.await.unwrap());
+        }
+        assert_eq!(admitted, 30);
+        let refused = a
+            .check_rate(&subject(None), &[Level::Key])
+            .await
+            .unwrap_err();
+        let Denial::Refused(refusal) = refused else {
+            panic!("{refused:?}")
+        };
+        assert_eq!(
+            (refusal.level, refusal.kind, refusal.limit),
+            (Level::Key, LimitKind::RequestsPerMinute, 30)
+        );
+        // One request every two seconds comes back.
+        assert!((1..=2).contains(&refusal.retry_after_secs), "{refusal:?}");
+    }
+}

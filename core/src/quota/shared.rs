@@ -1,0 +1,706 @@
+//! Counters shared by every replica, in Redis: request rates, token and money budgets and open
+//! streams, checked and committed by Lua scripts so that a reservation is all-or-nothing across
+//! levels however many replicas reserve at once.
+//!
+//! The engine ([`super::QuotaEngine`]) still decides what the limits are (the table, patron
+//! allotments and extensions) and what a refusal says; the scripts hold the counters and do the
+//! arithmetic the in-process engine does, with the time taken from Redis `TIME` (rates) and the
+//! periods named by the replica but turned over at Redis's clock.
+//!
+//! # Keys
+//!
+//! One hash per level a request counts against, under the institution's hash tag so that every
+//! key of one reservation is in one Redis Cluster slot:
+//!
+//! - `{P:<institution>}:q:<level>:<id>`: fields `tat` (the GCRA's theoretical arrival time, µs),
+//!   `d`/`dt` (the day, `yyyymmdd`, and its tokens), `m`/`mt`/`mc` (the month, its tokens and
+//!   its cost in nano-dollars). Expires after [`TTL_DAYS`] idle (a patron's after
+//!   [`PATRON_TTL_DAYS`]).
+//! - `{P:<institution>}:qs:<level>:<id>`: a sorted set of the streams open at a level with a
+//!   stream limit, each scored by when its lease ends, so the slot of a replica that died
+//!   mid-stream comes back after [`STREAM_LEASE`].
+//!
+//! # When Redis cannot be reached
+//!
+//! A script that fails or takes longer than `store.redis_timeout_ms` puts the request under the
+//! failure policy of the kinds of limits it meets (`store.on_redis_failure`): `fail_closed`
+//! refuses it ([`Denial::Unavailable`]), `local` counts it in an in-process engine whose limits
+//! are divided by `store.expected_replicas`. A settlement that fails leaves the reservation
+//! counted in full: the counters may show more use than there was, never less.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use jiff::Timestamp;
+
+use super::engine::{Demand, Headroom, OverPolicy, Refusal};
+use super::limits::{Level, LimitKind, Limits};
+use super::period::Window;
+use crate::config::{FailurePolicy, OnFailure};
+
+/// Days a level's counters live in Redis after their last use (a month's budget must outlive
+/// the month).
+pub const TTL_DAYS: u64 = 40;
+/// Days a patron's counters live after their last use (only the day's tokens matter).
+pub const PATRON_TTL_DAYS: u64 = 3;
+/// How long a stream holds its slot without settling.
+pub const STREAM_LEASE: Duration = Duration::from_secs(30 * 60);
+
+/// Request rates. KEYS: one hash per rated level. ARGV: for each, emission interval (µs),
+/// burst, TTL (ms). Returns `{1, limit, remaining, reset_us}` for the tightest rate, or
+/// `{0, index, wait_us}` for the first level over its rate (nothing is then counted).
+const ADMIT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local n = #KEYS
+local tats = {}
+for i = 1, n do
+  local em = tonumber(ARGV[3 * i - 2])
+  local burst = tonumber(ARGV[3 * i - 1])
+  local tat = tonumber(redis.call('HGET', KEYS[i], 'tat') or '0')
+  if tat < now then tat = now end
+  local allow_at = tat - em * (burst - 1)
+  if now < allow_at then
+    return {0, i, allow_at - now}
+  end
+  tats[i] = tat + em
+end
+local best = nil
+for i = 1, n do
+  local em = tonumber(ARGV[3 * i - 2])
+  local burst = tonumber(ARGV[3 * i - 1])
+  redis.call('HSET', KEYS[i], 'tat', tats[i])
+  redis.call('PEXPIRE', KEYS[i], ARGV[3 * i])
+  local slack = now + em * (burst - 1) + em - tats[i]
+  if slack < 0 then slack = 0 end
+  local remaining = math.min(math.floor(slack / em), burst)
+  if best == nil or remaining < best[3] then
+    best = {1, burst, remaining, tats[i] - now}
+  end
+end
+return best
+";
+
+/// Reservation. KEYS: one hash per level, then one stream set per level that limits streams.
+/// ARGV: 1 day, 2 day end (ms), 3 next day, 4 month, 5 month end (ms), 6 next month, 7 prompt
+/// tokens, 8 wanted output, 9 choices, 10 nano-dollars per prompt token, 11 per output token,
+/// 12 clamp (0/1), 13 stream (0/1), 14 reservation id, 15 stream lease (ms), 16 levels, then
+/// for each level: TTL (ms), tokens per day, tokens per month, cost per month, streams (each
+/// -1 for none), and the index of its stream set among KEYS (0 for none).
+/// Returns `{1, output, tokens, cost, day, month, h_limit, h_after, h_window, room}`, or
+/// `{0, level, kind, limit, left, window}` (kind: 1 day tokens, 2 month tokens, 3 cost,
+/// 4 streams; window: 1 day, 2 month, 0 none).
+const RESERVE: &str = r"
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local day = tonumber(ARGV[1])
+if now_ms >= tonumber(ARGV[2]) then day = tonumber(ARGV[3]) end
+local month = tonumber(ARGV[4])
+if now_ms >= tonumber(ARGV[5]) then month = tonumber(ARGV[6]) end
+local prompt = tonumber(ARGV[7])
+local wanted = tonumber(ARGV[8])
+local choices = tonumber(ARGV[9])
+local pin = tonumber(ARGV[10])
+local pout = tonumber(ARGV[11])
+local clamp = ARGV[12] == '1'
+local stream = ARGV[13] == '1'
+local n = tonumber(ARGV[16])
+local used = {}
+local room = math.huge
+local bind = nil
+local h = nil
+for i = 1, n do
+  local b = 16 + (i - 1) * 6
+  local v = redis.call('HMGET', KEYS[i], 'd', 'dt', 'm', 'mt', 'mc')
+  local dt, mt, mc = 0, 0, 0
+  if tonumber(v[1]) == day then dt = tonumber(v[2]) or 0 end
+  if tonumber(v[3]) == month then mt = tonumber(v[4]) or 0; mc = tonumber(v[5]) or 0 end
+  used[i] = {dt, mt, mc}
+  local slimit = tonumber(ARGV[b + 5])
+  local skey = tonumber(ARGV[b + 6])
+  if stream and slimit >= 0 and skey > 0 then
+    redis.call('ZREMRANGEBYSCORE', KEYS[skey], '-inf', now_ms)
+    if redis.call('ZCARD', KEYS[skey]) >= slimit then
+      return {0, i, 4, slimit, 0, 0}
+    end
+  end
+  local checks = {{1, tonumber(ARGV[b + 2]), dt, 1}, {2, tonumber(ARGV[b + 3]), mt, 2}}
+  for _, c in ipairs(checks) do
+    local limit = c[2]
+    if limit >= 0 then
+      local left = limit - c[3]
+      if left < 0 then left = 0 end
+      local after = left - prompt - wanted
+      if after < 0 then after = 0 end
+      if h == nil or after < h[2] then h = {limit, after, c[4]} end
+      local r = left - prompt
+      if r < 0 then return {0, i, c[1], limit, left, c[4]} end
+      if r < room then room = r; bind = {0, i, c[1], limit, left, c[4]} end
+    end
+  end
+  local climit = tonumber(ARGV[b + 4])
+  if climit >= 0 then
+    local left = climit - mc
+    if left < 0 then left = 0 end
+    local rest = left - math.ceil(prompt * pin)
+    if rest < 0 then return {0, i, 3, climit, left, 2} end
+    local r = math.huge
+    if pout > 0 then r = math.floor(rest / pout) end
+    if r < room then room = r; bind = {0, i, 3, climit, left, 2} end
+  end
+end
+local output = wanted
+if wanted > room then
+  local per = math.floor(room / choices)
+  if (not clamp) or per == 0 then return bind end
+  output = per * choices
+end
+local tokens = prompt + output
+local cost = math.ceil(prompt * pin + output * pout)
+for i = 1, n do
+  local b = 16 + (i - 1) * 6
+  local u = used[i]
+  redis.call('HSET', KEYS[i], 'd', day, 'dt', u[1] + tokens, 'm', month, 'mt', u[2] + tokens,
+    'mc', u[3] + cost)
+  redis.call('PEXPIRE', KEYS[i], ARGV[b + 1])
+  local skey = tonumber(ARGV[b + 6])
+  if stream and skey > 0 then
+    redis.call('ZADD', KEYS[skey], now_ms + tonumber(ARGV[15]), ARGV[14])
+    redis.call('PEXPIRE', KEYS[skey], ARGV[b + 1])
+  end
+end
+if h == nil then return {1, output, tokens, cost, day, month, -1, 0, 0, 0} end
+local left_room = room - output
+if room == math.huge then left_room = -1 end
+return {1, output, tokens, cost, day, month, h[1], h[2], h[3], left_room}
+";
+
+/// Settlement. KEYS: the reservation's hashes, then its stream sets. ARGV: 1 day, 2 day end
+/// (ms), 3 next day, 4 month, 5 month end, 6 next month (now), 7 the reservation's day, 8 its
+/// month, 9 tokens reserved, 10 cost reserved, 11 tokens used, 12 cost, 13 reservation id,
+/// 14 hashes, then each hash's TTL (ms).
+const SETTLE: &str = r"
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local day = tonumber(ARGV[1])
+if now_ms >= tonumber(ARGV[2]) then day = tonumber(ARGV[3]) end
+local month = tonumber(ARGV[4])
+if now_ms >= tonumber(ARGV[5]) then month = tonumber(ARGV[6]) end
+local rday, rmonth = tonumber(ARGV[7]), tonumber(ARGV[8])
+local rtok, rcost = tonumber(ARGV[9]), tonumber(ARGV[10])
+local tok, cost = tonumber(ARGV[11]), tonumber(ARGV[12])
+local n = tonumber(ARGV[14])
+for i = 1, #KEYS do
+  if i <= n then
+    local v = redis.call('HMGET', KEYS[i], 'd', 'dt', 'm', 'mt', 'mc')
+    local dt, mt, mc = 0, 0, 0
+    if tonumber(v[1]) == day then dt = tonumber(v[2]) or 0 end
+    if tonumber(v[3]) == month then mt = tonumber(v[4]) or 0; mc = tonumber(v[5]) or 0 end
+    if day == rday then dt = math.max(dt - rtok, 0) end
+    if month == rmonth then mt = math.max(mt - rtok, 0); mc = math.max(mc - rcost, 0) end
+    redis.call('HSET', KEYS[i], 'd', day, 'dt', dt + tok, 'm', month, 'mt', mt + tok,
+      'mc', mc + cost)
+    redis.call('PEXPIRE', KEYS[i], ARGV[14 + i])
+  else
+    redis.call('ZREM', KEYS[i], ARGV[13])
+  end
+end
+return {1}
+";
+
+/// Why a request may not go on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Denial {
+    /// A limit refuses it.
+    Refused(Refusal),
+    /// The shared counters cannot be reached and a limit it meets fails closed.
+    Unavailable,
+}
+
+/// What the shared counters have done, for metrics and tests.
+#[derive(Debug, Default)]
+pub struct SharedCounters {
+    /// Requests counted by the local fallback while Redis could not be reached.
+    pub local_fallbacks: AtomicU64,
+    /// Requests refused because Redis could not be reached and a limit fails closed.
+    pub failed_closed: AtomicU64,
+    /// Requests with no limit at all that went on uncounted while Redis could not be reached.
+    pub uncounted: AtomicU64,
+    /// Settlements that did not reach Redis (their reservations stay counted in full).
+    pub settle_failures: AtomicU64,
+}
+
+/// Where the shared counters are and what to do without them.
+#[derive(Debug, Clone)]
+pub struct SharedSettings {
+    /// Redis.
+    pub url: String,
+    /// `store.redis_prefix`.
+    pub prefix: String,
+    /// How long a request waits for Redis.
+    pub timeout: Duration,
+    /// Divides limits that fall back to `local`.
+    pub expected_replicas: u32,
+    /// The failure policy.
+    pub policy: FailurePolicy,
+}
+
+/// The Redis side of a [`super::QuotaEngine`] on shared counters.
+pub(crate) struct Shared {
+    conn: redis::aio::ConnectionManager,
+    prefix: String,
+    pub(crate) timeout: Duration,
+    pub(crate) policy: FailurePolicy,
+    pub(crate) expected_replicas: u32,
+    admit: redis::Script,
+    reserve: redis::Script,
+    settle: redis::Script,
+    pub(crate) counters: SharedCounters,
+    /// Settlements on their way to Redis, and a wake-up for those waiting on them.
+    pub(crate) in_flight: AtomicU64,
+    pub(crate) settled: tokio::sync::Notify,
+    /// The runtime settlements run on: the one the engine was made on, which outlives the
+    /// workers' (a settlement started as a worker stops still reaches Redis).
+    pub(crate) runtime: tokio::runtime::Handle,
+    /// When a fallback was last logged (Unix seconds), so an outage logs once a second.
+    last_logged: AtomicU64,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("prefix", &self.prefix)
+            .field("timeout", &self.timeout)
+            .field("policy", &self.policy)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Counts a settlement in flight until dropped, however its task ends.
+pub(crate) struct InFlight(pub(crate) std::sync::Arc<Shared>);
+
+impl InFlight {
+    pub(crate) fn start(shared: &std::sync::Arc<Shared>) -> InFlight {
+        shared.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(std::sync::Arc::clone(shared))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.settled.notify_waiters();
+        }
+    }
+}
+
+/// A failed or late script.
+#[derive(Debug)]
+pub(crate) struct Unreachable(pub(crate) String);
+
+impl Shared {
+    pub(crate) async fn connect(settings: &SharedSettings) -> Result<Shared, String> {
+        let client = redis::Client::open(settings.url.as_str()).map_err(|e| e.to_string())?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(settings.timeout.max(Duration::from_millis(100))))
+            .set_number_of_retries(1);
+        let conn = client
+            .get_connection_manager_with_config(config)
+            .await
+            .map_err(|e| format!("redis at {}: {e}", settings.url))?;
+        Ok(Shared {
+            conn,
+            prefix: settings.prefix.clone(),
+            timeout: settings.timeout,
+            policy: settings.policy,
+            expected_replicas: settings.expected_replicas.max(1),
+            admit: redis::Script::new(ADMIT),
+            reserve: redis::Script::new(RESERVE),
+            settle: redis::Script::new(SETTLE),
+            counters: SharedCounters::default(),
+            in_flight: AtomicU64::new(0),
+            settled: tokio::sync::Notify::new(),
+            runtime: tokio::runtime::Handle::current(),
+            last_logged: AtomicU64::new(0),
+        })
+    }
+
+    fn hash_key(&self, institution: &str, level: Level, id: &str) -> String {
+        format!(
+            "{{{}:{institution}}}:q:{}:{id}",
+            self.prefix,
+            level.as_str()
+        )
+    }
+
+    fn streams_key(&self, institution: &str, level: Level, id: &str) -> String {
+        format!(
+            "{{{}:{institution}}}:qs:{}:{id}",
+            self.prefix,
+            level.as_str()
+        )
+    }
+
+    async fn run(&self, inv: redis::ScriptInvocation<'_>) -> Result<Vec<i64>, Unreachable> {
+        let mut conn = self.conn.clone();
+        match tokio::time::timeout(self.timeout, inv.invoke_async::<Vec<i64>>(&mut conn)).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(Unreachable(e.to_string())),
+            Err(_) => Err(Unreachable(format!(
+                "no answer within {} ms",
+                self.timeout.as_millis()
+            ))),
+        }
+    }
+
+    /// Logs a fallback, at most once a second.
+    pub(crate) fn log_fallback(&self, why: &Unreachable, what: &str) {
+        let now = Timestamp::now().as_second().max(0) as u64;
+        if self.last_logged.swap(now, Ordering::Relaxed) != now {
+            tracing::warn!(error = %why.0, policy = what, "shared counters unreachable");
+        }
+    }
+
+    /// Counts a request against the rates of `rated` (level, id, limit per minute).
+    pub(crate) async fn admit(
+        &self,
+        institution: &str,
+        rated: &[(Level, &str, u64)],
+    ) -> Result<Result<Option<Headroom>, Refusal>, Unreachable> {
+        let mut inv = self.admit.prepare_invoke();
+        for &(level, id, per_minute) in rated {
+            let per_minute = per_minute.clamp(1, u64::from(u32::MAX));
+            inv.key(self.hash_key(institution, level, id))
+                .arg(60_000_000 / per_minute)
+                .arg(per_minute)
+                .arg(ttl_ms(level));
+        }
+        let r = self.run(inv).await?;
+        match r.as_slice() {
+            [1, limit, remaining, reset_us] => Ok(Ok(Some(Headroom {
+                limit: *limit as u64,
+                remaining: (*remaining).max(0) as u64,
+                reset_ns: (*reset_us).max(0) as u64 * 1000,
+            }))),
+            [0, index, wait_us] => {
+                let (level, _, per_minute) = rated[(*index as usize).saturating_sub(1)];
+                Ok(Err(Refusal {
+                    level,
+                    kind: LimitKind::RequestsPerMinute,
+                    limit: per_minute,
+                    remaining: 0,
+                    retry_after_secs: ((*wait_us).max(0) as u64).div_ceil(1_000_000).max(1),
+                    resets_at: None,
+                }))
+            }
+            other => Err(Unreachable(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// Reserves `demand` at `levels` (level, id, its limits).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn reserve(
+        &self,
+        institution: &str,
+        levels: &[(Level, &str, Limits)],
+        windows: Windows,
+        demand: &Demand,
+        policy: OverPolicy,
+        now: Timestamp,
+    ) -> Result<Result<SharedHold, Refusal>, Unreachable> {
+        let choices = demand.choices.max(1);
+        let wanted = demand.max_output_tokens.saturating_mul(choices);
+        let reservation_id = crate::ids::random_base62(16);
+        let mut inv = self.reserve.prepare_invoke();
+        let mut keys = Vec::with_capacity(levels.len());
+        let mut ttls_ms = Vec::with_capacity(levels.len());
+        let mut stream_keys = Vec::new();
+        for &(level, id, _) in levels {
+            let key = self.hash_key(institution, level, id);
+            inv.key(&key);
+            keys.push(key);
+            ttls_ms.push(ttl_ms(level));
+        }
+        // A stream is held at every level (each shows its open streams); only levels with
+        // a limit refuse one.
+        if demand.stream {
+            for &(level, id, _) in levels {
+                let key = self.streams_key(institution, level, id);
+                inv.key(&key);
+                stream_keys.push(key);
+            }
+        }
+        windows.push(&mut inv);
+        inv.arg(demand.prompt_tokens)
+            .arg(wanted)
+            .arg(choices)
+            .arg(demand.input_nano_per_token)
+            .arg(demand.output_nano_per_token)
+            .arg(u8::from(policy == OverPolicy::Clamp))
+            .arg(u8::from(demand.stream))
+            .arg(&reservation_id)
+            .arg(STREAM_LEASE.as_millis() as u64)
+            .arg(levels.len());
+        for (i, &(level, _, limits)) in levels.iter().enumerate() {
+            let stream_index = if demand.stream {
+                levels.len() + i + 1
+            } else {
+                0
+            };
+            inv.arg(ttl_ms(level))
+                .arg(signed(limits.tokens_per_day))
+                .arg(signed(limits.tokens_per_month))
+                .arg(signed(limits.cost_per_month_nano_usd))
+                .arg(signed(limits.concurrent_streams))
+                .arg(stream_index);
+        }
+        let r = self.run(inv).await?;
+        let nanos_until = |at: Timestamp| {
+            u64::try_from(at.as_nanosecond().saturating_sub(now.as_nanosecond())).unwrap_or(0)
+        };
+        match r.as_slice() {
+            [
+                1,
+                output,
+                tokens,
+                cost,
+                day,
+                month,
+                h_limit,
+                h_after,
+                h_window,
+                room,
+            ] => {
+                let output = (*output).max(0) as u64;
+                let tokens_headroom = (*h_limit >= 0).then(|| {
+                    let resets = if *h_window == 2 {
+                        windows.month.resets_at
+                    } else {
+                        windows.day.resets_at
+                    };
+                    let mut remaining = (*h_after).max(0) as u64;
+                    if *room >= 0 {
+                        remaining = remaining.min(*room as u64);
+                    }
+                    Headroom {
+                        limit: *h_limit as u64,
+                        remaining,
+                        reset_ns: nanos_until(resets),
+                    }
+                });
+                Ok(Ok(SharedHold {
+                    keys,
+                    stream_keys,
+                    reservation_id,
+                    day_id: *day,
+                    month_id: *month,
+                    tokens: (*tokens).max(0) as u64,
+                    cost: (*cost).max(0) as u64,
+                    output_tokens: output,
+                    clamped_to: (output < wanted).then_some(output / choices),
+                    tokens_headroom,
+                    ttls_ms,
+                }))
+            }
+            [0, index, kind, limit, left, window] => {
+                let (level, _, _) = levels[(*index as usize).saturating_sub(1)];
+                let kind = match kind {
+                    1 => LimitKind::TokensPerDay,
+                    2 => LimitKind::TokensPerMonth,
+                    3 => LimitKind::CostPerMonth,
+                    _ => LimitKind::ConcurrentStreams,
+                };
+                let resets_at = match window {
+                    1 => Some(windows.day.resets_at),
+                    2 => Some(windows.month.resets_at),
+                    _ => None,
+                };
+                Ok(Err(Refusal {
+                    level,
+                    kind,
+                    limit: (*limit).max(0) as u64,
+                    remaining: (*left).max(0) as u64,
+                    retry_after_secs: resets_at
+                        .map_or(1, |at| nanos_until(at).div_ceil(1_000_000_000).max(1)),
+                    resets_at,
+                }))
+            }
+            other => Err(Unreachable(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// Replaces a reservation with what was used.
+    pub(crate) async fn settle(
+        &self,
+        hold: &SharedHold,
+        windows: Windows,
+        tokens: u64,
+        cost: u64,
+    ) -> Result<(), Unreachable> {
+        let mut inv = self.settle.prepare_invoke();
+        for key in hold.keys.iter().chain(&hold.stream_keys) {
+            inv.key(key);
+        }
+        windows.push(&mut inv);
+        inv.arg(hold.day_id)
+            .arg(hold.month_id)
+            .arg(hold.tokens)
+            .arg(hold.cost)
+            .arg(tokens)
+            .arg(cost)
+            .arg(&hold.reservation_id)
+            .arg(hold.keys.len());
+        for ttl in &hold.ttls_ms {
+            inv.arg(*ttl);
+        }
+        self.run(inv).await.map(drop)
+    }
+
+    /// One level's counters now: (day tokens, month tokens, month cost, streams, tat µs).
+    pub(crate) async fn read(
+        &self,
+        institution: &str,
+        level: Level,
+        id: &str,
+        windows: Windows,
+        now: Timestamp,
+    ) -> Result<[u64; 5], Unreachable> {
+        let mut conn = self.conn.clone();
+        let mut pipe = redis::pipe();
+        pipe.cmd("HMGET")
+            .arg(self.hash_key(institution, level, id))
+            .arg(&["tat", "d", "dt", "m", "mt", "mc"][..])
+            .zcount(
+                self.streams_key(institution, level, id),
+                now.as_millisecond(),
+                "+inf",
+            );
+        let read = pipe.query_async::<(Vec<Option<i64>>, u64)>(&mut conn);
+        let (v, streams) = match tokio::time::timeout(self.timeout * 5, read).await {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => return Err(Unreachable(e.to_string())),
+            Err(_) => return Err(Unreachable("no answer".into())),
+        };
+        let get = |i: usize| v.get(i).copied().flatten().unwrap_or(0);
+        let day = windows.current_day(now);
+        let month = windows.current_month(now);
+        let dt = if get(1) == day { get(2) } else { 0 };
+        let (mt, mc) = if get(3) == month {
+            (get(4), get(5))
+        } else {
+            (0, 0)
+        };
+        Ok([
+            dt.max(0) as u64,
+            mt.max(0) as u64,
+            mc.max(0) as u64,
+            streams,
+            get(0).max(0) as u64,
+        ])
+    }
+
+    /// Starts a patron's day afresh.
+    pub(crate) async fn reset_patron_day(
+        &self,
+        institution: &str,
+        patron: &str,
+        windows: Windows,
+        now: Timestamp,
+    ) -> Result<(), Unreachable> {
+        let mut conn = self.conn.clone();
+        let key = self.hash_key(institution, Level::Patron, patron);
+        let mut cmd = redis::cmd("HSET");
+        cmd.arg(&key)
+            .arg("d")
+            .arg(windows.current_day(now))
+            .arg("dt")
+            .arg(0);
+        let write = cmd.query_async::<i64>(&mut conn);
+        match tokio::time::timeout(self.timeout * 5, write).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(Unreachable(e.to_string())),
+            Err(_) => Err(Unreachable("no answer".into())),
+        }
+    }
+
+    /// The policy for a kind of limit met at `level`.
+    pub(crate) fn policy_for(&self, level: Level, kind: LimitKind) -> OnFailure {
+        let p = &self.policy;
+        match kind {
+            LimitKind::RequestsPerMinute => p.requests_per_minute,
+            LimitKind::TokensPerDay if level == Level::Patron => p.patron_tokens_per_day,
+            LimitKind::TokensPerDay => p.tokens_per_day,
+            LimitKind::TokensPerMonth => p.tokens_per_month,
+            LimitKind::CostPerMonth => p.cost_per_month,
+            LimitKind::ConcurrentStreams => p.concurrent_streams,
+            LimitKind::PatronTokensPerDay => p.patron_tokens_per_day,
+        }
+    }
+}
+
+fn signed(v: Option<u64>) -> i64 {
+    v.map_or(-1, |v| i64::try_from(v).unwrap_or(i64::MAX))
+}
+
+fn ttl_ms(level: Level) -> u64 {
+    let days = if level == Level::Patron {
+        PATRON_TTL_DAYS
+    } else {
+        TTL_DAYS
+    };
+    days * 86_400_000
+}
+
+/// The current day and month of an institution and the ones after them, so a script turns
+/// them over at Redis's clock.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Windows {
+    pub(crate) day: Window,
+    pub(crate) next_day: Window,
+    pub(crate) month: Window,
+    pub(crate) next_month: Window,
+}
+
+impl Windows {
+    fn push(&self, inv: &mut redis::ScriptInvocation<'_>) {
+        inv.arg(self.day.id)
+            .arg(self.day.resets_at.as_millisecond())
+            .arg(self.next_day.id)
+            .arg(self.month.id)
+            .arg(self.month.resets_at.as_millisecond())
+            .arg(self.next_month.id);
+    }
+
+    fn current_day(&self, now: Timestamp) -> i64 {
+        i64::from(if now >= self.day.resets_at {
+            self.next_day.id
+        } else {
+            self.day.id
+        })
+    }
+
+    fn current_month(&self, now: Timestamp) -> i64 {
+        i64::from(if now >= self.month.resets_at {
+            self.next_month.id
+        } else {
+            self.month.id
+        })
+    }
+}
+
+/// A reservation held in Redis.
+#[derive(Debug)]
+pub(crate) struct SharedHold {
+    keys: Vec<String>,
+    stream_keys: Vec<String>,
+    reservation_id: String,
+    day_id: i64,
+    month_id: i64,
+    pub(crate) tokens: u64,
+    pub(crate) cost: u64,
+    pub(crate) output_tokens: u64,
+    pub(crate) clamped_to: Option<u64>,
+    pub(crate) tokens_headroom: Option<Headroom>,
+    ttls_ms: Vec<u64>,
+}
