@@ -26,7 +26,7 @@ use super::gcra::Gcra;
 use super::limits::{Level, LimitKind, Limits};
 use super::period::{Period, Window};
 use super::shared::{
-    Denial, InFlight, Shared, SharedCounters, SharedHold, SharedSettings, Windows,
+    Denial, InFlight, LevelLimits, Shared, SharedCounters, SharedHold, SharedSettings, Windows,
 };
 use crate::config::OnFailure;
 use crate::domain::Principal;
@@ -889,6 +889,22 @@ impl QuotaEngine {
         st.windows()
     }
 
+    /// Each level of `subject` with its limits now (a patron's with their extensions), and the
+    /// periods.
+    fn limits_now(&self, subject: &Subject) -> (Vec<LevelLimits>, Windows, Timestamp) {
+        let table = self.inner.limits.load();
+        let state = self.institution(subject.institution(), subject.timezone());
+        let (mut st, now) = self.lock(&state, subject.timezone());
+        let levels = subject
+            .levels()
+            .map(|(level, id)| {
+                let limits = st.limits(&table, subject, level, id, now);
+                (level, Arc::clone(id), limits)
+            })
+            .collect();
+        (levels, st.windows(), now)
+    }
+
     /// [`QuotaEngine::admit`] on the counters this engine keeps: in process, or shared in
     /// Redis (under the failure policy when Redis cannot be reached).
     pub async fn check_rate(
@@ -915,19 +931,11 @@ impl QuotaEngine {
             Ok(verdict) => verdict.map_err(Denial::Refused),
             Err(e) => match shared.policy.requests_per_minute {
                 OnFailure::FailClosed => {
-                    shared
-                        .counters
-                        .failed_closed
-                        .fetch_add(1, Ordering::Relaxed);
-                    shared.log_fallback(&e, "fail_closed");
+                    shared.failed_closed(&e);
                     Err(Denial::Unavailable)
                 }
                 OnFailure::Local => {
-                    shared
-                        .counters
-                        .local_fallbacks
-                        .fetch_add(1, Ordering::Relaxed);
-                    shared.log_fallback(&e, "local");
+                    shared.went_local(&e);
                     fallback.admit(subject, levels).map_err(Denial::Refused)
                 }
             },
@@ -948,16 +956,7 @@ impl QuotaEngine {
                 .reserve(subject, demand, policy)
                 .map_err(Denial::Refused);
         };
-        let table = self.inner.limits.load();
-        let state = self.institution(subject.institution(), subject.timezone());
-        let (levels, windows, now) = {
-            let (mut st, now) = self.lock(&state, subject.timezone());
-            let levels: Vec<(Level, &str, Limits)> = subject
-                .levels()
-                .map(|(level, id)| (level, &**id, st.limits(&table, subject, level, id, now)))
-                .collect();
-            (levels, st.windows(), now)
-        };
+        let (levels, windows, now) = self.limits_now(subject);
         let e = match shared
             .reserve(
                 subject.institution(),
@@ -1009,11 +1008,7 @@ impl QuotaEngine {
                 .iter()
                 .any(|&(level, kind)| shared.policy_for(level, kind) == OnFailure::FailClosed);
         if closed {
-            shared
-                .counters
-                .failed_closed
-                .fetch_add(1, Ordering::Relaxed);
-            shared.log_fallback(&e, "fail_closed");
+            shared.failed_closed(&e);
             return Err(Denial::Unavailable);
         }
         if met.is_empty() {
@@ -1031,11 +1026,7 @@ impl QuotaEngine {
                 settled: false,
             });
         }
-        shared
-            .counters
-            .local_fallbacks
-            .fetch_add(1, Ordering::Relaxed);
-        shared.log_fallback(&e, "local");
+        shared.went_local(&e);
         fallback
             .reserve(subject, demand, policy)
             .map_err(Denial::Refused)
@@ -1047,19 +1038,7 @@ impl QuotaEngine {
         let Some((shared, fallback)) = &self.inner.shared else {
             return self.status(subject);
         };
-        let table = self.inner.limits.load();
-        let state = self.institution(subject.institution(), subject.timezone());
-        let (levels, windows, now) = {
-            let (mut st, now) = self.lock(&state, subject.timezone());
-            let levels: Vec<(Level, Arc<str>, Limits)> = subject
-                .levels()
-                .map(|(level, id)| {
-                    let limits = st.limits(&table, subject, level, id, now);
-                    (level, Arc::clone(id), limits)
-                })
-                .collect();
-            (levels, st.windows(), now)
-        };
+        let (levels, windows, now) = self.limits_now(subject);
         let mut out = Vec::with_capacity(levels.len());
         for (level, id, limits) in levels {
             match shared

@@ -28,6 +28,7 @@
 //! are divided by `store.expected_replicas`. A settlement that fails leaves the reservation
 //! counted in full: the counters may show more use than there was, never less.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -277,12 +278,12 @@ impl std::fmt::Debug for Shared {
 }
 
 /// Counts a settlement in flight until dropped, however its task ends.
-pub(crate) struct InFlight(pub(crate) std::sync::Arc<Shared>);
+pub(crate) struct InFlight(pub(crate) Arc<Shared>);
 
 impl InFlight {
-    pub(crate) fn start(shared: &std::sync::Arc<Shared>) -> InFlight {
+    pub(crate) fn start(shared: &Arc<Shared>) -> InFlight {
         shared.in_flight.fetch_add(1, Ordering::AcqRel);
-        InFlight(std::sync::Arc::clone(shared))
+        InFlight(Arc::clone(shared))
     }
 }
 
@@ -293,6 +294,9 @@ impl Drop for InFlight {
         }
     }
 }
+
+/// A level a request counts against, its id and its limits.
+pub(crate) type LevelLimits = (Level, Arc<str>, Limits);
 
 /// A failed or late script.
 #[derive(Debug)]
@@ -354,6 +358,20 @@ impl Shared {
         }
     }
 
+    /// Counts and logs a request refused for want of Redis.
+    pub(crate) fn failed_closed(&self, why: &Unreachable) {
+        self.counters.failed_closed.fetch_add(1, Ordering::Relaxed);
+        self.log_fallback(why, "fail_closed");
+    }
+
+    /// Counts and logs a request counted by the local fallback.
+    pub(crate) fn went_local(&self, why: &Unreachable) {
+        self.counters
+            .local_fallbacks
+            .fetch_add(1, Ordering::Relaxed);
+        self.log_fallback(why, "local");
+    }
+
     /// Logs a fallback, at most once a second.
     pub(crate) fn log_fallback(&self, why: &Unreachable, what: &str) {
         let now = Timestamp::now().as_second().max(0) as u64;
@@ -403,7 +421,7 @@ impl Shared {
     pub(crate) async fn reserve(
         &self,
         institution: &str,
-        levels: &[(Level, &str, Limits)],
+        levels: &[LevelLimits],
         windows: Windows,
         demand: &Demand,
         policy: OverPolicy,
@@ -416,7 +434,8 @@ impl Shared {
         let mut keys = Vec::with_capacity(levels.len());
         let mut ttls_ms = Vec::with_capacity(levels.len());
         let mut stream_keys = Vec::new();
-        for &(level, id, _) in levels {
+        for (level, id, _) in levels {
+            let (level, id) = (*level, &**id);
             let key = self.hash_key(institution, level, id);
             inv.key(&key);
             keys.push(key);
@@ -425,8 +444,8 @@ impl Shared {
         // A stream is held at every level (each shows its open streams); only levels with
         // a limit refuse one.
         if demand.stream {
-            for &(level, id, _) in levels {
-                let key = self.streams_key(institution, level, id);
+            for (level, id, _) in levels {
+                let key = self.streams_key(institution, *level, id);
                 inv.key(&key);
                 stream_keys.push(key);
             }
@@ -504,7 +523,7 @@ impl Shared {
                 }))
             }
             [0, index, kind, limit, left, window] => {
-                let (level, _, _) = levels[(*index as usize).saturating_sub(1)];
+                let level = levels[(*index as usize).saturating_sub(1)].0;
                 let kind = match kind {
                     1 => LimitKind::TokensPerDay,
                     2 => LimitKind::TokensPerMonth,

@@ -612,18 +612,19 @@ struct View {
     usage_pos: Pos,
 }
 
+/// Where a view stands in the streams, and of which log.
+const POSITION_TABLE: &str = "CREATE TABLE IF NOT EXISTS replica_position (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    epoch TEXT NOT NULL,
+    control TEXT NOT NULL,
+    usage TEXT NOT NULL
+)";
+
 /// Opens the view in `dir`, throwing it away when it was built from another log.
 fn open_view(dir: &Path, epoch: &str) -> Result<View, StoreError> {
     let path = dir.join(VIEW_FILE);
     let conn = super::open_file(&path)?;
-    conn.execute_batch(
-        "CREATE TABLE IF NOT EXISTS replica_position (
-            id INTEGER PRIMARY KEY CHECK (id = 1),
-            epoch TEXT NOT NULL,
-            control TEXT NOT NULL,
-            usage TEXT NOT NULL
-        )",
-    )?;
+    conn.execute_batch(POSITION_TABLE)?;
     let row: Option<(String, String, String)> = conn
         .query_row(
             "SELECT epoch, control, usage FROM replica_position",
@@ -652,14 +653,7 @@ fn open_view(dir: &Path, epoch: &str) -> Result<View, StoreError> {
                 }
             }
             let conn = super::open_file(&path)?;
-            conn.execute_batch(
-                "CREATE TABLE replica_position (
-                    id INTEGER PRIMARY KEY CHECK (id = 1),
-                    epoch TEXT NOT NULL,
-                    control TEXT NOT NULL,
-                    usage TEXT NOT NULL
-                )",
-            )?;
+            conn.execute_batch(POSITION_TABLE)?;
             conn.execute(
                 "INSERT INTO replica_position (id, epoch, control, usage) VALUES (1, ?1, '0-0', '0-0')",
                 [epoch],

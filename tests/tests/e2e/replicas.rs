@@ -28,42 +28,79 @@ async fn chat_status(http: &reqwest::Client, public: &str, key: &str) -> u16 {
         .as_u16()
 }
 
+/// Two `carrel serve` replicas on one Redis prefix, and an institution with a key made
+/// through the first.
+struct TwoReplicas {
+    a: Serve,
+    b: Serve,
+    http: reqwest::Client,
+    inst: String,
+    key_id: String,
+    secret: String,
+    _mock: MockUpstream,
+    _dirs: [tempfile::TempDir; 2],
+}
+
+impl TwoReplicas {
+    async fn start(test: &str) -> TwoReplicas {
+        let mock = MockUpstream::start().await;
+        let toml = config_for(
+            &mock.base_url(),
+            &format!(
+                "{}[log]\nlevel = \"warn\"\n",
+                redis_store_toml(&redis_prefix(test))
+            ),
+        );
+        let env: &[(&str, &str)] = &[("CARREL_PEPPER", TEST_PEPPER)];
+        let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+        for dir in &dirs {
+            std::fs::write(dir.path().join("carrel.toml"), &toml).unwrap();
+        }
+        let a = Serve::start(dirs[0].path(), env).await;
+        let b = Serve::start(dirs[1].path(), env).await;
+        let http = reqwest::Client::new();
+        let inst = a
+            .admin(
+                &http,
+                "/admin/v1/institutions",
+                json!({"name": "Two Branch Library", "kind": "library", "region": "US-IL",
+                       "timezone": "America/Chicago"}),
+            )
+            .await["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let key = a
+            .admin(
+                &http,
+                &format!("/admin/v1/institutions/{inst}/keys"),
+                json!({"name": "desk", "kind": "service"}),
+            )
+            .await;
+        TwoReplicas {
+            a,
+            b,
+            http,
+            inst,
+            key_id: key["id"].as_str().unwrap().to_owned(),
+            secret: key["secret"].as_str().unwrap().to_owned(),
+            _mock: mock,
+            _dirs: dirs,
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_key_made_on_one_replica_works_on_the_other_and_its_revocation_lands_within_a_second() {
-    let mock = MockUpstream::start().await;
-    let prefix = redis_prefix("revoke");
-    let toml = config_for(
-        &mock.base_url(),
-        &format!("{}[log]\nlevel = \"warn\"\n", redis_store_toml(&prefix)),
-    );
-    let env: &[(&str, &str)] = &[("CARREL_PEPPER", TEST_PEPPER)];
-    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    for dir in [&dir_a, &dir_b] {
-        std::fs::write(dir.path().join("carrel.toml"), &toml).unwrap();
-    }
-    let a = Serve::start(dir_a.path(), env).await;
-    let b = Serve::start(dir_b.path(), env).await;
-    let http = reqwest::Client::new();
-
-    let inst = a
-        .admin(
-            &http,
-            "/admin/v1/institutions",
-            json!({"name": "Two Branch Library", "kind": "library", "region": "US-IL",
-                   "timezone": "America/Chicago"}),
-        )
-        .await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let key = a
-        .admin(
-            &http,
-            &format!("/admin/v1/institutions/{inst}/keys"),
-            json!({"name": "desk", "kind": "service"}),
-        )
-        .await;
-    let (key_id, secret) = (key["id"].as_str().unwrap(), key["secret"].as_str().unwrap());
+    let TwoReplicas {
+        a,
+        b,
+        http,
+        key_id,
+        secret,
+        ..
+    } = &TwoReplicas::start("revoke").await;
+    let (key_id, secret) = (key_id.as_str(), secret.as_str());
 
     // Made through A a moment ago; B answers with it at once, and then from its cache.
     assert_eq!(chat_status(&http, &b.public, secret).await, 200);
@@ -179,41 +216,14 @@ async fn usage_while_redis_is_away_is_journaled_then_sent_once() {
 
 #[tokio::test]
 async fn a_token_budget_shared_by_two_replicas_is_never_overshot() {
-    let mock = MockUpstream::start().await;
-    let prefix = redis_prefix("budget");
-    let toml = config_for(
-        &mock.base_url(),
-        &format!("{}[log]\nlevel = \"warn\"\n", redis_store_toml(&prefix)),
-    );
-    let env: &[(&str, &str)] = &[("CARREL_PEPPER", TEST_PEPPER)];
-    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    for dir in [&dir_a, &dir_b] {
-        std::fs::write(dir.path().join("carrel.toml"), &toml).unwrap();
-    }
-    let a = Serve::start(dir_a.path(), env).await;
-    let b = Serve::start(dir_b.path(), env).await;
-    let http = reqwest::Client::new();
-    let inst = a
-        .admin(
-            &http,
-            "/admin/v1/institutions",
-            json!({"name": "Shared Budget Library", "kind": "library", "region": "US-IL",
-                   "timezone": "America/Chicago"}),
-        )
-        .await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let secret = a
-        .admin(
-            &http,
-            &format!("/admin/v1/institutions/{inst}/keys"),
-            json!({"name": "desk", "kind": "service"}),
-        )
-        .await["secret"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let TwoReplicas {
+        a,
+        b,
+        http,
+        inst,
+        secret,
+        ..
+    } = &TwoReplicas::start("budget").await;
     const BUDGET: u64 = 1200;
     let resp = http
         .put(format!("{}/admin/v1/institutions/{inst}/limits", a.admin))
