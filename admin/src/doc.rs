@@ -20,7 +20,10 @@ use crate::{
         title = "Carrel admin API",
         description = "Control plane of Carrel, the Right-to-AI public access gateway: providers, \
                        models, institutions and API keys. Errors use the OpenAI error body; \
-                       validation errors name the field in `error.param`.",
+                       validation errors name the field in `error.param`. On several replicas \
+                       (`store.kind = \"redis\"`) a change answers `503` with code \
+                       `state_unavailable` while Redis cannot be reached; nothing is changed \
+                       then, and reads still answer.",
         license(name = "Apache-2.0")
     ),
     paths(

@@ -1110,7 +1110,9 @@ impl Store {
         .await
     }
 
-    /// The account of a live session; expired sessions are deleted on sight.
+    /// The account of a live session; expired sessions are deleted on sight. (On the Redis
+    /// backend that deletion stays in this replica's view: every replica deletes the same
+    /// expired rows when it sees them, so views differ only in rows no read returns.)
     pub async fn session_user(
         &self,
         token_hash: [u8; 32],
