@@ -281,15 +281,24 @@ def redis_server_pid(url):
     return int(pid) if comm.startswith("redis") else None
 
 
-def redis_keys(url, prefix, pattern="*"):
-    """This run's keys matching `{prefix}` + `pattern`: every key Carrel makes starts with the
-    hash tag `{prefix}`."""
-    return redis_cli(url, "--scan", "--pattern", f"{{{prefix}}}{pattern}")
+def redis_keys(url, pattern):
+    """The keys matching `pattern` (a Redis glob: braces are plain characters)."""
+    return redis_cli(url, "--scan", "--pattern", pattern)
+
+
+def counter_keys(url, prefix):
+    """The quota counters of this run: their hash tag is `{prefix:<institution>}`."""
+    return redis_keys(url, f"{{{prefix}:*")
+
+
+def run_keys(url, prefix):
+    """Every key of this run: the streams and batch ids (hash tag `{prefix}`) and the counters."""
+    return redis_keys(url, f"{{{prefix}}}*") + counter_keys(url, prefix)
 
 
 def delete_redis_keys(url, prefix):
     """Deletes this run's keys (and no others), 500 a command; returns how many it deleted."""
-    keys = redis_keys(url, prefix)
+    keys = run_keys(url, prefix)
     redis_cli(url, commands=[["DEL", *keys[i:i + 500]] for i in range(0, len(keys), 500)])
     return len(keys)
 
@@ -302,7 +311,8 @@ def memory_usage(url, keys):
 
 def redis_memory(url, prefix, requests):
     """What the run left in Redis, measured once Carrel has sent its last usage batch (it sends
-    one every 20 ms): the usage stream per request served, the seen-batch ids, the control log."""
+    one every 20 ms): the usage stream per request served, the seen-batch ids, the control log
+    and the quota counters."""
     usage, log = f"{{{prefix}}}:usage", f"{{{prefix}}}:log"
     batches = -1
     for _ in range(50):
@@ -311,11 +321,14 @@ def redis_memory(url, prefix, requests):
         if now == batches:
             break
         batches = now
-    seen = redis_keys(url, prefix, ":usage-seen:*")
+    seen = redis_keys(url, f"{{{prefix}}}:usage-seen:*")
+    counters = counter_keys(url, prefix)
     usage_bytes, log_bytes = memory_usage(url, [usage, log])
     return {"prefix": prefix, "requests": requests, "batches": batches,
             "usage_bytes": usage_bytes, "log_bytes": log_bytes,
-            "seen_keys": len(seen), "seen_bytes": sum(memory_usage(url, seen)) if seen else 0}
+            "seen_keys": len(seen), "seen_bytes": sum(memory_usage(url, seen)) if seen else 0,
+            "counter_keys": len(counters),
+            "counter_bytes": sum(memory_usage(url, counters)) if counters else 0}
 
 
 def redis_memory_lines(m):
@@ -332,6 +345,8 @@ def redis_memory_lines(m):
         f"{m['seen_bytes']} bytes more, {with_seen:.1f} bytes per usage record.",
         f"- `MEMORY USAGE {{{p}}}:log SAMPLES 0` (the control log: the catalog and the admin "
         f"writes that set up the key and limits): {m['log_bytes']} bytes.",
+        f"- The {m['counter_keys']} quota counter keys (`{{{p}:<institution>}}:…`, one a level "
+        f"in use; they do not grow with requests): {m['counter_bytes']} bytes.",
     ]
 
 
@@ -501,7 +516,7 @@ def main():
         if prefix:
             # After the replica stopped, so that nothing writes under the prefix any more.
             print(f"deleted the run's {delete_redis_keys(args.redis_url, prefix)} Redis keys "
-                  f"({{{prefix}}}*)")
+                  f"({{{prefix}}}* and {{{prefix}:*)")
         shutil.rmtree(work, ignore_errors=True)
 
 
@@ -552,7 +567,7 @@ def redis_target(memory):
     """The Redis store's target, or nothing without `--store redis`."""
     if not memory:
         return ""
-    return ("\nTarget for the Redis store: Redis mode ≥ 0.6× embedded req/s at concurrency 64, "
+    return ("\n\nTarget for the Redis store: Redis mode ≥ 0.6× embedded req/s at concurrency 64, "
             "same run.")
 
 
