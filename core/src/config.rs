@@ -135,6 +135,7 @@ struct RawStore {
     redis_prefix: Option<String>,
     redis_timeout_ms: Option<i64>,
     expected_replicas: Option<i64>,
+    lease_requests: Option<i64>,
     on_redis_failure: RawOnFailure,
 }
 
@@ -288,6 +289,9 @@ pub struct StoreConfig {
     pub expected_replicas: u32,
     /// What each kind of limit does while Redis cannot be reached.
     pub on_redis_failure: FailurePolicy,
+    /// Most requests a replica's lease of a budget or rate is sized for; 0 or 1: no leases,
+    /// a round trip to Redis per request.
+    pub lease_requests: u64,
 }
 
 /// What a limit does while the shared counters cannot be reached.
@@ -599,6 +603,8 @@ impl Config {
             )? as u64),
             expected_replicas: bounded("store.expected_replicas", st.expected_replicas, 2, 1, 1000)?
                 as u32,
+            lease_requests: bounded("store.lease_requests", st.lease_requests, 64, 0, 10_000)?
+                as u64,
             on_redis_failure: {
                 let f = st.on_redis_failure;
                 let d = FailurePolicy::default();

@@ -124,6 +124,7 @@ impl App {
                     timeout: config.store.redis_timeout,
                     expected_replicas: config.store.expected_replicas,
                     policy: config.store.on_redis_failure,
+                    lease_requests: config.store.lease_requests,
                 },
             )
             .await

@@ -23,10 +23,12 @@ use rustc_hash::{FxBuildHasher, FxHashMap};
 type PerLevel<T> = [T; Level::ALL.len()];
 
 use super::gcra::Gcra;
+use super::lease::{NoLease, Part};
 use super::limits::{Level, LimitKind, Limits};
 use super::period::{Period, Window};
 use super::shared::{
-    Denial, InFlight, LevelLimits, Shared, SharedCounters, SharedHold, SharedSettings, Windows,
+    Denial, InFlight, LevelLimits, Shared, SharedCounters, SharedHold, SharedSettings, Unreachable,
+    Windows,
 };
 use crate::config::OnFailure;
 use crate::domain::Principal;
@@ -521,10 +523,13 @@ impl QuotaEngine {
             "quota counters shared in Redis"
         );
         let fallback = QuotaEngine::new(Arc::clone(&clock));
-        Ok(QuotaEngine::build(
-            clock,
-            Some((Arc::new(shared), fallback)),
-        ))
+        let shared = Arc::new(shared);
+        if shared.leases.on() {
+            shared
+                .runtime
+                .spawn(super::lease::sweeper(Arc::downgrade(&shared)));
+        }
+        Ok(QuotaEngine::build(clock, Some((shared, fallback))))
     }
 
     /// Whether the counters are shared in Redis.
@@ -539,10 +544,16 @@ impl QuotaEngine {
 
     /// Replaces every limit.
     pub fn set_limits(&self, table: LimitsTable) {
-        if let Some((shared, fallback)) = &self.inner.shared {
+        let shared = self.inner.shared.as_ref().map(|(shared, fallback)| {
             fallback.set_limits(table.divided(shared.expected_replicas));
-        }
+            Arc::clone(shared)
+        });
         self.inner.limits.store(Arc::new(table));
+        if let Some(shared) = shared {
+            // Leases taken under the old limits are not spent any more: new ones meet the new
+            // limits.
+            shared.leases.limits_changed();
+        }
     }
 
     /// The limits in force.
@@ -865,12 +876,15 @@ impl QuotaEngine {
         self.inner.clock.wall()
     }
 
-    /// Waits until every settlement this engine has started has reached Redis (or failed):
-    /// what it counted is then what Redis holds. Immediate in process.
+    /// Gives back every lease this engine holds and waits until every settlement it has
+    /// started has reached Redis (or failed): what it counted is then what Redis holds.
+    /// Immediate in process.
     pub async fn quiesce(&self) {
         let Some((shared, _)) = &self.inner.shared else {
             return;
         };
+        // What leases hold goes back first.
+        shared.sweep(true).await;
         loop {
             let woken = shared.settled.notified();
             tokio::pin!(woken);
@@ -927,18 +941,40 @@ impl QuotaEngine {
         if rated.is_empty() {
             return Ok(None);
         }
-        match shared.admit(subject.institution(), &rated).await {
+        if shared.leases.on() {
+            let key = subject_key(subject.institution(), rated.iter().map(|r| (r.0, r.1)));
+            return match shared
+                .admit_leased(&key, subject.institution(), &rated)
+                .await
+            {
+                Ok(verdict) => verdict.map_err(Denial::Refused),
+                Err(e) => self.rate_unreachable(shared, fallback, &e, subject, levels),
+            };
+        }
+        match shared.admit(subject.institution(), &rated, 1).await {
             Ok(verdict) => verdict.map_err(Denial::Refused),
-            Err(e) => match shared.policy.requests_per_minute {
-                OnFailure::FailClosed => {
-                    shared.failed_closed(&e);
-                    Err(Denial::Unavailable)
-                }
-                OnFailure::Local => {
-                    shared.went_local(&e);
-                    fallback.admit(subject, levels).map_err(Denial::Refused)
-                }
-            },
+            Err(e) => self.rate_unreachable(shared, fallback, &e, subject, levels),
+        }
+    }
+
+    /// A rate check Redis did not answer: the policy for request rates decides.
+    fn rate_unreachable(
+        &self,
+        shared: &Shared,
+        fallback: &QuotaEngine,
+        e: &Unreachable,
+        subject: &Subject,
+        levels: &[Level],
+    ) -> Result<Option<Headroom>, Denial> {
+        match shared.policy.requests_per_minute {
+            OnFailure::FailClosed => {
+                shared.failed_closed(e);
+                Err(Denial::Unavailable)
+            }
+            OnFailure::Local => {
+                shared.went_local(e);
+                fallback.admit(subject, levels).map_err(Denial::Refused)
+            }
         }
     }
 
@@ -957,33 +993,65 @@ impl QuotaEngine {
                 .map_err(Denial::Refused);
         };
         let (levels, windows, now) = self.limits_now(subject);
-        let e = match shared
-            .reserve(
-                subject.institution(),
-                &levels,
-                windows,
-                &demand,
-                policy,
-                now,
-            )
-            .await
-        {
-            Ok(Ok(hold)) => {
-                return Ok(Reservation {
-                    tokens: hold.tokens,
-                    output_tokens: hold.output_tokens,
-                    clamped_to: hold.clamped_to,
-                    tokens_headroom: hold.tokens_headroom,
-                    held: Held::Shared {
-                        engine: self.clone(),
-                        subject: subject.clone(),
-                        hold,
-                    },
-                    settled: false,
-                });
+        let leased = if shared.leases.on() && !demand.stream {
+            let key = subject_key(subject.institution(), levels.iter().map(|l| (l.0, &*l.1)));
+            match shared
+                .take_leased(&key, subject.institution(), &levels, windows, &demand, now)
+                .await
+            {
+                Ok(part) => {
+                    let output = demand
+                        .max_output_tokens
+                        .saturating_mul(demand.choices.max(1));
+                    return Ok(Reservation {
+                        tokens: part.tokens,
+                        output_tokens: output,
+                        clamped_to: None,
+                        tokens_headroom: part.tokens_headroom,
+                        held: Held::Leased {
+                            shared: Arc::clone(shared),
+                            part,
+                        },
+                        settled: false,
+                    });
+                }
+                Err(NoLease::Alone) => None,
+                Err(NoLease::Unreachable(e)) => Some(e),
             }
-            Ok(Err(refusal)) => return Err(Denial::Refused(refusal)),
-            Err(e) => e,
+        } else {
+            None
+        };
+        let e = if let Some(e) = leased {
+            e
+        } else {
+            match shared
+                .reserve(
+                    subject.institution(),
+                    &levels,
+                    windows,
+                    &demand,
+                    policy,
+                    now,
+                )
+                .await
+            {
+                Ok(Ok(hold)) => {
+                    return Ok(Reservation {
+                        tokens: hold.tokens,
+                        output_tokens: hold.output_tokens,
+                        clamped_to: hold.clamped_to,
+                        tokens_headroom: hold.tokens_headroom,
+                        held: Held::Shared {
+                            engine: self.clone(),
+                            subject: subject.clone(),
+                            hold,
+                        },
+                        settled: false,
+                    });
+                }
+                Ok(Err(refusal)) => return Err(Denial::Refused(refusal)),
+                Err(e) => e,
+            }
         };
         // Redis is away: what the request meets decides.
         let met: Vec<(Level, LimitKind)> = levels
@@ -1136,6 +1204,18 @@ impl QuotaEngine {
     }
 }
 
+/// The name of what a lease is for: an institution and each level's id.
+fn subject_key<'a>(institution: &str, levels: impl Iterator<Item = (Level, &'a str)>) -> String {
+    let mut key = String::from(institution);
+    for (level, id) in levels {
+        key.push('\u{1f}');
+        key.push_str(level.as_str());
+        key.push('=');
+        key.push_str(id);
+    }
+    key
+}
+
 fn nanos_until(now: Timestamp, then: Timestamp) -> u64 {
     u64::try_from(then.as_nanosecond().saturating_sub(now.as_nanosecond())).unwrap_or(0)
 }
@@ -1187,6 +1267,8 @@ enum Held {
         subject: Subject,
         hold: SharedHold,
     },
+    /// In a block this replica leased in Redis.
+    Leased { shared: Arc<Shared>, part: Part },
     /// Nowhere: the shared counters were unreachable and no limit applied.
     Uncounted,
 }
@@ -1274,6 +1356,7 @@ impl Reservation {
                     }
                 });
             }
+            Held::Leased { shared, part } => shared.finish_part(part, tokens, cost),
             Held::Uncounted => {}
         }
     }

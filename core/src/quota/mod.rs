@@ -10,9 +10,11 @@
 //! - [`engine`]: the in-process engine that checks and commits all levels at once, and the
 //!   [`engine::Reservation`] a request holds until it settles.
 //! - [`shared`]: the same counters in Redis, shared by every replica, with the failure policy.
+//! - [`lease`]: blocks of those counters a replica holds and spends without a round trip.
 
 pub mod engine;
 pub mod gcra;
+pub mod lease;
 pub mod limits;
 pub mod period;
 pub mod shared;

@@ -47,31 +47,33 @@ pub const PATRON_TTL_DAYS: u64 = 3;
 /// How long a stream holds its slot without settling.
 pub const STREAM_LEASE: Duration = Duration::from_secs(30 * 60);
 
-/// Request rates. KEYS: one hash per rated level. ARGV: for each, emission interval (µs),
-/// burst, TTL (ms). Returns `{1, limit, remaining, reset_us}` for the tightest rate, or
-/// `{0, index, wait_us}` for the first level over its rate (nothing is then counted).
+/// Request rates. KEYS: one hash per rated level. ARGV: 1 the cells to take (requests: 1, or a
+/// lease of several), then for each level: emission interval (µs), burst, TTL (ms). Returns
+/// `{1, limit, remaining, reset_us}` for the tightest rate, or `{0, index, wait_us}` for the
+/// first level without room for the cells (nothing is then counted).
 const ADMIT: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local k = tonumber(ARGV[1])
 local n = #KEYS
 local tats = {}
 for i = 1, n do
-  local em = tonumber(ARGV[3 * i - 2])
-  local burst = tonumber(ARGV[3 * i - 1])
+  local em = tonumber(ARGV[3 * i - 1])
+  local burst = tonumber(ARGV[3 * i])
   local tat = tonumber(redis.call('HGET', KEYS[i], 'tat') or '0')
   if tat < now then tat = now end
-  local allow_at = tat - em * (burst - 1)
+  local allow_at = tat + em * (k - 1) - em * (burst - 1)
   if now < allow_at then
     return {0, i, allow_at - now}
   end
-  tats[i] = tat + em
+  tats[i] = tat + em * k
 end
 local best = nil
 for i = 1, n do
-  local em = tonumber(ARGV[3 * i - 2])
-  local burst = tonumber(ARGV[3 * i - 1])
+  local em = tonumber(ARGV[3 * i - 1])
+  local burst = tonumber(ARGV[3 * i])
   redis.call('HSET', KEYS[i], 'tat', tats[i])
-  redis.call('PEXPIRE', KEYS[i], ARGV[3 * i])
+  redis.call('PEXPIRE', KEYS[i], ARGV[3 * i + 1])
   local slack = now + em * (burst - 1) + em - tats[i]
   if slack < 0 then slack = 0 end
   local remaining = math.min(math.floor(slack / em), burst)
@@ -229,6 +231,8 @@ pub struct SharedCounters {
     pub uncounted: AtomicU64,
     /// Settlements that did not reach Redis (their reservations stay counted in full).
     pub settle_failures: AtomicU64,
+    /// Reservations and rate checks served from a lease, without a round trip.
+    pub leased: AtomicU64,
 }
 
 /// Where the shared counters are and what to do without them.
@@ -244,11 +248,13 @@ pub struct SharedSettings {
     pub expected_replicas: u32,
     /// The failure policy.
     pub policy: FailurePolicy,
+    /// Most requests a lease is sized for (`store.lease_requests`); below 2, none.
+    pub lease_requests: u64,
 }
 
 /// The Redis side of a [`super::QuotaEngine`] on shared counters.
 pub(crate) struct Shared {
-    conn: redis::aio::ConnectionManager,
+    pub(crate) conn: redis::aio::ConnectionManager,
     prefix: String,
     pub(crate) timeout: Duration,
     pub(crate) policy: FailurePolicy,
@@ -265,6 +271,8 @@ pub(crate) struct Shared {
     pub(crate) runtime: tokio::runtime::Handle,
     /// When a fallback was last logged (Unix seconds), so an outage logs once a second.
     last_logged: AtomicU64,
+    /// Blocks of budget and rate this replica holds (see [`super::lease`]).
+    pub(crate) leases: super::lease::Leases,
 }
 
 impl std::fmt::Debug for Shared {
@@ -327,10 +335,11 @@ impl Shared {
             settled: tokio::sync::Notify::new(),
             runtime: tokio::runtime::Handle::current(),
             last_logged: AtomicU64::new(0),
+            leases: super::lease::Leases::new(settings.lease_requests),
         })
     }
 
-    fn hash_key(&self, institution: &str, level: Level, id: &str) -> String {
+    pub(crate) fn hash_key(&self, institution: &str, level: Level, id: &str) -> String {
         format!(
             "{{{}:{institution}}}:q:{}:{id}",
             self.prefix,
@@ -380,13 +389,15 @@ impl Shared {
         }
     }
 
-    /// Counts a request against the rates of `rated` (level, id, limit per minute).
+    /// Counts `cells` requests against the rates of `rated` (level, id, limit per minute).
     pub(crate) async fn admit(
         &self,
         institution: &str,
         rated: &[(Level, &str, u64)],
+        cells: u64,
     ) -> Result<Result<Option<Headroom>, Refusal>, Unreachable> {
         let mut inv = self.admit.prepare_invoke();
+        inv.arg(cells);
         for &(level, id, per_minute) in rated {
             let per_minute = per_minute.clamp(1, u64::from(u32::MAX));
             inv.key(self.hash_key(institution, level, id))

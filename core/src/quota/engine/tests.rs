@@ -466,6 +466,8 @@ mod shared {
             timeout: Duration::from_secs(2),
             expected_replicas: 2,
             policy: FailurePolicy::default(),
+            // Exact, request by request, unless a test leases.
+            lease_requests: 0,
         }
     }
 
@@ -475,8 +477,21 @@ mod shared {
 
     /// A shared engine on `prefix` and an in-process one, both with `table`.
     async fn engines(prefix: &str, table: &LimitsTable) -> (QuotaEngine, QuotaEngine) {
+        engines_leasing(prefix, table, 0).await
+    }
+
+    /// [`engines`], the shared one leasing blocks of up to `lease` requests.
+    async fn engines_leasing(
+        prefix: &str,
+        table: &LimitsTable,
+        lease: u64,
+    ) -> (QuotaEngine, QuotaEngine) {
         let clock = Arc::new(SystemClock::default());
-        let shared = QuotaEngine::with_shared_counters(clock.clone(), &settings(prefix))
+        let settings = SharedSettings {
+            lease_requests: lease,
+            ..settings(prefix)
+        };
+        let shared = QuotaEngine::with_shared_counters(clock.clone(), &settings)
             .await
             .expect("the tests need Redis (tests/run.sh starts one)");
         let local = QuotaEngine::new(clock);
@@ -700,5 +715,160 @@ mod shared {
         );
         // One request every two seconds comes back.
         assert!((1..=2).contains(&refusal.retry_after_secs), "{refusal:?}");
+    }
+
+    /// Two leasing replicas and 500 requests at once against a 10,000-token budget with
+    /// 120-token reservations: never more than 83 admitted. Once the leases are back, the
+    /// budget is used to its last request: 83 in all.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn leases_never_overshoot_and_give_back_what_they_did_not_use() {
+        let prefix = prefix("lease-budget");
+        let t = table(
+            Level::Key,
+            "key",
+            Limits {
+                tokens_per_day: Some(10_000),
+                ..Limits::default()
+            },
+        );
+        let (a, _) = engines_leasing(&prefix, &t, 64).await;
+        let (b, _) = engines_leasing(&prefix, &t, 64).await;
+        let take = |engine: QuotaEngine| async move {
+            match engine
+                .take(&subject(None), demand(20, 100), OverPolicy::Reject, false)
+                .await
+            {
+                Ok(r) => {
+                    r.settle(120, 0);
+                    true
+                }
+                Err(Denial::Refused(_)) => false,
+                Err(Denial::Unavailable) => panic!("Redis unavailable"),
+            }
+        };
+        let tasks: Vec<_> = (0..500)
+            .map(|i| tokio::spawn(take(if i % 2 == 0 { a.clone() } else { b.clone() })))
+            .collect();
+        let mut admitted = 0;
+        for t in tasks {
+            admitted += usize::from(t.await.unwrap());
+        }
+        assert!(admitted <= 83, "{admitted} admitted");
+        let leased = |e: &QuotaEngine| e.shared_counters().unwrap().leased.load(Ordering::Relaxed);
+        assert!(
+            leased(&a) + leased(&b) > 0,
+            "no request was served from a lease"
+        );
+        a.quiesce().await;
+        b.quiesce().await;
+        let s = subject(None);
+        let used = a
+            .usage_now(s.institution(), s.timezone(), Level::Key, "key")
+            .await;
+        assert_eq!(
+            used.day_tokens,
+            admitted as u64 * 120,
+            "leases settled exactly"
+        );
+        while take(a.clone()).await {
+            admitted += 1;
+        }
+        assert_eq!(admitted, 83);
+        a.quiesce().await;
+        let counters = a.shared_counters().unwrap();
+        assert_eq!(counters.settle_failures.load(Ordering::Relaxed), 0);
+    }
+
+    /// Leased request cells: never more than the burst, and the unused ones come back.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn leased_rate_cells_never_pass_the_burst() {
+        let prefix = prefix("lease-rate");
+        // One request every 10 s after a burst of 6: nothing refills during the test.
+        let t = table(
+            Level::Key,
+            "key",
+            Limits {
+                requests_per_minute: Some(6),
+                ..Limits::default()
+            },
+        );
+        let (a, _) = engines_leasing(&prefix, &t, 64).await;
+        let (b, _) = engines_leasing(&prefix, &t, 64).await;
+        let tasks: Vec<_> = (0..40)
+            .map(|i| {
+                let engine = if i % 2 == 0 { a.clone() } else { b.clone() };
+                tokio::spawn(async move {
+                    engine
+                        .check_rate(&subject(None), &[Level::Key])
+                        .await
+                        .is_ok()
+                })
+            })
+            .collect();
+        let mut admitted = 0;
+        for t in tasks {
+            admitted += usize::from(t.await.unwrap());
+        }
+        assert!(admitted <= 6, "{admitted} admitted");
+        let leased = |e: &QuotaEngine| e.shared_counters().unwrap().leased.load(Ordering::Relaxed);
+        assert!(
+            leased(&a) + leased(&b) > 0,
+            "no request was served from a lease"
+        );
+        a.quiesce().await;
+        b.quiesce().await;
+        while a.check_rate(&subject(None), &[Level::Key]).await.is_ok() {
+            admitted += 1;
+            assert!(admitted <= 6, "{admitted} admitted");
+        }
+        assert_eq!(admitted, 6);
+    }
+
+    /// A lease taken under a limit is not spent after the limit is lowered.
+    #[tokio::test]
+    async fn a_lowered_limit_binds_at_once_despite_a_lease() {
+        let generous = table(
+            Level::Key,
+            "key",
+            Limits {
+                tokens_per_day: Some(10_000),
+                ..Limits::default()
+            },
+        );
+        let (a, _) = engines_leasing(&prefix("lease-lower"), &generous, 64).await;
+        // A block for two requests; the first spends half of it.
+        let first = a
+            .take(&subject(None), demand(20, 100), OverPolicy::Reject, false)
+            .await
+            .unwrap();
+        first.settle(120, 0);
+        let tight = table(
+            Level::Key,
+            "key",
+            Limits {
+                tokens_per_day: Some(200),
+                ..Limits::default()
+            },
+        );
+        a.set_limits(tight);
+        let refused = a
+            .take(&subject(None), demand(20, 100), OverPolicy::Reject, false)
+            .await;
+        let Err(Denial::Refused(refusal)) = refused else {
+            panic!(
+                "the lease was spent under the lowered limit: {}",
+                outcome(&refused)
+            )
+        };
+        assert_eq!(
+            (refusal.kind, refusal.limit),
+            (LimitKind::TokensPerDay, 200)
+        );
+        a.quiesce().await;
+        let s = subject(None);
+        let used = a
+            .usage_now(s.institution(), s.timezone(), Level::Key, "key")
+            .await;
+        assert_eq!(used.day_tokens, 120);
     }
 }
