@@ -30,6 +30,7 @@
 //! - [`body`]: the response body type.
 //! - [`metering`]: the metered body (settlement, stream counting and cutting) and the usage
 //!   ledger writer.
+//! - [`metrics`]: `/metrics` on the admin listener (the ledger, the shared store and counters).
 //! - [`tokens`]: token estimates (tiktoken for OpenAI models, four bytes a token otherwise).
 //! - [`demo`]: the built-in demo model.
 
@@ -40,6 +41,7 @@ pub mod cli;
 pub mod demo;
 pub mod error;
 pub mod metering;
+pub mod metrics;
 pub mod openai;
 pub mod pipeline;
 pub mod server;

@@ -174,9 +174,9 @@ impl App {
         Ok(App { state, admin })
     }
 
-    /// The admin router over this app's state.
+    /// The admin router over this app's state, with `/metrics`.
     pub fn admin_router(&self) -> axum::Router {
-        carrel_admin::router(self.admin.clone())
+        carrel_admin::router(self.admin.clone()).merge(crate::metrics::router(self.state.clone()))
     }
 }
 

@@ -993,7 +993,7 @@ impl QuotaEngine {
                 .map_err(Denial::Refused);
         };
         let (levels, windows, now) = self.limits_now(subject);
-        let leased = if shared.leases.on() && !demand.stream {
+        let leased = if shared.leases.on() {
             let key = subject_key(subject.institution(), levels.iter().map(|l| (l.0, &*l.1)));
             match shared
                 .take_leased(&key, subject.institution(), &levels, windows, &demand, now)
@@ -1030,6 +1030,7 @@ impl QuotaEngine {
                     &levels,
                     windows,
                     &demand,
+                    u64::from(demand.stream),
                     policy,
                     now,
                 )

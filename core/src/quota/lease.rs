@@ -15,8 +15,10 @@
 //! `k` starts at 2 and doubles each time a subject uses up a block, up to
 //! `store.lease_requests`; a subject that goes quiet starts again at 2. Request cells are
 //! taken one at a time for a quiet subject (a lease would cost a second round trip to give
-//! back), and in doubling leases for a busy one. Streams (which hold a slot each) are always
-//! reserved alone. When limits change, no lease taken before is spent any more (it goes back):
+//! back), and in doubling leases for a busy one. Streams lease blocks of their own, holding a
+//! stream slot in Redis for each request the block may serve (so a stream limit, too, is never
+//! passed); a slot comes back to the block when its stream ends. A block is replaced after
+//! [`MAX_AGE`] however busy its subject. When limits change, no lease taken before is spent any more (it goes back):
 //! a lowered limit binds at once.
 
 use std::collections::HashMap;
@@ -31,6 +33,9 @@ use super::shared::{InFlight, Shared, SharedHold, Windows};
 pub const IDLE: Duration = Duration::from_millis(100);
 /// How often the leases are swept for idle blocks.
 const SWEEP: Duration = Duration::from_millis(50);
+/// The longest a block is spent before a fresh one replaces it, however busy its subject (its
+/// stream slots lapse in Redis after [`super::shared::STREAM_LEASE`]).
+const MAX_AGE: Duration = Duration::from_secs(10);
 
 /// The leases of one replica.
 #[derive(Debug)]
@@ -77,12 +82,15 @@ pub(crate) struct Block {
 struct BlockState {
     tokens_left: i64,
     cost_left: i64,
+    /// Stream slots not in use.
+    slots_left: u64,
     used_tokens: u64,
     used_cost: u64,
     outstanding: u64,
     closed: bool,
     returned: bool,
     last_used: Instant,
+    created: Instant,
 }
 
 /// One request's part of a block.
@@ -91,6 +99,8 @@ pub(crate) struct Part {
     pub(crate) block: Arc<Block>,
     pub(crate) tokens: u64,
     pub(crate) cost: u64,
+    /// Whether it holds one of the block's stream slots.
+    pub(crate) stream: bool,
     pub(crate) tokens_headroom: Option<Headroom>,
 }
 
@@ -103,12 +113,14 @@ impl Block {
         let state = BlockState {
             tokens_left: signed(hold.tokens),
             cost_left: signed(hold.cost),
+            slots_left: hold.slots,
             used_tokens: 0,
             used_cost: 0,
             outstanding: 0,
             closed: false,
             returned: false,
             last_used: Instant::now(),
+            created: Instant::now(),
         };
         Block {
             hold,
@@ -122,14 +134,20 @@ impl Block {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Takes `tokens` and `cost` for one request, if the block has them.
-    fn take(self: &Arc<Self>, tokens: u64, cost: u64) -> Option<Part> {
+    /// Takes `tokens`, `cost` and (for a stream) a slot for one request, if the block has
+    /// them.
+    fn take(self: &Arc<Self>, tokens: u64, cost: u64, stream: bool) -> Option<Part> {
         let mut st = self.lock();
-        if st.closed || st.tokens_left < signed(tokens) || st.cost_left < signed(cost) {
+        if st.closed
+            || st.tokens_left < signed(tokens)
+            || st.cost_left < signed(cost)
+            || (stream && st.slots_left == 0)
+        {
             return None;
         }
         st.tokens_left -= signed(tokens);
         st.cost_left -= signed(cost);
+        st.slots_left -= u64::from(stream);
         st.outstanding += 1;
         st.last_used = Instant::now();
         let left = st.tokens_left.max(0) as u64;
@@ -137,6 +155,7 @@ impl Block {
             block: Arc::clone(self),
             tokens,
             cost,
+            stream,
             tokens_headroom: self.hold.tokens_headroom.map(|h| Headroom {
                 remaining: h.remaining.saturating_add(left),
                 ..h
@@ -155,6 +174,10 @@ impl Block {
 
     fn idle_for(&self) -> Duration {
         self.lock().last_used.elapsed()
+    }
+
+    fn age(&self) -> Duration {
+        self.lock().created.elapsed()
     }
 }
 
@@ -218,14 +241,21 @@ impl Shared {
         let cost = (demand.prompt_tokens as f64 * demand.input_nano_per_token
             + output as f64 * demand.output_nano_per_token)
             .ceil() as u64;
-        let slot = self.leases.budget_slot(subject_key);
+        // Streams lease blocks of their own, with a stream slot for each request.
+        let slot = if demand.stream {
+            self.leases
+                .budget_slot(&format!("{subject_key}\u{1f}stream"))
+        } else {
+            self.leases.budget_slot(subject_key)
+        };
         let mut slot = slot.lock().await;
-        // A block of other limits, or of another day or month, is not spent now.
+        // A block of other limits, of another day or month, or too old, is not spent now.
         let generation = self.leases.generation();
         if slot.block.as_ref().is_some_and(|b| {
             b.generation != generation
                 || b.windows.day.id != windows.day.id
                 || b.windows.month.id != windows.month.id
+                || b.age() >= MAX_AGE
         }) {
             let block = slot.block.take().expect("checked above");
             if block.close() {
@@ -233,7 +263,7 @@ impl Shared {
             }
         }
         if let Some(block) = &slot.block {
-            if let Some(part) = block.take(tokens, cost) {
+            if let Some(part) = block.take(tokens, cost, demand.stream) {
                 self.counters.leased.fetch_add(1, Ordering::Relaxed);
                 return Ok(part);
             }
@@ -253,13 +283,24 @@ impl Shared {
             ..*demand
         };
         let policy = super::engine::OverPolicy::Reject;
+        let slots = if demand.stream { k } else { 0 };
         match self
-            .reserve(institution, levels, windows, &block_demand, policy, now)
+            .reserve(
+                institution,
+                levels,
+                windows,
+                &block_demand,
+                slots,
+                policy,
+                now,
+            )
             .await
         {
             Ok(Ok(hold)) => {
                 let block = Arc::new(Block::new(hold, windows, generation));
-                let part = block.take(tokens, cost).expect("a block of k fits one");
+                let part = block
+                    .take(tokens, cost, demand.stream)
+                    .expect("a block of k fits one");
                 slot.block = Some(block);
                 slot.next_k = k;
                 Ok(part)
@@ -280,6 +321,7 @@ impl Shared {
             st.cost_left += signed(part.cost) - signed(cost);
             st.used_tokens = st.used_tokens.saturating_add(tokens);
             st.used_cost = st.used_cost.saturating_add(cost);
+            st.slots_left += u64::from(part.stream);
             st.outstanding -= 1;
             st.last_used = Instant::now();
             let back = st.closed && st.outstanding == 0 && !st.returned;

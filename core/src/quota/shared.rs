@@ -16,9 +16,9 @@
 //!   `d`/`dt` (the day, `yyyymmdd`, and its tokens), `m`/`mt`/`mc` (the month, its tokens and
 //!   its cost in nano-dollars). Expires after [`TTL_DAYS`] idle (a patron's after
 //!   [`PATRON_TTL_DAYS`]).
-//! - `{P:<institution>}:qs:<level>:<id>`: a sorted set of the streams open at a level with a
-//!   stream limit, each scored by when its lease ends, so the slot of a replica that died
-//!   mid-stream comes back after [`STREAM_LEASE`].
+//! - `{P:<institution>}:qs:<level>:<id>`: a sorted set of the stream slots held at a level
+//!   (one per open stream, or per request a lease may serve), each scored by when it lapses,
+//!   so the slot of a replica that died mid-stream comes back after [`STREAM_LEASE`].
 //!
 //! # When Redis cannot be reached
 //!
@@ -87,7 +87,8 @@ return best
 /// Reservation. KEYS: one hash per level, then one stream set per level that limits streams.
 /// ARGV: 1 day, 2 day end (ms), 3 next day, 4 month, 5 month end (ms), 6 next month, 7 prompt
 /// tokens, 8 wanted output, 9 choices, 10 nano-dollars per prompt token, 11 per output token,
-/// 12 clamp (0/1), 13 stream (0/1), 14 reservation id, 15 stream lease (ms), 16 levels, then
+/// 12 clamp (0/1), 13 stream slots to hold (0; 1 for a stream; more for a lease), 14
+/// reservation id (slot `j` is member `<id>:<j>`), 15 stream lease (ms), 16 levels, then
 /// for each level: TTL (ms), tokens per day, tokens per month, cost per month, streams (each
 /// -1 for none), and the index of its stream set among KEYS (0 for none).
 /// Returns `{1, output, tokens, cost, day, month, h_limit, h_after, h_window, room}`, or
@@ -106,7 +107,8 @@ local choices = tonumber(ARGV[9])
 local pin = tonumber(ARGV[10])
 local pout = tonumber(ARGV[11])
 local clamp = ARGV[12] == '1'
-local stream = ARGV[13] == '1'
+local slots = tonumber(ARGV[13])
+local stream = slots > 0
 local n = tonumber(ARGV[16])
 local used = {}
 local room = math.huge
@@ -123,7 +125,7 @@ for i = 1, n do
   local skey = tonumber(ARGV[b + 6])
   if stream and slimit >= 0 and skey > 0 then
     redis.call('ZREMRANGEBYSCORE', KEYS[skey], '-inf', now_ms)
-    if redis.call('ZCARD', KEYS[skey]) >= slimit then
+    if redis.call('ZCARD', KEYS[skey]) + slots > slimit then
       return {0, i, 4, slimit, 0, 0}
     end
   end
@@ -168,7 +170,9 @@ for i = 1, n do
   redis.call('PEXPIRE', KEYS[i], ARGV[b + 1])
   local skey = tonumber(ARGV[b + 6])
   if stream and skey > 0 then
-    redis.call('ZADD', KEYS[skey], now_ms + tonumber(ARGV[15]), ARGV[14])
+    for j = 1, slots do
+      redis.call('ZADD', KEYS[skey], now_ms + tonumber(ARGV[15]), ARGV[14] .. ':' .. j)
+    end
     redis.call('PEXPIRE', KEYS[skey], ARGV[b + 1])
   end
 end
@@ -181,7 +185,7 @@ return {1, output, tokens, cost, day, month, h[1], h[2], h[3], left_room}
 /// Settlement. KEYS: the reservation's hashes, then its stream sets. ARGV: 1 day, 2 day end
 /// (ms), 3 next day, 4 month, 5 month end, 6 next month (now), 7 the reservation's day, 8 its
 /// month, 9 tokens reserved, 10 cost reserved, 11 tokens used, 12 cost, 13 reservation id,
-/// 14 hashes, then each hash's TTL (ms).
+/// 14 hashes, 15 stream slots held, then each hash's TTL (ms).
 const SETTLE: &str = r"
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -203,9 +207,11 @@ for i = 1, #KEYS do
     if month == rmonth then mt = math.max(mt - rtok, 0); mc = math.max(mc - rcost, 0) end
     redis.call('HSET', KEYS[i], 'd', day, 'dt', dt + tok, 'm', month, 'mt', mt + tok,
       'mc', mc + cost)
-    redis.call('PEXPIRE', KEYS[i], ARGV[14 + i])
+    redis.call('PEXPIRE', KEYS[i], ARGV[15 + i])
   else
-    redis.call('ZREM', KEYS[i], ARGV[13])
+    for j = 1, tonumber(ARGV[15]) do
+      redis.call('ZREM', KEYS[i], ARGV[13] .. ':' .. j)
+    end
   end
 end
 return {1}
@@ -427,7 +433,8 @@ impl Shared {
         }
     }
 
-    /// Reserves `demand` at `levels` (level, id, its limits).
+    /// Reserves `demand` at `levels` (level, id, its limits), holding `slots` stream slots
+    /// (one for a stream, none otherwise; a lease holds one per request it may serve).
     #[allow(clippy::too_many_arguments)]
     pub(crate) async fn reserve(
         &self,
@@ -435,6 +442,7 @@ impl Shared {
         levels: &[LevelLimits],
         windows: Windows,
         demand: &Demand,
+        slots: u64,
         policy: OverPolicy,
         now: Timestamp,
     ) -> Result<Result<SharedHold, Refusal>, Unreachable> {
@@ -454,7 +462,7 @@ impl Shared {
         }
         // A stream is held at every level (each shows its open streams); only levels with
         // a limit refuse one.
-        if demand.stream {
+        if slots > 0 {
             for (level, id, _) in levels {
                 let key = self.streams_key(institution, *level, id);
                 inv.key(&key);
@@ -468,16 +476,12 @@ impl Shared {
             .arg(demand.input_nano_per_token)
             .arg(demand.output_nano_per_token)
             .arg(u8::from(policy == OverPolicy::Clamp))
-            .arg(u8::from(demand.stream))
+            .arg(slots)
             .arg(&reservation_id)
             .arg(STREAM_LEASE.as_millis() as u64)
             .arg(levels.len());
         for (i, &(level, _, limits)) in levels.iter().enumerate() {
-            let stream_index = if demand.stream {
-                levels.len() + i + 1
-            } else {
-                0
-            };
+            let stream_index = if slots > 0 { levels.len() + i + 1 } else { 0 };
             inv.arg(ttl_ms(level))
                 .arg(signed(limits.tokens_per_day))
                 .arg(signed(limits.tokens_per_month))
@@ -522,6 +526,7 @@ impl Shared {
                 Ok(Ok(SharedHold {
                     keys,
                     stream_keys,
+                    slots,
                     reservation_id,
                     day_id: *day,
                     month_id: *month,
@@ -580,7 +585,8 @@ impl Shared {
             .arg(tokens)
             .arg(cost)
             .arg(&hold.reservation_id)
-            .arg(hold.keys.len());
+            .arg(hold.keys.len())
+            .arg(hold.slots);
         for ttl in &hold.ttls_ms {
             inv.arg(*ttl);
         }
@@ -724,6 +730,8 @@ impl Windows {
 pub(crate) struct SharedHold {
     keys: Vec<String>,
     stream_keys: Vec<String>,
+    /// Stream slots held (members `<reservation id>:1..=slots` of each stream set).
+    pub(crate) slots: u64,
     reservation_id: String,
     day_id: i64,
     month_id: i64,

@@ -871,4 +871,108 @@ mod shared {
             .await;
         assert_eq!(used.day_tokens, 120);
     }
+
+    /// Scripts are loaded once and loaded again when Redis has forgotten them (a restart, a
+    /// `SCRIPT FLUSH`): the next request goes on.
+    #[tokio::test]
+    async fn a_script_redis_forgot_is_loaded_again() {
+        let t = table(
+            Level::Key,
+            "key",
+            Limits {
+                tokens_per_day: Some(1000),
+                requests_per_minute: Some(100),
+                ..Limits::default()
+            },
+        );
+        let (a, _) = engines(&prefix("noscript"), &t).await;
+        let once = || async {
+            a.check_rate(&subject(None), &[Level::Key]).await.unwrap();
+            a.take(&subject(None), demand(1, 1), OverPolicy::Reject, false)
+                .await
+                .unwrap()
+                .settle(2, 0);
+            a.quiesce().await;
+        };
+        once().await;
+        let client = redis::Client::open(settings("unused").url.as_str()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let () = redis::cmd("SCRIPT")
+            .arg("FLUSH")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        once().await;
+        let s = subject(None);
+        let used = a
+            .usage_now(s.institution(), s.timezone(), Level::Key, "key")
+            .await;
+        assert_eq!(used.day_tokens, 4);
+        let failures = a
+            .shared_counters()
+            .unwrap()
+            .settle_failures
+            .load(Ordering::Relaxed);
+        assert_eq!(failures, 0);
+    }
+
+    /// Leased stream slots: never more streams open than the limit, across two replicas,
+    /// and every slot comes back when the streams end.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn leased_stream_slots_never_pass_the_limit() {
+        let prefix = prefix("lease-streams");
+        let t = table(
+            Level::Key,
+            "key",
+            Limits {
+                concurrent_streams: Some(3),
+                ..Limits::default()
+            },
+        );
+        let (a, _) = engines_leasing(&prefix, &t, 64).await;
+        let (b, _) = engines_leasing(&prefix, &t, 64).await;
+        let mut streamed = demand(10, 10);
+        streamed.stream = true;
+        let open = |engine: QuotaEngine| async move {
+            engine
+                .take(&subject(None), streamed, OverPolicy::Reject, false)
+                .await
+                .ok()
+        };
+        let mut held = Vec::new();
+        for round in 0..3 {
+            let tasks: Vec<_> = (0..10)
+                .map(|i| tokio::spawn(open(if i % 2 == 0 { a.clone() } else { b.clone() })))
+                .collect();
+            for t in tasks {
+                held.extend(t.await.unwrap());
+            }
+            assert!(
+                held.len() <= 3,
+                "round {round}: {} streams open",
+                held.len()
+            );
+        }
+        let leased = |e: &QuotaEngine| e.shared_counters().unwrap().leased.load(Ordering::Relaxed);
+        assert!(
+            leased(&a) + leased(&b) > 0,
+            "no stream was served from a lease"
+        );
+        for r in held.drain(..) {
+            r.settle(20, 0);
+        }
+        a.quiesce().await;
+        b.quiesce().await;
+        let s = subject(None);
+        let open_now = a
+            .usage_now(s.institution(), s.timezone(), Level::Key, "key")
+            .await
+            .streams;
+        assert_eq!(open_now, 0, "every slot came back");
+        while let Some(r) = open(a.clone()).await {
+            held.push(r);
+            assert!(held.len() <= 3);
+        }
+        assert_eq!(held.len(), 3);
+    }
 }

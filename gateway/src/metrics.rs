@@ -1,0 +1,131 @@
+//! `/metrics` on the admin listener, in the Prometheus text format: what the usage ledger, the
+//! shared store and the shared quota counters have done, fallbacks above all. The labels say
+//! what kind of thing happened, never who it happened to.
+//!
+//! This is the part of the metrics that the Redis backend needs to be operable; request,
+//! latency and token metrics join it later.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::get;
+
+use crate::app::AppState;
+
+/// The route, to merge into the admin router.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(serve))
+        .with_state(state)
+}
+
+async fn serve(State(state): State<AppState>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        render(&state),
+    )
+}
+
+/// One counter family: its help text and each labelled value.
+struct Family<'a> {
+    name: &'a str,
+    help: &'a str,
+    values: Vec<(Option<(&'a str, &'a str)>, u64)>,
+}
+
+fn load(c: &AtomicU64) -> u64 {
+    c.load(Ordering::Relaxed)
+}
+
+/// The exposition text.
+pub fn render(state: &AppState) -> String {
+    let ledger = state.ledger.counters();
+    let mut families = vec![
+        Family {
+            name: "carrel_usage_records_total",
+            help: "Usage records by what became of them.",
+            values: vec![
+                (Some(("outcome", "written")), load(&ledger.written)),
+                (Some(("outcome", "dropped")), load(&ledger.dropped)),
+                (Some(("outcome", "failed")), load(&ledger.failed)),
+            ],
+        },
+        Family {
+            name: "carrel_store_backend_info",
+            help: "The store backend in use.",
+            values: vec![(Some(("backend", state.store.kind())), 1)],
+        },
+    ];
+    if let Some(r) = state.store.replica_counters() {
+        families.push(Family {
+            name: "carrel_store_log_entries_applied_total",
+            help: "Entries of the shared log and usage stream applied to this replica's view.",
+            values: vec![(None, load(&r.applied))],
+        });
+        families.push(Family {
+            name: "carrel_store_log_read_failures_total",
+            help: "Reads of the shared log that failed and were retried.",
+            values: vec![(None, load(&r.read_failures))],
+        });
+        families.push(Family {
+            name: "carrel_usage_journal_batches_total",
+            help: "Usage batches written to the local journal while Redis was away, and sent \
+                   from it once Redis was back.",
+            values: vec![
+                (Some(("event", "journaled")), load(&r.journaled)),
+                (Some(("event", "replayed")), load(&r.replayed)),
+            ],
+        });
+    }
+    if let Some(q) = state.quota.shared_counters() {
+        families.push(Family {
+            name: "carrel_quota_redis_fallbacks_total",
+            help: "Requests whose limits were checked while Redis could not be reached, by \
+                   what the failure policy did.",
+            values: vec![
+                (Some(("policy", "local")), load(&q.local_fallbacks)),
+                (Some(("policy", "fail_closed")), load(&q.failed_closed)),
+                (Some(("policy", "uncounted")), load(&q.uncounted)),
+            ],
+        });
+        families.push(Family {
+            name: "carrel_quota_settle_failures_total",
+            help: "Settlements that did not reach Redis (their reservations stay counted in \
+                   full).",
+            values: vec![(None, load(&q.settle_failures))],
+        });
+        families.push(Family {
+            name: "carrel_quota_leased_total",
+            help: "Reservations and rate checks served from a lease, without a round trip.",
+            values: vec![(None, load(&q.leased))],
+        });
+    }
+    let mut out = String::new();
+    for f in families {
+        let kind = if f.name.ends_with("_info") {
+            "gauge"
+        } else {
+            "counter"
+        };
+        let _ = writeln!(out, "# HELP {} {}", f.name, f.help);
+        let _ = writeln!(out, "# TYPE {} {kind}", f.name);
+        for (label, value) in f.values {
+            match label {
+                Some((k, v)) => {
+                    let _ = writeln!(out, "{}{{{k}=\"{v}\"}} {value}", f.name);
+                }
+                None => {
+                    let _ = writeln!(out, "{} {value}", f.name);
+                }
+            }
+        }
+    }
+    out
+}
