@@ -812,15 +812,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_usage_batch_sent_twice_is_added_once() {
-        let a = test_replica(&prefix("usage-once")).await;
-        let b = test_replica(
-            &a.replica.as_ref().unwrap().keys.log[1..]
-                .split('}')
-                .next()
-                .unwrap()
-                .to_owned(),
-        )
-        .await;
+        let prefix = prefix("usage-once");
+        let a = test_replica(&prefix).await;
+        let b = test_replica(&prefix).await;
         let record = UsageRecord {
             request_id: "req_1".into(),
             institution_id: "inst_x".into(),

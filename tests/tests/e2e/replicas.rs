@@ -103,9 +103,9 @@ async fn a_key_made_on_one_replica_works_on_the_other_and_its_revocation_lands_w
     let (key_id, secret) = (key_id.as_str(), secret.as_str());
 
     // Made through A a moment ago; B answers with it at once, and then from its cache.
-    assert_eq!(chat_status(&http, &b.public, secret).await, 200);
-    assert_eq!(chat_status(&http, &b.public, secret).await, 200);
-    assert_eq!(chat_status(&http, &a.public, secret).await, 200);
+    assert_eq!(chat_status(http, &b.public, secret).await, 200);
+    assert_eq!(chat_status(http, &b.public, secret).await, 200);
+    assert_eq!(chat_status(http, &a.public, secret).await, 200);
 
     let resp = http
         .delete(format!("{}/admin/v1/keys/{key_id}", a.admin))
@@ -116,11 +116,11 @@ async fn a_key_made_on_one_replica_works_on_the_other_and_its_revocation_lands_w
     assert!(resp.status().is_success(), "{}", resp.status());
     let revoked_at = Instant::now();
     // A refuses it before its admin API answers; B once the change reaches it.
-    assert_eq!(chat_status(&http, &a.public, secret).await, 401);
+    assert_eq!(chat_status(http, &a.public, secret).await, 401);
     let mut answers = 0;
     loop {
         answers += 1;
-        match chat_status(&http, &b.public, secret).await {
+        match chat_status(http, &b.public, secret).await {
             401 => break,
             200 => assert!(
                 revoked_at.elapsed() < Duration::from_secs(1),
@@ -258,7 +258,7 @@ async fn a_token_budget_shared_by_two_replicas_is_never_overshot() {
     loop {
         let quota: Value = http
             .get(format!("{}/v1/quota", b.public))
-            .bearer_auth(&secret)
+            .bearer_auth(secret)
             .send()
             .await
             .unwrap()

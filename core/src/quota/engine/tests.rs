@@ -453,6 +453,8 @@ mod props {
 /// The same engine with its counters in Redis (the machine's, or `CARREL_TEST_REDIS_URL`):
 /// what the in-process engine decides, the shared one decides, and two engines on one prefix
 /// (two replicas) share every limit. Redis keeps its own time, so these use the system clock.
+// Tasks race one another as replicas would; a test has no shutdown to drain.
+#[allow(clippy::disallowed_methods)]
 mod shared {
     use super::*;
     use crate::config::FailurePolicy;
