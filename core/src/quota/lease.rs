@@ -204,6 +204,15 @@ impl Leases {
         self.max_requests >= 2
     }
 
+    /// Subjects with a slot here (budget and rate): what the sweeps keep bounded.
+    #[cfg(test)]
+    pub(crate) fn subjects(&self) -> usize {
+        fn count<T>(m: &Slots<T>) -> usize {
+            m.lock().unwrap_or_else(|p| p.into_inner()).len()
+        }
+        count(&self.budgets) + count(&self.rates)
+    }
+
     fn budget_slot(&self, key: &str) -> Arc<tokio::sync::Mutex<BudgetSlot>> {
         let mut map = self.budgets.lock().unwrap_or_else(|p| p.into_inner());
         Arc::clone(map.entry(key.to_owned()).or_default())
@@ -433,75 +442,70 @@ impl Shared {
         }
     }
 
-    /// Gives back what idle subjects hold (everything, with `all`).
+    /// Gives back what idle subjects hold (everything, with `all`), and forgets subjects
+    /// that hold nothing.
     pub(crate) async fn sweep(self: &Arc<Self>, all: bool) {
-        let budgets: Vec<_> = {
-            let map = self
-                .leases
-                .budgets
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            map.iter()
-                .map(|(k, v)| (k.clone(), Arc::clone(v)))
-                .collect()
-        };
-        for (key, slot) in budgets {
-            let mut slot = if all {
-                slot.lock().await
-            } else {
-                match slot.try_lock() {
-                    Ok(slot) => slot,
-                    Err(_) => continue,
-                }
+        for (key, slot) in snapshot(&self.leases.budgets) {
+            let Some(mut held) = lock_for_sweep(&slot, all).await else {
+                continue;
             };
-            let idle = slot.block.as_ref().is_none_or(|b| b.idle_for() >= IDLE);
-            if !(all || idle) {
+            if !all && held.block.as_ref().is_some_and(|b| b.idle_for() < IDLE) {
                 continue;
             }
-            if let Some(block) = slot.block.take()
+            if let Some(block) = held.block.take()
                 && block.close()
             {
                 self.give_back(block);
             }
-            drop(slot);
-            let mut map = self
-                .leases
-                .budgets
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            if map.get(&key).is_some_and(|s| Arc::strong_count(s) == 1) {
-                map.remove(&key);
-            }
+            drop(held);
+            forget_if_unused(&self.leases.budgets, &key, slot);
         }
-        let rates: Vec<_> = {
-            let map = self.leases.rates.lock().unwrap_or_else(|p| p.into_inner());
-            map.iter()
-                .map(|(k, v)| (k.clone(), Arc::clone(v)))
-                .collect()
-        };
-        for (key, slot) in rates {
-            let mut slot = if all {
-                slot.lock().await
-            } else {
-                match slot.try_lock() {
-                    Ok(slot) => slot,
-                    Err(_) => continue,
-                }
+        for (key, slot) in snapshot(&self.leases.rates) {
+            let Some(mut held) = lock_for_sweep(&slot, all).await else {
+                continue;
             };
-            let idle = slot.last_used.is_none_or(|t| t.elapsed() >= IDLE);
-            if !(all || idle) {
+            if !all && held.last_used.is_some_and(|t| t.elapsed() < IDLE) {
                 continue;
             }
-            if slot.cells > 0 {
-                let cells = std::mem::take(&mut slot.cells);
-                self.return_cells(cells, &slot.keys).await;
+            if held.cells > 0 {
+                let cells = std::mem::take(&mut held.cells);
+                self.return_cells(cells, &held.keys).await;
             }
-            drop(slot);
-            let mut map = self.leases.rates.lock().unwrap_or_else(|p| p.into_inner());
-            if map.get(&key).is_some_and(|s| Arc::strong_count(s) == 1) {
-                map.remove(&key);
-            }
+            drop(held);
+            forget_if_unused(&self.leases.rates, &key, slot);
         }
+    }
+}
+
+type Slots<T> = Mutex<HashMap<String, Arc<tokio::sync::Mutex<T>>>>;
+
+/// The slots of a map, to sweep without holding its lock.
+fn snapshot<T>(map: &Slots<T>) -> Vec<(String, Arc<tokio::sync::Mutex<T>>)> {
+    let map = map.lock().unwrap_or_else(|p| p.into_inner());
+    map.iter()
+        .map(|(k, v)| (k.clone(), Arc::clone(v)))
+        .collect()
+}
+
+/// The slot, waited for when sweeping everything; skipped while a request has it otherwise.
+async fn lock_for_sweep<T>(
+    slot: &tokio::sync::Mutex<T>,
+    all: bool,
+) -> Option<tokio::sync::MutexGuard<'_, T>> {
+    if all {
+        Some(slot.lock().await)
+    } else {
+        slot.try_lock().ok()
+    }
+}
+
+/// Drops `key`'s slot from the map when nothing but the map refers to it (no request holds it
+/// or waits for it). Requests find slots under the map's lock, so none can take it meanwhile.
+fn forget_if_unused<T>(map: &Slots<T>, key: &str, ours: Arc<tokio::sync::Mutex<T>>) {
+    drop(ours);
+    let mut map = map.lock().unwrap_or_else(|p| p.into_inner());
+    if map.get(key).is_some_and(|s| Arc::strong_count(s) == 1) {
+        map.remove(key);
     }
 }
 

@@ -777,6 +777,11 @@ mod shared {
         }
         assert_eq!(admitted, 83);
         a.quiesce().await;
+        // Nothing held, nothing remembered: a replica's leases do not grow with its subjects.
+        for e in [&a, &b] {
+            let (shared, _) = e.inner.shared.as_ref().unwrap();
+            assert_eq!(shared.leases.subjects(), 0);
+        }
         let counters = a.shared_counters().unwrap();
         assert_eq!(counters.settle_failures.load(Ordering::Relaxed), 0);
     }
