@@ -11,8 +11,11 @@
 //!   request runs as.
 //! - [`keys`]: the API key format (`crl_…`), the server pepper and the keyed hash of key secrets.
 //! - [`passwords`]: argon2id hashing of admin passwords.
-//! - [`quota`]: limits, periods, the rate algorithm and the in-process quota engine.
-//! - [`store`]: the embedded state store (SQLite in WAL mode, versioned migrations).
+//! - [`quota`]: limits, periods, the rate algorithm, the quota engine (in process, or on
+//!   counters shared in Redis, with leases and the failure policy).
+//! - [`sip2`]: the SIP2 wire format, for patron sign-in against a library's system.
+//! - [`store`]: the state store: SQLite (WAL, versioned migrations), alone or as a replica's view
+//!   of a log in Redis; writes as commands.
 //! - [`ids`]: random identifiers and base62 encoding.
 
 pub mod config;
@@ -21,4 +24,5 @@ pub mod ids;
 pub mod keys;
 pub mod passwords;
 pub mod quota;
+pub mod sip2;
 pub mod store;

@@ -1,0 +1,550 @@
+//! The SIP2 wire format (3M Standard Interchange Protocol 2.00), for signing patrons in
+//! against a library's own system: messages, their error detection, and parsing the replies
+//! Carrel needs. No I/O here; the client that speaks it over TCP builds on this.
+//!
+//! A message is a two-digit command, fixed-width fields, then variable fields `XXvalue|`, and a
+//! terminator (`\r` unless configured). With error detection on, it ends with `AY<seq>AZ<sum>`
+//! before the terminator: `<sum>` is four hex digits, the 16-bit two's complement of the byte
+//! sum of everything before it, `AZ` included, so that the sum of the whole message and the
+//! checksum is 0 modulo 2^16.
+//!
+//! Replies come from a system Carrel does not control: every parse is total (a malformed reply
+//! is an [`Sip2Error`], never a panic), and nothing in a reply is logged by this module.
+
+use std::fmt;
+
+/// What is wrong with a reply.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Sip2Error {
+    /// Too short for its command's fixed fields, or not a known reply.
+    #[error("malformed SIP2 reply: {0}")]
+    Malformed(&'static str),
+    /// The checksum does not match the bytes.
+    #[error("SIP2 reply checksum mismatch")]
+    Checksum,
+    /// A reply of another command than the one expected.
+    #[error("unexpected SIP2 reply {found:?} (expected {expected:?})")]
+    Unexpected {
+        /// The command expected.
+        expected: &'static str,
+        /// The command received.
+        found: String,
+    },
+    /// A field cannot be written in the configured character set.
+    #[error("a SIP2 field cannot be written in {0}")]
+    Unencodable(Charset),
+    /// A field holds `|` or the terminator, which would end it early.
+    #[error("a SIP2 field may not contain `|` or the message terminator")]
+    Delimiter,
+}
+
+/// How text is written on the wire (a per-deployment setting of the library system).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Charset {
+    /// UTF-8.
+    Utf8,
+    /// ISO-8859-1 (Latin-1).
+    Iso8859_1,
+}
+
+impl fmt::Display for Charset {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Charset::Utf8 => "UTF-8",
+            Charset::Iso8859_1 => "ISO-8859-1",
+        })
+    }
+}
+
+impl Charset {
+    fn encode(self, text: &str, out: &mut Vec<u8>) -> Result<(), Sip2Error> {
+        match self {
+            Charset::Utf8 => out.extend_from_slice(text.as_bytes()),
+            Charset::Iso8859_1 => {
+                for c in text.chars() {
+                    let b = u8::try_from(u32::from(c)).map_err(|_| Sip2Error::Unencodable(self))?;
+                    out.push(b);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn decode(self, bytes: &[u8]) -> String {
+        match self {
+            Charset::Utf8 => String::from_utf8_lossy(bytes).into_owned(),
+            Charset::Iso8859_1 => bytes.iter().map(|&b| char::from(b)).collect(),
+        }
+    }
+}
+
+/// How messages are framed: terminator, error detection, character set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Framing {
+    /// The byte that ends a message (`\r` by the standard).
+    pub terminator: u8,
+    /// Whether messages carry `AY` sequence numbers and `AZ` checksums.
+    pub error_detection: bool,
+    /// The character set of text fields.
+    pub charset: Charset,
+}
+
+impl Default for Framing {
+    fn default() -> Self {
+        Framing {
+            terminator: b'\r',
+            error_detection: true,
+            charset: Charset::Utf8,
+        }
+    }
+}
+
+/// The checksum of `bytes`: four uppercase hex digits of the 16-bit two's complement of their
+/// sum.
+pub fn checksum(bytes: &[u8]) -> [u8; 4] {
+    let sum = bytes
+        .iter()
+        .fold(0u16, |acc, &b| acc.wrapping_add(u16::from(b)));
+    let value = sum.wrapping_neg();
+    let hex = format!("{value:04X}");
+    hex.as_bytes().try_into().expect("four hex digits")
+}
+
+/// A message to send: a command, its fixed fields, its variable fields.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Request {
+    command: &'static str,
+    fixed: String,
+    fields: Vec<([u8; 2], String)>,
+}
+
+impl fmt::Debug for Request {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Requests carry PINs and passwords: only the command is shown.
+        f.debug_struct("Request")
+            .field("command", &self.command)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `YYYYMMDD    HHMMSS`: the transaction date in local time, as SIP2 writes it.
+pub fn transaction_date(local: jiff::civil::DateTime) -> String {
+    local.strftime("%Y%m%d    %H%M%S").to_string()
+}
+
+impl Request {
+    /// 93 Login: the terminal's account on the library system.
+    pub fn login(user: &str, password: &str, location: &str) -> Request {
+        Request {
+            command: "93",
+            fixed: "00".to_owned(),
+            fields: vec![
+                (*b"CN", user.to_owned()),
+                (*b"CO", password.to_owned()),
+                (*b"CP", location.to_owned()),
+            ],
+        }
+    }
+
+    /// 63 Patron Information, with no item lists: is this card valid, and its PIN right?
+    pub fn patron_information(
+        date: &str,
+        institution: &str,
+        card: &str,
+        pin: &str,
+        terminal_password: Option<&str>,
+    ) -> Request {
+        let mut fields = vec![(*b"AO", institution.to_owned()), (*b"AA", card.to_owned())];
+        if let Some(tp) = terminal_password {
+            fields.push((*b"AC", tp.to_owned()));
+        }
+        fields.push((*b"AD", pin.to_owned()));
+        Request {
+            command: "63",
+            // Language 000 (unknown), the date, and a summary asking for no item details.
+            fixed: format!("000{date}          "),
+            fields,
+        }
+    }
+
+    /// 35 End Patron Session.
+    pub fn end_session(
+        date: &str,
+        institution: &str,
+        card: &str,
+        terminal_password: Option<&str>,
+    ) -> Request {
+        let mut fields = vec![(*b"AO", institution.to_owned()), (*b"AA", card.to_owned())];
+        if let Some(tp) = terminal_password {
+            fields.push((*b"AC", tp.to_owned()));
+        }
+        Request {
+            command: "35",
+            fixed: date.to_owned(),
+            fields,
+        }
+    }
+
+    /// 97 Request ACS Resend: the last reply arrived damaged.
+    pub fn resend() -> Request {
+        Request {
+            command: "97",
+            fixed: String::new(),
+            fields: Vec::new(),
+        }
+    }
+
+    /// The message on the wire, with sequence number `seq` (0–9) when error detection is on.
+    pub fn encode(&self, framing: &Framing, seq: u8) -> Result<Vec<u8>, Sip2Error> {
+        let mut out = Vec::with_capacity(64);
+        out.extend_from_slice(self.command.as_bytes());
+        framing.charset.encode(&self.fixed, &mut out)?;
+        for (tag, value) in &self.fields {
+            out.extend_from_slice(tag);
+            // A `|` in a value would end the field early: it cannot be sent.
+            if value.contains('|') || value.contains(char::from(framing.terminator)) {
+                return Err(Sip2Error::Delimiter);
+            }
+            framing.charset.encode(value, &mut out)?;
+            out.push(b'|');
+        }
+        // 97 is sent without error detection's fields: it asks for a resend of a damaged one.
+        if framing.error_detection && self.command != "97" {
+            out.extend_from_slice(b"AY");
+            out.push(b'0' + seq % 10);
+            out.extend_from_slice(b"AZ");
+            let sum = checksum(&out);
+            out.extend_from_slice(&sum);
+        }
+        out.push(framing.terminator);
+        Ok(out)
+    }
+}
+
+/// A reply: its command, fixed part and variable fields, checked.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Reply {
+    /// The two-digit command, such as `94` or `64`.
+    pub command: String,
+    fixed: Vec<u8>,
+    fields: Vec<([u8; 2], Vec<u8>)>,
+    charset: Charset,
+}
+
+impl fmt::Debug for Reply {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Replies carry names and card numbers: only the command is shown.
+        f.debug_struct("Reply")
+            .field("command", &self.command)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The width of each reply's fixed fields after its command.
+fn fixed_width(command: &str) -> Option<usize> {
+    Some(match command {
+        // ok.
+        "94" => 1,
+        // Patron status (14), language (3), date (18), then six counts of 4.
+        "64" => 14 + 3 + 18 + 6 * 4,
+        // Patron status, language, date.
+        "24" => 14 + 3 + 18,
+        // End session (Y/N), date.
+        "36" => 1 + 18,
+        // ACS status: six flags, timeout (3), retries (3), date (18), protocol version (4).
+        "98" => 6 + 3 + 3 + 18 + 4,
+        // SC resend: nothing.
+        "96" => 0,
+        _ => return None,
+    })
+}
+
+impl Reply {
+    /// Parses one reply (its terminator already removed, or not), checking its checksum when
+    /// it has one, and when `framing` requires one, that it has.
+    pub fn parse(bytes: &[u8], framing: &Framing) -> Result<Reply, Sip2Error> {
+        let mut bytes = bytes;
+        while let [rest @ .., last] = bytes
+            && (*last == framing.terminator || *last == b'\n' || *last == b'\r')
+        {
+            bytes = rest;
+        }
+        let body = match find_checksum(bytes) {
+            Some((body_end, sum_at)) => {
+                let expected = checksum(&bytes[..sum_at]);
+                if !bytes[sum_at..].eq_ignore_ascii_case(&expected) {
+                    return Err(Sip2Error::Checksum);
+                }
+                &bytes[..body_end]
+            }
+            None if framing.error_detection && bytes.get(..2) != Some(b"96") => {
+                return Err(Sip2Error::Malformed("no checksum"));
+            }
+            None => bytes,
+        };
+        let command = body
+            .get(..2)
+            .filter(|c| c.iter().all(u8::is_ascii_digit))
+            .ok_or(Sip2Error::Malformed("no command"))?;
+        let command = String::from_utf8_lossy(command).into_owned();
+        let width = fixed_width(&command).ok_or(Sip2Error::Malformed("unknown command"))?;
+        let fixed = body
+            .get(2..2 + width)
+            .ok_or(Sip2Error::Malformed("fixed fields cut short"))?;
+        let mut fields = Vec::new();
+        let mut rest = &body[2 + width..];
+        while !rest.is_empty() {
+            let end = rest.iter().position(|&b| b == b'|').unwrap_or(rest.len());
+            let field = &rest[..end];
+            rest = rest.get(end + 1..).unwrap_or_default();
+            let [a, b, value @ ..] = field else {
+                if field.is_empty() {
+                    continue;
+                }
+                return Err(Sip2Error::Malformed("a field without its tag"));
+            };
+            fields.push(([*a, *b], value.to_vec()));
+        }
+        Ok(Reply {
+            command,
+            fixed: fixed.to_vec(),
+            fields,
+            charset: framing.charset,
+        })
+    }
+
+    /// Fails unless this is a reply to `command`.
+    pub fn expect(self, command: &'static str) -> Result<Reply, Sip2Error> {
+        if self.command == command {
+            Ok(self)
+        } else {
+            Err(Sip2Error::Unexpected {
+                expected: command,
+                found: self.command,
+            })
+        }
+    }
+
+    /// The first value of variable field `tag`, decoded.
+    pub fn field(&self, tag: &[u8; 2]) -> Option<String> {
+        self.fields
+            .iter()
+            .find(|(t, _)| t == tag)
+            .map(|(_, v)| self.charset.decode(v))
+    }
+
+    /// Whether a field is exactly `Y`.
+    fn flag(&self, tag: &[u8; 2]) -> bool {
+        self.fields
+            .iter()
+            .find(|(t, _)| t == tag)
+            .is_some_and(|(_, v)| v.as_slice() == b"Y")
+    }
+
+    /// 94: whether the login worked.
+    pub fn login_ok(&self) -> bool {
+        self.command == "94" && self.fixed.first() == Some(&b'1')
+    }
+
+    /// 64 or 24: the card is a valid patron (`BL`) and the PIN is right (`CQ`). Both are needed:
+    /// systems answer `BL=Y` for a known card whatever the PIN.
+    pub fn patron_authenticated(&self) -> bool {
+        matches!(self.command.as_str(), "64" | "24") && self.flag(b"BL") && self.flag(b"CQ")
+    }
+
+    /// 64 or 24: the card is known (`BL=Y`), whatever the PIN.
+    pub fn patron_valid(&self) -> bool {
+        matches!(self.command.as_str(), "64" | "24") && self.flag(b"BL")
+    }
+
+    /// 64 or 24: the 14 patron status flags, a `Y` where a privilege is denied (charge, renew,
+    /// recall, hold, card reported lost, …).
+    pub fn privileges_denied(&self) -> Option<&[u8]> {
+        matches!(self.command.as_str(), "64" | "24").then(|| &self.fixed[..14])
+    }
+}
+
+/// Where a trailing `AY<d>AZ<4 hex>` begins: (end of the message body, start of the checksum).
+fn find_checksum(bytes: &[u8]) -> Option<(usize, usize)> {
+    let n = bytes.len();
+    if n < 9 {
+        return None;
+    }
+    let tail = &bytes[n - 9..];
+    let ok = &tail[..2] == b"AY"
+        && tail[2].is_ascii_digit()
+        && &tail[3..5] == b"AZ"
+        && tail[5..].iter().all(u8::is_ascii_hexdigit);
+    ok.then_some((n - 9, n - 4))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn the_checksum_of_the_developer_guide_example() {
+        // 3M SIP2 Developer's Guide, p. 26.
+        assert_eq!(&checksum(b"990 402.00AY1AZ"), b"FCB4");
+    }
+
+    #[test]
+    fn a_login_is_written_field_by_field_and_checks_out() {
+        let framing = Framing::default();
+        let wire = Request::login("kiosk", "s3cret", "MAIN")
+            .encode(&framing, 0)
+            .unwrap();
+        let text = std::str::from_utf8(&wire).unwrap();
+        assert!(
+            text.starts_with("9300CNkiosk|COs3cret|CPMAIN|AY0AZ"),
+            "{text}"
+        );
+        assert!(text.ends_with('\r'));
+        // The bytes and their checksum sum to zero.
+        let body = &wire[..wire.len() - 5];
+        let sum: u16 = body.iter().fold(0, |a, &b| a.wrapping_add(u16::from(b)));
+        let check = u16::from_str_radix(
+            std::str::from_utf8(&wire[wire.len() - 5..wire.len() - 1]).unwrap(),
+            16,
+        )
+        .unwrap();
+        assert_eq!(sum.wrapping_add(check), 0);
+    }
+
+    fn reply(text: &str) -> Vec<u8> {
+        let mut bytes = text.as_bytes().to_vec();
+        bytes.extend_from_slice(b"AY1AZ");
+        let sum = checksum(&bytes);
+        bytes.extend_from_slice(&sum);
+        bytes.push(b'\r');
+        bytes
+    }
+
+    const DATE: &str = "20261127    101500";
+
+    #[test]
+    fn dates_are_written_as_sip2_writes_them() {
+        let local: jiff::civil::DateTime = "2026-11-27T10:15:00".parse().unwrap();
+        assert_eq!(transaction_date(local), DATE);
+    }
+
+    fn patron_info(bl: &str, cq: &str) -> Vec<u8> {
+        reply(&format!(
+            "64              000{DATE}000000000000000000000000AOMAIN|AA2900012345|AEAna Example|BL{bl}|CQ{cq}|"
+        ))
+    }
+
+    #[test]
+    fn a_patron_is_signed_in_only_with_a_valid_card_and_the_right_pin() {
+        let framing = Framing::default();
+        let ok = Reply::parse(&patron_info("Y", "Y"), &framing).unwrap();
+        assert!(ok.patron_authenticated());
+        assert_eq!(ok.field(b"AE").as_deref(), Some("Ana Example"));
+        let wrong_pin = Reply::parse(&patron_info("Y", "N"), &framing).unwrap();
+        assert!(wrong_pin.patron_valid() && !wrong_pin.patron_authenticated());
+        let unknown = Reply::parse(&patron_info("N", "N"), &framing).unwrap();
+        assert!(!unknown.patron_valid());
+        // Debug output never shows a card or a name.
+        let shown = format!("{ok:?}");
+        assert!(
+            !shown.contains("2900012345") && !shown.contains("Ana"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn a_damaged_reply_is_a_checksum_error_and_a_short_one_malformed() {
+        let framing = Framing::default();
+        let mut bad = patron_info("Y", "Y");
+        bad[20] ^= 0x01;
+        assert_eq!(Reply::parse(&bad, &framing), Err(Sip2Error::Checksum));
+        assert_eq!(
+            Reply::parse(&reply("64  "), &framing),
+            Err(Sip2Error::Malformed("fixed fields cut short"))
+        );
+        assert_eq!(
+            Reply::parse(b"941\r", &framing),
+            Err(Sip2Error::Malformed("no checksum"))
+        );
+        let plain = Framing {
+            error_detection: false,
+            ..Framing::default()
+        };
+        assert!(Reply::parse(b"941\r", &plain).unwrap().login_ok());
+        assert!(!Reply::parse(b"940\r", &plain).unwrap().login_ok());
+        let late = Reply::parse(&reply("941"), &framing).unwrap();
+        assert!(matches!(
+            late.expect("64"),
+            Err(Sip2Error::Unexpected { .. })
+        ));
+    }
+
+    #[test]
+    fn latin1_is_written_and_read_as_latin1() {
+        let framing = Framing {
+            charset: Charset::Iso8859_1,
+            ..Framing::default()
+        };
+        let wire = Request::patron_information(DATE, "MAIN", "123", "pín", None)
+            .encode(&framing, 3)
+            .unwrap();
+        assert!(wire.windows(5).any(|w| w == b"ADp\xedn"));
+        let reply_bytes = {
+            let mut b = b"64              000".to_vec();
+            b.extend_from_slice(DATE.as_bytes());
+            b.extend_from_slice(b"000000000000000000000000AEJos\xe9|BLY|CQY|");
+            b.push(b'\r');
+            b
+        };
+        let plain = Framing {
+            error_detection: false,
+            ..framing
+        };
+        let r = Reply::parse(&reply_bytes, &plain).unwrap();
+        assert_eq!(r.field(b"AE").as_deref(), Some("José"));
+        assert_eq!(
+            Request::login("ünï", "ok", "x")
+                .encode(&framing, 0)
+                .map(drop),
+            Ok(())
+        );
+        assert_eq!(
+            Request::login("日本", "ok", "x").encode(&framing, 0),
+            Err(Sip2Error::Unencodable(Charset::Iso8859_1))
+        );
+    }
+
+    #[test]
+    fn a_pipe_in_a_field_is_refused_rather_than_sent() {
+        let framing = Framing::default();
+        assert_eq!(
+            Request::patron_information(DATE, "MAIN", "12|AD0000", "x", None).encode(&framing, 0),
+            Err(Sip2Error::Delimiter)
+        );
+    }
+
+    proptest! {
+        /// Whatever arrives, parsing answers: a reply or an error, never a panic.
+        #[test]
+        fn parsing_any_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200),
+                                          detect in any::<bool>()) {
+            let framing = Framing { error_detection: detect, ..Framing::default() };
+            let _ = Reply::parse(&bytes, &framing);
+        }
+
+        /// A reply with a valid checksum parses; with any one byte before its checksum digits
+        /// changed, it does not pass as the same reply.
+        #[test]
+        fn one_changed_byte_is_caught(at in 0usize..200, flip in 1u8..=255) {
+            let good = patron_info("Y", "Y");
+            let mut bad = good.clone();
+            let at = at % (good.len() - 5);
+            bad[at] ^= flip;
+            let framing = Framing::default();
+            let parsed = Reply::parse(&bad, &framing);
+            prop_assert!(parsed != Reply::parse(&good, &framing));
+        }
+    }
+}
