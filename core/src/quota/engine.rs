@@ -994,7 +994,10 @@ impl QuotaEngine {
         };
         let (levels, windows, now) = self.limits_now(subject);
         let leased = if shared.leases.on() {
-            let key = subject_key(subject.institution(), levels.iter().map(|l| (l.0, &*l.1)));
+            let mut key = subject_key(subject.institution(), levels.iter().map(|l| (l.0, &*l.1)));
+            if demand.stream {
+                key.push_str("\u{1f}stream");
+            }
             match shared
                 .take_leased(&key, subject.institution(), &levels, windows, &demand, now)
                 .await
@@ -1108,41 +1111,31 @@ impl QuotaEngine {
             return self.status(subject);
         };
         let (levels, windows, now) = self.limits_now(subject);
-        let mut out = Vec::with_capacity(levels.len());
-        for (level, id, limits) in levels {
-            match shared
-                .read(subject.institution(), level, &id, windows, now)
-                .await
-            {
-                Ok([day_tokens, month_tokens, month_cost, streams, tat_us]) => {
-                    let now_ns = u64::try_from(now.as_nanosecond()).unwrap_or(0);
-                    let requests_remaining = limits.requests_per_minute.map(|rpm| {
-                        u64::from(
-                            Gcra::for_limit(rpm).remaining(tat_us.saturating_mul(1000), now_ns),
-                        )
-                    });
-                    out.push(LevelStatus {
-                        level,
-                        id,
-                        limits,
-                        usage: LevelUsage {
-                            day_tokens,
-                            month_tokens,
-                            month_cost_nano_usd: month_cost,
-                            streams,
-                            requests_remaining,
-                            day_resets_at: windows.day.resets_at,
-                            month_resets_at: windows.month.resets_at,
-                        },
-                    });
-                }
-                Err(e) => {
-                    shared.log_fallback(&e, "status from this replica's fallback counts");
-                    return fallback.status(subject);
-                }
+        let ids: Vec<(Level, &str)> = levels.iter().map(|(l, id, _)| (*l, &**id)).collect();
+        let counts = match shared.read(subject.institution(), &ids, windows, now).await {
+            Ok(counts) => counts,
+            Err(e) => {
+                shared.log_fallback(&e, "status from this replica's fallback counts");
+                return fallback.status(subject);
             }
-        }
-        out
+        };
+        let now_ns = u64::try_from(now.as_nanosecond()).unwrap_or(0);
+        levels
+            .into_iter()
+            .zip(counts)
+            .map(|((level, id, limits), counts)| {
+                let requests_remaining = limits.requests_per_minute.map(|rpm| {
+                    let tat_ns = counts.tat_us.saturating_mul(1000);
+                    u64::from(Gcra::for_limit(rpm).remaining(tat_ns, now_ns))
+                });
+                LevelStatus {
+                    level,
+                    id,
+                    limits,
+                    usage: counts.usage(windows, requests_remaining),
+                }
+            })
+            .collect()
     }
 
     /// [`QuotaEngine::usage`] on the counters this engine keeps.
@@ -1161,16 +1154,8 @@ impl QuotaEngine {
             let (st, now) = self.lock(&state, timezone);
             (st.windows(), now)
         };
-        match shared.read(institution, level, id, windows, now).await {
-            Ok([day_tokens, month_tokens, month_cost, streams, _]) => LevelUsage {
-                day_tokens,
-                month_tokens,
-                month_cost_nano_usd: month_cost,
-                streams,
-                requests_remaining: None,
-                day_resets_at: windows.day.resets_at,
-                month_resets_at: windows.month.resets_at,
-            },
+        match shared.read(institution, &[(level, id)], windows, now).await {
+            Ok(counts) => counts[0].usage(windows, None),
             Err(e) => {
                 shared.log_fallback(&e, "usage from this replica's fallback counts");
                 fallback.usage(institution, timezone, level, id)

@@ -214,14 +214,21 @@ impl Leases {
     }
 
     fn budget_slot(&self, key: &str) -> Arc<tokio::sync::Mutex<BudgetSlot>> {
-        let mut map = self.budgets.lock().unwrap_or_else(|p| p.into_inner());
-        Arc::clone(map.entry(key.to_owned()).or_default())
+        slot(&self.budgets, key)
     }
 
     fn rate_slot(&self, key: &str) -> Arc<tokio::sync::Mutex<RateSlot>> {
-        let mut map = self.rates.lock().unwrap_or_else(|p| p.into_inner());
-        Arc::clone(map.entry(key.to_owned()).or_default())
+        slot(&self.rates, key)
     }
+}
+
+/// `key`'s slot, made on first use (the key is copied only then).
+fn slot<T: Default>(map: &Slots<T>, key: &str) -> Arc<tokio::sync::Mutex<T>> {
+    let mut map = map.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(slot) = map.get(key) {
+        return Arc::clone(slot);
+    }
+    Arc::clone(map.entry(key.to_owned()).or_default())
 }
 
 /// What a lease could not do: reserve alone instead, or Redis failed.
@@ -233,7 +240,8 @@ pub(crate) enum NoLease {
 }
 
 impl Shared {
-    /// Takes `demand` from `subject_key`'s block, reserving a new block when needed.
+    /// Takes `demand` from `subject_key`'s block, reserving a new block when needed. Streams
+    /// lease blocks of their own, with a stream slot for each request: their key says so.
     pub(crate) async fn take_leased(
         self: &Arc<Self>,
         subject_key: &str,
@@ -250,13 +258,7 @@ impl Shared {
         let cost = (demand.prompt_tokens as f64 * demand.input_nano_per_token
             + output as f64 * demand.output_nano_per_token)
             .ceil() as u64;
-        // Streams lease blocks of their own, with a stream slot for each request.
-        let slot = if demand.stream {
-            self.leases
-                .budget_slot(&format!("{subject_key}\u{1f}stream"))
-        } else {
-            self.leases.budget_slot(subject_key)
-        };
+        let slot = self.leases.budget_slot(subject_key);
         let mut slot = slot.lock().await;
         // A block of other limits, of another day or month, or too old, is not spent now.
         let generation = self.leases.generation();

@@ -34,7 +34,7 @@ use std::time::Duration;
 
 use jiff::Timestamp;
 
-use super::engine::{Demand, Headroom, OverPolicy, Refusal};
+use super::engine::{Demand, Headroom, LevelUsage, OverPolicy, Refusal};
 use super::limits::{Level, LimitKind, Limits};
 use super::period::Window;
 use crate::config::{FailurePolicy, OnFailure};
@@ -84,6 +84,29 @@ end
 return best
 ";
 
+/// The start of the budget scripts: Redis's time, the day and month current by it (ARGV 1–6:
+/// day, its end in ms, the next day; the same for the month), and `counters(key)`, a level's
+/// tokens today, tokens and cost this month (zero for a period that has turned over).
+macro_rules! periods {
+    () => {
+        r"
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local day = tonumber(ARGV[1])
+if now_ms >= tonumber(ARGV[2]) then day = tonumber(ARGV[3]) end
+local month = tonumber(ARGV[4])
+if now_ms >= tonumber(ARGV[5]) then month = tonumber(ARGV[6]) end
+local function counters(key)
+  local v = redis.call('HMGET', key, 'd', 'dt', 'm', 'mt', 'mc')
+  local dt, mt, mc = 0, 0, 0
+  if tonumber(v[1]) == day then dt = tonumber(v[2]) or 0 end
+  if tonumber(v[3]) == month then mt = tonumber(v[4]) or 0; mc = tonumber(v[5]) or 0 end
+  return dt, mt, mc
+end
+"
+    };
+}
+
 /// Reservation. KEYS: one hash per level, then one stream set per level that limits streams.
 /// ARGV: 1 day, 2 day end (ms), 3 next day, 4 month, 5 month end (ms), 6 next month, 7 prompt
 /// tokens, 8 wanted output, 9 choices, 10 nano-dollars per prompt token, 11 per output token,
@@ -94,13 +117,9 @@ return best
 /// Returns `{1, output, tokens, cost, day, month, h_limit, h_after, h_window, room}`, or
 /// `{0, level, kind, limit, left, window}` (kind: 1 day tokens, 2 month tokens, 3 cost,
 /// 4 streams; window: 1 day, 2 month, 0 none).
-const RESERVE: &str = r"
-local t = redis.call('TIME')
-local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local day = tonumber(ARGV[1])
-if now_ms >= tonumber(ARGV[2]) then day = tonumber(ARGV[3]) end
-local month = tonumber(ARGV[4])
-if now_ms >= tonumber(ARGV[5]) then month = tonumber(ARGV[6]) end
+const RESERVE: &str = concat!(
+    periods!(),
+    r"
 local prompt = tonumber(ARGV[7])
 local wanted = tonumber(ARGV[8])
 local choices = tonumber(ARGV[9])
@@ -116,10 +135,7 @@ local bind = nil
 local h = nil
 for i = 1, n do
   local b = 16 + (i - 1) * 6
-  local v = redis.call('HMGET', KEYS[i], 'd', 'dt', 'm', 'mt', 'mc')
-  local dt, mt, mc = 0, 0, 0
-  if tonumber(v[1]) == day then dt = tonumber(v[2]) or 0 end
-  if tonumber(v[3]) == month then mt = tonumber(v[4]) or 0; mc = tonumber(v[5]) or 0 end
+  local dt, mt, mc = counters(KEYS[i])
   used[i] = {dt, mt, mc}
   local slimit = tonumber(ARGV[b + 5])
   local skey = tonumber(ARGV[b + 6])
@@ -180,29 +196,23 @@ if h == nil then return {1, output, tokens, cost, day, month, -1, 0, 0, 0} end
 local left_room = room - output
 if room == math.huge then left_room = -1 end
 return {1, output, tokens, cost, day, month, h[1], h[2], h[3], left_room}
-";
+"
+);
 
 /// Settlement. KEYS: the reservation's hashes, then its stream sets. ARGV: 1 day, 2 day end
 /// (ms), 3 next day, 4 month, 5 month end, 6 next month (now), 7 the reservation's day, 8 its
 /// month, 9 tokens reserved, 10 cost reserved, 11 tokens used, 12 cost, 13 reservation id,
 /// 14 hashes, 15 stream slots held, then each hash's TTL (ms).
-const SETTLE: &str = r"
-local t = redis.call('TIME')
-local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local day = tonumber(ARGV[1])
-if now_ms >= tonumber(ARGV[2]) then day = tonumber(ARGV[3]) end
-local month = tonumber(ARGV[4])
-if now_ms >= tonumber(ARGV[5]) then month = tonumber(ARGV[6]) end
+const SETTLE: &str = concat!(
+    periods!(),
+    r"
 local rday, rmonth = tonumber(ARGV[7]), tonumber(ARGV[8])
 local rtok, rcost = tonumber(ARGV[9]), tonumber(ARGV[10])
 local tok, cost = tonumber(ARGV[11]), tonumber(ARGV[12])
 local n = tonumber(ARGV[14])
 for i = 1, #KEYS do
   if i <= n then
-    local v = redis.call('HMGET', KEYS[i], 'd', 'dt', 'm', 'mt', 'mc')
-    local dt, mt, mc = 0, 0, 0
-    if tonumber(v[1]) == day then dt = tonumber(v[2]) or 0 end
-    if tonumber(v[3]) == month then mt = tonumber(v[4]) or 0; mc = tonumber(v[5]) or 0 end
+    local dt, mt, mc = counters(KEYS[i])
     if day == rday then dt = math.max(dt - rtok, 0) end
     if month == rmonth then mt = math.max(mt - rtok, 0); mc = math.max(mc - rcost, 0) end
     redis.call('HSET', KEYS[i], 'd', day, 'dt', dt + tok, 'm', month, 'mt', mt + tok,
@@ -215,7 +225,8 @@ for i = 1, #KEYS do
   end
 end
 return {1}
-";
+"
+);
 
 /// Why a request may not go on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -593,47 +604,59 @@ impl Shared {
         self.run(inv).await.map(drop)
     }
 
-    /// One level's counters now: (day tokens, month tokens, month cost, streams, tat µs).
+    /// The counters of `levels` now, in one round trip.
     pub(crate) async fn read(
         &self,
         institution: &str,
-        level: Level,
-        id: &str,
+        levels: &[(Level, &str)],
         windows: Windows,
         now: Timestamp,
-    ) -> Result<[u64; 5], Unreachable> {
+    ) -> Result<Vec<Counts>, Unreachable> {
         let mut conn = self.conn.clone();
         let mut pipe = redis::pipe();
-        pipe.cmd("HMGET")
-            .arg(self.hash_key(institution, level, id))
-            .arg(&["tat", "d", "dt", "m", "mt", "mc"][..])
-            .zcount(
-                self.streams_key(institution, level, id),
-                now.as_millisecond(),
-                "+inf",
-            );
-        let read = pipe.query_async::<(Vec<Option<i64>>, u64)>(&mut conn);
-        let (v, streams) = match tokio::time::timeout(self.timeout * 5, read).await {
+        for &(level, id) in levels {
+            pipe.cmd("HMGET")
+                .arg(self.hash_key(institution, level, id))
+                .arg(&["tat", "d", "dt", "m", "mt", "mc"][..])
+                .zcount(
+                    self.streams_key(institution, level, id),
+                    now.as_millisecond(),
+                    "+inf",
+                );
+        }
+        let read = pipe.query_async::<Vec<redis::Value>>(&mut conn);
+        let replies = match tokio::time::timeout(self.timeout * 5, read).await {
             Ok(Ok(v)) => v,
             Ok(Err(e)) => return Err(Unreachable(e.to_string())),
             Err(_) => return Err(Unreachable("no answer".into())),
         };
-        let get = |i: usize| v.get(i).copied().flatten().unwrap_or(0);
+        if replies.len() != 2 * levels.len() {
+            return Err(Unreachable("a short pipeline reply".into()));
+        }
         let day = windows.current_day(now);
         let month = windows.current_month(now);
-        let dt = if get(1) == day { get(2) } else { 0 };
-        let (mt, mc) = if get(3) == month {
-            (get(4), get(5))
-        } else {
-            (0, 0)
-        };
-        Ok([
-            dt.max(0) as u64,
-            mt.max(0) as u64,
-            mc.max(0) as u64,
-            streams,
-            get(0).max(0) as u64,
-        ])
+        replies
+            .chunks(2)
+            .map(|pair| {
+                let [fields, streams] = pair else {
+                    return Err(Unreachable("a short pipeline reply".into()));
+                };
+                let v: Vec<Option<i64>> =
+                    redis::from_redis_value_ref(fields).map_err(|e| Unreachable(e.to_string()))?;
+                let streams: u64 =
+                    redis::from_redis_value_ref(streams).map_err(|e| Unreachable(e.to_string()))?;
+                let get = |i: usize| v.get(i).copied().flatten().unwrap_or(0).max(0) as u64;
+                let this_day = get(1) == day as u64;
+                let this_month = get(3) == month as u64;
+                Ok(Counts {
+                    day_tokens: if this_day { get(2) } else { 0 },
+                    month_tokens: if this_month { get(4) } else { 0 },
+                    month_cost: if this_month { get(5) } else { 0 },
+                    streams,
+                    tat_us: get(0),
+                })
+            })
+            .collect()
     }
 
     /// Starts a patron's day afresh.
@@ -722,6 +745,32 @@ impl Windows {
         } else {
             self.month.id
         })
+    }
+}
+
+/// One level's counters in Redis, in the current periods.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Counts {
+    pub(crate) day_tokens: u64,
+    pub(crate) month_tokens: u64,
+    pub(crate) month_cost: u64,
+    pub(crate) streams: u64,
+    /// The GCRA's theoretical arrival time, µs.
+    pub(crate) tat_us: u64,
+}
+
+impl Counts {
+    /// As the engine reports a level's usage.
+    pub(crate) fn usage(self, windows: Windows, requests_remaining: Option<u64>) -> LevelUsage {
+        LevelUsage {
+            day_tokens: self.day_tokens,
+            month_tokens: self.month_tokens,
+            month_cost_nano_usd: self.month_cost,
+            streams: self.streams,
+            requests_remaining,
+            day_resets_at: windows.day.resets_at,
+            month_resets_at: windows.month.resets_at,
+        }
     }
 }
 

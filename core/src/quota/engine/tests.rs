@@ -508,6 +508,61 @@ mod shared {
         t
     }
 
+    /// Two replicas on one prefix, both with `table`, leasing blocks of up to `lease`.
+    async fn replicas(prefix: &str, table: &LimitsTable, lease: u64) -> [QuotaEngine; 2] {
+        let (a, _) = engines_leasing(prefix, table, lease).await;
+        let (b, _) = engines_leasing(prefix, table, lease).await;
+        [a, b]
+    }
+
+    /// `n` requests at once, alternately through each replica; each one's outcome.
+    async fn race<T, F, Fut>(replicas: &[QuotaEngine; 2], n: usize, request: F) -> Vec<T>
+    where
+        T: Send + 'static,
+        F: Fn(QuotaEngine) -> Fut,
+        Fut: Future<Output = T> + Send + 'static,
+    {
+        let tasks: Vec<_> = (0..n)
+            .map(|i| tokio::spawn(request(replicas[i % 2].clone())))
+            .collect();
+        let mut out = Vec::with_capacity(n);
+        for t in tasks {
+            out.push(t.await.unwrap());
+        }
+        out
+    }
+
+    /// A 120-token reservation settled at 120: whether it was admitted.
+    async fn take_120(engine: QuotaEngine) -> bool {
+        match engine
+            .take(&subject(None), demand(20, 100), OverPolicy::Reject, false)
+            .await
+        {
+            Ok(r) => {
+                r.settle(120, 0);
+                true
+            }
+            Err(Denial::Refused(_)) => false,
+            Err(Denial::Unavailable) => panic!("Redis unavailable"),
+        }
+    }
+
+    /// One request against the key's rate: whether it was admitted.
+    async fn admit_one(engine: QuotaEngine) -> bool {
+        engine
+            .check_rate(&subject(None), &[Level::Key])
+            .await
+            .is_ok()
+    }
+
+    /// Requests the replicas served from a lease.
+    fn leased(replicas: &[QuotaEngine; 2]) -> u64 {
+        replicas
+            .iter()
+            .map(|e| e.shared_counters().unwrap().leased.load(Ordering::Relaxed))
+            .sum()
+    }
+
     /// What a reservation or refusal says, for comparing backends.
     fn outcome(r: &Result<Reservation, Denial>) -> String {
         match r {
@@ -638,35 +693,18 @@ mod shared {
                 ..Limits::default()
             },
         );
-        let (a, _) = engines(&prefix, &t).await;
-        let (b, _) = engines(&prefix, &t).await;
-        let tasks: Vec<_> = (0..500)
-            .map(|i| {
-                let engine = if i % 2 == 0 { a.clone() } else { b.clone() };
-                tokio::spawn(async move {
-                    match engine
-                        .take(&subject(None), demand(20, 100), OverPolicy::Reject, false)
-                        .await
-                    {
-                        Ok(r) => {
-                            r.settle(120, 0);
-                            true
-                        }
-                        Err(Denial::Refused(_)) => false,
-                        Err(Denial::Unavailable) => panic!("Redis unavailable"),
-                    }
-                })
-            })
-            .collect();
-        let mut admitted = 0;
-        for t in tasks {
-            admitted += usize::from(t.await.unwrap());
-        }
+        let both = replicas(&prefix, &t, 0).await;
+        let admitted = race(&both, 500, take_120)
+            .await
+            .into_iter()
+            .filter(|ok| *ok)
+            .count();
         assert_eq!(admitted, 83);
-        a.quiesce().await;
-        b.quiesce().await;
+        for engine in &both {
+            engine.quiesce().await;
+        }
         let s = subject(None);
-        for engine in [&a, &b] {
+        for engine in &both {
             let used = engine
                 .usage_now(s.institution(), s.timezone(), Level::Key, "key")
                 .await;
@@ -686,25 +724,14 @@ mod shared {
                 ..Limits::default()
             },
         );
-        let (a, _) = engines(&prefix, &t).await;
-        let (b, _) = engines(&prefix, &t).await;
-        let tasks: Vec<_> = (0..100)
-            .map(|i| {
-                let engine = if i % 2 == 0 { a.clone() } else { b.clone() };
-                tokio::spawn(async move {
-                    engine
-                        .check_rate(&subject(None), &[Level::Key])
-                        .await
-                        .is_ok()
-                })
-            })
-            .collect();
-        let mut admitted = 0;
-        for t in tasks {
-            admitted += usize::from(t.await.unwrap());
-        }
+        let both = replicas(&prefix, &t, 0).await;
+        let admitted = race(&both, 100, admit_one)
+            .await
+            .into_iter()
+            .filter(|ok| *ok)
+            .count();
         assert_eq!(admitted, 30);
-        let refused = a
+        let refused = both[0]
             .check_rate(&subject(None), &[Level::Key])
             .await
             .unwrap_err();
@@ -733,34 +760,15 @@ mod shared {
                 ..Limits::default()
             },
         );
-        let (a, _) = engines_leasing(&prefix, &t, 64).await;
-        let (b, _) = engines_leasing(&prefix, &t, 64).await;
-        let take = |engine: QuotaEngine| async move {
-            match engine
-                .take(&subject(None), demand(20, 100), OverPolicy::Reject, false)
-                .await
-            {
-                Ok(r) => {
-                    r.settle(120, 0);
-                    true
-                }
-                Err(Denial::Refused(_)) => false,
-                Err(Denial::Unavailable) => panic!("Redis unavailable"),
-            }
-        };
-        let tasks: Vec<_> = (0..500)
-            .map(|i| tokio::spawn(take(if i % 2 == 0 { a.clone() } else { b.clone() })))
-            .collect();
-        let mut admitted = 0;
-        for t in tasks {
-            admitted += usize::from(t.await.unwrap());
-        }
+        let both = replicas(&prefix, &t, 64).await;
+        let [a, b] = &both;
+        let mut admitted = race(&both, 500, take_120)
+            .await
+            .into_iter()
+            .filter(|ok| *ok)
+            .count();
         assert!(admitted <= 83, "{admitted} admitted");
-        let leased = |e: &QuotaEngine| e.shared_counters().unwrap().leased.load(Ordering::Relaxed);
-        assert!(
-            leased(&a) + leased(&b) > 0,
-            "no request was served from a lease"
-        );
+        assert!(leased(&both) > 0, "no request was served from a lease");
         a.quiesce().await;
         b.quiesce().await;
         let s = subject(None);
@@ -772,13 +780,13 @@ mod shared {
             admitted as u64 * 120,
             "leases settled exactly"
         );
-        while take(a.clone()).await {
+        while take_120(a.clone()).await {
             admitted += 1;
         }
         assert_eq!(admitted, 83);
         a.quiesce().await;
         // Nothing held, nothing remembered: a replica's leases do not grow with its subjects.
-        for e in [&a, &b] {
+        for e in &both {
             let (shared, _) = e.inner.shared.as_ref().unwrap();
             assert_eq!(shared.leases.subjects(), 0);
         }
@@ -799,32 +807,18 @@ mod shared {
                 ..Limits::default()
             },
         );
-        let (a, _) = engines_leasing(&prefix, &t, 64).await;
-        let (b, _) = engines_leasing(&prefix, &t, 64).await;
-        let tasks: Vec<_> = (0..40)
-            .map(|i| {
-                let engine = if i % 2 == 0 { a.clone() } else { b.clone() };
-                tokio::spawn(async move {
-                    engine
-                        .check_rate(&subject(None), &[Level::Key])
-                        .await
-                        .is_ok()
-                })
-            })
-            .collect();
-        let mut admitted = 0;
-        for t in tasks {
-            admitted += usize::from(t.await.unwrap());
-        }
+        let both = replicas(&prefix, &t, 64).await;
+        let [a, b] = &both;
+        let mut admitted = race(&both, 40, admit_one)
+            .await
+            .into_iter()
+            .filter(|ok| *ok)
+            .count();
         assert!(admitted <= 6, "{admitted} admitted");
-        let leased = |e: &QuotaEngine| e.shared_counters().unwrap().leased.load(Ordering::Relaxed);
-        assert!(
-            leased(&a) + leased(&b) > 0,
-            "no request was served from a lease"
-        );
+        assert!(leased(&both) > 0, "no request was served from a lease");
         a.quiesce().await;
         b.quiesce().await;
-        while a.check_rate(&subject(None), &[Level::Key]).await.is_ok() {
+        while admit_one(a.clone()).await {
             admitted += 1;
             assert!(admitted <= 6, "{admitted} admitted");
         }
@@ -936,8 +930,8 @@ mod shared {
                 ..Limits::default()
             },
         );
-        let (a, _) = engines_leasing(&prefix, &t, 64).await;
-        let (b, _) = engines_leasing(&prefix, &t, 64).await;
+        let both = replicas(&prefix, &t, 64).await;
+        let [a, b] = &both;
         let mut streamed = demand(10, 10);
         streamed.stream = true;
         let open = |engine: QuotaEngine| async move {
@@ -948,23 +942,14 @@ mod shared {
         };
         let mut held = Vec::new();
         for round in 0..3 {
-            let tasks: Vec<_> = (0..10)
-                .map(|i| tokio::spawn(open(if i % 2 == 0 { a.clone() } else { b.clone() })))
-                .collect();
-            for t in tasks {
-                held.extend(t.await.unwrap());
-            }
+            held.extend(race(&both, 10, open).await.into_iter().flatten());
             assert!(
                 held.len() <= 3,
                 "round {round}: {} streams open",
                 held.len()
             );
         }
-        let leased = |e: &QuotaEngine| e.shared_counters().unwrap().leased.load(Ordering::Relaxed);
-        assert!(
-            leased(&a) + leased(&b) > 0,
-            "no stream was served from a lease"
-        );
+        assert!(leased(&both) > 0, "no stream was served from a lease");
         for r in held.drain(..) {
             r.settle(20, 0);
         }
