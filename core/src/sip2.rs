@@ -155,10 +155,7 @@ impl Request {
         pin: &str,
         terminal_password: Option<&str>,
     ) -> Request {
-        let mut fields = vec![(*b"AO", institution.to_owned()), (*b"AA", card.to_owned())];
-        if let Some(tp) = terminal_password {
-            fields.push((*b"AC", tp.to_owned()));
-        }
+        let mut fields = patron_fields(institution, card, terminal_password);
         fields.push((*b"AD", pin.to_owned()));
         Request {
             command: "63",
@@ -175,14 +172,10 @@ impl Request {
         card: &str,
         terminal_password: Option<&str>,
     ) -> Request {
-        let mut fields = vec![(*b"AO", institution.to_owned()), (*b"AA", card.to_owned())];
-        if let Some(tp) = terminal_password {
-            fields.push((*b"AC", tp.to_owned()));
-        }
         Request {
             command: "35",
             fixed: date.to_owned(),
-            fields,
+            fields: patron_fields(institution, card, terminal_password),
         }
     }
 
@@ -220,6 +213,20 @@ impl Request {
         out.push(framing.terminator);
         Ok(out)
     }
+}
+
+/// The fields that name a patron to the library system: institution (`AO`), card (`AA`), and
+/// the terminal password (`AC`) when one is configured.
+fn patron_fields(
+    institution: &str,
+    card: &str,
+    terminal_password: Option<&str>,
+) -> Vec<([u8; 2], String)> {
+    let mut fields = vec![(*b"AO", institution.to_owned()), (*b"AA", card.to_owned())];
+    if let Some(tp) = terminal_password {
+        fields.push((*b"AC", tp.to_owned()));
+    }
+    fields
 }
 
 /// A reply: its command, fixed part and variable fields, checked.

@@ -115,8 +115,8 @@ impl App {
             .filter_map(|p| p.api_key.clone().map(|k| (p.name.clone(), k)))
             .collect();
         let clock = Arc::new(SystemClock::default());
-        let quota = match store.kind() {
-            "redis" => QuotaEngine::with_shared_counters(
+        let quota = if store.is_replica() {
+            QuotaEngine::with_shared_counters(
                 clock,
                 &SharedSettings {
                     url: config.store.redis_url.clone(),
@@ -128,8 +128,9 @@ impl App {
                 },
             )
             .await
-            .map_err(|e| StoreError::Unavailable(format!("quota counters: {e}")))?,
-            _ => QuotaEngine::new(clock),
+            .map_err(|e| StoreError::Unavailable(format!("quota counters: {e}")))?
+        } else {
+            QuotaEngine::new(clock)
         };
         carrel_core::quota::load(&quota, &store).await?;
         let state = AppState::new(StateParts {

@@ -649,9 +649,14 @@ impl Store {
         })
     }
 
-    /// Which backend this is: `"embedded"` or `"redis"`.
+    /// Whether this is a replica of the Redis backend (else the embedded store).
+    pub fn is_replica(&self) -> bool {
+        self.replica.is_some()
+    }
+
+    /// Which backend this is, for logs and metrics: `"embedded"` or `"redis"`.
     pub fn kind(&self) -> &'static str {
-        if self.replica.is_some() {
+        if self.is_replica() {
             "redis"
         } else {
             "embedded"
@@ -1401,7 +1406,7 @@ fn key_row(r: &Row<'_>) -> Result<ApiKey, StoreError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::keys::{NewKey, Pepper};
 

@@ -432,7 +432,7 @@ impl Replica {
 
     /// Appends `cmd` to the log and waits until this replica has applied it.
     pub(crate) async fn propose(&self, cmd: Command) -> Result<Outcome, StoreError> {
-        let nonce = u64::from_le_bytes(rand_bytes());
+        let nonce = u64::from_le_bytes(crate::ids::random_bytes());
         let (tx, rx) = oneshot::channel();
         self.pending.lock().expect("pending").insert(nonce, tx);
         // Forget the entry however this future ends (an error, or a caller that gave up).
@@ -463,7 +463,7 @@ impl Replica {
         let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         self.drain_journal(&mut w);
         let batch = encode_batch(records);
-        let id = rand_bytes::<16>();
+        let id = crate::ids::random_bytes::<16>();
         if w.journal.is_empty() && self.append(&mut w, &id, &batch).is_ok() {
             return Ok(records.len());
         }
@@ -597,12 +597,6 @@ impl Drop for Forget<'_> {
     fn drop(&mut self) {
         self.0.pending.lock().expect("pending").remove(&self.1);
     }
-}
-
-fn rand_bytes<const N: usize>() -> [u8; N] {
-    let mut b = [0; N];
-    getrandom::fill(&mut b).expect("the operating system's random source failed");
-    b
 }
 
 /// A view and where it stands in the streams.

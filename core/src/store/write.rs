@@ -40,11 +40,9 @@ pub(crate) struct WriteCtx {
 impl WriteCtx {
     /// A context for a write proposed now.
     pub(crate) fn fresh() -> WriteCtx {
-        let mut seed = [0; 16];
-        getrandom::fill(&mut seed).expect("the operating system's random source failed");
         WriteCtx {
             at: jiff::Timestamp::now().to_string(),
-            seed,
+            seed: crate::ids::random_bytes(),
             drawn: 0,
         }
     }

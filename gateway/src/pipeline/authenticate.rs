@@ -90,7 +90,7 @@ impl KeyCache {
         match loaded {
             Ok(key) => Ok(Some(key)),
             Err(miss) => match &*miss {
-                Miss::Unknown if store.kind() == "redis" => self.after_catch_up(id, store).await,
+                Miss::Unknown if store.is_replica() => self.after_catch_up(id, store).await,
                 Miss::Unknown => Ok(None),
                 Miss::Store(e) => Err(GatewayError::StoreUnavailable(Arc::clone(e))),
             },

@@ -462,8 +462,7 @@ mod shared {
 
     fn settings(prefix: &str) -> SharedSettings {
         SharedSettings {
-            url: std::env::var("CARREL_TEST_REDIS_URL")
-                .unwrap_or_else(|_| "redis://127.0.0.1:6379".into()),
+            url: crate::store::tests::test_redis_url(),
             prefix: prefix.to_owned(),
             timeout: Duration::from_secs(2),
             expected_replicas: 2,
@@ -896,7 +895,7 @@ mod shared {
             a.quiesce().await;
         };
         once().await;
-        let client = redis::Client::open(settings("unused").url.as_str()).unwrap();
+        let client = redis::Client::open(crate::store::tests::test_redis_url().as_str()).unwrap();
         let mut conn = client.get_multiplexed_async_connection().await.unwrap();
         let () = redis::cmd("SCRIPT")
             .arg("FLUSH")
