@@ -24,13 +24,13 @@ fi
 command -v cc >/dev/null 2>&1 || apt_install build-essential
 cargo --version
 
-say "Python test clients (openai SDK, pytest, schemathesis, openapi-spec-validator) in target/test-venv"
+say "Python test clients (openai SDK, pytest, schemathesis, openapi-spec-validator, pysip2) in target/test-venv"
 command -v python3 >/dev/null 2>&1 || apt_install python3
 if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c 'import ensurepip' >/dev/null 2>&1; then
   apt_install python3-venv
 fi
 venv=target/test-venv
-if ! "$venv/bin/python" -c 'import openai, pytest, schemathesis, openapi_spec_validator' >/dev/null 2>&1; then
+if ! "$venv/bin/python" -c 'import openai, pytest, schemathesis, openapi_spec_validator, pysip2' >/dev/null 2>&1; then
   rm -rf "$venv"
   mkdir -p target
   python3 -m venv "$venv"
@@ -38,6 +38,14 @@ if ! "$venv/bin/python" -c 'import openai, pytest, schemathesis, openapi_spec_va
 fi
 export PYTHON="$PWD/$venv/bin/python"
 "$PYTHON" -c 'import openai; print("openai", openai.__version__)'
+
+say "Browser tests (Debian's Chromium, playwright-core from npm)"
+command -v chromium >/dev/null 2>&1 || apt_install chromium
+command -v npm >/dev/null 2>&1 || apt_install nodejs npm
+if [ ! -d tests/browser/node_modules/playwright-core ]; then
+  (cd tests/browser && npm ci --no-audit --no-fund --loglevel=error)
+fi
+chromium --version
 
 say "Redis (shared by tests; each test uses its own key prefix)"
 if ! (command -v redis-cli >/dev/null 2>&1 && redis-cli -h 127.0.0.1 -p 6379 ping 2>/dev/null | grep -q PONG); then

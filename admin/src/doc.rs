@@ -10,7 +10,8 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use crate::{
-    AdminState, accounts, audit, catalog, error, institutions, limits, structure, tokens, usage,
+    AdminState, accounts, audit, catalog, error, institutions, limits, patrons, structure, tokens,
+    usage,
 };
 
 /// The admin API's OpenAPI description.
@@ -57,6 +58,11 @@ use crate::{
         limits::get_model_limits,
         limits::extend_patron,
         limits::reset_patron_day,
+        patrons::put_patron_auth,
+        patrons::get_patron_auth,
+        patrons::import_patrons,
+        patrons::create_guest_passes,
+        patrons::list_guest_passes,
         accounts::login,
         accounts::logout,
         accounts::me,
@@ -78,6 +84,8 @@ use crate::{
             streams by level (institution, site, group, key, model, and each patron), with what \
             each level has used; patrons' extensions and day resets"),
         (name = "accounts", description = "Admin accounts, roles and sessions"),
+        (name = "patrons", description = "How patrons sign in (SIP2, a local list, OIDC), the \
+            local list, and guest passes"),
     )
 )]
 pub struct AdminApi;

@@ -34,6 +34,7 @@ pub mod error;
 pub mod institutions;
 pub mod json;
 pub mod limits;
+pub mod patrons;
 pub mod query;
 pub mod reference;
 pub mod structure;
@@ -89,6 +90,8 @@ pub struct AdminState {
     /// The quota engine the data plane counts with: admin changes to limits, extensions and
     /// patron days are applied to it, and limit reports read current usage from it.
     pub quota: carrel_core::quota::QuotaEngine,
+    /// Hosts SIP2 may reach without TLS besides loopback (`patrons.sip2_plaintext_hosts`).
+    pub sip2_plaintext_hosts: Arc<[String]>,
     /// The OpenAPI document served at `/admin/openapi.json`. The gateway fills it with the
     /// admin and public APIs together; [`doc::AdminApi`] is the admin part alone.
     pub openapi: Arc<str>,
@@ -176,6 +179,18 @@ pub fn router(state: AdminState) -> Router {
         .route(
             "/admin/v1/institutions/{id}/patron-day-resets",
             post(limits::reset_patron_day),
+        )
+        .route(
+            "/admin/v1/institutions/{id}/patron-auth",
+            get(patrons::get_patron_auth).put(patrons::put_patron_auth),
+        )
+        .route(
+            "/admin/v1/institutions/{id}/patrons",
+            post(patrons::import_patrons),
+        )
+        .route(
+            "/admin/v1/institutions/{id}/guest-passes",
+            get(patrons::list_guest_passes).post(patrons::create_guest_passes),
         )
         .route(
             "/admin/v1/users",

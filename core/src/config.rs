@@ -79,6 +79,7 @@ pub struct RawConfig {
     log: RawLog,
     usage: RawUsage,
     store: RawStore,
+    patrons: RawPatrons,
     providers: Vec<RawProvider>,
     models: Vec<RawModel>,
 }
@@ -119,6 +120,15 @@ struct RawUpstream {
 struct RawAuth {
     key_cache_ttl_ms: Option<i64>,
     key_cache_capacity: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawPatrons {
+    session_idle_secs: Option<i64>,
+    session_max_secs: Option<i64>,
+    sign_ins_per_kiosk_per_minute: Option<i64>,
+    sip2_plaintext_hosts: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -204,6 +214,8 @@ pub struct Config {
     pub usage: UsageConfig,
     /// `[store]`.
     pub store: StoreConfig,
+    /// `[patrons]`.
+    pub patrons: PatronsConfig,
     /// Providers declared in the file (re-applied to the store at every start).
     pub providers: Vec<ProviderConfig>,
     /// Models declared in the file (re-applied to the store at every start).
@@ -264,6 +276,30 @@ pub struct AuthConfig {
     pub key_cache_ttl: Duration,
     /// Most keys cached at once.
     pub key_cache_capacity: u64,
+}
+
+/// `[patrons]`: patron sessions and sign-in.
+#[derive(Debug, Clone)]
+pub struct PatronsConfig {
+    /// A patron session ends after this long without a request (default 10 minutes).
+    pub session_idle: Duration,
+    /// A patron session ends this long after sign-in, however busy (default 4 hours).
+    pub session_max: Duration,
+    /// Sign-in attempts one kiosk key may make per minute (default 20).
+    pub sign_ins_per_kiosk_per_minute: u64,
+    /// Hosts that SIP2 may reach without TLS besides loopback (each is warned about at start).
+    pub sip2_plaintext_hosts: Vec<String>,
+}
+
+impl Default for PatronsConfig {
+    fn default() -> Self {
+        PatronsConfig {
+            session_idle: Duration::from_secs(600),
+            session_max: Duration::from_secs(4 * 3600),
+            sign_ins_per_kiosk_per_minute: 20,
+            sip2_plaintext_hosts: Vec::new(),
+        }
+    }
 }
 
 /// `[usage]`.
@@ -714,6 +750,38 @@ impl Config {
             });
         }
 
+        let p = raw.patrons;
+        let session_idle = bounded(
+            "patrons.session_idle_secs",
+            p.session_idle_secs,
+            600,
+            30,
+            86_400,
+        )?;
+        let session_max = bounded(
+            "patrons.session_max_secs",
+            p.session_max_secs,
+            4 * 3600,
+            session_idle,
+            7 * 86_400,
+        )?;
+        let patrons = PatronsConfig {
+            session_idle: Duration::from_secs(session_idle as u64),
+            session_max: Duration::from_secs(session_max as u64),
+            sign_ins_per_kiosk_per_minute: bounded(
+                "patrons.sign_ins_per_kiosk_per_minute",
+                p.sign_ins_per_kiosk_per_minute,
+                20,
+                1,
+                10_000,
+            )? as u64,
+            sip2_plaintext_hosts: p
+                .sip2_plaintext_hosts
+                .into_iter()
+                .map(|h| h.trim().to_ascii_lowercase())
+                .filter(|h| !h.is_empty())
+                .collect(),
+        };
         Ok(Config {
             server,
             upstream,
@@ -721,6 +789,7 @@ impl Config {
             log,
             usage,
             store,
+            patrons,
             providers,
             models,
         })

@@ -122,6 +122,41 @@ string_enum! {
 }
 
 string_enum! {
+    /// How old a signed-in patron is, as far as the sign-in could tell; never a birth date.
+    /// Later stages choose safeguards by it.
+    pub enum AgeBand {
+        /// Under 13.
+        Under13 => "under13",
+        /// 13 to 17.
+        Minor => "minor",
+        /// 18 or over.
+        Adult => "adult",
+        /// The sign-in did not say. Counts as a minor at schools.
+        Unknown => "unknown",
+    }
+}
+
+impl AgeBand {
+    /// The band of someone `years` old.
+    pub fn of_age(years: i64) -> AgeBand {
+        match years {
+            ..13 => AgeBand::Under13,
+            13..18 => AgeBand::Minor,
+            _ => AgeBand::Adult,
+        }
+    }
+
+    /// Whether safeguards for minors apply: `unknown` counts as a minor at a school.
+    pub fn treat_as_minor(self, institution: InstitutionKind) -> bool {
+        match self {
+            AgeBand::Under13 | AgeBand::Minor => true,
+            AgeBand::Adult => false,
+            AgeBand::Unknown => institution == InstitutionKind::School,
+        }
+    }
+}
+
+string_enum! {
     /// What an admin account may do. Every role but `operator` is bound to one institution.
     pub enum Role {
         /// Runs the deployment: everything, across institutions.
@@ -436,6 +471,25 @@ pub struct Principal {
     pub allowed_models: Option<std::sync::Arc<[String]>>,
     /// Unix seconds after which the credential stops working.
     pub expires_at: Option<i64>,
+    /// What the key is for.
+    pub key_kind: KeyKind,
+    /// Set for a patron session: who signed in, as far as Carrel knows them.
+    pub patron: Option<PatronPrincipal>,
+}
+
+/// The patron of a session, on top of the kiosk key it was opened on. Never a name, a card or
+/// a birth date.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PatronPrincipal {
+    /// The session (its token's public id).
+    pub session_id: std::sync::Arc<str>,
+    /// The patron reference.
+    pub patron_ref: std::sync::Arc<str>,
+    /// The patron's band.
+    pub age_band: AgeBand,
+    /// A fixed allotment for the day, in tokens (a guest pass's): the patron's daily limit
+    /// is at most this.
+    pub allowance: Option<u64>,
 }
 
 impl Principal {
@@ -454,6 +508,8 @@ impl Principal {
             tier_ceiling: cred.key.tier_ceiling,
             allowed_models: cred.key.allowed_models.as_deref().map(Into::into),
             expires_at: cred.key.expires_at.as_deref().and_then(unix_seconds),
+            key_kind: cred.key.kind,
+            patron: None,
         }
     }
 

@@ -20,6 +20,8 @@ use crate::ids;
 
 /// The prefix every Carrel key starts with.
 pub const KEY_PREFIX: &str = "crl_";
+/// The prefix of a patron session token: the same layout as a key, told apart at a glance.
+pub const SESSION_PREFIX: &str = "crs_";
 /// Length of the public id.
 pub const ID_LEN: usize = 16;
 const SECRET_LEN: usize = 32;
@@ -43,14 +45,19 @@ pub struct NewKey {
 impl NewKey {
     /// Mints a key with a new random id and secret.
     pub fn generate() -> Self {
+        NewKey::generate_with(KEY_PREFIX)
+    }
+
+    /// Mints a token of the same layout under another prefix ([`SESSION_PREFIX`]).
+    pub fn generate_with(prefix: &'static str) -> Self {
         let id = ids::random_base62(ID_LEN);
-        let token = compose(&id, &ids::random_base62(SECRET_LEN));
+        let token = compose_with(prefix, &id, &ids::random_base62(SECRET_LEN));
         NewKey { id, token }
     }
 
     /// The secret part of the token.
     pub fn secret(&self) -> &str {
-        ParsedKey::parse(&self.token)
+        ParsedKey::parse_with(&self.token[..KEY_PREFIX.len()], &self.token)
             .expect("a generated key parses")
             .secret
     }
@@ -58,7 +65,11 @@ impl NewKey {
 
 /// The key string for an id and a secret, with its checksum.
 pub fn compose(id: &str, secret: &str) -> String {
-    let body = format!("{KEY_PREFIX}{id}_{secret}");
+    compose_with(KEY_PREFIX, id, secret)
+}
+
+fn compose_with(prefix: &str, id: &str, secret: &str) -> String {
+    let body = format!("{prefix}{id}_{secret}");
     let check = checksum(&body);
     body + &check
 }
@@ -75,11 +86,20 @@ pub struct ParsedKey<'a> {
 impl<'a> ParsedKey<'a> {
     /// Splits a key string; `None` for anything that is not a well-formed Carrel key.
     pub fn parse(token: &'a str) -> Option<Self> {
+        ParsedKey::parse_with(KEY_PREFIX, token)
+    }
+
+    /// Splits a token of the key layout under another four-character prefix.
+    pub fn parse_with(prefix: &str, token: &'a str) -> Option<Self> {
         // ASCII first: the splits below are at byte offsets.
-        if token.len() != KEY_LEN || !token.is_ascii() || !token.starts_with(KEY_PREFIX) {
+        if prefix.len() != KEY_PREFIX.len()
+            || token.len() != KEY_LEN
+            || !token.is_ascii()
+            || !token.starts_with(prefix)
+        {
             return None;
         }
-        let rest = &token[KEY_PREFIX.len()..];
+        let rest = &token[prefix.len()..];
         let (id, tail) = rest.split_at(ID_LEN);
         let tail = tail.strip_prefix('_')?;
         let (secret, check) = tail.split_at(SECRET_LEN);
@@ -234,6 +254,13 @@ mod tests {
         let parsed = ParsedKey::parse(&key.token).unwrap();
         assert_eq!(parsed.id, key.id);
         assert_eq!(parsed.secret, key.secret());
+
+        let session = NewKey::generate_with(SESSION_PREFIX);
+        assert!(session.token.starts_with("crs_"));
+        assert_eq!(ParsedKey::parse(&session.token), None, "not a key");
+        let parsed = ParsedKey::parse_with(SESSION_PREFIX, &session.token).unwrap();
+        assert_eq!((parsed.id, parsed.secret), (&*session.id, session.secret()));
+        assert_eq!(ParsedKey::parse_with(SESSION_PREFIX, &key.token), None);
     }
 
     #[test]

@@ -10,10 +10,13 @@
 //! - [`domain`]: institutions, providers, models, tiers, API keys and the [`domain::Principal`] a
 //!   request runs as.
 //! - [`keys`]: the API key format (`crl_…`), the server pepper and the keyed hash of key secrets.
-//! - [`passwords`]: argon2id hashing of admin passwords.
+//! - [`oidc`]: verifying OpenID Connect ID tokens against an issuer's keys, for school sign-in.
+//! - [`passwords`]: argon2id hashing of admin passwords (and patron PINs, guest codes).
+//! - [`patrons`]: how an institution's patrons sign in; guest codes; sealing for sign-out.
 //! - [`quota`]: limits, periods, the rate algorithm, the quota engine (in process, or on
 //!   counters shared in Redis, with leases and the failure policy).
-//! - [`sip2`]: the SIP2 wire format, for patron sign-in against a library's system.
+//! - [`sip2`]: the SIP2 wire format and a pooled client, for patron sign-in against a library's
+//!   system.
 //! - [`store`]: the state store: SQLite (WAL, versioned migrations), alone or as a replica's view
 //!   of a log in Redis; writes as commands.
 //! - [`ids`]: random identifiers and base62 encoding.
@@ -22,7 +25,9 @@ pub mod config;
 pub mod domain;
 pub mod ids;
 pub mod keys;
+pub mod oidc;
 pub mod passwords;
+pub mod patrons;
 pub mod quota;
 pub mod sip2;
 pub mod store;

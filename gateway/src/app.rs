@@ -14,6 +14,8 @@ use carrel_core::quota::QuotaEngine;
 use carrel_core::store::{PageRequest, Store, StoreError};
 
 use crate::metering::UsageLedger;
+use crate::patrons::PatronDesk;
+use crate::patrons::sessions::SessionCache;
 use crate::pipeline::authenticate::KeyCache;
 use crate::upstream::Upstream;
 use crate::upstream::catalog::Catalog;
@@ -47,6 +49,10 @@ pub struct Inner {
     pub catalog: ArcSwap<Catalog>,
     /// Verified API keys.
     pub keys: KeyCache,
+    /// Verified patron sessions.
+    pub sessions: SessionCache,
+    /// Patron sign-in: SIP2 pools, the JWKS cache, lockouts and counters.
+    pub patron_desk: PatronDesk,
     /// Where metered usage goes.
     pub ledger: UsageLedger,
     /// Rates, budgets and reservations.
@@ -82,6 +88,8 @@ pub struct StateParts {
     pub pepper: Pepper,
     /// Verified-key cache.
     pub keys: KeyCache,
+    /// Patron sign-in.
+    pub patron_desk: PatronDesk,
     /// The usage ledger.
     pub ledger: UsageLedger,
     /// The quota engine.
@@ -105,6 +113,8 @@ impl AppState {
             pepper: parts.pepper,
             catalog: ArcSwap::from_pointee(Catalog::default()),
             keys: parts.keys,
+            sessions: SessionCache::default(),
+            patron_desk: parts.patron_desk,
             ledger: parts.ledger,
             quota: parts.quota,
             upstream_config: parts.upstream,
@@ -167,7 +177,10 @@ impl ControlHooks for GatewayHooks {
     fn key_changed(&self, key_id: &str) -> HookFuture {
         let state = self.0.clone();
         let id = key_id.to_owned();
-        Box::pin(async move { state.keys.evict(&id).await })
+        Box::pin(async move {
+            state.keys.evict(&id).await;
+            state.sessions.evict_kiosk(&id);
+        })
     }
 
     fn usage_flush(&self) -> HookFuture {
@@ -182,11 +195,13 @@ impl ControlHooks for GatewayHooks {
 
     fn everything_changed(&self) -> HookFuture {
         self.0.keys.evict_all();
+        self.0.sessions.evict_all();
         self.catalog_changed()
     }
 
     fn institution_changed(&self, institution_id: &str) -> HookFuture {
         self.0.keys.evict_institution(institution_id);
+        self.0.sessions.evict_institution(institution_id);
         Box::pin(std::future::ready(()))
     }
 

@@ -100,6 +100,9 @@ pub enum GatewayError {
     /// closed (`store.on_redis_failure`).
     #[error("The service cannot check this request's limits right now. Please try again shortly.")]
     StateUnavailable,
+    /// A patron sign-in or session was refused ([`crate::patrons`]).
+    #[error(transparent)]
+    SignIn(crate::patrons::SignInError),
 }
 
 /// A boxed error from a lower layer.
@@ -131,6 +134,7 @@ impl GatewayError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             GatewayError::OverLimit { .. } => StatusCode::TOO_MANY_REQUESTS,
+            GatewayError::SignIn(e) => e.status(),
         }
     }
 
@@ -162,6 +166,7 @@ impl GatewayError {
                 | LimitKind::PatronTokensPerDay => "tokens",
                 LimitKind::CostPerMonth => "insufficient_quota",
             },
+            GatewayError::SignIn(e) => e.openai_type(),
         }
     }
 
@@ -195,6 +200,7 @@ impl GatewayError {
                 | LimitKind::PatronTokensPerDay => "insufficient_quota",
                 LimitKind::CostPerMonth => "budget_exceeded",
             },
+            GatewayError::SignIn(e) => e.code(),
         }
     }
 
@@ -219,6 +225,7 @@ impl GatewayError {
             GatewayError::StoreUnavailable(_) => "store",
             GatewayError::StateUnavailable => "state",
             GatewayError::OverLimit { .. } => "limit",
+            GatewayError::SignIn(_) => "sign_in",
         }
     }
 
@@ -226,6 +233,7 @@ impl GatewayError {
     pub fn retry_after(&self) -> Option<u64> {
         match self {
             GatewayError::OverLimit { refusal, .. } => Some(refusal.retry_after_secs),
+            GatewayError::SignIn(e) => e.retry_after(),
             _ => None,
         }
     }
@@ -251,7 +259,8 @@ impl GatewayError {
             | GatewayError::UpstreamTimeout
             | GatewayError::StoreUnavailable(_)
             | GatewayError::StateUnavailable
-            | GatewayError::OverLimit { .. } => None,
+            | GatewayError::OverLimit { .. }
+            | GatewayError::SignIn(_) => None,
         }
     }
 
@@ -313,6 +322,11 @@ impl GatewayError {
                 message: String::new(),
             });
         }
+        all.extend(
+            crate::patrons::SignInError::one_of_each()
+                .into_iter()
+                .map(GatewayError::SignIn),
+        );
         for e in &all {
             match e {
                 GatewayError::MissingApiKey
@@ -333,7 +347,8 @@ impl GatewayError {
                 | GatewayError::UpstreamTimeout
                 | GatewayError::StoreUnavailable(_)
                 | GatewayError::StateUnavailable
-                | GatewayError::OverLimit { .. } => {}
+                | GatewayError::OverLimit { .. }
+                | GatewayError::SignIn(_) => {}
             }
         }
         all

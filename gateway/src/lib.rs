@@ -43,6 +43,7 @@ pub mod error;
 pub mod metering;
 pub mod metrics;
 pub mod openai;
+pub mod patrons;
 pub mod pipeline;
 pub mod server;
 pub mod startup;

@@ -16,6 +16,7 @@ use carrel_core::store::{NewApiKey, NewInstitution, RedisSettings, Store, StoreE
 use crate::app::{AppState, GatewayHooks, Limits, StateParts};
 use crate::demo;
 use crate::metering::UsageLedger;
+use crate::patrons::{HttpJwksFetcher, PatronDesk};
 use crate::pipeline::authenticate::KeyCache;
 
 /// Why Carrel could not start.
@@ -138,6 +139,13 @@ impl App {
             quota: quota.clone(),
             pepper: pepper.clone(),
             keys: KeyCache::new(config.auth.key_cache_capacity, config.auth.key_cache_ttl),
+            patron_desk: PatronDesk::new(
+                config.patrons.clone(),
+                Arc::new(
+                    HttpJwksFetcher::new()
+                        .map_err(|e| InitError::Tls(format!("jwks client: {e}")))?,
+                ),
+            ),
             ledger: UsageLedger::start(store.clone(), config.usage.record_retention)
                 .map_err(InitError::Runtime)?,
             upstream: config.upstream.clone(),
@@ -158,6 +166,7 @@ impl App {
             hooks: Arc::new(GatewayHooks(state.clone())),
             env_keyed_providers: Arc::new(env_keyed),
             login_throttle: Arc::default(),
+            sip2_plaintext_hosts: Arc::from(config.patrons.sip2_plaintext_hosts.clone()),
             quota,
             openapi: Arc::from(crate::api_doc::openapi_json()),
         };
@@ -171,13 +180,38 @@ impl App {
             reason = "applies other replicas' changes for the life of the runtime; nothing to \
                       drain at shutdown"
         )]
-        tokio::spawn(follow_store_events(admin.clone()));
+        tokio::spawn(follow_store_events(admin.clone(), state.clone()));
+        warn_of_plaintext_sip2(&state).await;
         Ok(App { state, admin })
     }
 
     /// The admin router over this app's state, with `/metrics`.
     pub fn admin_router(&self) -> axum::Router {
         carrel_admin::router(self.admin.clone()).merge(crate::metrics::router(self.state.clone()))
+    }
+}
+
+/// Says at start which institutions' SIP2 goes without TLS (to loopback or an allow-listed
+/// host): card numbers and PINs cross that network in the clear.
+async fn warn_of_plaintext_sip2(state: &AppState) {
+    for host in &state.patron_desk.config.sip2_plaintext_hosts {
+        tracing::warn!(host = %host, "patrons.sip2_plaintext_hosts allows plaintext SIP2 to this host");
+    }
+    match state.store.all_patron_auth().await {
+        Ok(all) => {
+            for (institution, auth) in all {
+                if let carrel_core::patrons::PatronAuth::Sip2(sip2) = auth
+                    && !sip2.tls
+                {
+                    tracing::warn!(
+                        institution = %institution,
+                        host = %sip2.host,
+                        "SIP2 without TLS: card numbers and PINs cross the network in the clear"
+                    );
+                }
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "could not read patron sign-in settings"),
     }
 }
 
@@ -217,7 +251,7 @@ pub async fn open_store(config: &Config, opts: &StartOptions) -> Result<Store, I
 /// Applies to this replica's data plane what other replicas changed (on the Redis backend;
 /// the embedded store sends nothing). A replica that falls behind the events reloads
 /// everything the events would have touched.
-async fn follow_store_events(admin: AdminState) {
+async fn follow_store_events(admin: AdminState, state: AppState) {
     use carrel_core::store::StoreEvent;
     use tokio::sync::broadcast::error::RecvError;
     let mut events = admin.store.events();
@@ -238,6 +272,12 @@ async fn follow_store_events(admin: AdminState) {
             StoreEvent::InstitutionChanged(id) => admin.hooks.institution_changed(&id).await,
             StoreEvent::CatalogChanged => admin.hooks.catalog_changed().await,
             StoreEvent::LimitsChanged => reload_quota(&admin).await,
+            // SIP2 pools follow their settings on the next sign-in.
+            StoreEvent::PatronAuthChanged(_) => {}
+            StoreEvent::KioskSessionsEnded { kiosk_key_id } => {
+                state.sessions.evict_kiosk(&kiosk_key_id);
+            }
+            StoreEvent::PatronSessionEnded(id) => state.sessions.evict(&id).await,
             StoreEvent::ExtensionsChanged {
                 institution_id,
                 patron_ref,

@@ -433,6 +433,8 @@ fn limits_at(table: &LimitsTable, subject: &Subject, level: Level, id: &str) -> 
                 .levels()
                 .filter(|(l, _)| !matches!(l, Level::Patron | Level::Model))
                 .filter_map(|(l, id)| table.get(l, id)?.patron_tokens_per_day)
+                // A guest pass's fixed allotment caps the patron's day too.
+                .chain(subject.principal.patron.as_ref().and_then(|p| p.allowance))
                 .min();
             Limits {
                 tokens_per_day: allotment,

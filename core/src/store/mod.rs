@@ -17,14 +17,19 @@ use crate::domain::{
 };
 
 mod control;
+mod ephemeral;
 mod journal;
 mod limits;
+mod patrons;
 mod replica;
 mod tokens;
 mod usage;
 mod write;
 
 pub use limits::{PatronExtension, PeriodUsage};
+pub use patrons::{
+    GuestPass, ImportCounts, LocalPatron, NewGuestPass, NewPatronSession, PatronSession,
+};
 pub use replica::{JOURNAL_FILE, RedisSettings, ReplicaCounters, VIEW_FILE};
 pub use tokens::NewAdminToken;
 pub use usage::{UsageLine, UsageRecord, UsageStatus};
@@ -282,6 +287,8 @@ INSERT INTO patron_daily (institution_id, day, patron_ref, tokens)
     GROUP BY r.institution_id, r.day, r.patron_ref;
 "#,
     ),
+    // 9: patron sign-in: settings, local lists, guest passes, sessions.
+    Migration::sql(patrons::MIGRATION),
 ];
 
 /// Columns of an institution, in [`institution_row`]'s order.
@@ -593,6 +600,8 @@ pub struct Store {
     conn: Arc<Mutex<Connection>>,
     /// The Redis backend's side, when this is a replica.
     replica: Option<Arc<replica::Replica>>,
+    /// Counters and flags that live minutes, not in the log.
+    ephemeral: Arc<ephemeral::Ephemeral>,
 }
 
 impl std::fmt::Debug for Store {
@@ -643,9 +652,14 @@ impl Store {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         migrate(&mut conn)?;
+        let ephemeral = match &replica {
+            None => ephemeral::Ephemeral::memory(),
+            Some(r) => r.ephemeral(),
+        };
         Ok(Store {
             conn: Arc::new(Mutex::new(conn)),
             replica,
+            ephemeral: Arc::new(ephemeral),
         })
     }
 
@@ -1408,6 +1422,7 @@ fn key_row(r: &Row<'_>) -> Result<ApiKey, StoreError> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::domain::AgeBand;
     use crate::keys::{NewKey, Pepper};
 
     /// The backend a conformance test runs on.
@@ -1452,7 +1467,10 @@ pub(crate) mod tests {
         old_usage_records_are_pruned_and_the_sums_stay,
         a_patron_s_day_restarts_at_a_reset_even_for_late_records,
         carved_limits_never_add_up_to_more_than_their_parent,
-        admin_tokens_stop_at_expiry_and_revocation
+        admin_tokens_stop_at_expiry_and_revocation,
+        patron_sign_in_settings_lists_and_passes_round_trip,
+        a_new_patron_session_ends_the_kiosk_s_previous_one,
+        short_lived_counts_and_flags_are_shared
     );
 
     /// The Redis the tests use: `CARREL_TEST_REDIS_URL`, else the machine's.
@@ -2188,5 +2206,150 @@ pub(crate) mod tests {
         assert!(store.revoke_admin_token(&token.id).await.unwrap());
         assert!(store.admin_token_by_hash(hash, 0).await.unwrap().is_none());
         assert!(!store.revoke_admin_token(&token.id).await.unwrap());
+    }
+
+    async fn patron_sign_in_settings_lists_and_passes_round_trip() {
+        use crate::patrons::PatronAuth;
+        let (store, inst) = seeded().await;
+        assert_eq!(store.patron_auth(&inst.id).await.unwrap(), None);
+        store
+            .set_patron_auth(&inst.id, PatronAuth::Local {})
+            .await
+            .unwrap();
+        assert_eq!(
+            store.patron_auth(&inst.id).await.unwrap(),
+            Some(PatronAuth::Local {})
+        );
+        assert!(matches!(
+            store
+                .set_patron_auth("inst_nope", PatronAuth::Local {})
+                .await,
+            Err(StoreError::NotFound(_))
+        ));
+        assert_eq!(store.all_patron_auth().await.unwrap().len(), 1);
+
+        let patron = |r: &str, band| LocalPatron {
+            patron_ref: r.into(),
+            pin_hash: format!("hash-of-{r}"),
+            age_band: band,
+        };
+        let counts = store
+            .import_local_patrons(
+                &inst.id,
+                vec![
+                    patron("pat_a", AgeBand::Adult),
+                    patron("pat_b", AgeBand::Minor),
+                ],
+            )
+            .await
+            .unwrap();
+        assert_eq!((counts.added, counts.updated), (2, 0));
+        let counts = store
+            .import_local_patrons(&inst.id, vec![patron("pat_b", AgeBand::Adult)])
+            .await
+            .unwrap();
+        assert_eq!((counts.added, counts.updated), (0, 1));
+        assert_eq!(
+            store.local_patron(&inst.id, "pat_b").await.unwrap(),
+            Some(("hash-of-pat_b".into(), AgeBand::Adult))
+        );
+        assert_eq!(store.local_patron(&inst.id, "pat_c").await.unwrap(), None);
+        assert_eq!(store.count_local_patrons(&inst.id).await.unwrap(), 2);
+
+        let now = jiff::Timestamp::now().as_second();
+        let pass = |id: &str, expires_at| NewGuestPass {
+            id: id.into(),
+            code_hash: "h".into(),
+            tokens: 500,
+            expires_at,
+        };
+        let made = store
+            .create_guest_passes(
+                &inst.id,
+                vec![pass("gp_AAAAAA", now + 600), pass("gp_BBBBBB", now - 1)],
+                "user:u".into(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(made.len(), 2);
+        assert_eq!(
+            store.guest_pass("gp_AAAAAA").await.unwrap().unwrap().tokens,
+            500
+        );
+        let live = store.list_guest_passes(&inst.id, now).await.unwrap();
+        assert_eq!(
+            live.iter().map(|p| p.id.as_str()).collect::<Vec<_>>(),
+            ["gp_AAAAAA"]
+        );
+        assert!(matches!(
+            store
+                .create_guest_passes(&inst.id, vec![pass("gp_AAAAAA", now)], "x".into())
+                .await,
+            Err(StoreError::Conflict(_))
+        ));
+    }
+
+    async fn a_new_patron_session_ends_the_kiosk_s_previous_one() {
+        let (store, inst) = seeded().await;
+        let session = |id: &str, kiosk: &str, expires_at| NewPatronSession {
+            id: id.into(),
+            secret_hash: [7; 32],
+            institution_id: inst.id.clone(),
+            kiosk_key_id: kiosk.into(),
+            patron_ref: "pat_a".into(),
+            age_band: AgeBand::Minor,
+            group_id: None,
+            guest_pass_id: Some("gp_AAAAAA".into()),
+            allowance: Some(300),
+            created_at: 1000,
+            expires_at,
+            sealed_end: Some(vec![1, 2, 3]),
+        };
+        assert!(
+            store
+                .create_patron_session(session("s1", "k1", 5000))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert!(
+            store
+                .create_patron_session(session("s2", "k2", 5000))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        let got = store.patron_session("s1").await.unwrap().unwrap();
+        assert_eq!(
+            (got.secret_hash, got.age_band, got.allowance, got.sealed_end),
+            ([7; 32], AgeBand::Minor, Some(300), Some(vec![1, 2, 3]))
+        );
+        let ended = store
+            .create_patron_session(session("s3", "k1", 5000))
+            .await
+            .unwrap();
+        assert_eq!(ended, ["s1"]);
+        assert!(store.patron_session("s1").await.unwrap().is_none());
+        assert!(store.patron_session("s2").await.unwrap().is_some());
+        assert!(store.end_patron_session("s2").await.unwrap());
+        assert!(!store.end_patron_session("s2").await.unwrap());
+        assert!(store.patron_session("s2").await.unwrap().is_none());
+    }
+
+    async fn short_lived_counts_and_flags_are_shared() {
+        let store = fresh_store().await;
+        let name = format!("lock:{}", crate::ids::random_base62(8));
+        let window = std::time::Duration::from_secs(60);
+        assert_eq!(store.attempts(&name).await.unwrap(), 0);
+        assert_eq!(store.count_attempt(&name, window).await.unwrap(), 1);
+        assert_eq!(store.count_attempt(&name, window).await.unwrap(), 2);
+        assert_eq!(store.attempts(&name).await.unwrap(), 2);
+        assert!(store.take_flag(&name).await.unwrap());
+        assert_eq!(store.attempts(&name).await.unwrap(), 0);
+        assert!(!store.touch_flag(&name, window).await.unwrap());
+        store.set_flag(&name, window).await.unwrap();
+        assert!(store.touch_flag(&name, window).await.unwrap());
+        assert!(store.take_flag(&name).await.unwrap());
+        assert!(!store.take_flag(&name).await.unwrap());
     }
 }

@@ -81,6 +81,7 @@ pub const JOURNAL_FILE: &str = "usage-journal";
 /// The names of the keys, all in one hash slot.
 #[derive(Debug, Clone)]
 struct Keys {
+    prefix: String,
     log: String,
     usage: String,
     epoch: String,
@@ -91,6 +92,7 @@ impl Keys {
     fn new(prefix: &str) -> Keys {
         let tag = format!("{{{prefix}}}");
         Keys {
+            prefix: prefix.to_owned(),
             log: format!("{tag}:log"),
             usage: format!("{tag}:usage"),
             epoch: format!("{tag}:epoch"),
@@ -431,6 +433,11 @@ impl Replica {
     }
 
     /// Appends `cmd` to the log and waits until this replica has applied it.
+    /// The short-lived shared state, on this Redis under the same hash tag.
+    pub(crate) fn ephemeral(&self) -> super::ephemeral::Ephemeral {
+        super::ephemeral::Ephemeral::redis(self.conn.clone(), &self.keys.prefix)
+    }
+
     pub(crate) async fn propose(&self, cmd: Command) -> Result<Outcome, StoreError> {
         let nonce = u64::from_le_bytes(crate::ids::random_bytes());
         let (tx, rx) = oneshot::channel();

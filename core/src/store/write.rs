@@ -17,12 +17,14 @@ use rusqlite::Connection;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use super::patrons::{LocalPatron, NewGuestPass, NewPatronSession};
 use super::{
     InstitutionPatch, KeyPatch, NewAdminToken, NewApiKey, NewInstitution, NewModel, NewProvider,
     NewUser, StoreError,
 };
 use crate::config::{ModelConfig, ProviderConfig};
 use crate::domain::GroupKind;
+use crate::patrons::PatronAuth;
 use crate::quota::{Level, LimitsPatch};
 
 /// The time and the seed of the record ids of one write.
@@ -50,6 +52,13 @@ impl WriteCtx {
     /// The time of the write.
     pub(crate) fn now(&self) -> String {
         self.at.clone()
+    }
+
+    /// The time of the write, Unix seconds.
+    pub(crate) fn unix(&self) -> i64 {
+        self.at
+            .parse::<jiff::Timestamp>()
+            .map_or(0, |t| t.as_second())
     }
 
     /// The next record id of this write, such as `inst_4fQ9…`: the same on every replica.
@@ -148,6 +157,23 @@ pub(crate) enum Command {
         day: String,
         at: i64,
     },
+    SetPatronAuth {
+        institution_id: String,
+        auth: PatronAuth,
+    },
+    ImportLocalPatrons {
+        institution_id: String,
+        patrons: Vec<LocalPatron>,
+    },
+    CreateGuestPasses {
+        institution_id: String,
+        passes: Vec<NewGuestPass>,
+        created_by: String,
+    },
+    CreatePatronSession(NewPatronSession),
+    EndPatronSession {
+        id: String,
+    },
 }
 
 /// The result of a write, typed by the method that proposed it.
@@ -161,7 +187,7 @@ impl Command {
     /// Runs the write on `c`. Writes of several statements take a savepoint, so they nest in
     /// the transaction of a replica applying a run of log entries.
     pub(crate) fn apply(self, c: &mut Connection, w: &mut WriteCtx) -> Outcome {
-        use super::{control, limits, tokens};
+        use super::{control, limits, patrons, tokens};
         match self {
             Command::ApplyConfig { providers, models } => {
                 boxed(control::apply_config(c, w, &providers, &models))
@@ -253,6 +279,29 @@ impl Command {
                 &day,
                 at,
             )),
+            Command::SetPatronAuth {
+                institution_id,
+                auth,
+            } => boxed(patrons::set_patron_auth(c, w, &institution_id, &auth)),
+            Command::ImportLocalPatrons {
+                institution_id,
+                patrons,
+            } => boxed(patrons::import_local_patrons(c, &institution_id, &patrons)),
+            Command::CreateGuestPasses {
+                institution_id,
+                passes,
+                created_by,
+            } => boxed(patrons::create_guest_passes(
+                c,
+                w,
+                &institution_id,
+                &passes,
+                &created_by,
+            )),
+            Command::CreatePatronSession(session) => {
+                boxed(patrons::create_patron_session(c, &session))
+            }
+            Command::EndPatronSession { id } => boxed(patrons::end_patron_session(c, &id)),
         }
     }
 
@@ -285,6 +334,14 @@ impl Command {
                 institution_id: institution_id.clone(),
                 patron_ref: patron_ref.clone(),
             },
+            Command::SetPatronAuth { institution_id, .. } => {
+                StoreEvent::PatronAuthChanged(institution_id.clone())
+            }
+            Command::CreatePatronSession(session) => StoreEvent::KioskSessionsEnded {
+                kiosk_key_id: session.kiosk_key_id.clone(),
+            },
+            Command::EndPatronSession { id } => StoreEvent::PatronSessionEnded(id.clone()),
+            Command::ImportLocalPatrons { .. } | Command::CreateGuestPasses { .. } => return None,
             Command::CreateInstitution(_)
             | Command::CreateKey(_)
             | Command::CreateSite { .. }
@@ -329,6 +386,15 @@ pub enum StoreEvent {
         /// The patron.
         patron_ref: String,
     },
+    /// How an institution's patrons sign in changed.
+    PatronAuthChanged(String),
+    /// A session opened on a kiosk, ending that kiosk's earlier sessions.
+    KioskSessionsEnded {
+        /// The kiosk key.
+        kiosk_key_id: String,
+    },
+    /// A patron session ended (sign-out).
+    PatronSessionEnded(String),
 }
 
 /// `Option<Option<T>>` fields as JSON: absent keeps, `null` clears, a value sets. Plain serde

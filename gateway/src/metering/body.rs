@@ -658,6 +658,8 @@ mod tests {
             tier_ceiling: carrel_core::domain::Tier::Advanced,
             allowed_models: None,
             expires_at: None,
+            key_kind: carrel_core::domain::KeyKind::Service,
+            patron: None,
         }
     }
 

@@ -129,6 +129,22 @@ impl KeyCache {
         }
     }
 
+    /// The principal of a key by its id, without its secret: what a patron session opened on
+    /// the key runs as. `None` for an unknown, revoked or expired key, or one whose
+    /// institution is suspended.
+    pub async fn principal_by_id(
+        &self,
+        id: &str,
+        store: &Store,
+    ) -> Result<Option<Arc<Principal>>, GatewayError> {
+        Ok(self.get(id, store).await?.and_then(|key| {
+            let p = &key.principal;
+            let usable = !p.expired(carrel_core::domain::unix_now())
+                && p.institution_status != InstitutionStatus::Suspended;
+            usable.then(|| Arc::clone(p))
+        }))
+    }
+
     /// Forgets a key at once (revocation).
     pub async fn evict(&self, id: &str) {
         self.generation.fetch_add(1, Ordering::AcqRel);
@@ -160,7 +176,7 @@ impl KeyCache {
 const CATCH_UP: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// The bearer token of a request, if any.
-fn bearer(headers: &HeaderMap) -> Option<&str> {
+pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
@@ -172,6 +188,14 @@ pub async fn principal(
     headers: &HeaderMap,
 ) -> Result<Arc<Principal>, GatewayError> {
     let token = bearer(headers).ok_or(GatewayError::MissingApiKey)?;
+    if crate::patrons::sessions::is_session_token(token) {
+        return crate::patrons::sessions::principal(state, token).await;
+    }
+    key_principal(state, token).await
+}
+
+/// Verifies an API key (never a session token) and returns who it runs as.
+pub async fn key_principal(state: &AppState, token: &str) -> Result<Arc<Principal>, GatewayError> {
     let parsed = ParsedKey::parse(token).ok_or(GatewayError::InvalidApiKey)?;
     let key = state
         .keys

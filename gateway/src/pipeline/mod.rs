@@ -3,7 +3,7 @@
 //!
 //! | # | stage | module | may answer with |
 //! |---|-------|--------|-----------------|
-//! | 1 | authenticate | [`authenticate`] | 401 `missing_api_key`, 401 `invalid_api_key`, 401 `expired_api_key`, 403 `institution_suspended`, 503 `store_unavailable` |
+//! | 1 | authenticate | [`authenticate`] | 401 `missing_api_key`, 401 `invalid_api_key`, 401 `expired_api_key`, 401 `session_expired` (a patron session token), 403 `institution_suspended`, 503 `store_unavailable` |
 //! | 2 | rate limit (credential) | [`quota::rate_limit`] | 429 `rate_limit_exceeded` |
 //! | 3 | read body | [`read_body`] | 413 `request_too_large`, 400 `body_read_failed`, 400 `invalid_json`, 400 `invalid_parameter` |
 //! | 4 | authorize | [`authorize`] | 404 `model_not_found`, 403 `frontier_not_verified`, 403 `model_not_permitted` |
@@ -17,6 +17,8 @@
 //! `x-ratelimit-*` headers of the tightest limits ([`quota::add_headers`]); a 429 carries
 //! `Retry-After`. A request that reached the provider is answered with `x-carrel-request-id`,
 //! the id of its usage record.
+//!
+//! Patron sign-in (`/v1/patron/…`) and the kiosk page (`/kiosk`) are in [`crate::patrons`].
 //!
 //! Routing itself answers 404 `unknown_url` and 405 `method_not_allowed`. Adding a stage means
 //! editing [`inference`] and this table, nowhere else.
@@ -154,10 +156,29 @@ enum Route<'a> {
     Quota,
     Healthz,
     Readyz,
+    SignIn,
+    CurrentSession,
+    SignOut,
+    OidcNonce,
+    Kiosk,
 }
 
 fn route<'a>(method: &Method, path: &'a str) -> Result<Route<'a>, GatewayError> {
+    if path == "/v1/patron/sessions/current" {
+        return match method.as_str() {
+            "GET" => Ok(Route::CurrentSession),
+            "DELETE" => Ok(Route::SignOut),
+            _ => Err(GatewayError::MethodNotAllowed {
+                method: method.to_string(),
+                path: path.to_owned(),
+                allow: "GET, DELETE",
+            }),
+        };
+    }
     let (route, allowed) = match path {
+        "/v1/patron/sessions" => (Route::SignIn, "POST"),
+        "/v1/patron/oidc-nonce" => (Route::OidcNonce, "POST"),
+        _ if crate::patrons::kiosk::is_asset(path) => (Route::Kiosk, "GET"),
         "/v1/chat/completions" => (Route::Inference(Endpoint::ChatCompletions), "POST"),
         "/v1/completions" => (Route::Inference(Endpoint::Completions), "POST"),
         "/v1/embeddings" => (Route::Inference(Endpoint::Embeddings), "POST"),
@@ -199,6 +220,16 @@ pub async fn handle(state: &AppState, req: Request<Incoming>) -> Response<Respon
         Ok(Route::Quota) => quota::status(state, &req).await,
         Ok(Route::Healthz) => Ok(body::json(StatusCode::OK, &br#"{"status":"ok"}"#[..])),
         Ok(Route::Readyz) => Ok(readyz(state).await),
+        Ok(Route::SignIn) => crate::patrons::sign_in(state, req).await,
+        Ok(Route::CurrentSession) => crate::patrons::current(state, &req).await,
+        Ok(Route::SignOut) => crate::patrons::sign_out(state, &req).await,
+        Ok(Route::OidcNonce) => crate::patrons::oidc_nonce(state, &req).await,
+        Ok(Route::Kiosk) => crate::patrons::kiosk::serve(req.uri().path()).ok_or_else(|| {
+            GatewayError::UnknownRoute {
+                method: "GET".into(),
+                path: req.uri().path().to_owned(),
+            }
+        }),
         Err(e) => Err(e),
     };
     result.unwrap_or_else(|err| {

@@ -39,6 +39,15 @@ fn subject(p: &Arc<Principal>, patron: Option<Arc<str>>, model: Option<Arc<str>>
     }
 }
 
+/// The patron a request counts against: a session's own patron (whatever `user` says), else
+/// the one `user` names.
+fn patron_of(state: &AppState, principal: &Principal, user: Option<&str>) -> Option<Arc<str>> {
+    match &principal.patron {
+        Some(p) => Some(Arc::clone(&p.patron_ref)),
+        None => user.map(|u| Arc::from(state.pepper.patron_ref(&principal.institution_id, u))),
+    }
+}
+
 fn tighter(a: Option<Headroom>, b: Option<Headroom>) -> Option<Headroom> {
     match (a, b) {
         (Some(a), Some(b)) => Some(if b.remaining < a.remaining { b } else { a }),
@@ -88,10 +97,7 @@ pub async fn reserve(state: &AppState, ctx: &mut RequestCtx) -> Result<Flow, Gat
             ),
         });
     }
-    let patron = fields
-        .user
-        .as_deref()
-        .map(|user| Arc::from(state.pepper.patron_ref(&principal.institution_id, user)));
+    let patron = patron_of(state, principal, fields.user.as_deref());
     let s = subject(principal, patron.clone(), Some(Arc::clone(&route.name)));
     let requests = match state.quota.check_rate(&s, &[Level::Model]).await {
         Ok(room) => room,
@@ -268,9 +274,7 @@ pub async fn status(
             return Err(GatewayError::ModelNotFound(name.clone()));
         }
     }
-    let patron = user
-        .as_deref()
-        .map(|u| Arc::from(state.pepper.patron_ref(&principal.institution_id, u)));
+    let patron = patron_of(state, &principal, user.as_deref());
     let s = subject(&principal, patron, model.as_deref().map(Arc::from));
     let levels = state.quota.status_now(&s).await;
     let body = QuotaReport::new(&principal, &levels, state.quota.now());

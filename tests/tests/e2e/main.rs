@@ -11,6 +11,7 @@ mod governance;
 mod limits;
 mod openai_sdk;
 mod openapi_contract;
+mod patrons;
 mod proxy;
 mod quota;
 mod replicas;

@@ -417,6 +417,8 @@ async fn without_redis_each_kind_of_limit_follows_its_policy() {
             tier_ceiling: Tier::Frontier,
             allowed_models: None,
             expires_at: None,
+            key_kind: carrel_core::domain::KeyKind::Service,
+            patron: None,
         }),
         patron: None,
         model: Some("m".into()),

@@ -18,6 +18,16 @@ pub struct Serve {
 impl Serve {
     /// Starts it on `dir/carrel.toml` with its data in `dir/data`, with `env` added.
     pub async fn start(dir: &Path, env: &[(&str, &str)]) -> Serve {
+        Serve::spawn(dir, env, Stdio::inherit()).await
+    }
+
+    /// As [`Serve::start`], with its log written to `log`.
+    pub async fn start_logged(dir: &Path, env: &[(&str, &str)], log: &Path) -> Serve {
+        let file = std::fs::File::create(log).expect("create the log file");
+        Serve::spawn(dir, env, Stdio::from(file)).await
+    }
+
+    async fn spawn(dir: &Path, env: &[(&str, &str)], stderr: Stdio) -> Serve {
         let mut child = Command::new(env!("CARGO_BIN_EXE_carrel-e2e"))
             .arg("serve")
             .arg("--config")
@@ -29,8 +39,8 @@ impl Serve {
             .env("MOCK_API_KEY", "sk-mock")
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
-            // Its log, should the test fail.
-            .stderr(Stdio::inherit())
+            // Its log: the test's output, should the test fail, or a file.
+            .stderr(stderr)
             .kill_on_drop(true)
             .spawn()
             .expect("start carrel-e2e");

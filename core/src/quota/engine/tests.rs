@@ -19,6 +19,8 @@ fn principal(key: &str) -> Arc<Principal> {
         tier_ceiling: Tier::Baseline,
         allowed_models: None,
         expires_at: None,
+        key_kind: crate::domain::KeyKind::Service,
+        patron: None,
     })
 }
 
@@ -293,6 +295,49 @@ fn patrons_get_the_smallest_allotment_plus_extensions_and_a_new_day() {
             .reserve(&ana, demand(100, 200), OverPolicy::Reject)
             .is_ok()
     );
+}
+
+#[test]
+fn a_guest_pass_allowance_caps_the_patron_day_with_or_without_an_allotment() {
+    use crate::domain::{AgeBand, PatronPrincipal};
+    let guest = |allowance| {
+        let mut p = (*principal("kiosk")).clone();
+        p.patron = Some(PatronPrincipal {
+            session_id: "s".into(),
+            patron_ref: "p_guest".into(),
+            age_band: AgeBand::Unknown,
+            allowance: Some(allowance),
+        });
+        Subject {
+            principal: Arc::new(p),
+            patron: Some("p_guest".into()),
+            model: Some("m".into()),
+        }
+    };
+    // No institution allotment at all: the pass alone limits the day.
+    let engine = QuotaEngine::new(FakeClock::at("2026-11-27T16:00:00Z".parse().unwrap()));
+    let s = guest(250);
+    engine
+        .reserve(&s, demand(100, 100), OverPolicy::Reject)
+        .unwrap()
+        .settle(200, 0);
+    let refused = engine
+        .reserve(&s, demand(30, 30), OverPolicy::Reject)
+        .unwrap_err();
+    assert_eq!((refused.level, refused.limit), (Level::Patron, 250));
+    // A smaller institution allotment still wins.
+    let (engine, _) = engine_with(
+        Level::Institution,
+        "inst",
+        Limits {
+            patron_tokens_per_day: Some(100),
+            ..Limits::default()
+        },
+    );
+    let refused = engine
+        .reserve(&guest(250), demand(60, 60), OverPolicy::Reject)
+        .unwrap_err();
+    assert_eq!(refused.limit, 100);
 }
 
 #[test]

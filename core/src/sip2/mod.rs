@@ -13,6 +13,8 @@
 
 use std::fmt;
 
+pub mod client;
+
 /// What is wrong with a reply.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Sip2Error {
@@ -33,19 +35,28 @@ pub enum Sip2Error {
     /// A field cannot be written in the configured character set.
     #[error("a SIP2 field cannot be written in {0}")]
     Unencodable(Charset),
-    /// A field holds `|` or the terminator, which would end it early.
-    #[error("a SIP2 field may not contain `|` or the message terminator")]
+    /// A field holds `|` or the terminator, which would end it early, or another control
+    /// character (a line feed, a NUL…), which systems read as the end of a line or of the
+    /// connection.
+    #[error("a SIP2 field may not contain `|`, the message terminator or a control character")]
     Delimiter,
 }
 
 /// How text is written on the wire (a per-deployment setting of the library system).
+///
+/// In configuration: `"utf-8"`, `"iso-8859-1"` or `"ibm850"` (also accepted: `"UTF-8"`,
+/// `"ISO-8859-1"`, `"IBM850"`, `"cp850"`, and the older `"utf8"` and `"iso8859-1"`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
 pub enum Charset {
     /// UTF-8.
+    #[serde(rename = "utf-8", alias = "UTF-8", alias = "utf8")]
     Utf8,
     /// ISO-8859-1 (Latin-1).
+    #[serde(rename = "iso-8859-1", alias = "ISO-8859-1", alias = "iso8859-1")]
     Iso8859_1,
+    /// IBM850 (DOS code page 850, Western European), the default of many SIP2 systems.
+    #[serde(rename = "ibm850", alias = "IBM850", alias = "cp850", alias = "CP850")]
+    Ibm850,
 }
 
 impl fmt::Display for Charset {
@@ -53,6 +64,7 @@ impl fmt::Display for Charset {
         f.write_str(match self {
             Charset::Utf8 => "UTF-8",
             Charset::Iso8859_1 => "ISO-8859-1",
+            Charset::Ibm850 => "IBM850",
         })
     }
 }
@@ -67,6 +79,12 @@ impl Charset {
                     out.push(b);
                 }
             }
+            Charset::Ibm850 => {
+                let bytes =
+                    oem_cp::encode_string_checked(text, &oem_cp::code_table::ENCODING_TABLE_CP850)
+                        .ok_or(Sip2Error::Unencodable(self))?;
+                out.extend_from_slice(&bytes);
+            }
         }
         Ok(())
     }
@@ -75,6 +93,11 @@ impl Charset {
         match self {
             Charset::Utf8 => String::from_utf8_lossy(bytes).into_owned(),
             Charset::Iso8859_1 => bytes.iter().map(|&b| char::from(b)).collect(),
+            // Every one of the 256 bytes is a character in code page 850.
+            Charset::Ibm850 => oem_cp::decode_string_complete_table(
+                bytes,
+                &oem_cp::code_table::DECODING_TABLE_CP850,
+            ),
         }
     }
 }
@@ -179,7 +202,8 @@ impl Request {
         }
     }
 
-    /// 97 Request ACS Resend: the last reply arrived damaged.
+    /// 97 Request ACS Resend: the last reply arrived damaged. With error detection on it carries
+    /// a checksum but no sequence number (`97AZFEF5`), as the standard has it.
     pub fn resend() -> Request {
         Request {
             command: "97",
@@ -195,17 +219,25 @@ impl Request {
         framing.charset.encode(&self.fixed, &mut out)?;
         for (tag, value) in &self.fields {
             out.extend_from_slice(tag);
-            // A `|` in a value would end the field early: it cannot be sent.
-            if value.contains('|') || value.contains(char::from(framing.terminator)) {
+            // A `|` in a value would end the field early, and a control character (the
+            // terminator, a line feed, a NUL) would end the message or upset the system reading
+            // it: it cannot be sent.
+            if value
+                .chars()
+                .any(|c| c == '|' || c == char::from(framing.terminator) || c.is_control())
+            {
                 return Err(Sip2Error::Delimiter);
             }
             framing.charset.encode(value, &mut out)?;
             out.push(b'|');
         }
-        // 97 is sent without error detection's fields: it asks for a resend of a damaged one.
-        if framing.error_detection && self.command != "97" {
-            out.extend_from_slice(b"AY");
-            out.push(b'0' + seq % 10);
+        // 97 carries no sequence number: it asks for a resend of a damaged message, not a new
+        // exchange.
+        if framing.error_detection {
+            if self.command != "97" {
+                out.extend_from_slice(b"AY");
+                out.push(b'0' + seq % 10);
+            }
             out.extend_from_slice(b"AZ");
             let sum = checksum(&out);
             out.extend_from_slice(&sum);
@@ -237,6 +269,7 @@ pub struct Reply {
     fixed: Vec<u8>,
     fields: Vec<([u8; 2], Vec<u8>)>,
     charset: Charset,
+    sequence: Option<u8>,
 }
 
 impl fmt::Debug for Reply {
@@ -277,12 +310,15 @@ impl Reply {
         {
             bytes = rest;
         }
+        let mut sequence = None;
         let body = match find_checksum(bytes) {
             Some((body_end, sum_at)) => {
                 let expected = checksum(&bytes[..sum_at]);
                 if !bytes[sum_at..].eq_ignore_ascii_case(&expected) {
                     return Err(Sip2Error::Checksum);
                 }
+                // `find_checksum` checked it is a digit.
+                sequence = bytes.get(body_end + 2).map(|d| d.wrapping_sub(b'0'));
                 &bytes[..body_end]
             }
             None if framing.error_detection && bytes.get(..2) != Some(b"96") => {
@@ -318,7 +354,14 @@ impl Reply {
             fixed: fixed.to_vec(),
             fields,
             charset: framing.charset,
+            sequence,
         })
+    }
+
+    /// The sequence number (`AY`) the reply carried, when it had error detection's fields: the
+    /// number of the request it answers.
+    pub fn sequence(&self) -> Option<u8> {
+        self.sequence
     }
 
     /// Fails unless this is a reply to `command`.
@@ -532,13 +575,149 @@ mod tests {
         );
     }
 
+    #[test]
+    fn ibm850_is_written_and_read_as_code_page_850() {
+        let framing = Framing {
+            charset: Charset::Ibm850,
+            ..Framing::default()
+        };
+        let wire = Request::patron_information(DATE, "MAIN", "123", "éñ", None)
+            .encode(&framing, 3)
+            .unwrap();
+        assert!(wire.windows(4).any(|w| w == b"AD\x82\xa4"), "{wire:?}");
+        let reply_bytes = {
+            let mut b = b"64              000".to_vec();
+            b.extend_from_slice(DATE.as_bytes());
+            b.extend_from_slice(b"000000000000000000000000AEJos\x82 Mu\xa4oz|BLY|CQY|");
+            b.push(b'\r');
+            b
+        };
+        let plain = Framing {
+            error_detection: false,
+            ..framing
+        };
+        let r = Reply::parse(&reply_bytes, &plain).unwrap();
+        assert_eq!(r.field(b"AE").as_deref(), Some("José Muñoz"));
+        // Latin-1 has no euro sign; neither has code page 850 (858 has).
+        assert_eq!(
+            Request::login("€", "ok", "x").encode(&framing, 0),
+            Err(Sip2Error::Unencodable(Charset::Ibm850))
+        );
+        assert_eq!(
+            Request::login("日本", "ok", "x").encode(&framing, 0),
+            Err(Sip2Error::Unencodable(Charset::Ibm850))
+        );
+        assert_eq!(Charset::Ibm850.to_string(), "IBM850");
+        assert_eq!(
+            Sip2Error::Unencodable(Charset::Ibm850).to_string(),
+            "a SIP2 field cannot be written in IBM850"
+        );
+    }
+
+    #[test]
+    fn charsets_have_their_usual_names_in_configuration() {
+        for (charset, name) in [
+            (Charset::Utf8, "utf-8"),
+            (Charset::Iso8859_1, "iso-8859-1"),
+            (Charset::Ibm850, "ibm850"),
+        ] {
+            assert_eq!(
+                serde_json::to_string(&charset).unwrap(),
+                format!("\"{name}\"")
+            );
+            let back: Charset = serde_json::from_str(&format!("\"{name}\"")).unwrap();
+            assert_eq!(back, charset);
+        }
+        for (alias, charset) in [
+            ("UTF-8", Charset::Utf8),
+            ("utf8", Charset::Utf8),
+            ("ISO-8859-1", Charset::Iso8859_1),
+            ("iso8859-1", Charset::Iso8859_1),
+            ("IBM850", Charset::Ibm850),
+            ("cp850", Charset::Ibm850),
+        ] {
+            let parsed: Charset = serde_json::from_str(&format!("\"{alias}\"")).unwrap();
+            assert_eq!(parsed, charset, "{alias}");
+        }
+        assert!(serde_json::from_str::<Charset>("\"ebcdic\"").is_err());
+    }
+
+    #[test]
+    fn a_resend_request_has_a_checksum_but_no_sequence_number() {
+        let framing = Framing::default();
+        assert_eq!(
+            Request::resend().encode(&framing, 7).unwrap(),
+            b"97AZFEF5\r"
+        );
+        let plain = Framing {
+            error_detection: false,
+            ..framing
+        };
+        assert_eq!(Request::resend().encode(&plain, 7).unwrap(), b"97\r");
+    }
+
+    #[test]
+    fn control_characters_in_a_field_are_refused() {
+        let framing = Framing::default();
+        for card in ["12\r34", "12\n34", "12\u{0}34", "12\u{7f}"] {
+            assert_eq!(
+                Request::patron_information(DATE, "MAIN", card, "x", None).encode(&framing, 0),
+                Err(Sip2Error::Delimiter),
+                "{card:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_reply_tells_which_request_it_answers() {
+        let framing = Framing::default();
+        let r = Reply::parse(&patron_info("Y", "Y"), &framing).unwrap();
+        assert_eq!(r.sequence(), Some(1));
+        let plain = Framing {
+            error_detection: false,
+            ..framing
+        };
+        assert_eq!(Reply::parse(b"941\r", &plain).unwrap().sequence(), None);
+    }
+
+    fn any_charset() -> impl Strategy<Value = Charset> {
+        prop_oneof![
+            Just(Charset::Utf8),
+            Just(Charset::Iso8859_1),
+            Just(Charset::Ibm850)
+        ]
+    }
+
     proptest! {
         /// Whatever arrives, parsing answers: a reply or an error, never a panic.
         #[test]
         fn parsing_any_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200),
-                                          detect in any::<bool>()) {
-            let framing = Framing { error_detection: detect, ..Framing::default() };
-            let _ = Reply::parse(&bytes, &framing);
+                                          detect in any::<bool>(),
+                                          charset in any_charset()) {
+            let framing = Framing { error_detection: detect, charset, ..Framing::default() };
+            if let Ok(reply) = Reply::parse(&bytes, &framing) {
+                let _ = reply.field(b"AE");
+                let _ = reply.privileges_denied();
+            }
+        }
+
+        /// In the single-byte charsets every byte is a character, and it is written back as the
+        /// same byte.
+        #[test]
+        fn single_byte_charsets_round_trip(bytes in proptest::collection::vec(any::<u8>(), 0..100),
+                                           charset in prop_oneof![Just(Charset::Iso8859_1), Just(Charset::Ibm850)]) {
+            let text = charset.decode(&bytes);
+            let mut back = Vec::new();
+            charset.encode(&text, &mut back).unwrap();
+            prop_assert_eq!(back, bytes);
+        }
+
+        /// What can be written can be read back, in every charset.
+        #[test]
+        fn written_text_reads_back(text in "[a-zA-Z0-9 éñüÉÑÜçøß¿]{0,40}", charset in any_charset()) {
+            let mut bytes = Vec::new();
+            charset.encode(&text, &mut bytes).unwrap();
+            prop_assert_eq!(charset.decode(&bytes), text);
         }
 
         /// A reply with a valid checksum parses; with any one byte before its checksum digits
