@@ -63,6 +63,41 @@ pub fn render(state: &AppState) -> String {
             values: vec![(Some(("backend", state.store.kind())), 1)],
         },
     ];
+    let mut sign_ins: Vec<(&'static str, u64)> = Vec::new();
+    for (_, outcome, n) in state.patron_desk.counters.snapshot() {
+        match sign_ins.iter_mut().find(|(o, _)| *o == outcome) {
+            Some((_, total)) => *total += n,
+            None => sign_ins.push((outcome, n)),
+        }
+    }
+    families.push(Family {
+        name: "carrel_patron_sign_ins_total",
+        help: "Patron sign-ins by outcome (`ok` or the refusal's code); never by patron.",
+        values: sign_ins
+            .into_iter()
+            .map(|(outcome, n)| (Some(("outcome", outcome)), n))
+            .collect(),
+    });
+    let sip2 = state.patron_desk.sip2_stats();
+    families.push(Family {
+        name: "carrel_sip2_requests_total",
+        help: "SIP2 exchanges with libraries' systems, and those that failed (timeouts, \
+               refusals, replies that stayed malformed).",
+        values: vec![
+            (
+                Some(("outcome", "all")),
+                sip2.iter().map(|s| s.requests).sum(),
+            ),
+            (
+                Some(("outcome", "failed")),
+                sip2.iter().map(|s| s.failures).sum(),
+            ),
+            (
+                Some(("outcome", "end_session")),
+                load(&state.patron_desk.counters.sip2_end_sessions),
+            ),
+        ],
+    });
     if let Some(r) = state.store.replica_counters() {
         families.push(Family {
             name: "carrel_store_log_entries_applied_total",
