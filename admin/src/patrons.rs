@@ -130,14 +130,15 @@ pub async fn put_patron_auth(
     Ok(Json(view(&auth)))
 }
 
-/// How the institution's patrons sign in (passwords replaced by whether they are set).
+/// How the institution's patrons sign in (passwords replaced by whether they are set);
+/// `{"kind": null}` before it is set.
 #[utoipa::path(get, path = "/admin/v1/institutions/{id}/patron-auth", tag = "patrons",
     params(("id" = String, Path, description = "Institution id")),
     responses(
         (status = 200, description = "The settings, passwords replaced by `…_set`", body = Object),
         (status = 401, body = ErrorBody),
         (status = 403, body = ErrorBody),
-        (status = 404, description = "No such institution, or no settings yet", body = ErrorBody),
+        (status = 404, description = "No such institution", body = ErrorBody),
     ),
     security(("admin_token" = [])))]
 pub async fn get_patron_auth(
@@ -147,12 +148,12 @@ pub async fn get_patron_auth(
 ) -> Result<Json<Value>, AdminError> {
     principal.authorize(Action::Read, Some(&id))?;
     let inst = state.institution(&id).await?;
-    let auth = state
-        .store
-        .patron_auth(&inst.id)
-        .await?
-        .ok_or_else(|| AdminError::NotFound(format!("patron sign-in settings of `{id}`")))?;
-    Ok(Json(view(&auth)))
+    // An institution that has not chosen yet signs no patrons in: `{"kind": null}`.
+    let auth = state.store.patron_auth(&inst.id).await?;
+    Ok(Json(
+        auth.as_ref()
+            .map_or_else(|| serde_json::json!({"kind": null}), view),
+    ))
 }
 
 /// What an import did.

@@ -132,6 +132,9 @@ fn aimed_at(b: &Tenant, method: &str, template: &str) -> (String, Option<Value>)
         ("post", "/admin/v1/institutions/{id}/patron-day-resets") => {
             Some(json!({"patron": "card-1"}))
         }
+        ("put", "/admin/v1/institutions/{id}/patron-auth") => Some(json!({"kind": "local"})),
+        ("post", "/admin/v1/institutions/{id}/patrons") => Some(json!("card,pin")),
+        ("post", "/admin/v1/institutions/{id}/guest-passes") => Some(json!({"tokens": 10})),
         other => panic!("the tenant sweep has no request for {other:?}: add one"),
     };
     (path, body)
