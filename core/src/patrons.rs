@@ -116,6 +116,7 @@ impl Sip2Auth {
     pub fn framing(&self) -> Framing {
         Framing {
             terminator: b'\r',
+            line_feed: self.terminator == "\r\n",
             error_detection: self.checksums,
             charset: self.charset,
         }
@@ -320,6 +321,10 @@ mod tests {
             panic!("{auth:?}")
         };
         assert_eq!((sip2.terminator.as_str(), sip2.timeout_ms), ("\r", 5000));
+        assert!(!sip2.framing().line_feed);
+        let mut crlf = sip2.clone();
+        crlf.terminator = "\r\n".into();
+        assert!(crlf.framing().line_feed && crlf.validate(|_| true).is_ok());
         let debug = format!("{auth:?}");
         assert!(!debug.contains("s3cret"), "{debug}");
         assert_eq!(sip2.validate(|_| true), Ok(()));

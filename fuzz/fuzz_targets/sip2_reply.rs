@@ -11,6 +11,7 @@ fuzz_target!(|data: &[u8]| {
         for error_detection in [false, true] {
             let framing = Framing {
                 terminator: b'\r',
+                line_feed: false,
                 error_detection,
                 charset,
             };

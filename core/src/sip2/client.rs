@@ -1567,7 +1567,17 @@ mod tests {
             ..Script::default()
         })
         .await;
-        let client = fake.client();
+        // Carrel sends `\r\n` too, as a system that ends its replies so may want.
+        let client = Sip2Client::new(
+            Sip2Settings {
+                framing: Framing {
+                    line_feed: true,
+                    ..Framing::default()
+                },
+                ..fake.settings()
+            },
+            None,
+        );
         for _ in 0..2 {
             assert_eq!(
                 client.check_patron("1001", "1234").await,

@@ -107,6 +107,9 @@ impl Charset {
 pub struct Framing {
     /// The byte that ends a message (`\r` by the standard).
     pub terminator: u8,
+    /// Whether a `\n` follows the terminator on what Carrel sends (a `\r\n` terminator, for
+    /// systems that want one). Replies are read either way.
+    pub line_feed: bool,
     /// Whether messages carry `AY` sequence numbers and `AZ` checksums.
     pub error_detection: bool,
     /// The character set of text fields.
@@ -117,6 +120,7 @@ impl Default for Framing {
     fn default() -> Self {
         Framing {
             terminator: b'\r',
+            line_feed: false,
             error_detection: true,
             charset: Charset::Utf8,
         }
@@ -243,6 +247,9 @@ impl Request {
             out.extend_from_slice(&sum);
         }
         out.push(framing.terminator);
+        if framing.line_feed {
+            out.push(b'\n');
+        }
         Ok(out)
     }
 }
@@ -433,6 +440,23 @@ fn find_checksum(bytes: &[u8]) -> Option<(usize, usize)> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_line_feed_follows_the_terminator_when_asked() {
+        let cr = Request::resend().encode(&Framing::default(), 0).unwrap();
+        assert!(cr.ends_with(b"\r") && !cr.ends_with(b"\r\n"));
+        let crlf = Framing {
+            line_feed: true,
+            ..Framing::default()
+        };
+        let login = Request::login("u", "p", "l").encode(&crlf, 0).unwrap();
+        assert!(login.ends_with(b"\r\n"), "{login:?}");
+        // The checksum covers the message, not the line end.
+        let plain = Request::login("u", "p", "l")
+            .encode(&Framing::default(), 0)
+            .unwrap();
+        assert_eq!(&login[..login.len() - 1], &plain[..]);
+    }
+
     /// The fuzz target's committed seeds (`fuzz/corpus/sip2_reply`) parse without a panic
     /// under every framing, on stable, in CI; `cargo fuzz` explores from them.
     #[test]
@@ -445,6 +469,7 @@ mod tests {
                 for error_detection in [false, true] {
                     let framing = Framing {
                         terminator: b'\r',
+                        line_feed: false,
                         error_detection,
                         charset,
                     };
