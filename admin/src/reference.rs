@@ -12,7 +12,7 @@
 
 use axum::Router;
 use axum::extract::Path;
-use axum::http::{HeaderValue, header};
+use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
@@ -78,11 +78,21 @@ pub async fn file(Path(name): Path<String>) -> Response {
 
 fn respond(content_type: &'static str, bytes: &'static [u8]) -> Response {
     let mut resp = bytes.into_response();
-    let headers = resp.headers_mut();
+    static_file_headers(resp.headers_mut(), content_type, CONTENT_SECURITY_POLICY);
+    resp
+}
+
+/// The headers of a page's file built into the binary: its type, its content security policy,
+/// no sniffing and no referrer. The admin reference and the kiosk page both use them.
+pub fn static_file_headers(
+    headers: &mut HeaderMap,
+    content_type: &'static str,
+    csp: &'static str,
+) {
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     headers.insert(
         header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static(CONTENT_SECURITY_POLICY),
+        HeaderValue::from_static(csp),
     );
     headers.insert(
         header::X_CONTENT_TYPE_OPTIONS,
@@ -92,5 +102,4 @@ fn respond(content_type: &'static str, bytes: &'static [u8]) -> Response {
         header::REFERRER_POLICY,
         HeaderValue::from_static("no-referrer"),
     );
-    resp
 }

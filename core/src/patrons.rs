@@ -17,6 +17,7 @@ use sha2::{Digest, Sha256};
 
 use crate::domain::AgeBand;
 use crate::oidc::OidcSettings;
+use crate::sip2::client::Sip2Settings;
 use crate::sip2::{Charset, Framing};
 
 /// How an institution's patrons sign in (`PUT /admin/v1/institutions/{id}/patron-auth`).
@@ -81,22 +82,11 @@ pub struct Sip2Auth {
 
 impl std::fmt::Debug for Sip2Auth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The client settings' Debug already hides both passwords.
         f.debug_struct("Sip2Auth")
-            .field("host", &self.host)
-            .field("port", &self.port)
-            .field("tls", &self.tls)
-            .field("login_user", &self.login_user)
-            .field("login_password", &"<redacted>")
-            .field("location_code", &self.location_code)
-            .field("institution_id", &self.institution_id)
-            .field(
-                "terminal_password",
-                &self.terminal_password.as_ref().map(|_| "<redacted>"),
-            )
-            .field("checksums", &self.checksums)
-            .field("charset", &self.charset)
-            .field("timeout_ms", &self.timeout_ms)
-            .finish_non_exhaustive()
+            .field("client", &self.client_settings())
+            .field("age_bands", &self.age_bands)
+            .finish()
     }
 }
 
@@ -119,6 +109,23 @@ impl Sip2Auth {
             line_feed: self.terminator == "\r\n",
             error_detection: self.checksums,
             charset: self.charset,
+        }
+    }
+
+    /// What the SIP2 client needs of these settings.
+    pub fn client_settings(&self) -> Sip2Settings {
+        Sip2Settings {
+            host: self.host.clone(),
+            port: self.port,
+            tls: self.tls,
+            login_user: self.login_user.clone(),
+            login_password: self.login_password.clone(),
+            location_code: self.location_code.clone(),
+            institution_id: self.institution_id.clone(),
+            terminal_password: self.terminal_password.clone(),
+            framing: self.framing(),
+            timeout: std::time::Duration::from_millis(self.timeout_ms),
+            max_connections: crate::sip2::client::DEFAULT_MAX_CONNECTIONS,
         }
     }
 

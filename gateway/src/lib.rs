@@ -37,6 +37,7 @@
 pub mod api_doc;
 pub mod app;
 pub mod body;
+pub mod cache;
 pub mod cli;
 pub mod demo;
 pub mod error;

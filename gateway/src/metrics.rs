@@ -63,17 +63,13 @@ pub fn render(state: &AppState) -> String {
             values: vec![(Some(("backend", state.store.kind())), 1)],
         },
     ];
-    let mut sign_ins: Vec<(&'static str, u64)> = Vec::new();
-    for (_, outcome, n) in state.patron_desk.counters.snapshot() {
-        match sign_ins.iter_mut().find(|(o, _)| *o == outcome) {
-            Some((_, total)) => *total += n,
-            None => sign_ins.push((outcome, n)),
-        }
-    }
     families.push(Family {
         name: "carrel_patron_sign_ins_total",
         help: "Patron sign-ins by outcome (`ok` or the refusal's code); never by patron.",
-        values: sign_ins
+        values: state
+            .patron_desk
+            .counters
+            .snapshot()
             .into_iter()
             .map(|(outcome, n)| (Some(("outcome", outcome)), n))
             .collect(),

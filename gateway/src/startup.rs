@@ -272,8 +272,6 @@ async fn follow_store_events(admin: AdminState, state: AppState) {
             StoreEvent::InstitutionChanged(id) => admin.hooks.institution_changed(&id).await,
             StoreEvent::CatalogChanged => admin.hooks.catalog_changed().await,
             StoreEvent::LimitsChanged => reload_quota(&admin).await,
-            // SIP2 pools follow their settings on the next sign-in.
-            StoreEvent::PatronAuthChanged(_) => {}
             StoreEvent::KioskSessionsEnded { kiosk_key_id } => {
                 state.sessions.evict_kiosk(&kiosk_key_id);
             }

@@ -290,6 +290,18 @@ impl Store {
             .map_err(|_| StoreError::Unavailable("this replica is behind the Redis log".into()))
     }
 
+    /// For a record this replica's view does not have: catches up with the shared log for at
+    /// most `within`, in case another replica made it a moment ago. Whether a second look is
+    /// worth it: false on the embedded backend (nothing to catch up with), and when Redis is
+    /// away or slow (the view is what this replica has).
+    pub async fn caught_up_within(&self, within: Duration) -> bool {
+        self.is_replica()
+            && matches!(
+                tokio::time::timeout(within, self.catch_up()).await,
+                Ok(Ok(()))
+            )
+    }
+
     /// Waits until the usage this replica has appended to Redis is in its own view, so a
     /// report read next includes it. Immediate on the embedded backend.
     pub async fn usage_visible(&self) {

@@ -334,14 +334,14 @@ impl Command {
                 institution_id: institution_id.clone(),
                 patron_ref: patron_ref.clone(),
             },
-            Command::SetPatronAuth { institution_id, .. } => {
-                StoreEvent::PatronAuthChanged(institution_id.clone())
-            }
             Command::CreatePatronSession(session) => StoreEvent::KioskSessionsEnded {
                 kiosk_key_id: session.kiosk_key_id.clone(),
             },
             Command::EndPatronSession { id } => StoreEvent::PatronSessionEnded(id.clone()),
-            Command::ImportLocalPatrons { .. } | Command::CreateGuestPasses { .. } => return None,
+            // SIP2 pools follow their settings at the next sign-in, on every replica.
+            Command::SetPatronAuth { .. }
+            | Command::ImportLocalPatrons { .. }
+            | Command::CreateGuestPasses { .. } => return None,
             Command::CreateInstitution(_)
             | Command::CreateKey(_)
             | Command::CreateSite { .. }
@@ -386,8 +386,6 @@ pub enum StoreEvent {
         /// The patron.
         patron_ref: String,
     },
-    /// How an institution's patrons sign in changed.
-    PatronAuthChanged(String),
     /// A session opened on a kiosk, ending that kiosk's earlier sessions.
     KioskSessionsEnded {
         /// The kiosk key.

@@ -30,7 +30,7 @@ use carrel_core::keys::{NewKey, SESSION_PREFIX};
 use carrel_core::oidc::{JwksFetcher, OidcError, Verifier};
 use carrel_core::patrons::{GuestCode, PatronAuth, Sip2Auth};
 use carrel_core::quota::{Level, Subject};
-use carrel_core::sip2::client::{PatronCheck, Sip2Client, Sip2ClientError, Sip2Settings};
+use carrel_core::sip2::client::{PatronCheck, Sip2Client, Sip2ClientError};
 use carrel_core::store::NewPatronSession;
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
@@ -200,33 +200,33 @@ impl From<SignInError> for GatewayError {
     }
 }
 
-/// Sign-in outcomes, for `/metrics` (by way and outcome only).
+/// Sign-in outcomes, for `/metrics` (never by patron).
 #[derive(Debug, Default)]
 pub struct SignInCounters {
-    /// `(way, code)` → count; `code` is `ok` or a refusal's code.
-    counts: std::sync::Mutex<HashMap<(&'static str, &'static str), u64>>,
+    /// Count by outcome: `ok`, or the refusal's code.
+    counts: std::sync::Mutex<HashMap<&'static str, u64>>,
     /// SIP2 35 End Patron Session messages sent at sign-out.
     pub sip2_end_sessions: AtomicU64,
 }
 
 impl SignInCounters {
-    fn count(&self, way: &'static str, code: &'static str) {
+    fn count(&self, outcome: &'static str) {
         *self
             .counts
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .entry((way, code))
+            .entry(outcome)
             .or_default() += 1;
     }
 
-    /// Every `(way, outcome, count)`.
-    pub fn snapshot(&self) -> Vec<(&'static str, &'static str, u64)> {
+    /// Every `(outcome, count)`, by outcome.
+    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
         let mut all: Vec<_> = self
             .counts
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .map(|(&(w, c), &n)| (w, c, n))
+            .map(|(&c, &n)| (c, n))
             .collect();
         all.sort_unstable();
         all
@@ -274,7 +274,7 @@ impl PatronDesk {
         {
             return client.clone();
         }
-        let client = Sip2Client::new(sip2_settings(auth), None);
+        let client = Sip2Client::new(auth.client_settings(), None);
         pools.insert(institution_id.to_owned(), (auth.clone(), client.clone()));
         client
     }
@@ -356,23 +356,6 @@ impl JwksFetcher for HttpJwksFetcher {
     }
 }
 
-/// The client settings of an institution's SIP2 settings.
-fn sip2_settings(auth: &Sip2Auth) -> Sip2Settings {
-    Sip2Settings {
-        host: auth.host.clone(),
-        port: auth.port,
-        tls: auth.tls,
-        login_user: auth.login_user.clone(),
-        login_password: auth.login_password.clone(),
-        location_code: auth.location_code.clone(),
-        institution_id: auth.institution_id.clone(),
-        terminal_password: auth.terminal_password.clone(),
-        framing: auth.framing(),
-        timeout: Duration::from_millis(auth.timeout_ms),
-        max_connections: 4,
-    }
-}
-
 /// A sign-in body: exactly one of the three forms.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -387,16 +370,6 @@ enum Way {
     Card { card: String, pin: String },
     IdToken(String),
     Guest(String),
-}
-
-impl Way {
-    fn name(&self) -> &'static str {
-        match self {
-            Way::Card { .. } => "card",
-            Way::IdToken(_) => "oidc",
-            Way::Guest(_) => "guest",
-        }
-    }
 }
 
 fn parse_body(bytes: &[u8]) -> Result<Way, SignInError> {
@@ -461,8 +434,18 @@ struct Patron {
     sip2_card: Option<String>,
 }
 
-/// `POST /v1/patron/sessions`.
+/// `POST /v1/patron/sessions`, counted by outcome.
 pub async fn sign_in(
+    state: &AppState,
+    req: Request<Incoming>,
+) -> Result<Response<ResponseBody>, GatewayError> {
+    let result = open_session(state, req).await;
+    let outcome = result.as_ref().map_or_else(GatewayError::code, |_| "ok");
+    state.patron_desk.counters.count(outcome);
+    result
+}
+
+async fn open_session(
     state: &AppState,
     req: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, GatewayError> {
@@ -481,29 +464,10 @@ pub async fn sign_in(
         .await
         .map_err(|_| GatewayError::StateUnavailable)?;
     if attempts > desk.config.sign_ins_per_kiosk_per_minute {
-        desk.counters.count("any", SignInError::Throttled.code());
         return Err(SignInError::Throttled.into());
     }
-    let way = match parse_body(&bytes) {
-        Ok(way) => way,
-        Err(e) => {
-            desk.counters.count("any", e.code());
-            return Err(e.into());
-        }
-    };
-    let way_name = way.name();
-    let patron = match check(state, &kiosk, way).await {
-        Ok(p) => p,
-        Err(e) => {
-            let code = match &e {
-                GatewayError::SignIn(s) => s.code(),
-                other => other.code(),
-            };
-            desk.counters.count(way_name, code);
-            return Err(e);
-        }
-    };
-    desk.counters.count(way_name, "ok");
+    let way = parse_body(&bytes)?;
+    let patron = check(state, &kiosk, way).await?;
 
     let now = unix_now();
     let mut expires_at = now + desk.config.session_max.as_secs() as i64;
@@ -529,14 +493,7 @@ pub async fn sign_in(
             .as_deref()
             .map(|card| carrel_core::patrons::seal_for_sign_out(secret, card)),
     };
-    let ended = sessions::open(&state.store, session, desk.config.session_idle)
-        .await
-        .map_err(|e| GatewayError::StoreUnavailable(Arc::new(e)))?;
-    for id in &ended {
-        let _ = state.store.take_flag(&sessions::idle_flag(id)).await;
-    }
-    state.sessions.evict_kiosk(&kiosk.key_id);
-    let live = sessions::live_session(state, &token.token).await?;
+    let live = sessions::open(state, session).await?;
     let view = SessionView::of(state, &live).await;
     let body = serde_json::json!({
         "token": token.token,
@@ -562,18 +519,21 @@ async fn read_small(body: Incoming) -> Result<Bytes, GatewayError> {
 /// Checks the credentials of one sign-in.
 async fn check(state: &AppState, kiosk: &Principal, way: Way) -> Result<Patron, GatewayError> {
     let institution = &*kiosk.institution_id;
-    let auth = state
-        .store
-        .patron_auth(institution)
-        .await
-        .map_err(|e| GatewayError::StoreUnavailable(Arc::new(e)))?;
+    let auth = || async {
+        state
+            .store
+            .patron_auth(institution)
+            .await
+            .map_err(|e| GatewayError::StoreUnavailable(Arc::new(e)))
+    };
     match way {
+        // Any institution's staff may hand out guest passes, whatever its patrons sign in with.
         Way::Guest(code) => guest(state, kiosk, &code).await,
         Way::Card { card, pin } => {
             let patron_ref = state.pepper.patron_ref(institution, &card);
             let lock = format!("lock:{patron_ref}");
             locked(state, &lock).await?;
-            let result = match &auth {
+            let result = match &auth().await? {
                 Some(PatronAuth::Sip2(sip2)) => sip2_check(state, kiosk, sip2, &card, &pin).await,
                 Some(PatronAuth::Local {}) => {
                     local_check(state, institution, &patron_ref, pin).await
@@ -594,7 +554,7 @@ async fn check(state: &AppState, kiosk: &Principal, way: Way) -> Result<Patron, 
             }
         }
         Way::IdToken(id_token) => {
-            let Some(PatronAuth::Oidc(settings)) = &auth else {
+            let Some(PatronAuth::Oidc(settings)) = &auth().await? else {
                 return Err(SignInError::NotEnabled("a school sign-in").into());
             };
             let today = today(&kiosk.timezone);

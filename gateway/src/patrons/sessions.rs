@@ -9,16 +9,18 @@
 //! session's last request decides.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use carrel_core::domain::{PatronPrincipal, Principal, unix_now};
 use carrel_core::keys::{ParsedKey, SESSION_PREFIX};
-use carrel_core::store::{PatronSession, Store};
+use carrel_core::store::PatronSession;
 
 use crate::app::AppState;
+use crate::cache::Evictable;
 use crate::error::GatewayError;
 use crate::patrons::SignInError;
+use crate::pipeline::authenticate::CATCH_UP;
 
 /// How often one replica renews a busy session's idle timer.
 const TOUCH_EVERY: i64 = 15;
@@ -47,74 +49,36 @@ pub struct CachedSession {
 }
 
 /// Verified sessions by id.
-#[derive(Clone)]
-pub struct SessionCache {
-    cache: moka::future::Cache<Arc<str>, Arc<CachedSession>>,
-    /// Bumped before every eviction, as in the key cache.
-    generation: Arc<AtomicU64>,
-}
-
-impl std::fmt::Debug for SessionCache {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SessionCache")
-            .field("entries", &self.cache.entry_count())
-            .finish()
-    }
-}
+#[derive(Clone, Debug)]
+pub struct SessionCache(Evictable<CachedSession>);
 
 impl Default for SessionCache {
     fn default() -> Self {
-        SessionCache::new(100_000, Duration::from_secs(60))
+        SessionCache(Evictable::new(100_000, Duration::from_secs(60)))
     }
 }
 
 impl SessionCache {
-    /// A cache of at most `capacity` sessions, each kept at most `ttl`.
-    pub fn new(capacity: u64, ttl: Duration) -> Self {
-        SessionCache {
-            cache: moka::future::Cache::builder()
-                .max_capacity(capacity)
-                .time_to_live(ttl)
-                .support_invalidation_closures()
-                .build(),
-            generation: Arc::default(),
-        }
-    }
-
     /// Forgets one session.
     pub async fn evict(&self, id: &str) {
-        self.generation.fetch_add(1, Ordering::AcqRel);
-        self.cache.invalidate(id).await;
-    }
-
-    /// Forgets every session matching `pred` (a kiosk's, an institution's).
-    fn evict_if(&self, pred: impl Fn(&CachedSession) -> bool + Send + Sync + 'static) {
-        self.generation.fetch_add(1, Ordering::AcqRel);
-        if self
-            .cache
-            .invalidate_entries_if(move |_, s| pred(s))
-            .is_err()
-        {
-            self.cache.invalidate_all();
-        }
+        self.0.evict(id).await;
     }
 
     /// Forgets the sessions opened on a kiosk key (a new sign-in there, the key changed).
     pub fn evict_kiosk(&self, kiosk_key_id: &str) {
         let id: Arc<str> = kiosk_key_id.into();
-        self.evict_if(move |s| s.kiosk_key_id == id);
+        self.0.evict_if(move |s| s.kiosk_key_id == id);
     }
 
     /// Forgets an institution's sessions (suspended, time zone changed).
     pub fn evict_institution(&self, institution_id: &str) {
         let id: Arc<str> = institution_id.into();
-        self.evict_if(move |s| s.principal.institution_id == id);
+        self.0.evict_if(move |s| s.principal.institution_id == id);
     }
 
     /// Forgets every session.
     pub fn evict_all(&self) {
-        self.generation.fetch_add(1, Ordering::AcqRel);
-        self.cache.invalidate_all();
+        self.0.evict_all();
     }
 }
 
@@ -185,48 +149,38 @@ pub(crate) async fn end(state: &AppState, id: &str) {
 }
 
 async fn load(state: &AppState, id: &str) -> Result<Option<Arc<CachedSession>>, GatewayError> {
-    let cache = &state.sessions;
-    if let Some(hit) = cache.cache.get(id).await {
+    let cache = &state.sessions.0;
+    if let Some(hit) = cache.get(id).await {
         return Ok(Some(hit));
     }
-    let generation = cache.generation.load(Ordering::Acquire);
-    let mut row = state
-        .store
-        .patron_session(id)
-        .await
-        .map_err(|e| GatewayError::StoreUnavailable(Arc::new(e)))?;
-    if row.is_none() && state.store.is_replica() {
-        // Opened through another replica a moment ago: catch up briefly and look again.
-        if let Ok(Ok(())) = tokio::time::timeout(CATCH_UP, state.store.catch_up()).await {
-            row = state
-                .store
-                .patron_session(id)
-                .await
-                .map_err(|e| GatewayError::StoreUnavailable(Arc::new(e)))?;
-        }
+    let generation = cache.generation();
+    let read = || async {
+        state
+            .store
+            .patron_session(id)
+            .await
+            .map_err(|e| GatewayError::StoreUnavailable(Arc::new(e)))
+    };
+    let mut row = read().await?;
+    // Opened through another replica a moment ago: catch up briefly and look again.
+    if row.is_none() && state.store.caught_up_within(CATCH_UP).await {
+        row = read().await?;
     }
     let Some(row) = row else { return Ok(None) };
-    let Some(session) = build(state, row).await? else {
+    let Some(session) = build(state, row, i64::MIN / 2).await? else {
         return Ok(None);
     };
     let session = Arc::new(session);
-    cache
-        .cache
-        .insert(Arc::from(id), Arc::clone(&session))
-        .await;
-    if cache.generation.load(Ordering::Acquire) != generation {
-        cache.cache.invalidate(id).await;
-    }
+    cache.insert(id, Arc::clone(&session), generation).await;
     Ok(Some(session))
 }
 
-/// How long an unknown session waits for this replica to catch up with the shared log.
-const CATCH_UP: Duration = Duration::from_millis(250);
-
-/// The cached form of a stored session; `None` when its kiosk key no longer works.
+/// The cached form of a stored session, its idle timer last renewed (from this replica) at
+/// `last_touch`; `None` when its kiosk key no longer works.
 async fn build(
     state: &AppState,
     row: PatronSession,
+    last_touch: i64,
 ) -> Result<Option<CachedSession>, GatewayError> {
     let Some(kiosk) = state
         .keys
@@ -253,8 +207,7 @@ async fn build(
         expires_at: row.expires_at,
         sealed_end: row.sealed_end,
         last_seen: AtomicI64::new(now),
-        // A session just loaded renews its timer on its first request.
-        last_touch: AtomicI64::new(i64::MIN / 2),
+        last_touch: AtomicI64::new(last_touch),
     }))
 }
 
@@ -263,14 +216,38 @@ pub fn is_session_token(token: &str) -> bool {
     token.starts_with(SESSION_PREFIX)
 }
 
-/// The store a session lives in, for sign-in.
+/// Opens a session at sign-in: stored (ending the kiosk's earlier ones everywhere), its idle
+/// timer started, and cached here as it was just written, with no second read.
 pub(crate) async fn open(
-    store: &Store,
+    state: &AppState,
     session: carrel_core::store::NewPatronSession,
-    idle: Duration,
-) -> Result<Vec<String>, carrel_core::store::StoreError> {
+) -> Result<Arc<CachedSession>, GatewayError> {
+    let unavailable = |e| GatewayError::StoreUnavailable(Arc::new(e));
     let id = session.id.clone();
-    let ended = store.create_patron_session(session).await?;
-    store.set_flag(&idle_flag(&id), idle).await?;
-    Ok(ended)
+    let kiosk = session.kiosk_key_id.clone();
+    let ended = state
+        .store
+        .create_patron_session(session.clone())
+        .await
+        .map_err(unavailable)?;
+    for old in &ended {
+        let _ = state.store.take_flag(&idle_flag(old)).await;
+    }
+    state
+        .store
+        .set_flag(&idle_flag(&id), state.patron_desk.config.session_idle)
+        .await
+        .map_err(unavailable)?;
+    state.sessions.evict_kiosk(&kiosk);
+    let generation = state.sessions.0.generation();
+    let cached = build(state, session, unix_now())
+        .await?
+        .ok_or(GatewayError::InvalidApiKey)?;
+    let cached = Arc::new(cached);
+    state
+        .sessions
+        .0
+        .insert(&id, Arc::clone(&cached), generation)
+        .await;
+    Ok(cached)
 }

@@ -7,7 +7,6 @@
 //! staleness if an eviction is ever missed.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use carrel_core::domain::{InstitutionStatus, Principal};
 use carrel_core::keys::ParsedKey;
@@ -15,6 +14,7 @@ use carrel_core::store::Store;
 use http::HeaderMap;
 
 use crate::app::AppState;
+use crate::cache::Evictable;
 use crate::error::GatewayError;
 use crate::pipeline::{Flow, RequestCtx};
 
@@ -26,21 +26,8 @@ pub struct CachedKey {
 }
 
 /// Verified keys by public id.
-#[derive(Clone)]
-pub struct KeyCache {
-    cache: moka::future::Cache<Arc<str>, Arc<CachedKey>>,
-    /// Bumped before every eviction. A load that saw it change may have read the store before
-    /// the change committed, so it does not stay cached.
-    generation: Arc<AtomicU64>,
-}
-
-impl std::fmt::Debug for KeyCache {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KeyCache")
-            .field("entries", &self.cache.entry_count())
-            .finish()
-    }
-}
+#[derive(Clone, Debug)]
+pub struct KeyCache(Evictable<CachedKey>);
 
 /// Why a lookup found no key; shared by every waiter of a coalesced miss.
 enum Miss {
@@ -48,50 +35,36 @@ enum Miss {
     Store(Arc<carrel_core::store::StoreError>),
 }
 
+fn cached(cred: &carrel_core::domain::KeyCredential) -> Arc<CachedKey> {
+    Arc::new(CachedKey {
+        secret_hash: cred.secret_hash,
+        principal: Arc::new(Principal::for_key(cred)),
+    })
+}
+
 impl KeyCache {
     /// A cache of at most `capacity` keys, each kept at most `ttl`.
     pub fn new(capacity: u64, ttl: std::time::Duration) -> Self {
-        KeyCache {
-            cache: moka::future::Cache::builder()
-                .max_capacity(capacity)
-                .time_to_live(ttl)
-                .support_invalidation_closures()
-                .build(),
-            generation: Arc::default(),
-        }
+        KeyCache(Evictable::new(capacity, ttl))
     }
 
     /// The cached key, loading it from the store on a miss. Concurrent misses for one id share
     /// one store lookup. Unknown and revoked ids are not cached.
     async fn get(&self, id: &str, store: &Store) -> Result<Option<Arc<CachedKey>>, GatewayError> {
-        if let Some(hit) = self.cache.get(id).await {
-            return Ok(Some(hit));
-        }
-        let generation = self.generation.load(Ordering::Acquire);
         let loaded = self
-            .cache
-            .try_get_with(Arc::from(id), async {
+            .0
+            .get_or_load(id, async {
                 match store.key_credential(id).await {
-                    Ok(Some(cred)) => Ok(Arc::new(CachedKey {
-                        secret_hash: cred.secret_hash,
-                        principal: Arc::new(Principal::for_key(&cred)),
-                    })),
+                    Ok(Some(cred)) => Ok(cached(&cred)),
                     Ok(None) => Err(Miss::Unknown),
                     Err(e) => Err(Miss::Store(Arc::new(e))),
                 }
             })
             .await;
-        if self.generation.load(Ordering::Acquire) != generation {
-            // An eviction ran while this load read the store. Its own invalidation covers an
-            // entry inserted before it; this covers one inserted after. This request goes on
-            // with what it read, as it would have a moment earlier.
-            self.cache.invalidate(id).await;
-        }
         match loaded {
             Ok(key) => Ok(Some(key)),
             Err(miss) => match &*miss {
-                Miss::Unknown if store.is_replica() => self.after_catch_up(id, store).await,
-                Miss::Unknown => Ok(None),
+                Miss::Unknown => self.after_catch_up(id, store).await,
                 Miss::Store(e) => Err(GatewayError::StoreUnavailable(Arc::clone(e))),
             },
         }
@@ -105,23 +78,14 @@ impl KeyCache {
         id: &str,
         store: &Store,
     ) -> Result<Option<Arc<CachedKey>>, GatewayError> {
-        let generation = self.generation.load(Ordering::Acquire);
-        match tokio::time::timeout(CATCH_UP, store.catch_up()).await {
-            Ok(Ok(())) => {}
-            // Redis is away or slow: the view is what this replica has.
-            Ok(Err(_)) | Err(_) => return Ok(None),
+        let generation = self.0.generation();
+        if !store.caught_up_within(CATCH_UP).await {
+            return Ok(None);
         }
         match store.key_credential(id).await {
             Ok(Some(cred)) => {
-                let key = Arc::new(CachedKey {
-                    secret_hash: cred.secret_hash,
-                    principal: Arc::new(Principal::for_key(&cred)),
-                });
-                self.cache.insert(Arc::from(id), Arc::clone(&key)).await;
-                if self.generation.load(Ordering::Acquire) != generation {
-                    // As in `get`: an eviction ran meanwhile.
-                    self.cache.invalidate(id).await;
-                }
+                let key = cached(&cred);
+                self.0.insert(id, Arc::clone(&key), generation).await;
                 Ok(Some(key))
             }
             Ok(None) => Ok(None),
@@ -147,33 +111,24 @@ impl KeyCache {
 
     /// Forgets a key at once (revocation).
     pub async fn evict(&self, id: &str) {
-        self.generation.fetch_add(1, Ordering::AcqRel);
-        self.cache.invalidate(id).await;
+        self.0.evict(id).await;
     }
 
     /// Forgets every key.
     pub fn evict_all(&self) {
-        self.generation.fetch_add(1, Ordering::AcqRel);
-        self.cache.invalidate_all();
+        self.0.evict_all();
     }
 
     /// Forgets every key of an institution at once (suspension, time zone change).
     pub fn evict_institution(&self, institution_id: &str) {
-        self.generation.fetch_add(1, Ordering::AcqRel);
         let id: Arc<str> = institution_id.into();
-        let result = self
-            .cache
-            .invalidate_entries_if(move |_, key| key.principal.institution_id == id);
-        if let Err(e) = result {
-            // Only when the cache was built without closure support, which `new` never does.
-            tracing::error!(error = %e, "could not evict an institution's keys; clearing all");
-            self.cache.invalidate_all();
-        }
+        self.0
+            .evict_if(move |key| key.principal.institution_id == id);
     }
 }
 
 /// How long an unknown key waits for this replica to catch up with the shared log.
-const CATCH_UP: std::time::Duration = std::time::Duration::from_millis(250);
+pub(crate) const CATCH_UP: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// The bearer token of a request, if any.
 pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
