@@ -84,11 +84,7 @@ fn respond(content_type: &'static str, bytes: &'static [u8]) -> Response {
 
 /// The headers of a page's file built into the binary: its type, its content security policy,
 /// no sniffing and no referrer. The admin reference and the kiosk page both use them.
-pub fn static_file_headers(
-    headers: &mut HeaderMap,
-    content_type: &'static str,
-    csp: &'static str,
-) {
+pub fn static_file_headers(headers: &mut HeaderMap, content_type: &'static str, csp: &'static str) {
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     headers.insert(
         header::CONTENT_SECURITY_POLICY,

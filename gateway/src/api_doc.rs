@@ -14,6 +14,7 @@
 
 use std::collections::HashMap;
 
+use crate::patrons::{OidcNonce, PatronQuota, SessionCreated, SessionView};
 use crate::pipeline::quota::{Allowance, MoneyAllowance, QuotaLevel, QuotaReport};
 use carrel_admin::error::{ErrorBody, ErrorDetail};
 use serde::{Deserialize, Serialize};
@@ -33,6 +34,10 @@ use utoipa::{Modify, OpenApi, ToResponse, ToSchema};
         v1_list_models,
         v1_retrieve_model,
         v1_quota,
+        v1_patron_sign_in,
+        v1_patron_session,
+        v1_patron_sign_out,
+        v1_patron_oidc_nonce,
         healthz,
         readyz
     ),
@@ -51,6 +56,11 @@ use utoipa::{Modify, OpenApi, ToResponse, ToSchema};
             ModelObject,
             QuotaReport,
             QuotaLevel,
+            SignInRequest,
+            SessionCreated,
+            SessionView,
+            PatronQuota,
+            OidcNonce,
             Allowance,
             MoneyAllowance,
             Health,
@@ -276,6 +286,92 @@ pub fn v1_list_models() {}
     ),
     security(("api_key" = [])))]
 pub fn v1_retrieve_model() {}
+
+/// Body of `POST /v1/patron/sessions`: exactly one of `{"card","pin"}`, `{"id_token"}` or
+/// `{"guest_code"}`. None of it is kept.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SignInRequest {
+    /// The library card number (with `pin`).
+    #[schema(max_length = 64, example = "21234000123456")]
+    pub card: Option<String>,
+    /// The card's PIN (with `card`).
+    #[schema(max_length = 64, example = "4321")]
+    pub pin: Option<String>,
+    /// An ID token from the school's identity provider, whose `nonce` Carrel issued.
+    #[schema(max_length = 8192)]
+    pub id_token: Option<String>,
+    /// A guest code from the front desk, `XXXX-XXXX-XXXX` (any case; dashes optional).
+    #[schema(max_length = 64, example = "7K3M-Q9PD-2XWA")]
+    pub guest_code: Option<String>,
+}
+
+/// Signs a patron in on a kiosk (called with a key of kind `kiosk`) and opens a session. Its
+/// token then works as a bearer token on `/v1/*` with the patron's own daily allotment, until
+/// the session is idle too long (`idle_timeout_seconds`), reaches `expires_at`, is signed out,
+/// or the kiosk signs someone else in. Five wrong PINs (or codes) in 15 minutes lock a card (or
+/// pass) for 15 minutes.
+#[utoipa::path(post, path = "/v1/patron/sessions", tag = "public",
+    request_body = SignInRequest,
+    responses(
+        (status = 201, description = "Signed in", body = SessionCreated),
+        (status = 400, description = "`invalid_sign_in`: not exactly one of the three forms, or a \
+            field empty or too long", body = ErrorBody),
+        (status = 401, description = "`missing_api_key`, `invalid_api_key`, `expired_api_key`: the \
+            kiosk key. `invalid_credentials`: unknown card or wrong PIN (also BL=Y with CQ=N from \
+            the library's system). `invalid_guest_code`, `guest_pass_expired`. \
+            `id_token_malformed`, `id_token_algorithm`, `id_token_unknown_key`, \
+            `id_token_bad_signature`, `id_token_expired`, `id_token_not_yet_valid`, \
+            `id_token_wrong_issuer`, `id_token_wrong_audience`, `id_token_missing_nonce`, \
+            `id_token_nonce_invalid` (not issued here, or used)", body = ErrorBody),
+        (status = 403, description = "`not_a_kiosk_key`, `institution_suspended`, \
+            `sign_in_method_not_enabled`, `patron_blocked` (the library's system blocks the \
+            card), `card_locked` (with `Retry-After`), `guest_pass_exhausted`", body = ErrorBody),
+        (status = 413, description = "`request_too_large`: over 16 KiB", body = ErrorBody),
+        (status = 429, description = "`sign_in_throttled`: too many sign-ins on this kiosk this \
+            minute (with `Retry-After`)", body = ErrorBody),
+        (status = 503, description = "`ils_unavailable` (the library's system does not answer, \
+            or its circuit is open), `ils_login_refused`, `ils_bad_reply`, \
+            `identity_provider_unavailable`, `store_unavailable`, `state_unavailable`",
+            body = ErrorBody),
+    ),
+    security(("api_key" = [])))]
+pub fn v1_patron_sign_in() {}
+
+/// The patron's session, called with its token: when it ends and what is left today.
+#[utoipa::path(get, path = "/v1/patron/sessions/current", tag = "public",
+    responses(
+        (status = 200, description = "The session", body = SessionView),
+        (status = 401, description = "`missing_api_key`; `session_expired`: the token is not a \
+            live session", body = ErrorBody),
+        (status = 503, response = StoreUnavailable),
+    ),
+    security(("api_key" = [])))]
+pub fn v1_patron_session() {}
+
+/// Signs the patron out: the session ends, and the library's system hears SIP2 35 End Patron
+/// Session.
+#[utoipa::path(delete, path = "/v1/patron/sessions/current", tag = "public",
+    responses(
+        (status = 204, description = "Signed out"),
+        (status = 401, description = "`missing_api_key`; `session_expired`: the token is not a \
+            live session", body = ErrorBody),
+        (status = 503, response = StoreUnavailable),
+    ),
+    security(("api_key" = [])))]
+pub fn v1_patron_sign_out() {}
+
+/// A single-use nonce for a school app's OIDC request (called with a kiosk key): the ID token
+/// then given to `POST /v1/patron/sessions` must carry it. Valid 10 minutes.
+#[utoipa::path(post, path = "/v1/patron/oidc-nonce", tag = "public",
+    responses(
+        (status = 201, description = "A nonce", body = OidcNonce),
+        (status = 401, response = Unauthorized),
+        (status = 403, description = "`not_a_kiosk_key`, `institution_suspended`", body = ErrorBody),
+        (status = 503, description = "`store_unavailable`, `state_unavailable`", body = ErrorBody),
+    ),
+    security(("api_key" = [])))]
+pub fn v1_patron_oidc_nonce() {}
 
 /// Liveness: the process is up and answering. No API key needed.
 #[utoipa::path(get, path = "/healthz", tag = "public",
@@ -829,7 +925,16 @@ mod tests {
             if let GatewayError::SignIn(s) = &e
                 && s.code() != "session_expired"
             {
-                // Refusals of patron sign-in itself, on `/v1/patron/sessions`, not here.
+                // Refusals of patron sign-in itself: documented on `/v1/patron/sessions`.
+                let status = s.status().as_str().to_owned();
+                let description = doc["paths"]["/v1/patron/sessions"]["post"]["responses"][&status]
+                    ["description"]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("{status} is documented for sign-in"));
+                assert!(
+                    description.contains(&code),
+                    "{code} under {status}: {description}"
+                );
                 continue;
             }
             if matches!(e, GatewayError::MethodNotAllowed { .. }) {

@@ -494,15 +494,14 @@ async fn open_session(
             .map(|card| carrel_core::patrons::seal_for_sign_out(secret, card)),
     };
     let live = sessions::open(state, session).await?;
-    let view = SessionView::of(state, &live).await;
-    let body = serde_json::json!({
-        "token": token.token,
-        "expires_at": view.expires_at,
-        "idle_timeout_seconds": view.idle_timeout_seconds,
-        "age_band": view.age_band,
-        "quota": view.quota,
-    });
-    Ok(body::json(StatusCode::CREATED, body.to_string()))
+    let body = SessionCreated {
+        token: token.token,
+        session: SessionView::of(state, &live).await,
+    };
+    Ok(body::json(
+        StatusCode::CREATED,
+        serde_json::to_vec(&body).expect("a new session serialises"),
+    ))
 }
 
 async fn read_small(body: Incoming) -> Result<Bytes, GatewayError> {
@@ -771,6 +770,17 @@ fn today(timezone: &str) -> jiff::civil::Date {
     jiff::Timestamp::now().to_zoned(zone).date()
 }
 
+/// `POST /v1/patron/sessions`'s answer: the token, and the session as the patron sees it.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct SessionCreated {
+    /// The session token (`crs_…`): a bearer token on `/v1/*` until the session ends. Not
+    /// shown again.
+    pub token: String,
+    /// The session.
+    #[serde(flatten)]
+    pub session: SessionView,
+}
+
 /// A session as the patron sees it.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct SessionView {
@@ -926,8 +936,23 @@ pub async fn oidc_nonce(
         .map_err(|_| GatewayError::StateUnavailable)?;
     let expires_at =
         jiff::Timestamp::now() + jiff::SignedDuration::from_secs(NONCE_TTL.as_secs() as i64);
-    let body = serde_json::json!({"nonce": nonce, "expires_at": expires_at.to_string()});
-    Ok(body::json(StatusCode::CREATED, body.to_string()))
+    let body = OidcNonce {
+        nonce,
+        expires_at: expires_at.to_string(),
+    };
+    Ok(body::json(
+        StatusCode::CREATED,
+        serde_json::to_vec(&body).expect("a nonce serialises"),
+    ))
+}
+
+/// `POST /v1/patron/oidc-nonce`'s answer.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct OidcNonce {
+    /// Put it in the OIDC request; the ID token must carry it. Usable once.
+    pub nonce: String,
+    /// RFC 3339: after this it is refused.
+    pub expires_at: String,
 }
 
 #[cfg(test)]

@@ -364,6 +364,21 @@ async fn library_cards_sign_in_over_sip2_and_leave_no_trace() {
             );
         }
     }
+
+    // At the next start, plaintext SIP2 is called out.
+    let restart_log = dir.path().join("restart.log");
+    let again = Serve::start_logged(
+        dir.path(),
+        &[("CARREL_PEPPER", carrel_tests::TEST_PEPPER)],
+        &restart_log,
+    )
+    .await;
+    drop(again);
+    let log = std::fs::read_to_string(&restart_log).unwrap();
+    assert!(
+        log.contains("SIP2 without TLS") && log.contains(&inst),
+        "no start-up warning: {log}"
+    );
 }
 
 /// An institution without an ILS: a CSV list, guest passes, the kiosk's one session, and the
@@ -739,4 +754,59 @@ async fn the_kiosk_page_works_in_a_real_browser() {
         "the kiosk test failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// A library's system that does not answer, or refuses Carrel's own login, is a 503 with its
+/// own code; a kiosk past its sign-ins for the minute is a 429 with `Retry-After`.
+#[tokio::test]
+async fn a_failing_ils_and_a_busy_kiosk_get_their_own_codes() {
+    let mut acs = Acs::start().await;
+    let mock = MockUpstream::start().await;
+    let extra = "[patrons]\nsign_ins_per_kiosk_per_minute = 3\n";
+    let gw = Gateway::start(&config_for(&mock.base_url(), extra)).await;
+    let base = gw.url("");
+    let base = base.trim_end_matches('/').to_owned();
+    let kiosk_of = |settings: Value| {
+        let gw = &gw;
+        async move {
+            let inst = gw.institution("Branch").await;
+            let path = format!("/admin/v1/institutions/{inst}/patron-auth");
+            let (status, body) = gw.admin(Method::PUT, &path, Some(settings)).await;
+            assert_eq!(status, 200, "{body}");
+            let (_, kiosk) = gw
+                .admin(
+                    Method::POST,
+                    &format!("/admin/v1/institutions/{inst}/keys"),
+                    Some(json!({"name": "Kiosk", "kind": "kiosk"})),
+                )
+                .await;
+            kiosk["secret"].as_str().unwrap().to_owned()
+        }
+    };
+
+    // Nothing listens where the ILS should be.
+    let mut down = acs.settings();
+    down["port"] = json!(carrel_tests::closed_port().await.port());
+    down["timeout_ms"] = json!(2000);
+    let kiosk = kiosk_of(down).await;
+    let resp = sign_in(&gw.http, &base, &kiosk, json!({"card": CARD, "pin": PIN})).await;
+    assert_eq!(error_code(resp).await, (503, "ils_unavailable".into()));
+
+    // The ILS refuses Carrel's login (a configuration mistake, not the patron's).
+    let mut refusing = acs.settings();
+    refusing["login_password"] = json!("not-the-password");
+    let kiosk = kiosk_of(refusing).await;
+    let resp = sign_in(&gw.http, &base, &kiosk, json!({"card": CARD, "pin": PIN})).await;
+    assert_eq!(error_code(resp).await, (503, "ils_login_refused".into()));
+    assert_eq!(acs.next().await, "login refused");
+
+    // Three sign-ins a minute on this kiosk; the fourth waits.
+    let kiosk = kiosk_of(acs.settings()).await;
+    for _ in 0..3 {
+        let resp = sign_in(&gw.http, &base, &kiosk, json!({"card": CARD})).await;
+        assert_eq!(error_code(resp).await, (400, "invalid_sign_in".into()));
+    }
+    let resp = sign_in(&gw.http, &base, &kiosk, json!({"card": CARD, "pin": PIN})).await;
+    assert_eq!(resp.headers()["retry-after"], "60");
+    assert_eq!(error_code(resp).await, (429, "sign_in_throttled".into()));
 }
