@@ -621,6 +621,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn age_bands_follow_birthdays_and_unknown_counts_as_minor_at_schools() {
+        assert_eq!(
+            [12, 13, 17, 18].map(AgeBand::of_age),
+            [
+                AgeBand::Under13,
+                AgeBand::Minor,
+                AgeBand::Minor,
+                AgeBand::Adult
+            ]
+        );
+        assert!(AgeBand::Unknown.treat_as_minor(InstitutionKind::School));
+        assert!(!AgeBand::Unknown.treat_as_minor(InstitutionKind::Library));
+        assert!(AgeBand::Under13.treat_as_minor(InstitutionKind::Library));
+        assert!(!AgeBand::Adult.treat_as_minor(InstitutionKind::School));
+    }
+
+    #[test]
     fn regions_and_time_zones_are_checked() {
         for ok in ["US-CA", "GB-LND", "FR-75", "DE-BY"] {
             assert!(validate_region(ok).is_ok(), "{ok}");

@@ -810,3 +810,44 @@ async fn a_failing_ils_and_a_busy_kiosk_get_their_own_codes() {
     assert_eq!(resp.headers()["retry-after"], "60");
     assert_eq!(error_code(resp).await, (429, "sign_in_throttled".into()));
 }
+
+/// A session past its absolute end is refused, however recently it was used (the end is set
+/// to the moment of sign-in here, so no test waits four hours).
+#[tokio::test]
+async fn a_session_ends_at_its_absolute_end() {
+    let mock = MockUpstream::start().await;
+    let gw = Gateway::start_with(&config_for(&mock.base_url(), ""), |config| {
+        config.patrons.session_max = Duration::ZERO;
+    })
+    .await;
+    let inst = gw.institution("Capped").await;
+    let (status, passes) = gw
+        .admin(
+            Method::POST,
+            &format!("/admin/v1/institutions/{inst}/guest-passes"),
+            Some(json!({"tokens": 100})),
+        )
+        .await;
+    assert_eq!(status, 201, "{passes}");
+    let code = passes["data"][0]["code"].as_str().unwrap().to_owned();
+    let (_, kiosk) = gw
+        .admin(
+            Method::POST,
+            &format!("/admin/v1/institutions/{inst}/keys"),
+            Some(json!({"name": "Kiosk", "kind": "kiosk"})),
+        )
+        .await;
+    let base = gw.url("");
+    let resp = sign_in(
+        &gw.http,
+        base.trim_end_matches('/'),
+        kiosk["secret"].as_str().unwrap(),
+        json!({"guest_code": code}),
+    )
+    .await;
+    assert_eq!(resp.status(), 201);
+    let session: Value = resp.json().await.unwrap();
+    let token = session["token"].as_str().unwrap();
+    let (status, code) = error_code(gw.get("/v1/patron/sessions/current", token).await).await;
+    assert_eq!((status, code.as_str()), (401, "session_expired"));
+}
