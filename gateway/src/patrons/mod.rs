@@ -279,7 +279,7 @@ impl PatronDesk {
         client
     }
 
-    /// `(institution, stats)` of every SIP2 pool, for `/metrics`.
+    /// The counters of every SIP2 pool, for `/metrics`.
     pub fn sip2_stats(&self) -> Vec<carrel_core::sip2::client::Sip2Stats> {
         let pools = self.sip2.lock().unwrap_or_else(|p| p.into_inner());
         pools.values().map(|(_, c)| c.stats()).collect()

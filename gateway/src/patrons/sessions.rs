@@ -25,6 +25,10 @@ use crate::pipeline::authenticate::CATCH_UP;
 /// How often one replica renews a busy session's idle timer.
 const TOUCH_EVERY: i64 = 15;
 
+/// `last_touch` of a session this replica has not renewed yet (far enough from any `now` that
+/// the difference cannot overflow).
+const NEVER_TOUCHED: i64 = i64::MIN / 2;
+
 /// The idle timer's name.
 pub(crate) fn idle_flag(session_id: &str) -> String {
     format!("idle:{session_id}")
@@ -167,7 +171,8 @@ async fn load(state: &AppState, id: &str) -> Result<Option<Arc<CachedSession>>, 
         row = read().await?;
     }
     let Some(row) = row else { return Ok(None) };
-    let Some(session) = build(state, row, i64::MIN / 2).await? else {
+    // Loaded, not opened here: its timer is renewed on its first request.
+    let Some(session) = build(state, row, NEVER_TOUCHED).await? else {
         return Ok(None);
     };
     let session = Arc::new(session);
