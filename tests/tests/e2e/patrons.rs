@@ -851,3 +851,56 @@ async fn a_session_ends_at_its_absolute_end() {
     let (status, code) = error_code(gw.get("/v1/patron/sessions/current", token).await).await;
     assert_eq!((status, code.as_str()), (401, "session_expired"));
 }
+
+/// A session whose idle timer ran out is refused and ended. The timer is the store's (shared
+/// by replicas); here it is run out by hand, and the session is taken as unseen by this
+/// replica, as on a replica other than the one that last renewed it.
+#[tokio::test]
+async fn a_session_idle_too_long_is_refused() {
+    let mock = MockUpstream::start().await;
+    let gw = Gateway::start(&config_for(&mock.base_url(), "")).await;
+    let inst = gw.institution("Idle").await;
+    let (status, passes) = gw
+        .admin(
+            Method::POST,
+            &format!("/admin/v1/institutions/{inst}/guest-passes"),
+            Some(json!({"tokens": 100})),
+        )
+        .await;
+    assert_eq!(status, 201, "{passes}");
+    let (_, kiosk) = gw
+        .admin(
+            Method::POST,
+            &format!("/admin/v1/institutions/{inst}/keys"),
+            Some(json!({"name": "Kiosk", "kind": "kiosk"})),
+        )
+        .await;
+    let base = gw.url("");
+    let resp = sign_in(
+        &gw.http,
+        base.trim_end_matches('/'),
+        kiosk["secret"].as_str().unwrap(),
+        json!({"guest_code": passes["data"][0]["code"]}),
+    )
+    .await;
+    let token = resp.json::<Value>().await.unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        gw.get("/v1/patron/sessions/current", &token).await.status(),
+        200
+    );
+
+    let id = &token["crs_".len().."crs_".len() + 16];
+    let state = &gw.app.state;
+    assert!(
+        state.store.take_flag(&format!("idle:{id}")).await.unwrap(),
+        "the timer ran"
+    );
+    state.sessions.evict(id).await;
+    let (status, code) = error_code(gw.get("/v1/patron/sessions/current", &token).await).await;
+    assert_eq!((status, code.as_str()), (401, "session_expired"));
+    // Ended for good: the row is gone too.
+    assert!(state.store.patron_session(id).await.unwrap().is_none());
+}
