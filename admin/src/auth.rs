@@ -67,6 +67,9 @@ pub enum Action {
     /// Serve patrons at the front desk: extend a patron's daily allotment for a while, or
     /// start their day afresh.
     ServePatrons,
+    /// Turn a containment switch on or off, or list them: operators only, and never through
+    /// an automation token (a switch is a person's decision, see `deploy/CONTAINMENT.md`).
+    Contain,
 }
 
 impl Action {
@@ -88,7 +91,7 @@ impl Action {
             Action::ManageCatalog | Action::ReadProviders => Scope::Catalog,
             // An account or a token made by a token would outgrow its scopes: a session of the
             // new account (or the new token) is not bound by them.
-            Action::ManageTokens | Action::ManageUsers => return None,
+            Action::ManageTokens | Action::ManageUsers | Action::Contain => return None,
         })
     }
 }
@@ -143,7 +146,8 @@ impl AdminPrincipal {
             Action::ManageCatalog
             | Action::ReadProviders
             | Action::CreateInstitution
-            | Action::GovernInstitution => false,
+            | Action::GovernInstitution
+            | Action::Contain => false,
             Action::ReadModels | Action::Read => true,
             Action::ManageKeys
             | Action::ManageUsers

@@ -6,7 +6,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::{Extension, Json};
 use carrel_core::config::{validate_base_url, validate_model_name, validate_price};
-use carrel_core::domain::{Model, Provider, ProviderKind, Source, Tier};
+use carrel_core::domain::{Model, Provider, ProviderKind, Source, Tier, TierBasis};
 use carrel_core::store::{NewModel, NewProvider, Page};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -84,6 +84,9 @@ pub struct CreateModel {
     pub upstream_model: Option<String>,
     /// How much control the model needs.
     pub tier: Tier,
+    /// Why it has that tier (default `operator_judgement`).
+    #[serde(default)]
+    pub tier_basis: Option<TierBasis>,
     /// Price of a million prompt tokens.
     #[serde(default)]
     pub input_price_per_mtok: f64,
@@ -249,6 +252,7 @@ pub async fn create_model(
             provider: body.provider,
             upstream_model,
             tier: body.tier,
+            tier_basis: body.tier_basis.unwrap_or(TierBasis::OperatorJudgement),
             input_price_per_mtok: body.input_price_per_mtok,
             output_price_per_mtok: body.output_price_per_mtok,
             max_output_tokens,

@@ -10,8 +10,8 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use crate::{
-    AdminState, accounts, audit, catalog, error, institutions, limits, patrons, structure, tokens,
-    usage,
+    AdminState, accounts, audit, catalog, error, institutions, limits, patrons, safeguards,
+    structure, tokens, usage,
 };
 
 /// The admin API's OpenAPI description.
@@ -73,6 +73,12 @@ use crate::{
         tokens::create_token,
         tokens::list_tokens,
         tokens::revoke_token,
+        safeguards::contain_model,
+        safeguards::contain_provider,
+        safeguards::list_containment,
+        safeguards::put_attestation,
+        safeguards::get_attestation,
+        safeguards::delete_attestation,
     ),
     components(schemas(error::ErrorBody, error::ErrorDetail)),
     modifiers(&BearerAuth),
@@ -84,6 +90,8 @@ use crate::{
             streams by level (institution, site, group, key, model, and each patron), with what \
             each level has used; patrons' extensions and day resets"),
         (name = "accounts", description = "Admin accounts, roles and sessions"),
+        (name = "safeguards", description = "Containment switches for models, providers, \
+            institutions and keys (operator only), and frontier attestations of service keys"),
         (name = "patrons", description = "How patrons sign in (SIP2, a local list, OIDC), the \
             local list, and guest passes"),
     )

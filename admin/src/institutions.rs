@@ -70,6 +70,17 @@ pub struct UpdateInstitution {
     /// money limit: `reject` (429) or `clamp` (lower `max_tokens` to what is left).
     #[serde(default)]
     pub over_quota: Option<OverQuota>,
+    /// The highest tier any key of the institution may reach.
+    #[serde(default)]
+    pub tier_ceiling: Option<Tier>,
+    /// The highest tier the institution's minors may reach (default `baseline`): raising it
+    /// is the institution's explicit decision.
+    #[serde(default)]
+    pub minor_tier_ceiling: Option<Tier>,
+    /// `true` stops every request of the institution on every replica within a second;
+    /// `false` releases it (operators only).
+    #[serde(default)]
+    pub contained: Option<bool>,
 }
 
 /// Body of `PATCH /admin/v1/keys/{id}`: only the fields given change.
@@ -89,6 +100,10 @@ pub struct UpdateKey {
     /// Public names of the only models the key may use; `null`: any within its tier ceiling.
     #[serde(default, deserialize_with = "present")]
     pub allowed_models: Option<Option<Vec<String>>>,
+    /// `true` stops every request made with the key (patron sessions on it included) on
+    /// every replica within a second; `false` releases it (operators only).
+    #[serde(default)]
+    pub contained: Option<bool>,
 }
 
 /// Body of `POST /admin/v1/institutions/{id}/keys`.
@@ -288,6 +303,9 @@ pub async fn update_institution(
     if body.status.is_some() || body.frontier_verified.is_some() {
         principal.authorize(Action::GovernInstitution, Some(&id))?;
     }
+    if body.contained.is_some() {
+        principal.authorize(Action::Contain, Some(&id))?;
+    }
     if let Some(name) = &body.name {
         AdminError::check_name("name", name, 200)?;
     }
@@ -310,10 +328,23 @@ pub async fn update_institution(
                 status: body.status,
                 frontier_verified: body.frontier_verified,
                 over_quota: body.over_quota,
+                tier_ceiling: body.tier_ceiling,
+                minor_tier_ceiling: body.minor_tier_ceiling,
             },
         )
         .await?
         .ok_or_else(|| AdminError::NotFound(format!("institution `{id}`")))?;
+    if let Some(contained) = body.contained {
+        crate::safeguards::switch(
+            &state,
+            &principal,
+            carrel_core::domain::ContainmentKind::Institution,
+            &id,
+            Some(&id),
+            contained,
+        )
+        .await?;
+    }
     // Cached principals carry the status and time zone.
     state.hooks.institution_changed(&id).await;
     tracing::info!(institution = %id, status = %inst.status,
@@ -587,6 +618,9 @@ pub async fn update_key(
     AdminJson(body): AdminJson<UpdateKey>,
 ) -> Result<Json<ApiKey>, AdminError> {
     let old = managed_key(&state, &principal, &id).await?;
+    if body.contained.is_some() {
+        principal.authorize(Action::Contain, Some(&old.institution_id))?;
+    }
     if let Some(name) = &body.name {
         AdminError::check_name("name", name, 200)?;
     }
@@ -611,6 +645,17 @@ pub async fn update_key(
         )
         .await?
         .ok_or_else(|| AdminError::NotFound(format!("key `{id}`")))?;
+    if let Some(contained) = body.contained {
+        crate::safeguards::switch(
+            &state,
+            &principal,
+            carrel_core::domain::ContainmentKind::Key,
+            &id,
+            Some(&old.institution_id),
+            contained,
+        )
+        .await?;
+    }
     state.hooks.key_changed(&id).await;
     tracing::info!(key = %id, "api key updated");
     state

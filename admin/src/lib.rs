@@ -37,6 +37,7 @@ pub mod limits;
 pub mod patrons;
 pub mod query;
 pub mod reference;
+pub mod safeguards;
 pub mod structure;
 pub mod tokens;
 pub mod usage;
@@ -47,7 +48,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, patch, post};
 use carrel_core::keys::Pepper;
 use carrel_core::store::Store;
 
@@ -66,6 +67,9 @@ pub trait ControlHooks: Send + Sync + 'static {
     /// A usage report is about to be read: write every usage record already metered, so the
     /// report includes every response that has ended.
     fn usage_flush(&self) -> HookFuture;
+    /// A containment switch changed: reload the set and stop what it now covers, streams in
+    /// flight included.
+    fn containment_changed(&self) -> HookFuture;
     /// Changes may have been missed (a replica fell behind the store's events): drop every
     /// cache and reload every snapshot.
     fn everything_changed(&self) -> HookFuture;
@@ -152,6 +156,18 @@ pub fn router(state: AdminState) -> Router {
             delete(institutions::revoke_key).patch(institutions::update_key),
         )
         .route("/admin/v1/keys/{id}/rotate", post(institutions::rotate_key))
+        .route(
+            "/admin/v1/keys/{id}/frontier-attestation",
+            get(safeguards::get_attestation)
+                .put(safeguards::put_attestation)
+                .delete(safeguards::delete_attestation),
+        )
+        .route("/admin/v1/models/{name}", patch(safeguards::contain_model))
+        .route(
+            "/admin/v1/providers/{name}",
+            patch(safeguards::contain_provider),
+        )
+        .route("/admin/v1/containment", get(safeguards::list_containment))
         .route(
             "/admin/v1/institutions/{id}/limits",
             get(limits::get_institution_limits).put(limits::put_institution_limits),

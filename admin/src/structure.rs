@@ -4,7 +4,7 @@
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::{Extension, Json};
-use carrel_core::domain::{Group, GroupKind, Site};
+use carrel_core::domain::{Group, GroupKind, Site, Tier};
 use carrel_core::store::Page;
 use serde::Deserialize;
 use utoipa::ToSchema;
@@ -33,6 +33,9 @@ pub struct CreateGroup {
     pub name: String,
     /// What the group stands for.
     pub kind: GroupKind,
+    /// The highest tier the group's keys may reach (none of its own by default).
+    #[serde(default)]
+    pub tier_ceiling: Option<Tier>,
 }
 
 /// Creates a site.
@@ -98,7 +101,10 @@ pub async fn create_group(
 ) -> Result<(StatusCode, Json<Group>), AdminError> {
     principal.authorize(Action::ManageStructure, Some(&id))?;
     AdminError::check_name("name", &body.name, 200)?;
-    let group = state.store.create_group(&id, body.name, body.kind).await?;
+    let group = state
+        .store
+        .create_group(&id, body.name, body.kind, body.tier_ceiling)
+        .await?;
     state
         .audit(
             principal.actor(),

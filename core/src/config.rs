@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::domain::{ProviderKind, Tier};
+use crate::domain::{ProviderKind, Tier, TierBasis};
 
 /// Prefix of environment overrides: `CARREL__SERVER__LISTEN=0.0.0.0:8080` sets `server.listen`.
 pub const ENV_PREFIX: &str = "CARREL__";
@@ -188,6 +188,8 @@ struct RawModel {
     #[serde(default)]
     upstream_model: Option<String>,
     tier: Tier,
+    #[serde(default)]
+    tier_basis: Option<TierBasis>,
     #[serde(default)]
     input_price_per_mtok: f64,
     #[serde(default)]
@@ -459,6 +461,8 @@ pub struct ModelConfig {
     pub upstream_model: String,
     /// Tier.
     pub tier: Tier,
+    /// Why it has that tier (default `operator_judgement`).
+    pub tier_basis: TierBasis,
     /// Price per million prompt tokens.
     pub input_price_per_mtok: f64,
     /// Price per million completion tokens.
@@ -745,6 +749,7 @@ impl Config {
                 name: m.name,
                 provider: m.provider,
                 tier: m.tier,
+                tier_basis: m.tier_basis.unwrap_or(TierBasis::OperatorJudgement),
                 input_price_per_mtok: m.input_price_per_mtok,
                 output_price_per_mtok: m.output_price_per_mtok,
             });

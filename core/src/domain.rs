@@ -73,6 +73,34 @@ string_enum! {
 }
 
 string_enum! {
+    /// Why a model has its tier: the record a reviewer checks a tier against.
+    pub enum TierBasis {
+        /// The vendor's own capability framework puts the model at a level that calls for
+        /// these controls (a responsible-scaling or preparedness level).
+        VendorFramework => "vendor_framework",
+        /// The EU AI Act presumes systemic risk (general-purpose AI trained with more than
+        /// 10^25 FLOP, Art. 51) or the Commission designated it.
+        EuSystemicRisk => "eu_systemic_risk",
+        /// The operator's judgement, with no outside classification (the default).
+        OperatorJudgement => "operator_judgement",
+    }
+}
+
+string_enum! {
+    /// What a containment switch stops.
+    pub enum ContainmentKind {
+        /// One model (public name).
+        Model => "model",
+        /// Every model of one provider (provider name).
+        Provider => "provider",
+        /// Every request of one institution (id).
+        Institution => "institution",
+        /// Every request made with one API key (id), patron sessions on it included.
+        Key => "key",
+    }
+}
+
+string_enum! {
     /// What sort of institution an account belongs to; drives defaults and reports.
     pub enum InstitutionKind {
         /// A public or academic library.
@@ -293,6 +321,8 @@ pub struct Model {
     pub upstream_model: String,
     /// How much control it needs.
     pub tier: Tier,
+    /// Why it has that tier.
+    pub tier_basis: TierBasis,
     /// Price of a million prompt tokens, in the operator's currency.
     pub input_price_per_mtok: f64,
     /// Price of a million completion tokens, in the operator's currency.
@@ -330,6 +360,12 @@ pub struct Institution {
     pub frontier_verified: bool,
     /// What happens to a request larger than what is left of a limit.
     pub over_quota: OverQuota,
+    /// The highest tier any of its keys may reach (default `frontier`: the keys' own
+    /// ceilings and the frontier gate decide).
+    pub tier_ceiling: Tier,
+    /// The highest tier its minors may reach (default `baseline`); raising it is an explicit
+    /// decision of the institution.
+    pub minor_tier_ceiling: Tier,
     /// RFC 3339 creation time.
     pub created_at: String,
 }
@@ -360,6 +396,8 @@ pub struct Group {
     pub name: String,
     /// What the group stands for.
     pub kind: GroupKind,
+    /// The highest tier its keys may reach, if the group has a ceiling of its own.
+    pub tier_ceiling: Option<Tier>,
     /// RFC 3339 creation time.
     pub created_at: String,
 }
@@ -442,6 +480,65 @@ pub struct KeyCredential {
     pub secret_hash: [u8; 32],
     /// The institution the key belongs to.
     pub institution: Institution,
+    /// The ceiling of the key's group, if it has one.
+    pub group_tier_ceiling: Option<Tier>,
+    /// RFC 3339 end of the key's approved frontier use-case attestation, if it has one.
+    pub attested_until: Option<String>,
+}
+
+/// An operator's approval of what a service key will use frontier models for: the named
+/// principal the frontier gate asks for. It expires; a new approval replaces it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct FrontierAttestation {
+    /// The service key it is for.
+    pub key_id: String,
+    /// What the key will use frontier models for, as approved.
+    pub use_case: String,
+    /// Who approved it (`operator`).
+    pub approved_by: String,
+    /// RFC 3339 approval time.
+    pub approved_at: String,
+    /// RFC 3339 time the approval ends.
+    pub expires_at: String,
+}
+
+/// Why a principal may not use a model of some tier ([`Principal::tier_gate`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TierRefusal {
+    /// Above a ceiling: which one.
+    Ceiling(CeilingLevel),
+    /// A frontier model through a kiosk key or a patron session: shared, never a named person.
+    SharedSession,
+    /// A frontier model, for an institution no operator verified.
+    NotVerified,
+    /// A frontier model through a service key without a current approved attestation.
+    AttestationRequired,
+}
+
+/// Which ceiling refused a tier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CeilingLevel {
+    /// The institution's.
+    Institution,
+    /// The key's group's.
+    Group,
+    /// The key's own.
+    Key,
+    /// The institution's ceiling for minors, for a patron counted as a minor.
+    Minor,
+}
+
+impl CeilingLevel {
+    /// How a refusal names the ceiling.
+    pub const fn describe(self) -> &'static str {
+        match self {
+            CeilingLevel::Institution => "the institution's tier ceiling",
+            CeilingLevel::Group => "the tier ceiling of this key's group",
+            CeilingLevel::Key => "this key's tier ceiling",
+            CeilingLevel::Minor => "the tier ceiling for minors",
+        }
+    }
 }
 
 /// Who a request runs as, after authentication. Cheap to clone (shared strings).
@@ -465,8 +562,16 @@ pub struct Principal {
     pub site_id: Option<std::sync::Arc<str>>,
     /// The key's group, if any.
     pub group_id: Option<std::sync::Arc<str>>,
-    /// The highest model tier this principal may reach.
+    /// The highest model tier the key may reach.
     pub tier_ceiling: Tier,
+    /// The ceiling of the key's group, if any.
+    pub group_tier_ceiling: Option<Tier>,
+    /// The institution's ceiling.
+    pub institution_tier_ceiling: Tier,
+    /// The institution's ceiling for minors (applies to a patron counted as a minor).
+    pub minor_tier_ceiling: Tier,
+    /// Unix seconds at which the key's frontier attestation ends, if it has one.
+    pub attested_until: Option<i64>,
     /// When set, the only models this principal may use.
     pub allowed_models: Option<std::sync::Arc<[String]>>,
     /// Unix seconds after which the credential stops working.
@@ -506,6 +611,10 @@ impl Principal {
             site_id: cred.key.site_id.as_deref().map(Into::into),
             group_id: cred.key.group_id.as_deref().map(Into::into),
             tier_ceiling: cred.key.tier_ceiling,
+            group_tier_ceiling: cred.group_tier_ceiling,
+            institution_tier_ceiling: cred.institution.tier_ceiling,
+            minor_tier_ceiling: cred.institution.minor_tier_ceiling,
+            attested_until: cred.attested_until.as_deref().and_then(unix_seconds),
             allowed_models: cred.key.allowed_models.as_deref().map(Into::into),
             expires_at: cred.key.expires_at.as_deref().and_then(unix_seconds),
             key_kind: cred.key.kind,
@@ -518,15 +627,63 @@ impl Principal {
         self.expires_at.is_some_and(|at| at <= now)
     }
 
-    /// Whether this principal may use the model `name` of `tier`: within its tier ceiling and
-    /// allowed models, and a frontier model only for an institution an operator verified.
+    /// Whether the model `name` is in the key's allowed models (any model when unset).
+    pub fn allows_model(&self, name: &str) -> bool {
+        self.allowed_models
+            .as_deref()
+            .is_none_or(|allowed| allowed.iter().any(|m| m == name))
+    }
+
+    /// Whether this principal is a patron counted as a minor at its institution.
+    pub fn is_minor(&self) -> bool {
+        self.patron
+            .as_ref()
+            .is_some_and(|p| p.age_band.treat_as_minor(self.institution_kind))
+    }
+
+    /// The tier gate: whether this principal may reach a model of `tier` at `now` (Unix
+    /// seconds), and if not, the first reason in a fixed order: the ceilings (institution,
+    /// group, key, minors), then for frontier models the shared-session rule, the operator's
+    /// verification of the institution, and the key's attestation (staff keys are named
+    /// people and need none).
+    pub fn tier_gate(&self, tier: Tier, now: i64) -> Result<(), TierRefusal> {
+        let ceilings = [
+            (
+                CeilingLevel::Institution,
+                Some(self.institution_tier_ceiling),
+            ),
+            (CeilingLevel::Group, self.group_tier_ceiling),
+            (CeilingLevel::Key, Some(self.tier_ceiling)),
+            (
+                CeilingLevel::Minor,
+                self.is_minor().then_some(self.minor_tier_ceiling),
+            ),
+        ];
+        for (level, ceiling) in ceilings {
+            if ceiling.is_some_and(|c| tier > c) {
+                return Err(TierRefusal::Ceiling(level));
+            }
+        }
+        if tier < Tier::Frontier {
+            return Ok(());
+        }
+        if self.patron.is_some() || self.key_kind == KeyKind::Kiosk {
+            return Err(TierRefusal::SharedSession);
+        }
+        if !self.frontier_verified {
+            return Err(TierRefusal::NotVerified);
+        }
+        match self.key_kind {
+            KeyKind::Staff => Ok(()),
+            KeyKind::Service if self.attested_until.is_some_and(|until| until > now) => Ok(()),
+            KeyKind::Service | KeyKind::Kiosk => Err(TierRefusal::AttestationRequired),
+        }
+    }
+
+    /// Whether this principal may use the model `name` of `tier` now: allowed, and through the
+    /// tier gate. Lists of models (`/v1/models`) show only these.
     pub fn may_use(&self, name: &str, tier: Tier) -> bool {
-        tier <= self.tier_ceiling
-            && (tier < Tier::Frontier || self.frontier_verified)
-            && self
-                .allowed_models
-                .as_deref()
-                .is_none_or(|allowed| allowed.iter().any(|m| m == name))
+        self.allows_model(name) && self.tier_gate(tier, unix_now()).is_ok()
     }
 }
 
@@ -680,6 +837,126 @@ mod tests {
         check(InstitutionStatus::ALL, InstitutionStatus::as_str);
         check(Scope::ALL, Scope::as_str);
         check(UsageGroupBy::ALL, UsageGroupBy::as_str);
+        check(TierBasis::ALL, TierBasis::as_str);
+        check(ContainmentKind::ALL, ContainmentKind::as_str);
+    }
+
+    fn principal(kind: KeyKind) -> Principal {
+        Principal {
+            institution_id: "inst".into(),
+            institution_kind: InstitutionKind::Library,
+            timezone: "UTC".into(),
+            institution_status: InstitutionStatus::Active,
+            frontier_verified: true,
+            over_quota: OverQuota::Reject,
+            key_id: "key".into(),
+            site_id: None,
+            group_id: None,
+            tier_ceiling: Tier::Frontier,
+            group_tier_ceiling: None,
+            institution_tier_ceiling: Tier::Frontier,
+            minor_tier_ceiling: Tier::Baseline,
+            attested_until: None,
+            allowed_models: None,
+            expires_at: None,
+            key_kind: kind,
+            patron: None,
+        }
+    }
+
+    fn patron(p: &mut Principal, age_band: AgeBand) {
+        p.patron = Some(PatronPrincipal {
+            session_id: "s".into(),
+            patron_ref: "p".into(),
+            age_band,
+            allowance: None,
+        });
+    }
+
+    #[test]
+    fn ceilings_refuse_in_a_fixed_order_and_name_the_level() {
+        let now = 1_000;
+        let mut p = principal(KeyKind::Staff);
+        assert_eq!(p.tier_gate(Tier::Frontier, now), Ok(()));
+        p.tier_ceiling = Tier::Advanced;
+        assert_eq!(
+            p.tier_gate(Tier::Frontier, now),
+            Err(TierRefusal::Ceiling(CeilingLevel::Key))
+        );
+        p.group_tier_ceiling = Some(Tier::Baseline);
+        assert_eq!(
+            p.tier_gate(Tier::Advanced, now),
+            Err(TierRefusal::Ceiling(CeilingLevel::Group))
+        );
+        p.institution_tier_ceiling = Tier::Baseline;
+        assert_eq!(
+            p.tier_gate(Tier::Advanced, now),
+            Err(TierRefusal::Ceiling(CeilingLevel::Institution))
+        );
+        assert_eq!(p.tier_gate(Tier::Baseline, now), Ok(()));
+    }
+
+    #[test]
+    fn minors_stop_at_baseline_unless_the_institution_raises_it() {
+        let mut p = principal(KeyKind::Kiosk);
+        patron(&mut p, AgeBand::Minor);
+        assert_eq!(
+            p.tier_gate(Tier::Advanced, 0),
+            Err(TierRefusal::Ceiling(CeilingLevel::Minor))
+        );
+        assert_eq!(p.tier_gate(Tier::Baseline, 0), Ok(()));
+        p.minor_tier_ceiling = Tier::Advanced;
+        assert_eq!(p.tier_gate(Tier::Advanced, 0), Ok(()));
+        // An unknown age is a minor at a school, an adult at a library.
+        patron(&mut p, AgeBand::Unknown);
+        p.minor_tier_ceiling = Tier::Baseline;
+        assert_eq!(p.tier_gate(Tier::Advanced, 0), Ok(()));
+        p.institution_kind = InstitutionKind::School;
+        assert_eq!(
+            p.tier_gate(Tier::Advanced, 0),
+            Err(TierRefusal::Ceiling(CeilingLevel::Minor))
+        );
+    }
+
+    #[test]
+    fn the_frontier_gate_wants_a_named_principal_a_verified_institution_and_an_attestation() {
+        let now = 1_000;
+        // Kiosks and patron sessions never, even adults at a verified institution.
+        let kiosk = principal(KeyKind::Kiosk);
+        assert_eq!(
+            kiosk.tier_gate(Tier::Frontier, now),
+            Err(TierRefusal::SharedSession)
+        );
+        let mut session = principal(KeyKind::Kiosk);
+        patron(&mut session, AgeBand::Adult);
+        session.minor_tier_ceiling = Tier::Frontier;
+        assert_eq!(
+            session.tier_gate(Tier::Frontier, now),
+            Err(TierRefusal::SharedSession)
+        );
+        // A service key needs a current attestation.
+        let mut service = principal(KeyKind::Service);
+        assert_eq!(
+            service.tier_gate(Tier::Frontier, now),
+            Err(TierRefusal::AttestationRequired)
+        );
+        service.attested_until = Some(now);
+        assert_eq!(
+            service.tier_gate(Tier::Frontier, now),
+            Err(TierRefusal::AttestationRequired),
+            "an attestation ending now has ended"
+        );
+        service.attested_until = Some(now + 1);
+        assert_eq!(service.tier_gate(Tier::Frontier, now), Ok(()));
+        // ...at a verified institution.
+        service.frontier_verified = false;
+        assert_eq!(
+            service.tier_gate(Tier::Frontier, now),
+            Err(TierRefusal::NotVerified)
+        );
+        // Below frontier none of this applies.
+        assert_eq!(service.tier_gate(Tier::Advanced, now), Ok(()));
+        assert_eq!(kiosk.tier_gate(Tier::Advanced, now), Ok(()));
     }
 
     #[test]

@@ -407,10 +407,15 @@ pub struct BadRequest(pub ErrorBody);
 #[derive(ToResponse)]
 pub struct Unauthorized(pub ErrorBody);
 
-/// `institution_suspended`: the key's institution is suspended. `model_not_permitted` (on
-/// inference requests): the model exists but is above this key's tier ceiling or outside its
-/// allowed models (`param` is `model`). `frontier_not_verified`: a frontier model, and no
-/// operator has verified the key's institution for frontier models (`param` is `model`).
+/// `institution_suspended`: the key's institution is suspended. On inference requests (each
+/// with `param` `model`): `model_not_permitted`: the model is outside this key's allowed
+/// models. `tier_not_allowed`: the model's tier is above a ceiling that applies (the
+/// institution's, the key's group's, the key's, or the ceiling for minors — the message says
+/// which), or it is a frontier model asked for through a kiosk, a patron session or a guest
+/// pass, which never reach frontier models. `frontier_not_verified`: a frontier model, and no
+/// operator has verified the key's institution for frontier models. `attestation_required`: a
+/// frontier model through a service key without a current use-case attestation approved by
+/// the operator.
 #[derive(ToResponse)]
 pub struct Forbidden(pub ErrorBody);
 
@@ -451,6 +456,9 @@ pub struct TooManyRequests(pub ErrorBody);
 /// `store_unavailable`: the state store failed while checking the API key; retry later.
 /// `state_unavailable`: on several replicas, the shared counters (Redis) cannot be reached and
 /// a limit this request meets fails closed (`store.on_redis_failure`); retry later.
+/// `model_contained`: the operator has contained the model or its provider;
+/// `institution_contained`, `key_contained`: the institution or the key. A stream in flight
+/// when a switch is turned on ends with a final SSE event carrying the same error.
 #[derive(ToResponse)]
 pub struct StoreUnavailable(pub ErrorBody);
 

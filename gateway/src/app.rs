@@ -17,6 +17,7 @@ use crate::metering::UsageLedger;
 use crate::patrons::PatronDesk;
 use crate::patrons::sessions::SessionCache;
 use crate::pipeline::authenticate::KeyCache;
+use crate::safeguards::containment::Containment;
 use crate::upstream::Upstream;
 use crate::upstream::catalog::Catalog;
 
@@ -51,6 +52,8 @@ pub struct Inner {
     pub keys: KeyCache,
     /// Verified patron sessions.
     pub sessions: SessionCache,
+    /// Containment switches: checked by authorize, watched by streams in flight.
+    pub containment: Arc<Containment>,
     /// Patron sign-in: SIP2 pools, the JWKS cache, lockouts and counters.
     pub patron_desk: PatronDesk,
     /// Where metered usage goes.
@@ -114,6 +117,7 @@ impl AppState {
             catalog: ArcSwap::from_pointee(Catalog::default()),
             keys: parts.keys,
             sessions: SessionCache::default(),
+            containment: Arc::default(),
             patron_desk: parts.patron_desk,
             ledger: parts.ledger,
             quota: parts.quota,
@@ -196,7 +200,22 @@ impl ControlHooks for GatewayHooks {
     fn everything_changed(&self) -> HookFuture {
         self.0.keys.evict_all();
         self.0.sessions.evict_all();
-        self.catalog_changed()
+        let catalog = self.catalog_changed();
+        let containment = self.containment_changed();
+        Box::pin(async move {
+            containment.await;
+            catalog.await;
+        })
+    }
+
+    fn containment_changed(&self) -> HookFuture {
+        let state = self.0.clone();
+        Box::pin(async move {
+            // The switch is committed; a failed reload keeps the previous set and says so.
+            if let Err(e) = state.containment.reload(&state.store).await {
+                tracing::error!(error = %e, "containment reload failed; the previous set stands");
+            }
+        })
     }
 
     fn institution_changed(&self, institution_id: &str) -> HookFuture {

@@ -68,13 +68,36 @@ pub enum GatewayError {
         "The model `{0}` is a frontier model; this institution is not verified for frontier models."
     )]
     FrontierNotVerified(String),
-    /// The model exists but is above the caller's tier ceiling or outside its allowed models.
-    #[error("The model `{model}` ({tier} tier) is not permitted for this key.")]
+    /// The model is outside the key's allowed models.
+    #[error("The model `{model}` is not among the models this key may use.")]
     ModelNotPermitted {
+        /// The model.
+        model: String,
+    },
+    /// The model's tier is above a ceiling that applies, or it is a frontier model and the
+    /// caller is a shared kiosk session or guest pass.
+    #[error("{}", tier_refusal_message(.model, *.tier, .why))]
+    TierNotAllowed {
         /// The model.
         model: String,
         /// Its tier.
         tier: carrel_core::domain::Tier,
+        /// Which ceiling, or the shared-session rule.
+        why: TierWhy,
+    },
+    /// A frontier model through a service key without a current approved attestation.
+    #[error(
+        "The model `{0}` is a frontier model; this key needs a current use-case attestation \
+         approved by the operator."
+    )]
+    AttestationRequired(String),
+    /// A switch stops the model, its provider, the institution or the key.
+    #[error("{}", contained_message(.model, *.by))]
+    Contained {
+        /// The model asked for.
+        model: String,
+        /// Which switch.
+        by: carrel_core::domain::ContainmentKind,
     },
     /// The upstream could not be connected to.
     #[error("The model provider could not be reached.")]
@@ -105,6 +128,42 @@ pub enum GatewayError {
     SignIn(crate::patrons::SignInError),
 }
 
+/// Why a tier was refused: a ceiling, or the rule that frontier models need a named person.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TierWhy {
+    /// Above this ceiling.
+    Ceiling(carrel_core::domain::CeilingLevel),
+    /// A frontier model through a kiosk or a patron session.
+    SharedSession,
+}
+
+fn tier_refusal_message(model: &str, tier: carrel_core::domain::Tier, why: &TierWhy) -> String {
+    match why {
+        TierWhy::Ceiling(level) => format!(
+            "The model `{model}` is a {tier}-tier model, above {}.",
+            level.describe()
+        ),
+        TierWhy::SharedSession => format!(
+            "The model `{model}` is a frontier model; frontier models are only for named staff \
+             and approved service keys, never a shared kiosk session or guest pass."
+        ),
+    }
+}
+
+fn contained_message(model: &str, by: carrel_core::domain::ContainmentKind) -> String {
+    use carrel_core::domain::ContainmentKind;
+    let what = match by {
+        ContainmentKind::Model => "this model",
+        ContainmentKind::Provider => "this model's provider",
+        ContainmentKind::Institution => "this institution",
+        ContainmentKind::Key => "this key",
+    };
+    format!(
+        "The model `{model}` is not available: the operator has contained {what}. \
+         Try again later or contact your administrator."
+    )
+}
+
 /// A boxed error from a lower layer.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -124,8 +183,11 @@ impl GatewayError {
             | GatewayError::MalformedJson(_)
             | GatewayError::InvalidParameter { .. } => StatusCode::BAD_REQUEST,
             GatewayError::ModelNotPermitted { .. }
+            | GatewayError::TierNotAllowed { .. }
+            | GatewayError::AttestationRequired(_)
             | GatewayError::FrontierNotVerified(_)
             | GatewayError::InstitutionSuspended => StatusCode::FORBIDDEN,
+            GatewayError::Contained { .. } => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::UpstreamUnreachable(_) | GatewayError::UpstreamFailed(_) => {
                 StatusCode::BAD_GATEWAY
             }
@@ -152,9 +214,12 @@ impl GatewayError {
             | GatewayError::InvalidParameter { .. }
             | GatewayError::ModelNotFound(_) => "invalid_request_error",
             GatewayError::ModelNotPermitted { .. }
+            | GatewayError::TierNotAllowed { .. }
+            | GatewayError::AttestationRequired(_)
             | GatewayError::FrontierNotVerified(_)
             | GatewayError::InstitutionSuspended => "permission_error",
-            GatewayError::UpstreamUnreachable(_)
+            GatewayError::Contained { .. }
+            | GatewayError::UpstreamUnreachable(_)
             | GatewayError::UpstreamFailed(_)
             | GatewayError::UpstreamTimeout
             | GatewayError::StoreUnavailable(_)
@@ -185,6 +250,16 @@ impl GatewayError {
             GatewayError::InvalidParameter { .. } => "invalid_parameter",
             GatewayError::ModelNotFound(_) => "model_not_found",
             GatewayError::ModelNotPermitted { .. } => "model_not_permitted",
+            GatewayError::TierNotAllowed { .. } => "tier_not_allowed",
+            GatewayError::AttestationRequired(_) => "attestation_required",
+            // The contract names `model_contained`; a provider's switch stops its models, so
+            // it answers the same. An institution's or a key's says which.
+            GatewayError::Contained { by, .. } => match by {
+                carrel_core::domain::ContainmentKind::Model
+                | carrel_core::domain::ContainmentKind::Provider => "model_contained",
+                carrel_core::domain::ContainmentKind::Institution => "institution_contained",
+                carrel_core::domain::ContainmentKind::Key => "key_contained",
+            },
             GatewayError::FrontierNotVerified(_) => "frontier_not_verified",
             GatewayError::UpstreamUnreachable(_) => "upstream_unreachable",
             GatewayError::UpstreamFailed(_) => "upstream_failed",
@@ -219,6 +294,8 @@ impl GatewayError {
             GatewayError::ModelNotFound(_)
             | GatewayError::ModelNotPermitted { .. }
             | GatewayError::FrontierNotVerified(_) => "model",
+            GatewayError::TierNotAllowed { .. } | GatewayError::AttestationRequired(_) => "tier",
+            GatewayError::Contained { .. } => "contained",
             GatewayError::UpstreamUnreachable(_)
             | GatewayError::UpstreamFailed(_)
             | GatewayError::UpstreamTimeout => "upstream",
@@ -244,6 +321,9 @@ impl GatewayError {
             GatewayError::InvalidParameter { param, .. } => Some(param),
             GatewayError::ModelNotFound(_)
             | GatewayError::ModelNotPermitted { .. }
+            | GatewayError::TierNotAllowed { .. }
+            | GatewayError::AttestationRequired(_)
+            | GatewayError::Contained { .. }
             | GatewayError::FrontierNotVerified(_) => Some("model"),
             GatewayError::MissingApiKey
             | GatewayError::InvalidApiKey
@@ -290,10 +370,13 @@ impl GatewayError {
                 message: String::new(),
             },
             GatewayError::ModelNotFound("m".into()),
-            GatewayError::ModelNotPermitted {
+            GatewayError::ModelNotPermitted { model: "m".into() },
+            GatewayError::TierNotAllowed {
                 model: "m".into(),
                 tier: carrel_core::domain::Tier::Frontier,
+                why: TierWhy::SharedSession,
             },
+            GatewayError::AttestationRequired("m".into()),
             GatewayError::FrontierNotVerified("m".into()),
             GatewayError::UpstreamUnreachable("x".into()),
             GatewayError::UpstreamFailed("x".into()),
@@ -304,6 +387,17 @@ impl GatewayError {
             GatewayError::StateUnavailable,
         ];
         let mut all = all;
+        // One containment error per distinct code.
+        for by in [
+            carrel_core::domain::ContainmentKind::Model,
+            carrel_core::domain::ContainmentKind::Institution,
+            carrel_core::domain::ContainmentKind::Key,
+        ] {
+            all.push(GatewayError::Contained {
+                model: "m".into(),
+                by,
+            });
+        }
         // One limit error per distinct code.
         for kind in [
             LimitKind::RequestsPerMinute,
@@ -341,6 +435,9 @@ impl GatewayError {
                 | GatewayError::InvalidParameter { .. }
                 | GatewayError::ModelNotFound(_)
                 | GatewayError::ModelNotPermitted { .. }
+                | GatewayError::TierNotAllowed { .. }
+                | GatewayError::AttestationRequired(_)
+                | GatewayError::Contained { .. }
                 | GatewayError::FrontierNotVerified(_)
                 | GatewayError::UpstreamUnreachable(_)
                 | GatewayError::UpstreamFailed(_)

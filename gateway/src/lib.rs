@@ -9,7 +9,8 @@
 //!    body is read, so failed requests count too
 //! 3. read body: bounded read; parse only the fields Carrel needs (`model`, `stream`,
 //!    `max_tokens`, `n`, `user`, the prompt's text for the estimate)
-//! 4. authorize: model exists, tier within the principal's ceiling
+//! 4. authorize: model exists, no containment switch stops it, the tier gate (ceilings of
+//!    institution, group, key and minors; frontier: named principal, verified, attested)
 //! 5. quota reserve: the model's rate, then tokens, money and a stream slot reserved at every
 //!    level at once (institution, site, group, key, patron, model)
 //! 6. safeguards, 7. cache, 8. route: arriving with later issues
@@ -33,6 +34,7 @@
 //! - [`metrics`]: `/metrics` on the admin listener (the ledger, the shared store and counters).
 //! - [`tokens`]: token estimates (tiktoken for OpenAI models, four bytes a token otherwise).
 //! - [`demo`]: the built-in demo model.
+//! - [`safeguards`]: containment switches, checked per request and watched by streams.
 
 pub mod api_doc;
 pub mod app;
@@ -46,6 +48,7 @@ pub mod metrics;
 pub mod openai;
 pub mod patrons;
 pub mod pipeline;
+pub mod safeguards;
 pub mod server;
 pub mod startup;
 pub mod tokens;

@@ -158,6 +158,7 @@ impl App {
         .map_err(|e| InitError::Tls(format!("upstream client: {e}")))?;
         let models = state.reload_catalog().await?;
         tracing::info!(models, "catalog loaded");
+        state.containment.reload(&state.store).await?;
         let env_keyed: HashSet<String> = state.env_keyed_providers().cloned().collect();
         let admin = AdminState {
             store,
@@ -271,6 +272,7 @@ async fn follow_store_events(admin: AdminState, state: AppState) {
             StoreEvent::KeyChanged(id) => admin.hooks.key_changed(&id).await,
             StoreEvent::InstitutionChanged(id) => admin.hooks.institution_changed(&id).await,
             StoreEvent::CatalogChanged => admin.hooks.catalog_changed().await,
+            StoreEvent::ContainmentChanged => admin.hooks.containment_changed().await,
             StoreEvent::LimitsChanged => reload_quota(&admin).await,
             StoreEvent::KioskSessionsEnded { kiosk_key_id } => {
                 state.sessions.evict_kiosk(&kiosk_key_id);
@@ -329,6 +331,7 @@ pub fn add_demo_model(config: &mut Config) {
             provider: "demo".to_owned(),
             upstream_model: demo::DEMO_MODEL.to_owned(),
             tier: Tier::Baseline,
+            tier_basis: carrel_core::domain::TierBasis::OperatorJudgement,
             input_price_per_mtok: 0.0,
             output_price_per_mtok: 0.0,
             max_output_tokens: carrel_core::config::DEFAULT_MAX_OUTPUT_TOKENS,

@@ -224,6 +224,20 @@ impl Gateway {
         );
         let (status, key) = self.admin(reqwest::Method::POST, &path, Some(body)).await;
         assert_eq!(status, 201, "{key}");
+        if tier_ceiling == Some("frontier") {
+            // ...and, for a service key, the operator's approval of its use case.
+            let path = format!(
+                "/admin/v1/keys/{}/frontier-attestation",
+                key["id"].as_str().unwrap()
+            );
+            let until = carrel_core::domain::unix_now() + 30 * 86_400;
+            let approval = json!({"use_case": "integration tests",
+                                  "expires_at": carrel_core::domain::rfc3339(until)});
+            let (status, body) = self
+                .admin(reqwest::Method::PUT, &path, Some(approval))
+                .await;
+            assert_eq!(status, 200, "{body}");
+        }
         (
             key["id"].as_str().unwrap().to_owned(),
             key["secret"].as_str().unwrap().to_owned(),

@@ -13,7 +13,7 @@ use super::{
 use crate::config::{ModelConfig, ProviderConfig};
 use crate::domain::{
     AdminUser, ApiKey, Group, GroupKind, Institution, InstitutionStatus, Model, OverQuota,
-    Provider, Site, Source,
+    Provider, Site, Source, Tier,
 };
 
 pub(super) fn apply_config(
@@ -36,10 +36,11 @@ pub(super) fn apply_config(
         tx.execute(
             "INSERT INTO models (id, name, provider, upstream_model, tier,
                 input_price_per_mtok, output_price_per_mtok, source, created_at,
-                max_output_tokens)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'config', ?8, ?9)
+                max_output_tokens, tier_basis)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'config', ?8, ?9, ?10)
              ON CONFLICT(name) DO UPDATE SET provider = excluded.provider,
                 upstream_model = excluded.upstream_model, tier = excluded.tier,
+                tier_basis = excluded.tier_basis,
                 input_price_per_mtok = excluded.input_price_per_mtok,
                 output_price_per_mtok = excluded.output_price_per_mtok,
                 max_output_tokens = excluded.max_output_tokens,
@@ -53,7 +54,8 @@ pub(super) fn apply_config(
                 m.input_price_per_mtok,
                 m.output_price_per_mtok,
                 w.now(),
-                m.max_output_tokens
+                m.max_output_tokens,
+                m.tier_basis.as_str()
             ],
         )?;
     }
@@ -144,6 +146,7 @@ pub(super) fn create_model(
         provider: new.provider,
         upstream_model: new.upstream_model,
         tier: new.tier,
+        tier_basis: new.tier_basis,
         input_price_per_mtok: new.input_price_per_mtok,
         output_price_per_mtok: new.output_price_per_mtok,
         max_output_tokens: new.max_output_tokens,
@@ -153,8 +156,8 @@ pub(super) fn create_model(
     c.execute(
         "INSERT INTO models (id, name, provider, upstream_model, tier,
             input_price_per_mtok, output_price_per_mtok, source, created_at,
-            max_output_tokens)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'admin', ?8, ?9)",
+            max_output_tokens, tier_basis)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'admin', ?8, ?9, ?10)",
         params![
             model.id,
             model.name,
@@ -164,7 +167,8 @@ pub(super) fn create_model(
             model.input_price_per_mtok,
             model.output_price_per_mtok,
             model.created_at,
-            model.max_output_tokens
+            model.max_output_tokens,
+            model.tier_basis.as_str()
         ],
     )
     .map_err(|e| unique_conflict(e, || format!("model `{}`", model.name)))?;
@@ -186,6 +190,8 @@ pub(super) fn create_institution(
         status: InstitutionStatus::Active,
         frontier_verified: false,
         over_quota: OverQuota::Reject,
+        tier_ceiling: Tier::Frontier,
+        minor_tier_ceiling: Tier::Baseline,
         created_at: w.now(),
     };
     c.execute(
@@ -231,9 +237,16 @@ pub(super) fn update_institution(
     if let Some(policy) = patch.over_quota {
         inst.over_quota = policy;
     }
+    if let Some(tier) = patch.tier_ceiling {
+        inst.tier_ceiling = tier;
+    }
+    if let Some(tier) = patch.minor_tier_ceiling {
+        inst.minor_tier_ceiling = tier;
+    }
     tx.execute(
         "UPDATE institutions SET name = ?2, sector = ?3, timezone = ?4, status = ?5,
-            frontier_verified = ?6, over_quota = ?7 WHERE id = ?1",
+            frontier_verified = ?6, over_quota = ?7, tier_ceiling = ?8,
+            minor_tier_ceiling = ?9 WHERE id = ?1",
         params![
             inst.id,
             inst.name,
@@ -241,7 +254,9 @@ pub(super) fn update_institution(
             inst.timezone,
             inst.status.as_str(),
             inst.frontier_verified,
-            inst.over_quota.as_str()
+            inst.over_quota.as_str(),
+            inst.tier_ceiling.as_str(),
+            inst.minor_tier_ceiling.as_str()
         ],
     )?;
     tx.commit()?;
@@ -387,6 +402,7 @@ pub(super) fn create_group(
     institution_id: String,
     name: String,
     kind: GroupKind,
+    tier_ceiling: Option<Tier>,
 ) -> Result<Group, StoreError> {
     require_institution(c, &institution_id)?;
     let group = Group {
@@ -394,17 +410,19 @@ pub(super) fn create_group(
         institution_id,
         name,
         kind,
+        tier_ceiling,
         created_at: w.now(),
     };
     c.execute(
-        "INSERT INTO member_groups (id, institution_id, name, kind, created_at)
-         VALUES (?1, ?2, ?3, ?4, ?5)",
+        "INSERT INTO member_groups (id, institution_id, name, kind, created_at, tier_ceiling)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         params![
             group.id,
             group.institution_id,
             group.name,
             group.kind.as_str(),
-            group.created_at
+            group.created_at,
+            group.tier_ceiling.map(Tier::as_str)
         ],
     )
     .map_err(|e| unique_conflict(e, || format!("group `{}`", group.name)))?;

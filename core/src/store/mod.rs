@@ -22,6 +22,7 @@ mod journal;
 mod limits;
 mod patrons;
 mod replica;
+mod safety;
 mod tokens;
 mod usage;
 mod write;
@@ -31,6 +32,7 @@ pub use patrons::{
     GuestPass, ImportCounts, LocalPatron, NewGuestPass, NewPatronSession, PatronSession,
 };
 pub use replica::{JOURNAL_FILE, RedisSettings, ReplicaCounters, VIEW_FILE};
+pub use safety::Containment;
 pub use tokens::NewAdminToken;
 pub use usage::{UsageLine, UsageRecord, UsageStatus};
 pub use write::StoreEvent;
@@ -289,10 +291,12 @@ INSERT INTO patron_daily (institution_id, day, patron_ref, tokens)
     ),
     // 9: patron sign-in: settings, local lists, guest passes, sessions.
     Migration::sql(patrons::MIGRATION),
+    // 10: tier ceilings and bases, frontier attestations, containment switches.
+    Migration::sql(safety::MIGRATION),
 ];
 
 /// Columns of an institution, in [`institution_row`]'s order.
-const INSTITUTION_COLS: [&str; 10] = [
+const INSTITUTION_COLS: [&str; 12] = [
     "id",
     "name",
     "kind",
@@ -303,6 +307,8 @@ const INSTITUTION_COLS: [&str; 10] = [
     "status",
     "frontier_verified",
     "over_quota",
+    "tier_ceiling",
+    "minor_tier_ceiling",
 ];
 
 /// Columns of a key, in [`key_row`]'s order.
@@ -451,6 +457,12 @@ pub struct InstitutionPatch {
     pub frontier_verified: Option<bool>,
     /// New policy for requests larger than what is left.
     pub over_quota: Option<OverQuota>,
+    /// New ceiling for every key of the institution.
+    #[serde(default)]
+    pub tier_ceiling: Option<Tier>,
+    /// New ceiling for the institution's minors.
+    #[serde(default)]
+    pub minor_tier_ceiling: Option<Tier>,
 }
 
 /// Changes to a key; `None` leaves a field as it is.
@@ -772,7 +784,8 @@ impl Store {
             paged(
                 c,
                 "SELECT id, name, provider, upstream_model, tier, input_price_per_mtok,
-                    output_price_per_mtok, source, created_at, max_output_tokens, rowid
+                    output_price_per_mtok, source, created_at, max_output_tokens, tier_basis,
+                    rowid
                  FROM models WHERE 1",
                 &[],
                 page,
@@ -856,20 +869,35 @@ impl Store {
         let id = key_id.to_owned();
         self.call(move |c| {
             let sql = format!(
-                "SELECT {}, k.secret_hash, {}
+                "SELECT {}, k.secret_hash, {}, g.tier_ceiling, a.expires_at
                  FROM api_keys k JOIN institutions i ON i.id = k.institution_id
+                 LEFT JOIN member_groups g ON g.id = k.group_id
+                 LEFT JOIN frontier_attestations a ON a.key_id = k.id
                  WHERE k.id = ?1 AND k.revoked_at IS NULL",
                 select_list(Some("k"), &KEY_COLS),
                 select_list(Some("i"), &INSTITUTION_COLS)
             );
             let hash_at = KEY_COLS.len();
+            let group_at = hash_at + 1 + INSTITUTION_COLS.len();
             c.query_row(&sql, [id], |r| {
                 let hash: Vec<u8> = r.get(hash_at)?;
-                Ok((key_row(r), hash, institution_row(r, hash_at + 1)))
+                let group_ceiling: Option<String> = r.get(group_at)?;
+                let attested_until: Option<String> = r.get(group_at + 1)?;
+                Ok((
+                    key_row(r),
+                    hash,
+                    institution_row(r, hash_at + 1),
+                    group_ceiling,
+                    attested_until,
+                ))
             })
             .optional()?
-            .map(|(key, hash, inst)| {
+            .map(|(key, hash, inst, group_ceiling, attested_until)| {
                 Ok(KeyCredential {
+                    group_tier_ceiling: group_ceiling
+                        .map(|t| parse("member_groups.tier_ceiling", t))
+                        .transpose()?,
+                    attested_until,
                     key: key?,
                     secret_hash: hash
                         .try_into()
@@ -929,12 +957,14 @@ impl Store {
         institution_id: &str,
         name: String,
         kind: GroupKind,
+        tier_ceiling: Option<Tier>,
     ) -> Result<Group, StoreError> {
         let institution_id = institution_id.to_owned();
         self.write(Command::CreateGroup {
             institution_id,
             name,
             kind,
+            tier_ceiling,
         })
         .await
     }
@@ -950,7 +980,8 @@ impl Store {
             require_institution(c, &inst)?;
             paged(
                 c,
-                "SELECT id, institution_id, name, kind, created_at, rowid FROM member_groups
+                "SELECT id, institution_id, name, kind, created_at, tier_ceiling, rowid
+                 FROM member_groups
                  WHERE institution_id = :inst",
                 &[(":inst", &inst)],
                 page,
@@ -1294,6 +1325,10 @@ fn group_row(r: &Row<'_>) -> Result<Group, StoreError> {
         name: r.get(2)?,
         kind: parse("member_groups.kind", r.get(3)?)?,
         created_at: r.get(4)?,
+        tier_ceiling: r
+            .get::<_, Option<String>>(5)?
+            .map(|t| parse("member_groups.tier_ceiling", t))
+            .transpose()?,
     })
 }
 
@@ -1379,6 +1414,7 @@ fn model_row(r: &Row<'_>) -> Result<Model, StoreError> {
         source: Source::parse(&r.get::<_, String>(7)?),
         created_at: r.get(8)?,
         max_output_tokens: r.get(9)?,
+        tier_basis: parse("models.tier_basis", r.get(10)?)?,
     })
 }
 
@@ -1394,6 +1430,8 @@ fn institution_row(r: &Row<'_>, at: usize) -> Result<Institution, StoreError> {
         status: parse("institutions.status", r.get(at + 7)?)?,
         frontier_verified: r.get(at + 8)?,
         over_quota: parse("institutions.over_quota", r.get(at + 9)?)?,
+        tier_ceiling: parse("institutions.tier_ceiling", r.get(at + 10)?)?,
+        minor_tier_ceiling: parse("institutions.minor_tier_ceiling", r.get(at + 11)?)?,
     })
 }
 
@@ -1787,6 +1825,7 @@ pub(crate) mod tests {
             provider: "up".into(),
             upstream_model: "m-upstream".into(),
             tier: Tier::Baseline,
+            tier_basis: crate::domain::TierBasis::OperatorJudgement,
             input_price_per_mtok: 0.5,
             output_price_per_mtok: 1.5,
             max_output_tokens: 4096,
@@ -1842,6 +1881,7 @@ pub(crate) mod tests {
                 provider: "up".into(),
                 upstream_model: "x".into(),
                 tier: Tier::Baseline,
+                tier_basis: crate::domain::TierBasis::OperatorJudgement,
                 input_price_per_mtok: 0.0,
                 output_price_per_mtok: 0.0,
                 max_output_tokens: 4096,
@@ -1869,6 +1909,7 @@ pub(crate) mod tests {
                 provider: "nope".into(),
                 upstream_model: "n".into(),
                 tier: Tier::Frontier,
+                tier_basis: crate::domain::TierBasis::EuSystemicRisk,
                 input_price_per_mtok: 0.0,
                 output_price_per_mtok: 0.0,
                 max_output_tokens: 4096,

@@ -23,7 +23,7 @@ use super::{
     NewUser, StoreError,
 };
 use crate::config::{ModelConfig, ProviderConfig};
-use crate::domain::GroupKind;
+use crate::domain::{ContainmentKind, GroupKind, Tier};
 use crate::patrons::PatronAuth;
 use crate::quota::{Level, LimitsPatch};
 
@@ -109,6 +109,8 @@ pub(crate) enum Command {
         institution_id: String,
         name: String,
         kind: GroupKind,
+        #[serde(default)]
+        tier_ceiling: Option<Tier>,
     },
     CreateUser(NewUser),
     DeleteUser {
@@ -174,6 +176,21 @@ pub(crate) enum Command {
     EndPatronSession {
         id: String,
     },
+    SetAttestation {
+        key_id: String,
+        use_case: String,
+        approved_by: String,
+        expires_at: String,
+    },
+    RevokeAttestation {
+        key_id: String,
+    },
+    SetContained {
+        kind: ContainmentKind,
+        target: String,
+        contained: bool,
+        by: String,
+    },
 }
 
 /// The result of a write, typed by the method that proposed it.
@@ -187,7 +204,7 @@ impl Command {
     /// Runs the write on `c`. Writes of several statements take a savepoint, so they nest in
     /// the transaction of a replica applying a run of log entries.
     pub(crate) fn apply(self, c: &mut Connection, w: &mut WriteCtx) -> Outcome {
-        use super::{control, limits, patrons, tokens};
+        use super::{control, limits, patrons, safety, tokens};
         match self {
             Command::ApplyConfig { providers, models } => {
                 boxed(control::apply_config(c, w, &providers, &models))
@@ -214,7 +231,15 @@ impl Command {
                 institution_id,
                 name,
                 kind,
-            } => boxed(control::create_group(c, w, institution_id, name, kind)),
+                tier_ceiling,
+            } => boxed(control::create_group(
+                c,
+                w,
+                institution_id,
+                name,
+                kind,
+                tier_ceiling,
+            )),
             Command::CreateUser(new) => boxed(control::create_user(c, w, new)),
             Command::DeleteUser { id } => boxed(control::delete_user(c, w, &id)),
             Command::RecordLoginFailure { user_id, now } => {
@@ -302,6 +327,26 @@ impl Command {
                 boxed(patrons::create_patron_session(c, &session))
             }
             Command::EndPatronSession { id } => boxed(patrons::end_patron_session(c, &id)),
+            Command::SetAttestation {
+                key_id,
+                use_case,
+                approved_by,
+                expires_at,
+            } => boxed(safety::set_attestation(
+                c,
+                w,
+                key_id,
+                use_case,
+                approved_by,
+                expires_at,
+            )),
+            Command::RevokeAttestation { key_id } => boxed(safety::revoke_attestation(c, &key_id)),
+            Command::SetContained {
+                kind,
+                target,
+                contained,
+                by,
+            } => boxed(safety::set_contained(c, w, kind, &target, contained, &by)),
         }
     }
 
@@ -338,6 +383,10 @@ impl Command {
                 kiosk_key_id: session.kiosk_key_id.clone(),
             },
             Command::EndPatronSession { id } => StoreEvent::PatronSessionEnded(id.clone()),
+            Command::SetAttestation { key_id, .. } | Command::RevokeAttestation { key_id } => {
+                StoreEvent::KeyChanged(key_id.clone())
+            }
+            Command::SetContained { .. } => StoreEvent::ContainmentChanged,
             // SIP2 pools follow their settings at the next sign-in, on every replica.
             Command::SetPatronAuth { .. }
             | Command::ImportLocalPatrons { .. }
@@ -393,6 +442,8 @@ pub enum StoreEvent {
     },
     /// A patron session ended (sign-out).
     PatronSessionEnded(String),
+    /// A containment switch was turned on or off: reload the set and stop what it covers.
+    ContainmentChanged,
 }
 
 /// `Option<Option<T>>` fields as JSON: absent keeps, `null` clears, a value sets. Plain serde

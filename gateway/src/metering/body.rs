@@ -35,6 +35,7 @@ use serde::Deserialize;
 use super::{PendingUsage, UsageLedger};
 use crate::body::ResponseBody;
 use crate::error::BoxError;
+use crate::safeguards::containment::ContainmentWatch;
 use crate::tokens::Tokenizer;
 
 /// How much of a body's end is kept to find its `usage` (the end of a JSON response, however
@@ -361,6 +362,21 @@ fn cut_event() -> Bytes {
     Bytes::from(format!("data: {body}\n\n"))
 }
 
+/// The SSE event that ends a stream a containment switch stopped.
+fn contained_event(by: carrel_core::domain::ContainmentKind) -> Bytes {
+    let error = crate::error::GatewayError::Contained {
+        model: String::new(),
+        by,
+    };
+    let body = serde_json::json!({"error": {
+        "message": "This response was stopped: the operator contained what it was using.",
+        "type": error.openai_type(),
+        "param": null,
+        "code": error.code(),
+    }});
+    Bytes::from(format!("data: {body}\n\n"))
+}
+
 /// A response body that settles and records its usage when it ends or is dropped.
 pub struct MeteredBody {
     /// The provider's body; replaced by an empty one when a stream is cut.
@@ -372,6 +388,8 @@ pub struct MeteredBody {
     /// The provider's body has ended (or was cut).
     ended: bool,
     meter: Option<Meter>,
+    /// Fires when a containment switch stops this stream (SSE only).
+    contained: Option<ContainmentWatch>,
 }
 
 impl std::fmt::Debug for MeteredBody {
@@ -404,6 +422,16 @@ impl MeteredBody {
         MeteredBody::new(inner, meter, Some(sse))
     }
 
+    /// Ends a stream with a final SSE error event when `watch` fires (a containment switch
+    /// stopped what it serves). No effect on a JSON body, which is not cut.
+    #[must_use]
+    pub fn stopped_by(mut self, watch: ContainmentWatch) -> Self {
+        if self.sse.is_some() {
+            self.contained = Some(watch);
+        }
+        self
+    }
+
     fn new(inner: ResponseBody, meter: Meter, sse: Option<SseReader>) -> Self {
         MeteredBody {
             inner,
@@ -412,6 +440,7 @@ impl MeteredBody {
             ready: VecDeque::new(),
             ended: false,
             meter: Some(meter),
+            contained: None,
         }
     }
 
@@ -475,6 +504,17 @@ impl MeteredBody {
             }
             if self.ended {
                 return Poll::Ready(None);
+            }
+            if let Some(watch) = &mut self.contained
+                && let Poll::Ready(by) = watch.as_mut().poll(cx)
+            {
+                self.contained = None;
+                self.ready.push_back(contained_event(by));
+                self.ended = true;
+                // Dropping the provider's body cancels its work.
+                self.inner = crate::body::full(Bytes::new());
+                self.finish(UsageStatus::Cut);
+                continue;
             }
             let sse = self.sse.as_mut().expect("SSE mode");
             match Pin::new(&mut self.inner).poll_frame(cx) {
@@ -656,6 +696,10 @@ mod tests {
             site_id: None,
             group_id: None,
             tier_ceiling: carrel_core::domain::Tier::Advanced,
+            group_tier_ceiling: None,
+            institution_tier_ceiling: carrel_core::domain::Tier::Frontier,
+            minor_tier_ceiling: carrel_core::domain::Tier::Baseline,
+            attested_until: None,
             allowed_models: None,
             expires_at: None,
             key_kind: carrel_core::domain::KeyKind::Service,

@@ -15,6 +15,7 @@ use crate::metering::MeteredBody;
 use crate::metering::body::{Meter, StreamReading};
 use crate::openai::Rewrite;
 use crate::pipeline::{Endpoint, RequestCtx};
+use crate::safeguards::containment::Subject;
 use crate::upstream::catalog::Target;
 
 /// Stage 9.
@@ -84,6 +85,15 @@ pub async fn run(
         .get(http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/event-stream"));
+    let watch = is_sse.then(|| {
+        let p = ctx.principal();
+        state.containment.watch(Subject {
+            model: Arc::clone(&route.name),
+            provider: Arc::clone(&route.provider),
+            institution: Arc::clone(&p.institution_id),
+            key: Arc::clone(&p.key_id),
+        })
+    });
     let allowance = meter
         .reservation
         .as_ref()
@@ -94,7 +104,11 @@ pub async fn run(
                 strip_usage: ask_usage,
                 allowance,
             };
-            MeteredBody::sse(body, meter, reading).boxed()
+            let body = MeteredBody::sse(body, meter, reading);
+            match watch {
+                Some(watch) => body.stopped_by(watch).boxed(),
+                None => body.boxed(),
+            }
         } else {
             MeteredBody::json(body, meter).boxed()
         }

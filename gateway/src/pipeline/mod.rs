@@ -6,7 +6,7 @@
 //! | 1 | authenticate | [`authenticate`] | 401 `missing_api_key`, 401 `invalid_api_key`, 401 `expired_api_key`, 401 `session_expired` (a patron session token), 403 `institution_suspended`, 503 `store_unavailable` |
 //! | 2 | rate limit (credential) | [`quota::rate_limit`] | 429 `rate_limit_exceeded` |
 //! | 3 | read body | [`read_body`] | 413 `request_too_large`, 400 `body_read_failed`, 400 `invalid_json`, 400 `invalid_parameter` |
-//! | 4 | authorize | [`authorize`] | 404 `model_not_found`, 403 `frontier_not_verified`, 403 `model_not_permitted` |
+//! | 4 | authorize | [`authorize`] | 404 `model_not_found`, 503 `model_contained` / `institution_contained` / `key_contained`, 403 `model_not_permitted`, 403 `tier_not_allowed`, 403 `frontier_not_verified`, 403 `attestation_required` |
 //! | 5 | quota reserve | [`quota::reserve`] | 400 `invalid_parameter` (`max_tokens` over the model's cap), 429 `rate_limit_exceeded`, 429 `insufficient_quota`, 429 `budget_exceeded` |
 //! | 6–8 | safeguards, cache, routing | (issues 7, 8) | |
 //! | 9 | forward + meter | [`forward`] | the upstream's own status, 502 `upstream_unreachable`, 502 `upstream_failed`, 504 `upstream_timeout`; a 2xx body settles the reservation and is recorded in the usage ledger ([`crate::metering`]) |

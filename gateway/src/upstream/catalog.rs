@@ -58,7 +58,7 @@ pub struct ModelRoute {
     /// Tier.
     pub tier: Tier,
     /// Provider name.
-    pub provider: String,
+    pub provider: Arc<str>,
     /// Unix seconds when it was added.
     pub created: i64,
     /// Price of a million prompt tokens, in US dollars.
@@ -132,7 +132,7 @@ impl Catalog {
                 name: m.name.as_str().into(),
                 upstream_model: m.upstream_model.clone(),
                 tier: m.tier,
-                provider: m.provider.clone(),
+                provider: m.provider.as_str().into(),
                 created,
                 input_price_per_mtok: m.input_price_per_mtok,
                 output_price_per_mtok: m.output_price_per_mtok,

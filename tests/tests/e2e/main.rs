@@ -15,6 +15,7 @@ mod patrons;
 mod proxy;
 mod quota;
 mod replicas;
+mod safeguards;
 mod serve;
 mod tenancy;
 mod transport;

@@ -212,7 +212,7 @@ async fn completions_embeddings_and_models() {
     let resp = gw
         .post("/v1/chat/completions", &key, &chat("frontier-model", false))
         .await;
-    assert_eq!(error_code(resp).await, (403, "model_not_permitted".into()));
+    assert_eq!(error_code(resp).await, (403, "tier_not_allowed".into()));
 
     let (_, frontier_key) = gw.new_key(Some("frontier")).await;
     let list: Value = gw

@@ -415,6 +415,10 @@ async fn without_redis_each_kind_of_limit_follows_its_policy() {
             site_id: None,
             group_id: None,
             tier_ceiling: Tier::Frontier,
+            group_tier_ceiling: None,
+            institution_tier_ceiling: Tier::Frontier,
+            minor_tier_ceiling: Tier::Baseline,
+            attested_until: None,
             allowed_models: None,
             expires_at: None,
             key_kind: carrel_core::domain::KeyKind::Service,
@@ -532,4 +536,74 @@ async fn without_redis_each_kind_of_limit_follows_its_policy() {
     assert_eq!(counters.local_fallbacks.load(Relaxed), before);
     drop(r);
     drop(kept);
+}
+
+#[tokio::test]
+async fn a_model_contained_through_one_replica_stops_on_the_other_within_a_second() {
+    use carrel_tests::mock::{Gate, Reply, StreamScript};
+    let TwoReplicas {
+        a,
+        b,
+        http,
+        secret,
+        _mock: mock,
+        ..
+    } = &TwoReplicas::start("contain").await;
+    let gate = Gate::new();
+    mock.script(
+        "mock-model",
+        Reply::Stream(StreamScript {
+            pieces: vec!["One".into(), " two".into()],
+            usage: true,
+            gate: Some(gate.clone()),
+            ..StreamScript::default()
+        }),
+    );
+    // A stream in flight on B, held by the provider after its first chunk.
+    let mut stream = http
+        .post(format!("{}/v1/chat/completions", b.public))
+        .bearer_auth(secret)
+        .json(&json!({"model": "mock-model", "stream": true,
+                      "messages": [{"role": "user", "content": "Count"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    assert!(stream.chunk().await.unwrap().is_some());
+
+    let resp = http
+        .patch(format!("{}/admin/v1/models/mock-model", a.admin))
+        .bearer_auth(carrel_tests::ADMIN_TOKEN)
+        .json(&json!({"contained": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let contained_at = Instant::now();
+    // B's stream ends with the error event...
+    let mut rest = String::new();
+    while let Some(chunk) = tokio::time::timeout(Duration::from_secs(1), stream.chunk())
+        .await
+        .expect("B's stream ends within a second")
+        .unwrap()
+    {
+        rest.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
+    assert!(rest.contains("\"model_contained\""), "{rest}");
+    assert!(contained_at.elapsed() < Duration::from_secs(1));
+    // ...and B refuses new requests; A did before its admin API answered.
+    mock.script("mock-model", Reply::Auto);
+    assert_eq!(chat_status(http, &a.public, secret).await, 503);
+    loop {
+        match chat_status(http, &b.public, secret).await {
+            503 => break,
+            200 => assert!(
+                contained_at.elapsed() < Duration::from_secs(1),
+                "B still serves the model {:?} after it was contained",
+                contained_at.elapsed()
+            ),
+            other => panic!("B answered {other}"),
+        }
+    }
+    assert!(contained_at.elapsed() < Duration::from_secs(1));
 }

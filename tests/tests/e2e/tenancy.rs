@@ -97,7 +97,8 @@ fn aimed_at(b: &Tenant, method: &str, template: &str) -> (String, Option<Value>)
         .replace("/users/{id}", &format!("/users/{}", b.user_id))
         .replace("/sites/{id}", &format!("/sites/{}", b.site_id))
         .replace("/groups/{id}", &format!("/groups/{}", b.group_id))
-        .replace("/models/{name}", "/models/mock-model");
+        .replace("/models/{name}", "/models/mock-model")
+        .replace("/providers/{name}", "/providers/mock");
     let body = match (method, template) {
         ("get" | "delete", _) => None,
         ("post", "/admin/v1/institutions") => {
@@ -135,6 +136,13 @@ fn aimed_at(b: &Tenant, method: &str, template: &str) -> (String, Option<Value>)
         ("put", "/admin/v1/institutions/{id}/patron-auth") => Some(json!({"kind": "local"})),
         ("post", "/admin/v1/institutions/{id}/patrons") => Some(json!("card,pin")),
         ("post", "/admin/v1/institutions/{id}/guest-passes") => Some(json!({"tokens": 10})),
+        ("put", "/admin/v1/keys/{id}/frontier-attestation") => Some(
+            json!({"use_case": "x", "expires_at": carrel_core::domain::rfc3339(
+                carrel_core::domain::unix_now() + 86_400)}),
+        ),
+        ("patch", "/admin/v1/models/{name}" | "/admin/v1/providers/{name}") => {
+            Some(json!({"contained": true}))
+        }
         other => panic!("the tenant sweep has no request for {other:?}: add one"),
     };
     (path, body)

@@ -1,0 +1,467 @@
+//! Tiered safeguards end to end: the tier gate (ceilings of institution, group, key and minors;
+//! the frontier gate's every refusal), and containment switches that stop new requests and
+//! streams in flight, on this replica and on another.
+
+use std::time::{Duration, Instant};
+
+use carrel_tests::mock::{Gate, MockUpstream, Reply, StreamScript};
+use carrel_tests::{ADMIN_TOKEN, Gateway, config_for};
+use reqwest::Method;
+use serde_json::{Value, json};
+
+async fn gateway() -> (MockUpstream, Gateway) {
+    let mock = MockUpstream::start().await;
+    let gw = Gateway::start(&config_for(&mock.base_url(), "")).await;
+    (mock, gw)
+}
+
+async fn key(gw: &Gateway, inst: &str, body: Value) -> (String, String) {
+    let (status, key) = gw
+        .admin(
+            Method::POST,
+            &format!("/admin/v1/institutions/{inst}/keys"),
+            Some(body),
+        )
+        .await;
+    assert_eq!(status, 201, "{key}");
+    (
+        key["id"].as_str().unwrap().to_owned(),
+        key["secret"].as_str().unwrap().to_owned(),
+    )
+}
+
+/// A chat request's status, error code and message.
+async fn chat(gw: &Gateway, secret: &str, model: &str) -> (u16, String, String) {
+    let resp = gw
+        .post(
+            "/v1/chat/completions",
+            secret,
+            &json!({"model": model, "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .await;
+    let status = resp.status().as_u16();
+    let body: Value = resp.json().await.unwrap_or(Value::Null);
+    (
+        status,
+        body["error"]["code"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned(),
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned(),
+    )
+}
+
+async fn code(gw: &Gateway, secret: &str, model: &str) -> (u16, String) {
+    let (status, code, _) = chat(gw, secret, model).await;
+    (status, code)
+}
+
+fn refused(code: &str) -> (u16, String) {
+    (403, code.to_owned())
+}
+
+fn ok() -> (u16, String) {
+    (200, String::new())
+}
+
+async fn patch(gw: &Gateway, path: &str, body: Value) -> Value {
+    let (status, changed) = gw.admin(Method::PATCH, path, Some(body)).await;
+    assert_eq!(status, 200, "{path}: {changed}");
+    changed
+}
+
+fn in_a_month() -> String {
+    carrel_core::domain::rfc3339(carrel_core::domain::unix_now() + 30 * 86_400)
+}
+
+#[tokio::test]
+async fn the_frontier_gate_refuses_each_way_with_its_own_code() {
+    let (_mock, gw) = gateway().await;
+    let inst = gw.institution("Gatehouse").await;
+    let inst_path = format!("/admin/v1/institutions/{inst}");
+    let (_, staff) = key(
+        &gw,
+        &inst,
+        json!({"name": "s", "kind": "staff", "tier_ceiling": "frontier"}),
+    )
+    .await;
+    let (service_id, service) = key(
+        &gw,
+        &inst,
+        json!({"name": "app", "kind": "service", "tier_ceiling": "frontier"}),
+    )
+    .await;
+    let (kiosk_id, kiosk) = key(
+        &gw,
+        &inst,
+        json!({"name": "k", "kind": "kiosk", "tier_ceiling": "frontier"}),
+    )
+    .await;
+
+    // Not verified by an operator: no frontier model, whoever asks.
+    assert_eq!(
+        code(&gw, &staff, "frontier-model").await,
+        refused("frontier_not_verified")
+    );
+    patch(&gw, &inst_path, json!({"frontier_verified": true})).await;
+    // Verified: a member of staff is a named person and needs nothing more.
+    assert_eq!(code(&gw, &staff, "frontier-model").await, ok());
+    // A service key needs the operator's approval of its use case.
+    assert_eq!(
+        code(&gw, &service, "frontier-model").await,
+        refused("attestation_required")
+    );
+    let attestation = format!("/admin/v1/keys/{service_id}/frontier-attestation");
+    let approval = json!({"use_case": "Grant-writing help for the development office",
+                          "expires_at": in_a_month()});
+    // Only the operator approves: not the institution's own admin.
+    let admin = gw
+        .session("gate-admin", "institution_admin", Some(&inst))
+        .await;
+    let (status, _) = gw
+        .admin_as(&admin, Method::PUT, &attestation, Some(approval.clone()))
+        .await;
+    assert_eq!(status, 403);
+    for (bad, param) in [
+        (
+            json!({"use_case": " ", "expires_at": in_a_month()}),
+            "use_case",
+        ),
+        (
+            json!({"use_case": "x", "expires_at": "2001-01-01T00:00:00Z"}),
+            "expires_at",
+        ),
+        (
+            json!({"use_case": "x", "expires_at": carrel_core::domain::rfc3339(
+                carrel_core::domain::unix_now() + 400 * 86_400)}),
+            "expires_at",
+        ),
+    ] {
+        let (status, err) = gw.admin(Method::PUT, &attestation, Some(bad)).await;
+        assert_eq!((status, err["error"]["param"].as_str()), (422, Some(param)));
+    }
+    let (status, granted) = gw
+        .admin(Method::PUT, &attestation, Some(approval.clone()))
+        .await;
+    assert_eq!(status, 200, "{granted}");
+    assert_eq!(granted["approved_by"], "operator");
+    assert_eq!(code(&gw, &service, "frontier-model").await, ok());
+    let (status, read) = gw.admin_as(&admin, Method::GET, &attestation, None).await;
+    assert_eq!((status, &read["use_case"]), (200, &approval["use_case"]));
+    // Withdrawn: refused again at once.
+    let (status, _) = gw.admin(Method::DELETE, &attestation, None).await;
+    assert_eq!(status, 204);
+    assert_eq!(
+        code(&gw, &service, "frontier-model").await,
+        refused("attestation_required")
+    );
+    // A kiosk can never be attested, nor reach a frontier model.
+    let (status, err) = gw
+        .admin(
+            Method::PUT,
+            &format!("/admin/v1/keys/{kiosk_id}/frontier-attestation"),
+            Some(approval),
+        )
+        .await;
+    assert_eq!(
+        (status, err["error"]["param"].as_str()),
+        (422, Some("kind"))
+    );
+    let (status, code_of, message) = chat(&gw, &kiosk, "frontier-model").await;
+    assert_eq!((status, code_of.as_str()), (403, "tier_not_allowed"));
+    assert!(message.contains("kiosk"), "{message}");
+
+    // Ceilings: the key's own (default advanced)...
+    let (_, plain) = key(&gw, &inst, json!({"name": "p", "kind": "staff"})).await;
+    let (_, _, message) = chat(&gw, &plain, "frontier-model").await;
+    assert!(message.contains("this key's tier ceiling"), "{message}");
+    // ...its group's...
+    let (status, group) = gw
+        .admin(
+            Method::POST,
+            &format!("{inst_path}/groups"),
+            Some(json!({"name": "Year 7", "kind": "class", "tier_ceiling": "baseline"})),
+        )
+        .await;
+    assert_eq!((status, &group["tier_ceiling"]), (201, &json!("baseline")));
+    let (_, grouped) = key(
+        &gw,
+        &inst,
+        json!({"name": "g", "kind": "staff", "tier_ceiling": "frontier",
+               "group_id": group["id"]}),
+    )
+    .await;
+    let (status, code_of, message) = chat(&gw, &grouped, "renamed").await;
+    assert_eq!((status, code_of.as_str()), (403, "tier_not_allowed"));
+    assert!(message.contains("group"), "{message}");
+    assert_eq!(code(&gw, &grouped, "mock-model").await, ok());
+    // ...and the institution's, which its own admin may lower.
+    let (status, lowered) = gw
+        .admin_as(
+            &admin,
+            Method::PATCH,
+            &inst_path,
+            Some(json!({"tier_ceiling": "advanced"})),
+        )
+        .await;
+    assert_eq!(
+        (status, &lowered["tier_ceiling"]),
+        (200, &json!("advanced"))
+    );
+    let (status, code_of, message) = chat(&gw, &staff, "frontier-model").await;
+    assert_eq!((status, code_of.as_str()), (403, "tier_not_allowed"));
+    assert!(message.contains("institution"), "{message}");
+    assert_eq!(code(&gw, &staff, "renamed").await, ok());
+
+    // The audit log has the grant and its withdrawal.
+    let (_, audit) = gw.admin(Method::GET, "/admin/v1/audit", None).await;
+    let actions: Vec<&str> = audit["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert!(
+        actions.contains(&"frontier.grant") && actions.contains(&"frontier.revoke"),
+        "{actions:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_minor_stays_at_baseline_and_no_patron_session_reaches_frontier() {
+    let (_mock, gw) = gateway().await;
+    let inst = gw.institution("Riverside").await;
+    let inst_path = format!("/admin/v1/institutions/{inst}");
+    patch(&gw, &inst_path, json!({"frontier_verified": true})).await;
+    let (status, _) = gw
+        .admin(
+            Method::PUT,
+            &format!("{inst_path}/patron-auth"),
+            Some(json!({"kind": "local"})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let resp = gw
+        .http
+        .post(gw.admin_url(&format!("{inst_path}/patrons")))
+        .bearer_auth(ADMIN_TOKEN)
+        .header("content-type", "text/csv")
+        .body("card,pin,age_band\n1001,1111,minor\n2002,2222,adult\n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let (_, kiosk) = key(
+        &gw,
+        &inst,
+        json!({"name": "Kiosk", "kind": "kiosk", "tier_ceiling": "frontier"}),
+    )
+    .await;
+    let sign_in = |card: &'static str, pin: &'static str| {
+        let http = gw.http.clone();
+        let url = gw.url("/v1/patron/sessions");
+        let kiosk = kiosk.clone();
+        async move {
+            let resp = http
+                .post(url)
+                .bearer_auth(kiosk)
+                .json(&json!({"card": card, "pin": pin}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 201);
+            let session: Value = resp.json().await.unwrap();
+            session["token"].as_str().unwrap().to_owned()
+        }
+    };
+
+    let minor = sign_in("1001", "1111").await;
+    assert_eq!(code(&gw, &minor, "mock-model").await, ok());
+    let (status, code_of, message) = chat(&gw, &minor, "renamed").await;
+    assert_eq!((status, code_of.as_str()), (403, "tier_not_allowed"));
+    assert!(message.contains("minors"), "{message}");
+    // The minor does not see the advanced model in the list either.
+    let models: Value = gw.get("/v1/models", &minor).await.json().await.unwrap();
+    let names: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["mock-model"]);
+
+    // The institution raises its minors' ceiling explicitly: advanced, never frontier through
+    // a shared kiosk.
+    patch(&gw, &inst_path, json!({"minor_tier_ceiling": "frontier"})).await;
+    let minor = sign_in("1001", "1111").await;
+    assert_eq!(code(&gw, &minor, "renamed").await, ok());
+    assert_eq!(
+        code(&gw, &minor, "frontier-model").await,
+        refused("tier_not_allowed")
+    );
+    let adult = sign_in("2002", "2222").await;
+    assert_eq!(code(&gw, &adult, "renamed").await, ok());
+    assert_eq!(
+        code(&gw, &adult, "frontier-model").await,
+        refused("tier_not_allowed")
+    );
+}
+
+/// Reads a streamed body to its end, failing if that takes more than a second.
+async fn rest_of(resp: &mut reqwest::Response) -> String {
+    let mut text = String::new();
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, resp.chunk()).await {
+            Ok(Ok(Some(chunk))) => text.push_str(std::str::from_utf8(&chunk).unwrap()),
+            Ok(Ok(None)) => return text,
+            Ok(Err(e)) => panic!("stream broke: {e}"),
+            Err(_) => panic!("the stream did not end within a second: {text}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn containment_stops_new_requests_and_streams_in_flight() {
+    let (mock, gw) = gateway().await;
+    let inst = gw.institution("Contained").await;
+    let (key_id, secret) = key(&gw, &inst, json!({"name": "k", "kind": "service"})).await;
+    let (_, other) = key(&gw, &inst, json!({"name": "o", "kind": "service"})).await;
+
+    // A stream is in flight, held by the provider after its first chunk.
+    let gate = Gate::new();
+    mock.script(
+        "mock-model",
+        Reply::Stream(StreamScript {
+            pieces: vec!["One".into(), " two".into()],
+            usage: true,
+            gate: Some(gate.clone()),
+            ..StreamScript::default()
+        }),
+    );
+    let body = json!({"model": "mock-model", "stream": true,
+                      "messages": [{"role": "user", "content": "Count"}]});
+    let mut stream = gw.post("/v1/chat/completions", &secret, &body).await;
+    assert_eq!(stream.status(), 200);
+    let first = stream.chunk().await.unwrap().unwrap();
+    assert!(std::str::from_utf8(&first).unwrap().contains("One"));
+
+    // Only an operator flips a switch.
+    let admin = gw
+        .session("contain-admin", "institution_admin", Some(&inst))
+        .await;
+    let (status, _) = gw
+        .admin_as(
+            &admin,
+            Method::PATCH,
+            "/admin/v1/models/mock-model",
+            Some(json!({"contained": true})),
+        )
+        .await;
+    assert_eq!(status, 403);
+    let (status, _) = gw
+        .admin(
+            Method::PATCH,
+            "/admin/v1/models/no-such-model",
+            Some(json!({"contained": true})),
+        )
+        .await;
+    assert_eq!(status, 404);
+
+    let changed = patch(
+        &gw,
+        "/admin/v1/models/mock-model",
+        json!({"contained": true}),
+    )
+    .await;
+    assert_eq!(
+        changed,
+        json!({"kind": "model", "target": "mock-model", "contained": true})
+    );
+    // The stream in flight ends with a final error event, and the provider's work is dropped.
+    let rest = rest_of(&mut stream).await;
+    let last = rest.trim_end().rsplit("\n\n").next().unwrap();
+    let event: Value = serde_json::from_str(last.strip_prefix("data: ").unwrap()).unwrap();
+    assert_eq!(event["error"]["code"], "model_contained", "{rest}");
+    gate.dropped().await;
+    assert!(!gate.finished());
+    // New requests: 503 with the contract's code.
+    let (status, code_of, _) = chat(&gw, &secret, "mock-model").await;
+    assert_eq!((status, code_of.as_str()), (503, "model_contained"));
+    // Other models go on.
+    mock.script("mock-model", Reply::Auto);
+    assert_eq!(code(&gw, &secret, "renamed").await, ok());
+    let (_, listed) = gw.admin(Method::GET, "/admin/v1/containment", None).await;
+    assert_eq!(listed["data"][0]["target"], "mock-model");
+    assert_eq!(listed["data"][0]["contained_by"], "operator");
+    patch(
+        &gw,
+        "/admin/v1/models/mock-model",
+        json!({"contained": false}),
+    )
+    .await;
+    assert_eq!(code(&gw, &secret, "mock-model").await, ok());
+    // The stream's record says Carrel ended it.
+    gw.app.state.ledger.flush().await;
+    let records = gw.app.state.store.usage_records(&inst, 10).await.unwrap();
+    assert!(
+        records
+            .iter()
+            .any(|r| r.status.as_str() == "cut" && r.model.as_ref() == "mock-model"),
+        "{records:?}"
+    );
+
+    // A provider's switch stops every model it serves.
+    patch(&gw, "/admin/v1/providers/mock", json!({"contained": true})).await;
+    assert_eq!(
+        code(&gw, &secret, "renamed").await,
+        (503, "model_contained".into())
+    );
+    patch(&gw, "/admin/v1/providers/mock", json!({"contained": false})).await;
+    assert_eq!(code(&gw, &secret, "renamed").await, ok());
+
+    // An institution's: every key of it.
+    let inst_path = format!("/admin/v1/institutions/{inst}");
+    let (status, _) = gw
+        .admin_as(
+            &admin,
+            Method::PATCH,
+            &inst_path,
+            Some(json!({"contained": true})),
+        )
+        .await;
+    assert_eq!(status, 403);
+    patch(&gw, &inst_path, json!({"contained": true})).await;
+    assert_eq!(
+        code(&gw, &other, "mock-model").await,
+        (503, "institution_contained".into())
+    );
+    patch(&gw, &inst_path, json!({"contained": false})).await;
+
+    // A key's: that key only.
+    let key_path = format!("/admin/v1/keys/{key_id}");
+    patch(&gw, &key_path, json!({"contained": true})).await;
+    assert_eq!(
+        code(&gw, &secret, "mock-model").await,
+        (503, "key_contained".into())
+    );
+    assert_eq!(code(&gw, &other, "mock-model").await, ok());
+    patch(&gw, &key_path, json!({"contained": false})).await;
+    assert_eq!(code(&gw, &secret, "mock-model").await, ok());
+
+    let (_, audit) = gw.admin(Method::GET, "/admin/v1/audit", None).await;
+    let switched: Vec<(&str, &str)> = audit["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"].as_str().unwrap().starts_with("containment."))
+        .map(|e| (e["action"].as_str().unwrap(), e["target"].as_str().unwrap()))
+        .collect();
+    assert_eq!(switched.len(), 8, "{switched:?}");
+    assert!(switched.contains(&("containment.on", "model:mock-model")));
+    assert!(switched.contains(&("containment.off", "provider:mock")));
+}
