@@ -80,6 +80,7 @@ pub struct RawConfig {
     usage: RawUsage,
     store: RawStore,
     patrons: RawPatrons,
+    signing: RawSigning,
     providers: Vec<RawProvider>,
     models: Vec<RawModel>,
 }
@@ -129,6 +130,14 @@ struct RawPatrons {
     session_max_secs: Option<i64>,
     sign_ins_per_kiosk_per_minute: Option<i64>,
     sip2_plaintext_hosts: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawSigning {
+    enabled: Option<bool>,
+    key_file: Option<PathBuf>,
+    retired_keys_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -218,6 +227,8 @@ pub struct Config {
     pub store: StoreConfig,
     /// `[patrons]`.
     pub patrons: PatronsConfig,
+    /// `[signing]`.
+    pub signing: SigningConfig,
     /// Providers declared in the file (re-applied to the store at every start).
     pub providers: Vec<ProviderConfig>,
     /// Models declared in the file (re-applied to the store at every start).
@@ -301,6 +312,37 @@ impl Default for PatronsConfig {
             sign_ins_per_kiosk_per_minute: 20,
             sip2_plaintext_hosts: Vec::new(),
         }
+    }
+}
+
+/// `[signing]`: signed responses (RFC 9421, Ed25519).
+#[derive(Debug, Clone)]
+pub struct SigningConfig {
+    /// Sign inference responses (default on).
+    pub enabled: bool,
+    /// The private key, PKCS#8 PEM; made at first start when missing. Replicas must share it
+    /// (default `<data_dir>/signing-key.pem`, see [`SigningConfig::key_path`]).
+    pub key_file: Option<PathBuf>,
+    /// Public keys of earlier signing keys, a JWKS that `carrel rotate-signing-key` appends
+    /// to; still published so old responses verify (default
+    /// `<data_dir>/signing-retired.json`).
+    pub retired_keys_file: Option<PathBuf>,
+}
+
+impl SigningConfig {
+    /// The key file, under `data_dir` unless configured (the data directory may be set on the
+    /// command line after the file is read).
+    pub fn key_path(&self, data_dir: &Path) -> PathBuf {
+        self.key_file
+            .clone()
+            .unwrap_or_else(|| data_dir.join("signing-key.pem"))
+    }
+
+    /// The retired keys' file, under `data_dir` unless configured.
+    pub fn retired_path(&self, data_dir: &Path) -> PathBuf {
+        self.retired_keys_file
+            .clone()
+            .unwrap_or_else(|| data_dir.join("signing-retired.json"))
     }
 }
 
@@ -787,6 +829,11 @@ impl Config {
                 .filter(|h| !h.is_empty())
                 .collect(),
         };
+        let signing = SigningConfig {
+            enabled: raw.signing.enabled.unwrap_or(true),
+            key_file: raw.signing.key_file,
+            retired_keys_file: raw.signing.retired_keys_file,
+        };
         Ok(Config {
             server,
             upstream,
@@ -795,6 +842,7 @@ impl Config {
             usage,
             store,
             patrons,
+            signing,
             providers,
             models,
         })

@@ -39,7 +39,8 @@ use utoipa::{Modify, OpenApi, ToResponse, ToSchema};
         v1_patron_sign_out,
         v1_patron_oidc_nonce,
         healthz,
-        readyz
+        readyz,
+        signing_keys
     ),
     components(
         schemas(
@@ -47,6 +48,9 @@ use utoipa::{Modify, OpenApi, ToResponse, ToSchema};
             ChatCompletion,
             ChatCompletionChunk,
             ChatCompletionEvent,
+            SignatureEvent,
+            SigningKeySet,
+            SigningJwk,
             CompletionRequest,
             Completion,
             CompletionEvent,
@@ -388,6 +392,51 @@ pub fn healthz() {}
     ))]
 pub fn readyz() {}
 
+/// The public keys that sign Carrel's responses (RFC 9421, Ed25519): the current key and every
+/// retired one, so older responses still verify. No API key needed. `keys` is empty when the
+/// operator turned signing off.
+#[utoipa::path(get, path = "/.well-known/carrel/keys", tag = "public",
+    responses((status = 200, description = "A JSON Web Key Set", body = SigningKeySet)))]
+pub fn signing_keys() {}
+
+/// A JSON Web Key Set of Ed25519 public keys.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SigningKeySet {
+    /// The current key first, then retired ones, newest first.
+    pub keys: Vec<SigningJwk>,
+}
+
+/// An Ed25519 public key as a JWK (RFC 8037).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SigningJwk {
+    /// `OKP`.
+    pub kty: String,
+    /// `Ed25519`.
+    pub crv: String,
+    /// The public key, base64url without padding.
+    pub x: String,
+    /// The key id that a signature's `keyid` names: by default the RFC 7638 thumbprint.
+    pub kid: String,
+    /// `EdDSA`.
+    pub alg: String,
+    /// `sig`.
+    #[serde(rename = "use")]
+    pub use_: String,
+}
+
+/// The data of a stream's last event, `event: carrel.signature`: the RFC 9421 signature over
+/// `@status`, the digest of every byte of the stream before this event, and the response's
+/// `x-request-id`, `carrel-model` and `date` headers. Check it with `carrel verify`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SignatureEvent {
+    /// `sha-256=:<base64>:` (RFC 9530) of the streamed bytes before this event.
+    pub content_digest: String,
+    /// `carrel=("@status" "content-digest" "x-request-id" "carrel-model" "date");created=…;keyid="…";alg="ed25519"`.
+    pub signature_input: String,
+    /// `carrel=:<base64 Ed25519 signature>:`.
+    pub signature: String,
+}
+
 // ---------------------------------------------------------------------------------------------
 // Error responses, by status. Each lists the codes `GatewayError` answers with at that status.
 
@@ -700,15 +749,39 @@ fn sse_event<T: ToSchema>(
         .description(Some(
             "An `ErrorBody`, as JSON: the stream ends here without `[DONE]`. Code \
              `reservation_exceeded`: the provider went on past the tokens reserved for the \
-             request, and Carrel stopped the stream.",
+             request, and Carrel stopped the stream; `model_contained`, \
+             `institution_contained`, `key_contained`: an operator contained what the stream \
+             used.",
         ))
         .extensions(Some(Extensions::from_iter([(
             "contentSchema",
             serde_json::json!({ "$ref": "#/components/schemas/ErrorBody" }),
         )])));
-    let data = AnyOfBuilder::new().item(done).item(json).item(error);
+    let signature = ObjectBuilder::new()
+        .schema_type(Type::String)
+        .content_media_type("application/json")
+        .description(Some(
+            "A `SignatureEvent`, as JSON, in the last event (`event: carrel.signature`) of a \
+             signed stream, after `[DONE]`.",
+        ))
+        .extensions(Some(Extensions::from_iter([(
+            "contentSchema",
+            serde_json::json!({ "$ref": "#/components/schemas/SignatureEvent" }),
+        )])));
+    let data = AnyOfBuilder::new()
+        .item(done)
+        .item(json)
+        .item(error)
+        .item(signature);
+    let event = ObjectBuilder::new()
+        .schema_type(Type::String)
+        .enum_values(Some(["message", "carrel.signature"]))
+        .description(Some(
+            "`carrel.signature` on the signature event; absent (`message`) on the others.",
+        ));
     ObjectBuilder::new()
         .description(Some(description))
+        .property("event", event)
         .property("data", data)
         .required("data")
         .into()

@@ -18,6 +18,7 @@ use crate::patrons::PatronDesk;
 use crate::patrons::sessions::SessionCache;
 use crate::pipeline::authenticate::KeyCache;
 use crate::safeguards::containment::Containment;
+use crate::signing::ResponseSigner;
 use crate::upstream::Upstream;
 use crate::upstream::catalog::Catalog;
 
@@ -54,6 +55,8 @@ pub struct Inner {
     pub sessions: SessionCache,
     /// Containment switches: checked by authorize, watched by streams in flight.
     pub containment: Arc<Containment>,
+    /// Signs inference responses (`signing.enabled`).
+    pub signer: Option<Arc<ResponseSigner>>,
     /// Patron sign-in: SIP2 pools, the JWKS cache, lockouts and counters.
     pub patron_desk: PatronDesk,
     /// Where metered usage goes.
@@ -105,6 +108,8 @@ pub struct StateParts {
     pub demo_word_delay: Duration,
     /// Provider API keys from the environment.
     pub env_keys: HashMap<String, String>,
+    /// The response signer, when signing is on.
+    pub signer: Option<Arc<ResponseSigner>>,
 }
 
 impl AppState {
@@ -118,6 +123,7 @@ impl AppState {
             keys: parts.keys,
             sessions: SessionCache::default(),
             containment: Arc::default(),
+            signer: parts.signer,
             patron_desk: parts.patron_desk,
             ledger: parts.ledger,
             quota: parts.quota,

@@ -32,6 +32,31 @@ enum Command {
     Demo(ServeArgs),
     /// Print the OpenAPI document of the admin and public APIs.
     Openapi,
+    /// Check the signature of a saved response against the gateway's published keys.
+    Verify(VerifyArgs),
+    /// Replace the response signing key; the old public key stays published. Restart every
+    /// replica with the new files afterwards.
+    RotateSigningKey(KeyArgs),
+}
+
+#[derive(Debug, Args)]
+struct VerifyArgs {
+    /// The keys: a file with the JSON of `GET /.well-known/carrel/keys`.
+    #[arg(long)]
+    jwks: PathBuf,
+    /// The response: what `curl -si` printed (status line, headers, blank line, body), or
+    /// JSON `{"status", "headers", "body_b64"}`.
+    response: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct KeyArgs {
+    /// TOML config file.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Data directory; overrides server.data_dir.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -60,6 +85,8 @@ pub fn main() -> ExitCode {
         }
         Command::Serve(args) => (args, false),
         Command::Demo(args) => (args, true),
+        Command::Verify(args) => return verify(&args),
+        Command::RotateSigningKey(args) => return rotate_signing_key(&args),
     };
 
     let mut config = match Config::load_from_env(args.config.as_deref()) {
@@ -108,6 +135,101 @@ pub fn main() -> ExitCode {
     };
     match runtime.block_on(serve(config, demo)) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("carrel: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `carrel verify`: exit 0 and `ok kid=…` for a response signed by a published key; 1 with the
+/// reason otherwise; 2 when the files cannot be read.
+fn verify(args: &VerifyArgs) -> ExitCode {
+    use carrel_core::signing::Jwks;
+    let read = |path: &PathBuf| {
+        std::fs::read(path).map_err(|e| eprintln!("carrel verify: {}: {e}", path.display()))
+    };
+    let (Ok(jwks), Ok(response)) = (read(&args.jwks), read(&args.response)) else {
+        return ExitCode::from(2);
+    };
+    let jwks: Jwks = match serde_json::from_slice(&jwks) {
+        Ok(j) => j,
+        Err(e) => {
+            eprintln!("carrel verify: {}: not a JWKS: {e}", args.jwks.display());
+            return ExitCode::from(2);
+        }
+    };
+    let saved = match parse_saved(&response) {
+        Ok(saved) => saved,
+        Err(e) => {
+            eprintln!("carrel verify: {}: {e}", args.response.display());
+            return ExitCode::from(2);
+        }
+    };
+    let result = if saved.is_event_stream() {
+        saved.verify_stream(&jwks)
+    } else {
+        saved.verify(&jwks)
+    };
+    match result {
+        Ok(ok) => {
+            println!("ok kid={} created={}", ok.kid, ok.created);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("carrel verify: FAILED: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// A saved response: the JSON form, or an HTTP/1.x response as `curl -si` prints it.
+fn parse_saved(bytes: &[u8]) -> Result<carrel_core::signing::SavedResponse, String> {
+    use carrel_core::signing::SavedResponse;
+    if bytes.first() == Some(&b'{') {
+        return serde_json::from_slice(bytes).map_err(|e| format!("not a saved response: {e}"));
+    }
+    let head_end = memchr::memmem::find(bytes, b"\r\n\r\n")
+        .map(|i| (i, i + 4))
+        .or_else(|| memchr::memmem::find(bytes, b"\n\n").map(|i| (i, i + 2)))
+        .ok_or("no blank line after the headers")?;
+    let head = std::str::from_utf8(&bytes[..head_end.0]).map_err(|_| "headers are not UTF-8")?;
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.strip_prefix("HTTP/"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse::<u16>().ok())
+        .ok_or("the first line is not an HTTP status line")?;
+    let mut headers: Vec<(String, String)> = Vec::new();
+    for line in lines {
+        let (name, value) = line
+            .split_once(':')
+            .ok_or_else(|| format!("not a header line: {line:?}"))?;
+        headers.push((name.trim().to_ascii_lowercase(), value.trim().to_owned()));
+    }
+    let pairs = headers.iter().map(|(n, v)| (n.as_str(), v.as_str()));
+    Ok(SavedResponse::new(status, pairs, &bytes[head_end.1..]))
+}
+
+/// `carrel rotate-signing-key`.
+fn rotate_signing_key(args: &KeyArgs) -> ExitCode {
+    let mut config = match Config::load_from_env(args.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("carrel: config error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(dir) = &args.data_dir {
+        config.server.data_dir = dir.clone();
+    }
+    match crate::signing::rotate(&config.signing, &config.server.data_dir) {
+        Ok((old, new)) => {
+            println!("retired kid={old} (still published)\ncurrent kid={new}");
+            println!("restart every replica so that they sign with the new key");
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("carrel: {e}");
             ExitCode::FAILURE

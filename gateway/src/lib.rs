@@ -35,6 +35,7 @@
 //! - [`tokens`]: token estimates (tiktoken for OpenAI models, four bytes a token otherwise).
 //! - [`demo`]: the built-in demo model.
 //! - [`safeguards`]: containment switches, checked per request and watched by streams.
+//! - [`signing`]: signed responses (RFC 9421, Ed25519), the key files, `/.well-known/carrel/keys`.
 
 pub mod api_doc;
 pub mod app;
@@ -50,6 +51,7 @@ pub mod patrons;
 pub mod pipeline;
 pub mod safeguards;
 pub mod server;
+pub mod signing;
 pub mod startup;
 pub mod tokens;
 pub mod upstream;

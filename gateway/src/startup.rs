@@ -45,6 +45,9 @@ pub enum InitError {
     /// A worker thread or its runtime could not be started.
     #[error("cannot start a worker: {0}")]
     Runtime(#[source] std::io::Error),
+    /// The response signing key could not be read or made.
+    #[error("signing: {0}")]
+    Signing(#[from] crate::signing::SigningSetupError),
 }
 
 /// Settings that come from the process rather than the config file.
@@ -134,7 +137,19 @@ impl App {
             QuotaEngine::new(clock)
         };
         carrel_core::quota::load(&quota, &store).await?;
+        let signer = if config.signing.enabled {
+            let signer = crate::signing::ResponseSigner::new(crate::signing::load_ring(
+                &config.signing,
+                &config.server.data_dir,
+            )?);
+            tracing::info!(kid = signer.kid(), "responses are signed");
+            Some(Arc::new(signer))
+        } else {
+            tracing::warn!("signing.enabled = false: responses are not signed");
+            None
+        };
         let state = AppState::new(StateParts {
+            signer,
             store: store.clone(),
             quota: quota.clone(),
             pepper: pepper.clone(),

@@ -334,6 +334,20 @@ tier = "frontier"
     )
 }
 
+/// A signed stream's text without its final `event: carrel.signature` (which must be there, and
+/// last): what the provider's events looked like on their way through Carrel.
+pub fn unsigned(stream: &str) -> &str {
+    let at = stream
+        .rfind("event: carrel.signature\n")
+        .unwrap_or_else(|| panic!("no signature event at the end of the stream: {stream}"));
+    let (events, signature) = stream.split_at(at);
+    assert!(
+        signature.ends_with("}\n\n") && signature.matches("\n\n").count() == 1,
+        "the signature event is the last: {signature}"
+    );
+    events
+}
+
 /// An address on which nothing listens (bound, then released).
 pub async fn closed_port() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -72,12 +72,24 @@ pub async fn run(
             state.demo_word_delay,
         )),
     };
+    let signed_as = state
+        .signer
+        .as_ref()
+        .zip(ctx.recorded_as.as_ref().and_then(|v| v.to_str().ok()));
     let resp = match resp {
         Ok(resp) if resp.status().is_success() => resp,
-        other => {
-            // The provider refused or could not be reached: nothing was used.
+        Ok(refusal) => {
+            // The provider refused: nothing was used. Its answer is signed as it is relayed.
             meter.refused();
-            return other;
+            return match signed_as {
+                Some((signer, id)) => signer.sign(refusal, id, &route.name).await,
+                None => Ok(refusal),
+            };
+        }
+        Err(e) => {
+            // The provider could not be reached: nothing was used.
+            meter.refused();
+            return Err(e);
         }
     };
     let is_sse = resp
@@ -98,7 +110,7 @@ pub async fn run(
         .reservation
         .as_ref()
         .map_or(u64::MAX / 2, |r| r.output_tokens());
-    Ok(resp.map(|body| {
+    let resp = resp.map(|body| {
         if is_sse {
             let reading = StreamReading {
                 strip_usage: ask_usage,
@@ -112,5 +124,9 @@ pub async fn run(
         } else {
             MeteredBody::json(body, meter).boxed()
         }
-    }))
+    });
+    match signed_as {
+        Some((signer, id)) => signer.sign(resp, id, &route.name).await,
+        None => Ok(resp),
+    }
 }

@@ -161,6 +161,7 @@ enum Route<'a> {
     SignOut,
     OidcNonce,
     Kiosk,
+    SigningKeys,
 }
 
 fn route<'a>(method: &Method, path: &'a str) -> Result<Route<'a>, GatewayError> {
@@ -186,6 +187,7 @@ fn route<'a>(method: &Method, path: &'a str) -> Result<Route<'a>, GatewayError> 
         "/v1/quota" => (Route::Quota, "GET"),
         "/healthz" => (Route::Healthz, "GET"),
         "/readyz" => (Route::Readyz, "GET"),
+        carrel_core::signing::JWKS_PATH => (Route::SigningKeys, "GET"),
         _ => match path.strip_prefix("/v1/models/") {
             Some(id) if !id.is_empty() => (Route::Model(id), "GET"),
             _ => {
@@ -220,6 +222,7 @@ pub async fn handle(state: &AppState, req: Request<Incoming>) -> Response<Respon
         Ok(Route::Quota) => quota::status(state, &req).await,
         Ok(Route::Healthz) => Ok(body::json(StatusCode::OK, &br#"{"status":"ok"}"#[..])),
         Ok(Route::Readyz) => Ok(readyz(state).await),
+        Ok(Route::SigningKeys) => Ok(signing_keys(state)),
         Ok(Route::SignIn) => crate::patrons::sign_in(state, req).await,
         Ok(Route::CurrentSession) => crate::patrons::current(state, &req).await,
         Ok(Route::SignOut) => crate::patrons::sign_out(state, &req).await,
@@ -236,6 +239,21 @@ pub async fn handle(state: &AppState, req: Request<Incoming>) -> Response<Respon
         err.log();
         body::error(&err)
     })
+}
+
+/// `GET /.well-known/carrel/keys`: the JWKS of every key that signed or signs responses (an
+/// empty set when signing is off). Public, like any published key.
+fn signing_keys(state: &AppState) -> Response<ResponseBody> {
+    let jwks = state
+        .signer
+        .as_ref()
+        .map_or_else(|| Bytes::from_static(br#"{"keys":[]}"#), |s| s.jwks());
+    let mut resp = body::json(StatusCode::OK, jwks);
+    resp.headers_mut().insert(
+        http::header::CACHE_CONTROL,
+        HeaderValue::from_static("public, max-age=300"),
+    );
+    resp
 }
 
 /// An inference request: the stages, then the rate-limit headers on whatever the answer is.

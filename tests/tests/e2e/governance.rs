@@ -493,7 +493,10 @@ async fn usage_is_reported_by_day_key_and_model_as_json_and_csv() {
         .text()
         .await
         .unwrap();
-    assert!(streamed.ends_with("data: [DONE]\n\n"), "{streamed}");
+    assert!(
+        carrel_tests::unsigned(&streamed).ends_with("data: [DONE]\n\n"),
+        "{streamed}"
+    );
     // Refused requests are not usage: by the gateway, or by the provider.
     assert_eq!(chat(&gw, &secret_b, "no-such-model").await.0, 404);
     mock.script(

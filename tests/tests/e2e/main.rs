@@ -17,5 +17,6 @@ mod quota;
 mod replicas;
 mod safeguards;
 mod serve;
+mod signing;
 mod tenancy;
 mod transport;

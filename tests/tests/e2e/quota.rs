@@ -199,7 +199,7 @@ async fn streams_settle_to_the_provider_s_usage_and_hide_the_chunk_nobody_asked_
     assert_eq!(resp.status(), 200);
     let text = resp.text().await.unwrap();
     assert!(
-        text.contains("Hello") && text.ends_with("data: [DONE]\n\n"),
+        text.contains("Hello") && carrel_tests::unsigned(&text).ends_with("data: [DONE]\n\n"),
         "{text}"
     );
     assert!(!text.contains("usage"), "{text}");
@@ -249,7 +249,8 @@ tier = "baseline"
     let body = json!({"model": "gpt-model", "stream": true,
                       "messages": [{"role": "user", "content": "Where is the book?"}]});
     let resp = gw.post("/v1/chat/completions", &key, &body).await;
-    assert!(resp.text().await.unwrap().ends_with("data: [DONE]\n\n"));
+    let text = resp.text().await.unwrap();
+    assert!(carrel_tests::unsigned(&text).ends_with("data: [DONE]\n\n"));
     gw.app.state.ledger.flush().await;
     let inst = institution_of(&gw, &key_id).await;
     let r = &gw.app.state.store.usage_records(&inst, 10).await.unwrap()[0];
@@ -330,7 +331,11 @@ async fn a_stream_past_its_reservation_is_cut_with_an_error_event() {
         .text()
         .await
         .unwrap();
-    let last = text.trim_end().rsplit("\n\n").next().unwrap();
+    let last = carrel_tests::unsigned(&text)
+        .trim_end()
+        .rsplit("\n\n")
+        .next()
+        .unwrap();
     let event: Value = serde_json::from_str(last.strip_prefix("data: ").unwrap()).unwrap();
     assert_eq!(event["error"]["code"], "reservation_exceeded", "{last}");
     assert!(!text.contains("[DONE]"));

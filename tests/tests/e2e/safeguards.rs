@@ -384,7 +384,11 @@ async fn containment_stops_new_requests_and_streams_in_flight() {
     );
     // The stream in flight ends with a final error event, and the provider's work is dropped.
     let rest = rest_of(&mut stream).await;
-    let last = rest.trim_end().rsplit("\n\n").next().unwrap();
+    let last = carrel_tests::unsigned(&rest)
+        .trim_end()
+        .rsplit("\n\n")
+        .next()
+        .unwrap();
     let event: Value = serde_json::from_str(last.strip_prefix("data: ").unwrap()).unwrap();
     assert_eq!(event["error"]["code"], "model_contained", "{rest}");
     gate.dropped().await;
