@@ -67,6 +67,12 @@ pub trait ControlHooks: Send + Sync + 'static {
     /// A usage report is about to be read: write every usage record already metered, so the
     /// report includes every response that has ended.
     fn usage_flush(&self) -> HookFuture;
+    /// Signs the audit log's head of `tree_size` leaves with `root`, with the gateway's key.
+    fn sign_tree_head(
+        &self,
+        tree_size: u64,
+        root: &carrel_core::merkle::Hash,
+    ) -> carrel_core::audit::TreeHead;
     /// A containment switch changed: reload the set and stop what it now covers, streams in
     /// flight included.
     fn containment_changed(&self) -> HookFuture;
@@ -221,6 +227,16 @@ pub fn router(state: AdminState) -> Router {
         )
         .route("/admin/v1/tokens/{id}", delete(tokens::revoke_token))
         .route("/admin/v1/audit", get(audit::list))
+        .route("/admin/v1/audit/tree-head", get(audit::tree_head))
+        .route("/admin/v1/audit/tree-heads", get(audit::tree_heads))
+        .route(
+            "/admin/v1/audit/proof/inclusion",
+            get(audit::inclusion_proof),
+        )
+        .route(
+            "/admin/v1/audit/proof/consistency",
+            get(audit::consistency_proof),
+        )
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::require_admin,

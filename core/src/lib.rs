@@ -5,6 +5,8 @@
 //!
 //! # Layout
 //!
+//! - [`audit`]: the tamper-evident audit log: leaves, signed tree heads, and the check that
+//!   finds a rewritten or truncated log.
 //! - [`config`]: the TOML + environment configuration, parsed in two steps (raw serde tree, then
 //!   validated types); every error names the dotted key.
 //! - [`domain`]: institutions, providers, models, tiers, API keys and the [`domain::Principal`] a
@@ -25,6 +27,7 @@
 //!   of a log in Redis; writes as commands.
 //! - [`ids`]: random identifiers and base62 encoding.
 
+pub mod audit;
 pub mod config;
 pub mod domain;
 pub mod ids;

@@ -425,8 +425,10 @@ impl SigningKey {
         })
     }
 
-    /// The raw Ed25519 signature of `message`.
-    fn sign_bytes(&self, message: &[u8]) -> [u8; 64] {
+    /// The raw Ed25519 signature of `message`: for other things Carrel vouches for with the
+    /// same key, such as the audit log's signed tree heads. Sign only messages with a prefix
+    /// of their own, so that no signature can pass for another kind.
+    pub fn sign_bytes(&self, message: &[u8]) -> [u8; 64] {
         let mut out = [0u8; 64];
         out.copy_from_slice(self.pair.sign(message).as_ref());
         out
@@ -561,6 +563,13 @@ impl PublicKey {
     /// The key id.
     pub fn kid(&self) -> &str {
         &self.kid
+    }
+
+    /// Whether `signature` is this key's Ed25519 signature of `message`.
+    pub fn verify_bytes(&self, message: &[u8], signature: &[u8]) -> bool {
+        UnparsedPublicKey::new(&ED25519, self.as_bytes())
+            .verify(message, signature)
+            .is_ok()
     }
 
     /// The 32 raw bytes of the key.

@@ -392,9 +392,9 @@ pub fn healthz() {}
     ))]
 pub fn readyz() {}
 
-/// The public keys that sign Carrel's responses (RFC 9421, Ed25519): the current key and every
-/// retired one, so older responses still verify. No API key needed. `keys` is empty when the
-/// operator turned signing off.
+/// The public keys that sign Carrel's responses (RFC 9421, Ed25519) and its audit log's tree
+/// heads: the current key and every retired one, so older signatures still verify. No API key
+/// needed.
 #[utoipa::path(get, path = "/.well-known/carrel/keys", tag = "public",
     responses((status = 200, description = "A JSON Web Key Set", body = SigningKeySet)))]
 pub fn signing_keys() {}

@@ -55,7 +55,10 @@ pub struct Inner {
     pub sessions: SessionCache,
     /// Containment switches: checked by authorize, watched by streams in flight.
     pub containment: Arc<Containment>,
-    /// Signs inference responses (`signing.enabled`).
+    /// The gateway's Ed25519 keys: they sign the audit log's tree heads always, and inference
+    /// responses when `signing.enabled`.
+    pub signing_keys: Arc<ResponseSigner>,
+    /// Sign inference responses (`signing.enabled`); `None` when off.
     pub signer: Option<Arc<ResponseSigner>>,
     /// Patron sign-in: SIP2 pools, the JWKS cache, lockouts and counters.
     pub patron_desk: PatronDesk,
@@ -108,8 +111,10 @@ pub struct StateParts {
     pub demo_word_delay: Duration,
     /// Provider API keys from the environment.
     pub env_keys: HashMap<String, String>,
-    /// The response signer, when signing is on.
-    pub signer: Option<Arc<ResponseSigner>>,
+    /// The gateway's signing keys.
+    pub signing_keys: Arc<ResponseSigner>,
+    /// Whether inference responses are signed.
+    pub sign_responses: bool,
 }
 
 impl AppState {
@@ -123,7 +128,10 @@ impl AppState {
             keys: parts.keys,
             sessions: SessionCache::default(),
             containment: Arc::default(),
-            signer: parts.signer,
+            signer: parts
+                .sign_responses
+                .then(|| Arc::clone(&parts.signing_keys)),
+            signing_keys: parts.signing_keys,
             patron_desk: parts.patron_desk,
             ledger: parts.ledger,
             quota: parts.quota,
@@ -222,6 +230,14 @@ impl ControlHooks for GatewayHooks {
                 tracing::error!(error = %e, "containment reload failed; the previous set stands");
             }
         })
+    }
+
+    fn sign_tree_head(
+        &self,
+        tree_size: u64,
+        root: &carrel_core::merkle::Hash,
+    ) -> carrel_core::audit::TreeHead {
+        self.0.signing_keys.sign_tree_head(tree_size, root)
     }
 
     fn institution_changed(&self, institution_id: &str) -> HookFuture {

@@ -37,6 +37,34 @@ enum Command {
     /// Replace the response signing key; the old public key stays published. Restart every
     /// replica with the new files afterwards.
     RotateSigningKey(KeyArgs),
+    /// The tamper-evident audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Check the stored audit log against its signed tree heads (and any saved elsewhere):
+    /// finds entries rewritten or removed after a head covered them.
+    Verify(AuditVerifyArgs),
+}
+
+#[derive(Debug, Args)]
+struct AuditVerifyArgs {
+    /// TOML config file.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Data directory; overrides server.data_dir.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// A tree head saved elsewhere (the JSON of `GET /admin/v1/audit/tree-head`, or of
+    /// `/admin/v1/audit/tree-heads`); may be given several times.
+    #[arg(long)]
+    head: Vec<PathBuf>,
+    /// The published keys (JSON of `GET /.well-known/carrel/keys`); default: the key files of
+    /// the data directory.
+    #[arg(long)]
+    jwks: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -87,6 +115,7 @@ pub fn main() -> ExitCode {
         Command::Demo(args) => (args, true),
         Command::Verify(args) => return verify(&args),
         Command::RotateSigningKey(args) => return rotate_signing_key(&args),
+        Command::Audit(AuditCommand::Verify(args)) => return audit_verify(&args),
     };
 
     let mut config = match Config::load_from_env(args.config.as_deref()) {
@@ -210,6 +239,107 @@ fn parse_saved(bytes: &[u8]) -> Result<carrel_core::signing::SavedResponse, Stri
     }
     let pairs = headers.iter().map(|(n, v)| (n.as_str(), v.as_str()));
     Ok(SavedResponse::new(status, pairs, &bytes[head_end.1..]))
+}
+
+/// `carrel audit verify`: 0 and a summary when the log holds to every head; 1 and what was
+/// tampered with otherwise; 2 when something cannot be read.
+fn audit_verify(args: &AuditVerifyArgs) -> ExitCode {
+    use carrel_core::audit::TreeHead;
+    use carrel_core::signing::Jwks;
+    let fail = |message: String| {
+        eprintln!("carrel audit verify: {message}");
+        ExitCode::from(2)
+    };
+    let mut config = match Config::load_from_env(args.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => return fail(format!("config error: {e}")),
+    };
+    if let Some(dir) = &args.data_dir {
+        config.server.data_dir = dir.clone();
+    }
+    let jwks: Jwks = match &args.jwks {
+        Some(path) => match std::fs::read(path)
+            .map_err(|e| e.to_string())
+            .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+        {
+            Ok(j) => j,
+            Err(e) => return fail(format!("{}: {e}", path.display())),
+        },
+        None if !config.signing.key_path(&config.server.data_dir).exists() => {
+            return fail(format!(
+                "no signing key at {}: pass the published keys with --jwks",
+                config.signing.key_path(&config.server.data_dir).display()
+            ));
+        }
+        None => match crate::signing::load_ring(&config.signing, &config.server.data_dir) {
+            Ok(ring) => ring.jwks(),
+            Err(e) => return fail(e.to_string()),
+        },
+    };
+    let mut saved: Vec<TreeHead> = Vec::new();
+    for path in &args.head {
+        let parsed = std::fs::read(path)
+            .map_err(|e| e.to_string())
+            .and_then(|b| {
+                #[derive(serde::Deserialize)]
+                #[serde(untagged)]
+                enum Heads {
+                    One(TreeHead),
+                    List { data: Vec<TreeHead> },
+                }
+                match serde_json::from_slice::<Heads>(&b).map_err(|e| e.to_string())? {
+                    Heads::One(h) => Ok(vec![h]),
+                    Heads::List { data } => Ok(data),
+                }
+            });
+        match parsed {
+            Ok(heads) => saved.extend(heads),
+            Err(e) => return fail(format!("{}: {e}", path.display())),
+        }
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(e.to_string()),
+    };
+    if !config.server.data_dir.is_dir() {
+        return fail(format!(
+            "no data directory at {}",
+            config.server.data_dir.display()
+        ));
+    }
+    let read = runtime.block_on(async {
+        let store = carrel_core::store::Store::open(&config.server.data_dir)?;
+        Ok::<_, carrel_core::store::StoreError>((
+            store.audit_log().await?,
+            store.tree_heads().await?,
+        ))
+    });
+    let (log, mut heads) = match read {
+        Ok(r) => r,
+        Err(e) => return fail(format!("store: {e}")),
+    };
+    let kept = heads.len();
+    heads.extend(saved);
+    match carrel_core::audit::check(&log, &heads, &jwks) {
+        Ok(ok) => {
+            println!(
+                "ok: {} entries; {} tree heads verified ({kept} kept, {} saved elsewhere); \
+                 entries 1 to {} are covered by a signed head",
+                ok.entries,
+                ok.heads,
+                ok.heads - kept,
+                ok.covered
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("carrel audit verify: TAMPERED: {e}");
+            ExitCode::from(1)
+        }
+    }
 }
 
 /// `carrel rotate-signing-key`.

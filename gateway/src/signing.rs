@@ -182,6 +182,21 @@ impl ResponseSigner {
         self.jwks.clone()
     }
 
+    /// Signs the audit log's head of `tree_size` leaves with `root`, now.
+    pub fn sign_tree_head(
+        &self,
+        tree_size: u64,
+        root: &carrel_core::merkle::Hash,
+    ) -> carrel_core::audit::TreeHead {
+        let at = carrel_core::domain::rfc3339(carrel_core::domain::unix_now());
+        carrel_core::audit::TreeHead::sign(&self.ring.current, tree_size, root, at)
+    }
+
+    /// The published keys.
+    pub fn published(&self) -> Jwks {
+        self.ring.jwks()
+    }
+
     /// The current key's id.
     pub fn kid(&self) -> &str {
         self.ring.current.kid()

@@ -137,19 +137,17 @@ impl App {
             QuotaEngine::new(clock)
         };
         carrel_core::quota::load(&quota, &store).await?;
-        let signer = if config.signing.enabled {
-            let signer = crate::signing::ResponseSigner::new(crate::signing::load_ring(
-                &config.signing,
-                &config.server.data_dir,
-            )?);
-            tracing::info!(kid = signer.kid(), "responses are signed");
-            Some(Arc::new(signer))
+        let signing_keys = Arc::new(crate::signing::ResponseSigner::new(
+            crate::signing::load_ring(&config.signing, &config.server.data_dir)?,
+        ));
+        if config.signing.enabled {
+            tracing::info!(kid = signing_keys.kid(), "responses are signed");
         } else {
             tracing::warn!("signing.enabled = false: responses are not signed");
-            None
-        };
+        }
         let state = AppState::new(StateParts {
-            signer,
+            signing_keys,
+            sign_responses: config.signing.enabled,
             store: store.clone(),
             quota: quota.clone(),
             pepper: pepper.clone(),
@@ -197,6 +195,12 @@ impl App {
                       drain at shutdown"
         )]
         tokio::spawn(follow_store_events(admin.clone(), state.clone()));
+        #[expect(
+            clippy::disallowed_methods,
+            reason = "signs a tree head an hour for the life of the runtime; a head not made at \
+                      shutdown is made at the next start"
+        )]
+        tokio::spawn(hourly_tree_heads(admin.clone()));
         warn_of_plaintext_sip2(&state).await;
         Ok(App { state, admin })
     }
@@ -316,6 +320,38 @@ async fn follow_store_events(admin: AdminState, state: AppState) {
                 Ok(None) => {}
                 Err(e) => tracing::error!(error = %e, "could not read an institution"),
             },
+        }
+    }
+}
+
+/// How often the audit log's head is signed and kept, when it grew.
+pub const TREE_HEAD_EVERY: Duration = Duration::from_secs(3600);
+
+/// Signs and keeps the audit log's head every [`TREE_HEAD_EVERY`] (and once at start) when
+/// entries were added since the last head.
+async fn hourly_tree_heads(admin: AdminState) {
+    let mut every = tokio::time::interval(TREE_HEAD_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let last = match admin.store.tree_heads().await {
+            Ok(heads) => heads.last().map_or(0, |h| h.tree_size),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read the audit log's tree heads");
+                continue;
+            }
+        };
+        match admin.store.audit_log().await {
+            Ok(log) if log.len() as u64 > last => {
+                match carrel_admin::audit::make_tree_head(&admin).await {
+                    Ok(head) => {
+                        tracing::info!(tree_size = head.tree_size, "audit log tree head signed");
+                    }
+                    Err(e) => tracing::warn!(error = %e, "could not sign the audit log's head"),
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "could not read the audit log"),
         }
     }
 }

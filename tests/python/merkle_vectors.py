@@ -187,5 +187,40 @@ def main():
     sys.stdout.write("\n")
 
 
+def check_log():
+    """`--check-log`: reads {"entries": [hex], "inclusion": {...}, "consistency": {...}} on
+    stdin (a live audit log's leaf data and proofs the gateway served), computes the root of
+    every entry with this file's own tree, checks the proofs with the RFC's algorithms, and
+    prints {"root": hex, "inclusion_ok": bool, "consistency_ok": bool}."""
+    given = json.load(sys.stdin)
+    d = [bytes.fromhex(e) for e in given["entries"]]
+    out = {"root": mth(d).hex()}
+    inc = given.get("inclusion")
+    if inc:
+        n, m = inc["tree_size"], inc["leaf_index"]
+        out["inclusion_ok"] = verify_inclusion(
+            m,
+            n,
+            sha256(b"\x00" + d[m]),
+            [bytes.fromhex(h) for h in inc["audit_path"]],
+            mth(d[:n]),
+        ) and inc["root"] == mth(d[:n]).hex()
+    con = given.get("consistency")
+    if con:
+        m, n = con["first"], con["second"]
+        out["consistency_ok"] = verify_consistency(
+            m,
+            n,
+            mth(d[:m]),
+            mth(d[:n]),
+            [bytes.fromhex(h) for h in con["proof"]],
+        )
+    json.dump(out, sys.stdout)
+    sys.stdout.write("\n")
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["--check-log"]:
+        check_log()
+    else:
+        main()

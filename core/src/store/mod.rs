@@ -16,6 +16,7 @@ use crate::domain::{
     KeyCredential, KeyKind, Model, OverQuota, Provider, ProviderKind, Role, Site, Source, Tier,
 };
 
+mod audit_tree;
 mod control;
 mod ephemeral;
 mod journal;
@@ -293,6 +294,8 @@ INSERT INTO patron_daily (institution_id, day, patron_ref, tokens)
     Migration::sql(patrons::MIGRATION),
     // 10: tier ceilings and bases, frontier attestations, containment switches.
     Migration::sql(safety::MIGRATION),
+    // 11: signed tree heads of the audit log.
+    Migration::sql(audit_tree::MIGRATION),
 ];
 
 /// Columns of an institution, in [`institution_row`]'s order.
@@ -1332,7 +1335,7 @@ fn group_row(r: &Row<'_>) -> Result<Group, StoreError> {
     })
 }
 
-fn audit_row(r: &Row<'_>) -> Result<AuditEntry, StoreError> {
+pub(crate) fn audit_row(r: &Row<'_>) -> Result<AuditEntry, StoreError> {
     Ok(AuditEntry {
         seq: r.get(0)?,
         at: r.get(1)?,

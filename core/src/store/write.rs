@@ -191,6 +191,7 @@ pub(crate) enum Command {
         contained: bool,
         by: String,
     },
+    RecordTreeHead(crate::audit::TreeHead),
 }
 
 /// The result of a write, typed by the method that proposed it.
@@ -204,7 +205,7 @@ impl Command {
     /// Runs the write on `c`. Writes of several statements take a savepoint, so they nest in
     /// the transaction of a replica applying a run of log entries.
     pub(crate) fn apply(self, c: &mut Connection, w: &mut WriteCtx) -> Outcome {
-        use super::{control, limits, patrons, safety, tokens};
+        use super::{audit_tree, control, limits, patrons, safety, tokens};
         match self {
             Command::ApplyConfig { providers, models } => {
                 boxed(control::apply_config(c, w, &providers, &models))
@@ -347,6 +348,7 @@ impl Command {
                 contained,
                 by,
             } => boxed(safety::set_contained(c, w, kind, &target, contained, &by)),
+            Command::RecordTreeHead(head) => boxed(audit_tree::record_tree_head(c, &head)),
         }
     }
 
@@ -387,6 +389,7 @@ impl Command {
                 StoreEvent::KeyChanged(key_id.clone())
             }
             Command::SetContained { .. } => StoreEvent::ContainmentChanged,
+            Command::RecordTreeHead(_) => return None,
             // SIP2 pools follow their settings at the next sign-in, on every replica.
             Command::SetPatronAuth { .. }
             | Command::ImportLocalPatrons { .. }

@@ -241,14 +241,10 @@ pub async fn handle(state: &AppState, req: Request<Incoming>) -> Response<Respon
     })
 }
 
-/// `GET /.well-known/carrel/keys`: the JWKS of every key that signed or signs responses (an
-/// empty set when signing is off). Public, like any published key.
+/// `GET /.well-known/carrel/keys`: the JWKS of every key that signed or signs responses and
+/// the audit log's tree heads. Public, like any published key.
 fn signing_keys(state: &AppState) -> Response<ResponseBody> {
-    let jwks = state
-        .signer
-        .as_ref()
-        .map_or_else(|| Bytes::from_static(br#"{"keys":[]}"#), |s| s.jwks());
-    let mut resp = body::json(StatusCode::OK, jwks);
+    let mut resp = body::json(StatusCode::OK, state.signing_keys.jwks());
     resp.headers_mut().insert(
         http::header::CACHE_CONTROL,
         HeaderValue::from_static("public, max-age=300"),

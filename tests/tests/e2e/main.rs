@@ -4,6 +4,7 @@
 
 mod accounts;
 mod admin;
+mod audit_log;
 mod deploy_files;
 mod docs;
 mod durability;

@@ -21,6 +21,8 @@ struct Tenant {
     user_id: String,
     site_id: String,
     group_id: String,
+    /// An entry of B's in the audit log.
+    audit_seq: i64,
 }
 
 async fn tenant(gw: &Gateway, name: &str) -> Tenant {
@@ -75,7 +77,19 @@ async fn tenant(gw: &Gateway, name: &str) -> Tenant {
             ),
         )
         .await;
+    let audit_seq = gw
+        .app
+        .state
+        .store
+        .audit_log()
+        .await
+        .unwrap()
+        .iter()
+        .find(|e| e.institution_id.as_deref() == Some(id.as_str()))
+        .expect("the institution's creation is audited")
+        .seq;
     Tenant {
+        audit_seq,
         user_id: user["id"].as_str().unwrap().to_owned(),
         site_id: site["id"].as_str().unwrap().to_owned(),
         group_id: group["id"].as_str().unwrap().to_owned(),
@@ -98,7 +112,15 @@ fn aimed_at(b: &Tenant, method: &str, template: &str) -> (String, Option<Value>)
         .replace("/sites/{id}", &format!("/sites/{}", b.site_id))
         .replace("/groups/{id}", &format!("/groups/{}", b.group_id))
         .replace("/models/{name}", "/models/mock-model")
-        .replace("/providers/{name}", "/providers/mock");
+        .replace("/providers/{name}", "/providers/mock")
+        .replace(
+            "/audit/proof/inclusion",
+            &format!("/audit/proof/inclusion?seq={}", b.audit_seq),
+        )
+        .replace(
+            "/audit/proof/consistency",
+            "/audit/proof/consistency?first=1",
+        );
     let body = match (method, template) {
         ("get" | "delete", _) => None,
         ("post", "/admin/v1/institutions") => {
@@ -160,6 +182,10 @@ fn own_view(method: &str, template: &str) -> bool {
                 | "/admin/v1/models"
                 | "/admin/v1/tokens"
                 | "/admin/v1/models/{name}/limits"
+                // Sizes and hashes of the whole log: nobody's records.
+                | "/admin/v1/audit/tree-head"
+                | "/admin/v1/audit/tree-heads"
+                | "/admin/v1/audit/proof/consistency"
         )
 }
 
