@@ -30,7 +30,7 @@ if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c 'import ensurepip' >
   apt_install python3-venv
 fi
 venv=target/test-venv
-if ! "$venv/bin/python" -c 'import openai, pytest, schemathesis, openapi_spec_validator, pysip2, cryptography' >/dev/null 2>&1; then
+if ! "$venv/bin/python" -c 'import openai, pytest, schemathesis, openapi_spec_validator, pysip2, cryptography, jsonschema' >/dev/null 2>&1; then
   rm -rf "$venv"
   mkdir -p target
   python3 -m venv "$venv"

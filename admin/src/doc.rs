@@ -10,8 +10,8 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use crate::{
-    AdminState, accounts, audit, catalog, error, institutions, limits, patrons, safeguards,
-    structure, tokens, usage,
+    AdminState, accounts, audit, catalog, error, incidents, institutions, limits, patrons,
+    safeguards, structure, tokens, usage,
 };
 
 /// The admin API's OpenAPI description.
@@ -83,6 +83,11 @@ use crate::{
         safeguards::put_attestation,
         safeguards::get_attestation,
         safeguards::delete_attestation,
+        incidents::put_safeguards,
+        incidents::get_safeguards,
+        incidents::report_incident,
+        incidents::list_incidents,
+        incidents::incident_schema,
     ),
     components(schemas(error::ErrorBody, error::ErrorDetail)),
     modifiers(&BearerAuth),

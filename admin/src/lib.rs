@@ -31,6 +31,7 @@ pub mod auth;
 pub mod catalog;
 pub mod doc;
 pub mod error;
+pub mod incidents;
 pub mod institutions;
 pub mod json;
 pub mod limits;
@@ -67,6 +68,14 @@ pub trait ControlHooks: Send + Sync + 'static {
     /// A usage report is about to be read: write every usage record already metered, so the
     /// report includes every response that has ended.
     fn usage_flush(&self) -> HookFuture;
+    /// An institution's safeguard settings changed: recompile its rules.
+    fn safeguards_changed(&self, institution_id: &str) -> HookFuture;
+    /// Whether an institution's rule sets compile with the operator's (the message says why
+    /// not, naming the rule).
+    fn check_safeguards(
+        &self,
+        settings: &carrel_core::store::SafeguardSettings,
+    ) -> Result<(), String>;
     /// Signs the audit log's head of `tree_size` leaves with `root`, with the gateway's key.
     fn sign_tree_head(
         &self,
@@ -175,6 +184,14 @@ pub fn router(state: AdminState) -> Router {
         )
         .route("/admin/v1/containment", get(safeguards::list_containment))
         .route(
+            "/admin/v1/institutions/{id}/safeguards",
+            get(incidents::get_safeguards).put(incidents::put_safeguards),
+        )
+        .route(
+            "/admin/v1/incidents",
+            get(incidents::list_incidents).post(incidents::report_incident),
+        )
+        .route(
             "/admin/v1/institutions/{id}/limits",
             get(limits::get_institution_limits).put(limits::put_institution_limits),
         )
@@ -245,6 +262,10 @@ pub fn router(state: AdminState) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/admin/v1/login", post(accounts::login))
         .route("/admin/openapi.json", get(doc::serve))
+        .route(
+            "/admin/schemas/incident-report.json",
+            get(incidents::incident_schema),
+        )
         .merge(reference::routes())
         .merge(admin)
         .fallback(error::not_found)

@@ -81,6 +81,7 @@ pub struct RawConfig {
     store: RawStore,
     patrons: RawPatrons,
     signing: RawSigning,
+    safeguards: RawSafeguards,
     providers: Vec<RawProvider>,
     models: Vec<RawModel>,
 }
@@ -130,6 +131,13 @@ struct RawPatrons {
     session_max_secs: Option<i64>,
     sign_ins_per_kiosk_per_minute: Option<i64>,
     sip2_plaintext_hosts: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawSafeguards {
+    sets: Vec<crate::safeguards::RuleSetConfig>,
+    minor_refusal: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -229,6 +237,8 @@ pub struct Config {
     pub patrons: PatronsConfig,
     /// `[signing]`.
     pub signing: SigningConfig,
+    /// `[safeguards]`.
+    pub safeguards: SafeguardsConfig,
     /// Providers declared in the file (re-applied to the store at every start).
     pub providers: Vec<ProviderConfig>,
     /// Models declared in the file (re-applied to the store at every start).
@@ -314,6 +324,20 @@ impl Default for PatronsConfig {
         }
     }
 }
+
+/// `[safeguards]`: the operator's screening rules, which every institution's build on.
+#[derive(Debug, Clone, Default)]
+pub struct SafeguardsConfig {
+    /// The operator's rule sets (`[[safeguards.sets]]`; see `carrel_core::safeguards`),
+    /// checked at start: they compile on their own.
+    pub sets: Vec<crate::safeguards::RuleSetConfig>,
+    /// What a minor reads when something is blocked, unless the institution set its own.
+    pub minor_refusal: String,
+}
+
+/// What a minor reads when something is blocked, by default.
+pub const DEFAULT_MINOR_REFUSAL: &str = "That's not something I can help with here. If something \
+    is worrying you, a librarian, teacher or another adult you trust can help.";
 
 /// `[signing]`: signed responses (RFC 9421, Ed25519).
 #[derive(Debug, Clone)]
@@ -834,6 +858,16 @@ impl Config {
             key_file: raw.signing.key_file,
             retired_keys_file: raw.signing.retired_keys_file,
         };
+        if let Err(e) = crate::safeguards::compile(&raw.safeguards.sets, &[]) {
+            return Err(ConfigError::invalid("safeguards.sets", e.to_string()));
+        }
+        let safeguards = SafeguardsConfig {
+            sets: raw.safeguards.sets,
+            minor_refusal: raw
+                .safeguards
+                .minor_refusal
+                .unwrap_or_else(|| DEFAULT_MINOR_REFUSAL.to_owned()),
+        };
         Ok(Config {
             server,
             upstream,
@@ -843,6 +877,7 @@ impl Config {
             store,
             patrons,
             signing,
+            safeguards,
             providers,
             models,
         })

@@ -37,6 +37,7 @@ pub mod oidc;
 pub mod passwords;
 pub mod patrons;
 pub mod quota;
+pub mod safeguards;
 pub mod signing;
 pub mod sip2;
 pub mod store;

@@ -444,7 +444,10 @@ pub struct SignatureEvent {
 /// or not a string; `stream` is not a boolean; `max_tokens` (or `max_completion_tokens`) is not
 /// a positive integer or is more than the model produces; `n` is not between 1 and 128; `user`
 /// is not a string of at most 256 bytes. `param` names the field.
-/// `body_read_failed`: the client stopped sending the body. Other fields are checked by the
+/// `body_read_failed`: the client stopped sending the body. `content_blocked`: the
+/// safeguards blocked the prompt or the answer (a minor reads the institution's friendly
+/// refusal; an adult, the category); a stream blocked on the way ends with a final SSE event
+/// carrying this error. Other fields are checked by the
 /// provider, whose own 400 is relayed unchanged.
 #[derive(ToResponse)]
 pub struct BadRequest(pub ErrorBody);
@@ -464,7 +467,8 @@ pub struct Unauthorized(pub ErrorBody);
 /// pass, which never reach frontier models. `frontier_not_verified`: a frontier model, and no
 /// operator has verified the key's institution for frontier models. `attestation_required`: a
 /// frontier model through a service key without a current use-case attestation approved by
-/// the operator.
+/// the operator. `safeguard_unavailable`: a safeguard a frontier request needs could not be
+/// consulted, and frontier requests fail closed.
 #[derive(ToResponse)]
 pub struct Forbidden(pub ErrorBody);
 

@@ -18,6 +18,7 @@ use crate::patrons::PatronDesk;
 use crate::patrons::sessions::SessionCache;
 use crate::pipeline::authenticate::KeyCache;
 use crate::safeguards::containment::Containment;
+use crate::safeguards::screening::Screener;
 use crate::signing::ResponseSigner;
 use crate::upstream::Upstream;
 use crate::upstream::catalog::Catalog;
@@ -58,6 +59,8 @@ pub struct Inner {
     /// The gateway's Ed25519 keys: they sign the audit log's tree heads always, and inference
     /// responses when `signing.enabled`.
     pub signing_keys: Arc<ResponseSigner>,
+    /// Screening with the safeguard rules, and the incident queue.
+    pub screener: Arc<Screener>,
     /// Sign inference responses (`signing.enabled`); `None` when off.
     pub signer: Option<Arc<ResponseSigner>>,
     /// Patron sign-in: SIP2 pools, the JWKS cache, lockouts and counters.
@@ -115,6 +118,8 @@ pub struct StateParts {
     pub signing_keys: Arc<ResponseSigner>,
     /// Whether inference responses are signed.
     pub sign_responses: bool,
+    /// The safeguard screener.
+    pub screener: Arc<Screener>,
 }
 
 impl AppState {
@@ -132,6 +137,7 @@ impl AppState {
                 .sign_responses
                 .then(|| Arc::clone(&parts.signing_keys)),
             signing_keys: parts.signing_keys,
+            screener: parts.screener,
             patron_desk: parts.patron_desk,
             ledger: parts.ledger,
             quota: parts.quota,
@@ -214,6 +220,7 @@ impl ControlHooks for GatewayHooks {
     fn everything_changed(&self) -> HookFuture {
         self.0.keys.evict_all();
         self.0.sessions.evict_all();
+        self.0.screener.evict_all();
         let catalog = self.catalog_changed();
         let containment = self.containment_changed();
         Box::pin(async move {
@@ -230,6 +237,18 @@ impl ControlHooks for GatewayHooks {
                 tracing::error!(error = %e, "containment reload failed; the previous set stands");
             }
         })
+    }
+
+    fn safeguards_changed(&self, institution_id: &str) -> HookFuture {
+        self.0.screener.evict(institution_id);
+        Box::pin(std::future::ready(()))
+    }
+
+    fn check_safeguards(
+        &self,
+        settings: &carrel_core::store::SafeguardSettings,
+    ) -> Result<(), String> {
+        self.0.screener.check_settings(settings)
     }
 
     fn sign_tree_head(

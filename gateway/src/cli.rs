@@ -32,6 +32,8 @@ enum Command {
     Demo(ServeArgs),
     /// Print the OpenAPI document of the admin and public APIs.
     Openapi,
+    /// Print the JSON Schema of incident reports (`openapi/incident-report.schema.json`).
+    IncidentSchema,
     /// Check the signature of a saved response against the gateway's published keys.
     Verify(VerifyArgs),
     /// Replace the response signing key; the old public key stays published. Restart every
@@ -109,6 +111,14 @@ pub fn main() -> ExitCode {
     let (args, demo) = match cli.command {
         Command::Openapi => {
             println!("{}", crate::api_doc::openapi_json());
+            return ExitCode::SUCCESS;
+        }
+        Command::IncidentSchema => {
+            let schema = carrel_admin::incidents::report_schema();
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&schema).unwrap_or_default()
+            );
             return ExitCode::SUCCESS;
         }
         Command::Serve(args) => (args, false),

@@ -91,6 +91,18 @@ pub enum GatewayError {
          approved by the operator."
     )]
     AttestationRequired(String),
+    /// The safeguards blocked the request or the answer.
+    #[error("{message}")]
+    ContentBlocked {
+        /// What the caller reads (a minor: the institution's friendly refusal).
+        message: String,
+    },
+    /// A safeguard a frontier request needs could not be consulted: it fails closed.
+    #[error(
+        "A safeguard this frontier model needs is unavailable, so the request was not sent. \
+         Please try again shortly."
+    )]
+    SafeguardUnavailable,
     /// A switch stops the model, its provider, the institution or the key.
     #[error("{}", contained_message(.model, *.by))]
     Contained {
@@ -181,10 +193,12 @@ impl GatewayError {
             GatewayError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::BodyReadFailed
             | GatewayError::MalformedJson(_)
+            | GatewayError::ContentBlocked { .. }
             | GatewayError::InvalidParameter { .. } => StatusCode::BAD_REQUEST,
             GatewayError::ModelNotPermitted { .. }
             | GatewayError::TierNotAllowed { .. }
             | GatewayError::AttestationRequired(_)
+            | GatewayError::SafeguardUnavailable
             | GatewayError::FrontierNotVerified(_)
             | GatewayError::InstitutionSuspended => StatusCode::FORBIDDEN,
             GatewayError::Contained { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -212,10 +226,12 @@ impl GatewayError {
             | GatewayError::BodyReadFailed
             | GatewayError::MalformedJson(_)
             | GatewayError::InvalidParameter { .. }
+            | GatewayError::ContentBlocked { .. }
             | GatewayError::ModelNotFound(_) => "invalid_request_error",
             GatewayError::ModelNotPermitted { .. }
             | GatewayError::TierNotAllowed { .. }
             | GatewayError::AttestationRequired(_)
+            | GatewayError::SafeguardUnavailable
             | GatewayError::FrontierNotVerified(_)
             | GatewayError::InstitutionSuspended => "permission_error",
             GatewayError::Contained { .. }
@@ -252,6 +268,8 @@ impl GatewayError {
             GatewayError::ModelNotPermitted { .. } => "model_not_permitted",
             GatewayError::TierNotAllowed { .. } => "tier_not_allowed",
             GatewayError::AttestationRequired(_) => "attestation_required",
+            GatewayError::ContentBlocked { .. } => "content_blocked",
+            GatewayError::SafeguardUnavailable => "safeguard_unavailable",
             // The contract names `model_contained`; a provider's switch stops its models, so
             // it answers the same. An institution's or a key's says which.
             GatewayError::Contained { by, .. } => match by {
@@ -295,6 +313,9 @@ impl GatewayError {
             | GatewayError::ModelNotPermitted { .. }
             | GatewayError::FrontierNotVerified(_) => "model",
             GatewayError::TierNotAllowed { .. } | GatewayError::AttestationRequired(_) => "tier",
+            GatewayError::ContentBlocked { .. } | GatewayError::SafeguardUnavailable => {
+                "safeguards"
+            }
             GatewayError::Contained { .. } => "contained",
             GatewayError::UpstreamUnreachable(_)
             | GatewayError::UpstreamFailed(_)
@@ -340,6 +361,8 @@ impl GatewayError {
             | GatewayError::StoreUnavailable(_)
             | GatewayError::StateUnavailable
             | GatewayError::OverLimit { .. }
+            | GatewayError::ContentBlocked { .. }
+            | GatewayError::SafeguardUnavailable
             | GatewayError::SignIn(_) => None,
         }
     }
@@ -377,6 +400,10 @@ impl GatewayError {
                 why: TierWhy::SharedSession,
             },
             GatewayError::AttestationRequired("m".into()),
+            GatewayError::ContentBlocked {
+                message: String::new(),
+            },
+            GatewayError::SafeguardUnavailable,
             GatewayError::FrontierNotVerified("m".into()),
             GatewayError::UpstreamUnreachable("x".into()),
             GatewayError::UpstreamFailed("x".into()),
@@ -438,6 +465,8 @@ impl GatewayError {
                 | GatewayError::TierNotAllowed { .. }
                 | GatewayError::AttestationRequired(_)
                 | GatewayError::Contained { .. }
+                | GatewayError::ContentBlocked { .. }
+                | GatewayError::SafeguardUnavailable
                 | GatewayError::FrontierNotVerified(_)
                 | GatewayError::UpstreamUnreachable(_)
                 | GatewayError::UpstreamFailed(_)

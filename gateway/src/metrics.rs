@@ -40,6 +40,32 @@ struct Family<'a> {
     values: Vec<(Option<(&'a str, &'a str)>, u64)>,
 }
 
+/// Incidents recorded: flags, blocks; dropped (queue full).
+static INCIDENTS: [AtomicU64; 3] = [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)];
+/// Incident notifications: sent, refused, failed.
+static NOTIFICATIONS: [AtomicU64; 3] = [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)];
+
+/// Counts an incident record by its action (`flag` or `block`).
+pub fn incident_recorded(action: &str) {
+    let i = usize::from(action == "block");
+    INCIDENTS[i].fetch_add(1, Ordering::Relaxed);
+}
+
+/// Counts an incident dropped because the queue was full.
+pub fn incident_dropped() {
+    INCIDENTS[2].fetch_add(1, Ordering::Relaxed);
+}
+
+/// Counts a notification by outcome (`sent`, `refused`, `failed`).
+pub fn incident_notified(outcome: &str) {
+    let i = match outcome {
+        "sent" => 0,
+        "refused" => 1,
+        _ => 2,
+    };
+    NOTIFICATIONS[i].fetch_add(1, Ordering::Relaxed);
+}
+
 fn load(c: &AtomicU64) -> u64 {
     c.load(Ordering::Relaxed)
 }
@@ -63,6 +89,30 @@ pub fn render(state: &AppState) -> String {
             values: vec![(Some(("backend", state.store.kind())), 1)],
         },
     ];
+    families.push(Family {
+        name: "carrel_incidents_total",
+        help: "Safeguard incidents recorded by action, and those dropped with a full queue.",
+        values: vec![
+            (Some(("action", "flag")), load(&INCIDENTS[0])),
+            (Some(("action", "block")), load(&INCIDENTS[1])),
+            (Some(("action", "dropped")), load(&INCIDENTS[2])),
+        ],
+    });
+    families.push(Family {
+        name: "carrel_incident_notifications_total",
+        help: "High-severity incident notifications to institutions' webhooks, by outcome.",
+        values: vec![
+            (Some(("outcome", "sent")), load(&NOTIFICATIONS[0])),
+            (Some(("outcome", "refused")), load(&NOTIFICATIONS[1])),
+            (Some(("outcome", "failed")), load(&NOTIFICATIONS[2])),
+        ],
+    });
+    families.push(Family {
+        name: "carrel_responses_unsigned_total",
+        help: "Inference responses sent without a signature (too large to hold, or a value \
+               that cannot be signed) while signing is on.",
+        values: vec![(None, state.signing_keys.unsigned())],
+    });
     families.push(Family {
         name: "carrel_patron_sign_ins_total",
         help: "Patron sign-ins by outcome (`ok` or the refusal's code); never by patron.",

@@ -297,6 +297,14 @@ impl ResponseSigner {
     }
 }
 
+/// Reads `body` whole if it is at most `limit` bytes (`None` if longer).
+pub async fn read_whole(body: ResponseBody, limit: usize) -> Result<Option<Bytes>, BoxError> {
+    Ok(match collect_bounded(body, limit).await? {
+        Collected::Whole(bytes) => Some(bytes),
+        Collected::TooLong(_) => None,
+    })
+}
+
 enum Collected {
     Whole(Bytes),
     /// Longer than the limit: what was read, then the rest, as one body.

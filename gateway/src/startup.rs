@@ -145,7 +145,14 @@ impl App {
         } else {
             tracing::warn!("signing.enabled = false: responses are not signed");
         }
+        let store_for_incidents = store.clone();
+        let (screener, incidents) = crate::safeguards::screening::Screener::new(
+            config.safeguards.clone(),
+            config.store.kind == StoreKind::Embedded,
+        )
+        .map_err(|e| ConfigError::invalid("safeguards.sets", e.to_string()))?;
         let state = AppState::new(StateParts {
+            screener: Arc::new(screener),
             signing_keys,
             sign_responses: config.signing.enabled,
             store: store.clone(),
@@ -201,6 +208,15 @@ impl App {
                       shutdown is made at the next start"
         )]
         tokio::spawn(hourly_tree_heads(admin.clone()));
+        #[expect(
+            clippy::disallowed_methods,
+            reason = "writes incident records for the life of the runtime; the queue is \
+                      bounded and a record not yet written at exit is lost, as is counted"
+        )]
+        tokio::spawn(crate::safeguards::screening::run_incident_desk(
+            incidents,
+            store_for_incidents,
+        ));
         warn_of_plaintext_sip2(&state).await;
         Ok(App { state, admin })
     }
@@ -292,6 +308,7 @@ async fn follow_store_events(admin: AdminState, state: AppState) {
             StoreEvent::InstitutionChanged(id) => admin.hooks.institution_changed(&id).await,
             StoreEvent::CatalogChanged => admin.hooks.catalog_changed().await,
             StoreEvent::ContainmentChanged => admin.hooks.containment_changed().await,
+            StoreEvent::SafeguardsChanged(id) => admin.hooks.safeguards_changed(&id).await,
             StoreEvent::LimitsChanged => reload_quota(&admin).await,
             StoreEvent::KioskSessionsEnded { kiosk_key_id } => {
                 state.sessions.evict_kiosk(&kiosk_key_id);

@@ -19,6 +19,7 @@ use crate::domain::{
 mod audit_tree;
 mod control;
 mod ephemeral;
+mod incidents;
 mod journal;
 mod limits;
 mod patrons;
@@ -28,6 +29,10 @@ mod tokens;
 mod usage;
 mod write;
 
+pub use incidents::{
+    AutomaticIncident, Incident, MAX_TEXT_RETENTION_DAYS, NewIncident, PromptRetention,
+    SafeguardSettings,
+};
 pub use limits::{PatronExtension, PeriodUsage};
 pub use patrons::{
     GuestPass, ImportCounts, LocalPatron, NewGuestPass, NewPatronSession, PatronSession,
@@ -296,6 +301,8 @@ INSERT INTO patron_daily (institution_id, day, patron_ref, tokens)
     Migration::sql(safety::MIGRATION),
     // 11: signed tree heads of the audit log.
     Migration::sql(audit_tree::MIGRATION),
+    // 12: safeguard settings of institutions, and incidents.
+    Migration::sql(incidents::MIGRATION),
 ];
 
 /// Columns of an institution, in [`institution_row`]'s order.

@@ -192,6 +192,11 @@ pub(crate) enum Command {
         by: String,
     },
     RecordTreeHead(crate::audit::TreeHead),
+    SetSafeguards {
+        institution_id: String,
+        settings: super::incidents::SafeguardSettings,
+    },
+    RecordIncident(super::incidents::NewIncident),
 }
 
 /// The result of a write, typed by the method that proposed it.
@@ -205,7 +210,7 @@ impl Command {
     /// Runs the write on `c`. Writes of several statements take a savepoint, so they nest in
     /// the transaction of a replica applying a run of log entries.
     pub(crate) fn apply(self, c: &mut Connection, w: &mut WriteCtx) -> Outcome {
-        use super::{audit_tree, control, limits, patrons, safety, tokens};
+        use super::{audit_tree, control, incidents, limits, patrons, safety, tokens};
         match self {
             Command::ApplyConfig { providers, models } => {
                 boxed(control::apply_config(c, w, &providers, &models))
@@ -349,6 +354,11 @@ impl Command {
                 by,
             } => boxed(safety::set_contained(c, w, kind, &target, contained, &by)),
             Command::RecordTreeHead(head) => boxed(audit_tree::record_tree_head(c, &head)),
+            Command::SetSafeguards {
+                institution_id,
+                settings,
+            } => boxed(incidents::set_settings(c, &institution_id, &settings)),
+            Command::RecordIncident(new) => boxed(incidents::record_incident(c, w, new)),
         }
     }
 
@@ -389,7 +399,10 @@ impl Command {
                 StoreEvent::KeyChanged(key_id.clone())
             }
             Command::SetContained { .. } => StoreEvent::ContainmentChanged,
-            Command::RecordTreeHead(_) => return None,
+            Command::SetSafeguards { institution_id, .. } => {
+                StoreEvent::SafeguardsChanged(institution_id.clone())
+            }
+            Command::RecordTreeHead(_) | Command::RecordIncident(_) => return None,
             // SIP2 pools follow their settings at the next sign-in, on every replica.
             Command::SetPatronAuth { .. }
             | Command::ImportLocalPatrons { .. }
@@ -447,6 +460,8 @@ pub enum StoreEvent {
     PatronSessionEnded(String),
     /// A containment switch was turned on or off: reload the set and stop what it covers.
     ContainmentChanged,
+    /// An institution's safeguard rules changed: recompile them.
+    SafeguardsChanged(String),
 }
 
 /// `Option<Option<T>>` fields as JSON: absent keeps, `null` clears, a value sets. Plain serde

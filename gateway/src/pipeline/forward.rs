@@ -16,6 +16,8 @@ use crate::metering::body::{Meter, StreamReading};
 use crate::openai::Rewrite;
 use crate::pipeline::{Endpoint, RequestCtx};
 use crate::safeguards::containment::Subject;
+use crate::safeguards::screening::{ScreenedStream, answer_text};
+use crate::signing::ResponseSigner;
 use crate::upstream::catalog::Target;
 
 /// Stage 9.
@@ -72,17 +74,19 @@ pub async fn run(
             state.demo_word_delay,
         )),
     };
-    let signed_as = state
-        .signer
-        .as_ref()
-        .zip(ctx.recorded_as.as_ref().and_then(|v| v.to_str().ok()));
+    let signed_as: Option<(Arc<ResponseSigner>, String)> = state.signer.clone().zip(
+        ctx.recorded_as
+            .as_ref()
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
+    );
     let resp = match resp {
         Ok(resp) if resp.status().is_success() => resp,
         Ok(refusal) => {
             // The provider refused: nothing was used. Its answer is signed as it is relayed.
             meter.refused();
             return match signed_as {
-                Some((signer, id)) => signer.sign(refusal, id, &route.name).await,
+                Some((signer, id)) => signer.sign(refusal, &id, &route.name).await,
                 None => Ok(refusal),
             };
         }
@@ -110,6 +114,8 @@ pub async fn run(
         .reservation
         .as_ref()
         .map_or(u64::MAX / 2, |r| r.output_tokens());
+    let screen = ctx.output_screen.take();
+    let screener = Arc::clone(&state.screener);
     let resp = resp.map(|body| {
         if is_sse {
             let reading = StreamReading {
@@ -117,16 +123,38 @@ pub async fn run(
                 allowance,
             };
             let body = MeteredBody::sse(body, meter, reading);
-            match watch {
+            let body = match watch {
                 Some(watch) => body.stopped_by(watch).boxed(),
                 None => body.boxed(),
+            };
+            match &screen {
+                Some(screen) => {
+                    ScreenedStream::new(body, Arc::clone(&screener), screen.clone()).boxed()
+                }
+                None => body,
             }
         } else {
             MeteredBody::json(body, meter).boxed()
         }
     });
+    let resp = match screen {
+        Some(screen) if !is_sse => {
+            // The answer is read whole and screened; a blocked one becomes the 400 (its tokens
+            // were spent, and are settled all the same). One too large to hold is refused.
+            let (parts, body) = resp.into_parts();
+            let bytes = crate::signing::read_whole(body, crate::signing::MAX_SIGNED_BODY)
+                .await
+                .map_err(GatewayError::UpstreamFailed)?
+                .ok_or_else(|| GatewayError::ContentBlocked {
+                    message: "The answer was too long to check, so it was not shown.".into(),
+                })?;
+            screener.screen_answer(&screen, &answer_text(&bytes))?;
+            Response::from_parts(parts, crate::body::full(bytes))
+        }
+        _ => resp,
+    };
     match signed_as {
-        Some((signer, id)) => signer.sign(resp, id, &route.name).await,
+        Some((signer, id)) => signer.sign(resp, &id, &route.name).await,
         None => Ok(resp),
     }
 }

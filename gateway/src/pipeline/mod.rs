@@ -7,8 +7,9 @@
 //! | 2 | rate limit (credential) | [`quota::rate_limit`] | 429 `rate_limit_exceeded` |
 //! | 3 | read body | [`read_body`] | 413 `request_too_large`, 400 `body_read_failed`, 400 `invalid_json`, 400 `invalid_parameter` |
 //! | 4 | authorize | [`authorize`] | 404 `model_not_found`, 503 `model_contained` / `institution_contained` / `key_contained`, 403 `model_not_permitted`, 403 `tier_not_allowed`, 403 `frontier_not_verified`, 403 `attestation_required` |
+//! | 4½ | safeguards | [`safeguards`] | 400 `content_blocked`, 403 `safeguard_unavailable` (frontier, fails closed) |
 //! | 5 | quota reserve | [`quota::reserve`] | 400 `invalid_parameter` (`max_tokens` over the model's cap), 429 `rate_limit_exceeded`, 429 `insufficient_quota`, 429 `budget_exceeded` |
-//! | 6–8 | safeguards, cache, routing | (issues 7, 8) | |
+//! | 6–8 | cache, routing | (issue 8) | |
 //! | 9 | forward + meter | [`forward`] | the upstream's own status, 502 `upstream_unreachable`, 502 `upstream_failed`, 504 `upstream_timeout`; a 2xx body settles the reservation and is recorded in the usage ledger ([`crate::metering`]) |
 //!
 //! The credential's request rate is counted before the body is read (DESIGN.md put it after
@@ -90,6 +91,8 @@ pub struct RequestCtx {
     pub body: Bytes,
     /// Set by authorize: where the model is served.
     pub route: Option<Arc<ModelRoute>>,
+    /// Set by safeguards: the answer is screened too.
+    pub output_screen: Option<crate::safeguards::screening::OutputScreen>,
     /// Set by the quota stages: the tightest limits, for the response headers.
     pub standing: quota::Standing,
     /// Set by quota reserve: what the request holds until it settles (refunded if dropped).
@@ -116,6 +119,7 @@ impl RequestCtx {
             fields: None,
             body: Bytes::new(),
             route: None,
+            output_screen: None,
             standing: quota::Standing::default(),
             reservation: None,
             prompt_tokens: 0,
@@ -297,8 +301,27 @@ async fn stages(
     stage!(quota::rate_limit(state, ctx).await);
     stage!(read_body::run(state, ctx, headers, body).await);
     stage!(authorize::run(state, ctx));
+    stage!(safeguards(state, ctx).await);
     stage!(quota::reserve(state, ctx).await);
     forward::run(state, ctx).await
+}
+
+/// The safeguards stage: screens the prompt with the rules for the model's tier and the
+/// caller's audience, and notes whether the answer is screened too.
+async fn safeguards(state: &AppState, ctx: &mut RequestCtx) -> Result<Flow, GatewayError> {
+    let route = Arc::clone(ctx.route());
+    let output = state
+        .screener
+        .screen_request(
+            &state.store,
+            ctx.principal(),
+            &route.name,
+            route.tier,
+            &ctx.fields().prompt.text,
+        )
+        .await?;
+    ctx.output_screen = output;
+    Ok(Flow::Continue)
 }
 
 async fn list_models(

@@ -162,6 +162,12 @@ fn aimed_at(b: &Tenant, method: &str, template: &str) -> (String, Option<Value>)
             json!({"use_case": "x", "expires_at": carrel_core::domain::rfc3339(
                 carrel_core::domain::unix_now() + 86_400)}),
         ),
+        ("put", "/admin/v1/institutions/{id}/safeguards") => Some(json!({"sets": []})),
+        ("post", "/admin/v1/incidents") => Some(json!({
+            "title": "t", "description": "d", "date": "2026-11-27", "alleged_deployer": "x",
+            "alleged_developer": "y", "harmed_or_nearly_harmed_parties": ["patrons"],
+            "implicated_model": "mock-model", "harm_type": "other", "severity": "low",
+            "hazard": true, "institution_id": b.id})),
         ("patch", "/admin/v1/models/{name}" | "/admin/v1/providers/{name}") => {
             Some(json!({"contained": true}))
         }
@@ -186,6 +192,7 @@ fn own_view(method: &str, template: &str) -> bool {
                 | "/admin/v1/audit/tree-head"
                 | "/admin/v1/audit/tree-heads"
                 | "/admin/v1/audit/proof/consistency"
+                | "/admin/v1/incidents"
         )
 }
 

@@ -1,0 +1,588 @@
+//! Screening requests and answers with the safeguard rules ([`carrel_core::safeguards`]): the
+//! operator's sets plus each institution's, compiled once per institution and cached until its
+//! settings change.
+//!
+//! - **Before** the quota is reserved (stage 5), the prompt is screened with the rules for the
+//!   model's tier and the caller's audience (a patron counted as a minor, or an adult). A block
+//!   is a 400 `content_blocked`; for a minor its message is the institution's friendly refusal.
+//! - **After**, when rules apply to the answer (for minors and around frontier models, as the
+//!   operator and institutions configure): a JSON answer is read whole and screened; a stream
+//!   is screened as it passes, over a sliding window of its text, and a block ends it with a
+//!   final SSE error event before the blocked words reach the client.
+//! - Every block or flag is an incident record ([`IncidentDesk`]), without the text unless the
+//!   institution opted in for the tier; high-severity ones notify the institution's webhooks.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use carrel_core::config::SafeguardsConfig;
+use carrel_core::domain::{Principal, Tier};
+use carrel_core::safeguards::{
+    Audience, CompiledRules, Direction, Screening, compile, request_hash,
+};
+use carrel_core::store::{AutomaticIncident, NewIncident, SafeguardSettings, Store, StoreError};
+use dashmap::DashMap;
+use http_body::{Body, Frame, SizeHint};
+use serde::Deserialize;
+use tokio::sync::mpsc;
+
+use crate::body::ResponseBody;
+use crate::error::{BoxError, GatewayError};
+
+/// Most text of an answer held to screen it (its last part).
+pub const OUTPUT_WINDOW: usize = 4096;
+/// Incidents waiting to be written; beyond this they are dropped and counted.
+const INCIDENT_QUEUE: usize = 1024;
+
+/// An institution's compiled rules and settings.
+#[derive(Debug)]
+pub struct InstitutionRules {
+    /// Operator's sets plus the institution's.
+    pub rules: CompiledRules,
+    /// What the institution set.
+    pub settings: SafeguardSettings,
+    /// What a minor reads on a block.
+    pub minor_refusal: String,
+}
+
+/// Screening state shared by the workers.
+#[derive(Debug)]
+pub struct Screener {
+    config: SafeguardsConfig,
+    /// The operator's rules alone: what applies when an institution's cannot be read.
+    operator: Arc<InstitutionRules>,
+    by_institution: DashMap<Arc<str>, Arc<InstitutionRules>>,
+    incidents: mpsc::Sender<IncidentJob>,
+    /// Whether opted-in prompt text may be kept (only with the embedded store: on Redis it
+    /// would stay in the shared log past its retention).
+    text_allowed: bool,
+}
+
+/// A request's screening context, kept for the answer.
+#[derive(Debug, Clone)]
+pub struct OutputScreen {
+    rules: Arc<InstitutionRules>,
+    audience: Audience,
+    tier: Tier,
+    incident: IncidentCtx,
+}
+
+/// What an incident record needs besides the screening.
+#[derive(Debug, Clone)]
+struct IncidentCtx {
+    institution: Arc<str>,
+    model: Arc<str>,
+    tier: Tier,
+}
+
+/// One incident to record.
+#[derive(Debug)]
+struct IncidentJob {
+    ctx: IncidentCtx,
+    screening: Screening,
+    direction: Direction,
+    request_hash: String,
+    text: Option<(String, i64)>,
+    notify: Vec<String>,
+}
+
+impl Screener {
+    /// The screener; the returned receiver goes to [`run_incident_desk`].
+    pub fn new(
+        config: SafeguardsConfig,
+        text_allowed: bool,
+    ) -> Result<(Self, IncidentQueue), carrel_core::safeguards::RuleError> {
+        let rules = compile(&config.sets, &[])?;
+        let operator = Arc::new(InstitutionRules {
+            rules,
+            settings: SafeguardSettings::default(),
+            minor_refusal: config.minor_refusal.clone(),
+        });
+        let (tx, rx) = mpsc::channel(INCIDENT_QUEUE);
+        Ok((
+            Screener {
+                config,
+                operator,
+                by_institution: DashMap::new(),
+                incidents: tx,
+                text_allowed,
+            },
+            IncidentQueue(rx),
+        ))
+    }
+
+    /// Checks an institution's sets against the operator's: what `PUT …/safeguards` accepts.
+    pub fn check_settings(&self, settings: &SafeguardSettings) -> Result<(), String> {
+        compile(&self.config.sets, &settings.sets)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    /// The rules of an institution, compiled at first use and cached.
+    pub async fn rules_for(
+        &self,
+        store: &Store,
+        institution: &Arc<str>,
+    ) -> Result<Arc<InstitutionRules>, StoreError> {
+        if let Some(r) = self.by_institution.get(institution) {
+            return Ok(Arc::clone(&r));
+        }
+        let settings = store.safeguard_settings(institution).await?;
+        let rules = if settings.sets.is_empty() {
+            self.operator.rules.clone()
+        } else {
+            compile(&self.config.sets, &settings.sets).map_err(|e| {
+                // Validated when set; a stored set that no longer compiles (the operator's
+                // rules changed under it) is reported, and the operator's rules apply.
+                tracing::error!(institution = %institution, error = %e,
+                    "institution's safeguard rules do not compile; the operator's apply");
+                StoreError::Corrupt(format!("safeguard rules of {institution}: {e}"))
+            })?
+        };
+        let compiled = Arc::new(InstitutionRules {
+            rules,
+            minor_refusal: settings
+                .minor_refusal
+                .clone()
+                .unwrap_or_else(|| self.config.minor_refusal.clone()),
+            settings,
+        });
+        self.by_institution
+            .insert(Arc::clone(institution), Arc::clone(&compiled));
+        Ok(compiled)
+    }
+
+    /// Forgets an institution's compiled rules (its settings changed).
+    pub fn evict(&self, institution: &str) {
+        self.by_institution.remove(institution);
+    }
+
+    /// Forgets every institution's.
+    pub fn evict_all(&self) {
+        self.by_institution.clear();
+    }
+
+    /// Screens a prompt (the pipeline's safeguards stage). `Ok(Some(..))`: the answer must be
+    /// screened too.
+    pub async fn screen_request(
+        &self,
+        store: &Store,
+        principal: &Principal,
+        model: &Arc<str>,
+        tier: Tier,
+        text: &str,
+    ) -> Result<Option<OutputScreen>, GatewayError> {
+        let rules = match self.rules_for(store, &principal.institution_id).await {
+            Ok(rules) => rules,
+            // Around frontier models a safeguard that cannot be read fails closed.
+            Err(_) if tier == Tier::Frontier => return Err(GatewayError::SafeguardUnavailable),
+            Err(_) => Arc::clone(&self.operator),
+        };
+        let audience = if principal.is_minor() {
+            Audience::Minor
+        } else {
+            Audience::Adult
+        };
+        let incident = IncidentCtx {
+            institution: Arc::clone(&principal.institution_id),
+            model: Arc::clone(model),
+            tier,
+        };
+        let screening = rules
+            .rules
+            .screen(text, tier.as_str(), audience, Direction::Input);
+        if screening.has_hits() {
+            self.report(&rules, &incident, &screening, Direction::Input, text);
+        }
+        if screening.is_blocked() {
+            return Err(blocked(&rules, audience, &screening));
+        }
+        Ok(rules
+            .rules
+            .screens(tier.as_str(), audience, Direction::Output)
+            .then(|| OutputScreen {
+                rules,
+                audience,
+                tier,
+                incident,
+            }))
+    }
+
+    /// Screens an answer's text; `Err` when it is blocked.
+    pub fn screen_answer(&self, screen: &OutputScreen, text: &str) -> Result<(), GatewayError> {
+        let screening = screen.rules.rules.screen(
+            text,
+            screen.tier.as_str(),
+            screen.audience,
+            Direction::Output,
+        );
+        if screening.has_hits() {
+            self.report(
+                &screen.rules,
+                &screen.incident,
+                &screening,
+                Direction::Output,
+                text,
+            );
+        }
+        if screening.is_blocked() {
+            Err(blocked(&screen.rules, screen.audience, &screening))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn report(
+        &self,
+        rules: &InstitutionRules,
+        ctx: &IncidentCtx,
+        screening: &Screening,
+        direction: Direction,
+        text: &str,
+    ) {
+        let retention = rules
+            .settings
+            .retain_prompts
+            .iter()
+            .find(|r| r.tier == ctx.tier)
+            .filter(|_| self.text_allowed);
+        let job = IncidentJob {
+            ctx: ctx.clone(),
+            screening: screening.clone(),
+            direction,
+            request_hash: request_hash(&ctx.institution, text),
+            text: retention.map(|r| {
+                let until = carrel_core::domain::unix_now() + i64::from(r.days) * 86_400;
+                (text.to_owned(), until)
+            }),
+            notify: if screening.notifies() {
+                rules.settings.notify_urls.clone()
+            } else {
+                Vec::new()
+            },
+        };
+        if self.incidents.try_send(job).is_err() {
+            crate::metrics::incident_dropped();
+            tracing::warn!("incident queue full: an incident record was dropped");
+        }
+    }
+}
+
+fn blocked(rules: &InstitutionRules, audience: Audience, screening: &Screening) -> GatewayError {
+    let message = match audience {
+        Audience::Minor => rules.minor_refusal.clone(),
+        Audience::Adult => format!(
+            "This was blocked by the safeguards of this service ({}).",
+            screening.categories().join(", ")
+        ),
+    };
+    GatewayError::ContentBlocked { message }
+}
+
+/// The receiving end of the incident queue.
+#[derive(Debug)]
+pub struct IncidentQueue(mpsc::Receiver<IncidentJob>);
+
+/// Writes incident records and sends notifications, for the life of the runtime.
+pub async fn run_incident_desk(mut queue: IncidentQueue, store: Store) {
+    let notifier = match Notifier::new() {
+        Ok(n) => Some(n),
+        Err(e) => {
+            tracing::error!(error = %e, "no HTTPS client for incident notifications");
+            None
+        }
+    };
+    while let Some(job) = queue.0.recv().await {
+        let inst = store
+            .get_institution(&job.ctx.institution)
+            .await
+            .ok()
+            .flatten();
+        let action = job.screening.verdict;
+        let record = AutomaticIncident {
+            institution: job.ctx.institution.to_string(),
+            sector: inst.as_ref().and_then(|i| i.sector.clone()),
+            region: inst.map(|i| i.region).unwrap_or_default(),
+            model: job.ctx.model.to_string(),
+            tier: job.ctx.tier.as_str().to_owned(),
+            category: job.screening.categories().join(","),
+            action: action.as_str().to_owned(),
+            severity: job
+                .screening
+                .max_severity
+                .map_or("low", |s| s.as_str())
+                .to_owned(),
+            near_miss: action == carrel_core::safeguards::Verdict::Block,
+            direction: match job.direction {
+                Direction::Input => "input",
+                Direction::Output => "output",
+            }
+            .to_owned(),
+            request_hash: job.request_hash,
+        };
+        let record = serde_json::to_value(&record).unwrap_or_default();
+        let written = store
+            .record_incident(NewIncident {
+                source: "automatic".to_owned(),
+                institution_id: Some(job.ctx.institution.to_string()),
+                record: record.clone(),
+                prompt_text: job.text,
+            })
+            .await;
+        let id = match written {
+            Ok(incident) => incident.id,
+            Err(e) => {
+                tracing::error!(error = %e, "could not record an incident");
+                continue;
+            }
+        };
+        crate::metrics::incident_recorded(action.as_str());
+        if let Some(notifier) = &notifier {
+            for url in &job.notify {
+                notifier.send(url, &id, &record).await;
+            }
+        }
+    }
+}
+
+/// Posts high-severity incidents to an institution's webhooks.
+struct Notifier {
+    client: hyper_util::client::legacy::Client<
+        hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+        http_body_util::Full<Bytes>,
+    >,
+}
+
+/// How long one notification may take.
+const NOTIFY_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl Notifier {
+    fn new() -> Result<Self, rustls::Error> {
+        let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+        http.enforce_http(false);
+        http.set_connect_timeout(Some(NOTIFY_TIMEOUT));
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_provider_and_webpki_roots(provider)?
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build(https);
+        Ok(Notifier { client })
+    }
+
+    async fn send(&self, url: &str, id: &str, record: &serde_json::Value) {
+        let body = serde_json::json!({"type": "carrel.incident", "id": id, "incident": record});
+        let Ok(req) = http::Request::post(url)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(http_body_util::Full::new(Bytes::from(body.to_string())))
+        else {
+            tracing::warn!("an incident webhook URL is not a valid URI");
+            return;
+        };
+        match tokio::time::timeout(NOTIFY_TIMEOUT, self.client.request(req)).await {
+            Ok(Ok(resp)) if resp.status().is_success() => {
+                crate::metrics::incident_notified("sent");
+            }
+            Ok(Ok(resp)) => {
+                crate::metrics::incident_notified("refused");
+                tracing::warn!(status = %resp.status(), "an incident webhook refused a notification");
+            }
+            _ => {
+                crate::metrics::incident_notified("failed");
+                tracing::warn!("an incident webhook could not be reached");
+            }
+        }
+    }
+}
+
+/// A stream screened as it passes: each event's text joins a window of the answer's latest
+/// [`OUTPUT_WINDOW`] bytes, screened before the event goes on; a block ends the stream with
+/// an SSE error event instead.
+pub struct ScreenedStream {
+    inner: ResponseBody,
+    screener: Arc<Screener>,
+    screen: OutputScreen,
+    partial: BytesMut,
+    window: String,
+    ready: VecDeque<Bytes>,
+    ended: bool,
+}
+
+impl ScreenedStream {
+    /// Screens `inner`.
+    pub fn new(inner: ResponseBody, screener: Arc<Screener>, screen: OutputScreen) -> Self {
+        ScreenedStream {
+            inner,
+            screener,
+            screen,
+            partial: BytesMut::new(),
+            window: String::new(),
+            ready: VecDeque::new(),
+            ended: false,
+        }
+    }
+
+    /// Takes in a frame; false when the stream is blocked.
+    fn feed(&mut self, data: &[u8]) -> bool {
+        self.partial.extend_from_slice(data);
+        while let Some(end) = event_end(&self.partial) {
+            let event = self.partial.split_to(end).freeze();
+            let text = event_text(&event);
+            if !text.is_empty() {
+                self.window.push_str(&text);
+                if self.window.len() > OUTPUT_WINDOW {
+                    let mut cut = self.window.len() - OUTPUT_WINDOW;
+                    while !self.window.is_char_boundary(cut) {
+                        cut += 1;
+                    }
+                    self.window.drain(..cut);
+                }
+                if let Err(e) = self.screener.screen_answer(&self.screen, &self.window) {
+                    self.ready.push_back(blocked_event(&e));
+                    return false;
+                }
+            }
+            self.ready.push_back(event);
+        }
+        true
+    }
+}
+
+fn event_end(buf: &[u8]) -> Option<usize> {
+    let lf = memchr::memmem::find(buf, b"\n\n").map(|i| i + 2);
+    let crlf = memchr::memmem::find(buf, b"\r\n\r\n").map(|i| i + 4);
+    match (lf, crlf) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+#[derive(Deserialize)]
+struct Chunk {
+    #[serde(default)]
+    choices: Vec<ChunkChoice>,
+}
+
+#[derive(Deserialize)]
+struct ChunkChoice {
+    #[serde(default)]
+    delta: Option<Delta>,
+    #[serde(default)]
+    text: Option<String>,
+    #[serde(default)]
+    message: Option<Delta>,
+}
+
+#[derive(Deserialize)]
+struct Delta {
+    #[serde(default)]
+    content: Option<String>,
+}
+
+/// The generated text of one SSE event (empty for others).
+fn event_text(event: &[u8]) -> String {
+    let mut out = String::new();
+    for line in event.split(|b| *b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let Some(data) = line.strip_prefix(b"data:").map(<[u8]>::trim_ascii) else {
+            continue;
+        };
+        if let Ok(chunk) = serde_json::from_slice::<Chunk>(data) {
+            out.push_str(&choice_text(&chunk.choices));
+        }
+    }
+    out
+}
+
+fn choice_text(choices: &[ChunkChoice]) -> String {
+    let mut out = String::new();
+    for c in choices {
+        for piece in [
+            c.delta.as_ref().and_then(|d| d.content.as_deref()),
+            c.message.as_ref().and_then(|d| d.content.as_deref()),
+            c.text.as_deref(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            out.push_str(piece);
+        }
+    }
+    out
+}
+
+/// The generated text of a whole JSON answer (chat or completion).
+pub fn answer_text(body: &[u8]) -> String {
+    serde_json::from_slice::<Chunk>(body)
+        .map(|c| choice_text(&c.choices))
+        .unwrap_or_default()
+}
+
+fn blocked_event(e: &GatewayError) -> Bytes {
+    let body = serde_json::json!({"error": {
+        "message": e.to_string(),
+        "type": e.openai_type(),
+        "param": null,
+        "code": e.code(),
+    }});
+    Bytes::from(format!("data: {body}\n\n"))
+}
+
+impl Body for ScreenedStream {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        loop {
+            if let Some(bytes) = this.ready.pop_front() {
+                return Poll::Ready(Some(Ok(Frame::data(bytes))));
+            }
+            if this.ended {
+                return Poll::Ready(None);
+            }
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => {
+                    this.ended = true;
+                    if !this.partial.is_empty() {
+                        this.ready.push_back(this.partial.split().freeze());
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    this.ended = true;
+                    return Poll::Ready(Some(Err(e)));
+                }
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => {
+                        if !this.feed(&data) {
+                            this.ended = true;
+                            // Dropping the metered body settles what was generated and
+                            // cancels the provider's work.
+                            this.inner = crate::body::full(Bytes::new());
+                        }
+                    }
+                    Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
+                },
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended && self.ready.is_empty()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
+    }
+}
