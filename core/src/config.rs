@@ -138,6 +138,18 @@ struct RawPatrons {
 struct RawSafeguards {
     sets: Vec<crate::safeguards::RuleSetConfig>,
     minor_refusal: Option<String>,
+    moderation: Option<RawModeration>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModeration {
+    url: String,
+    api_key_env: Option<String>,
+    model: Option<String>,
+    timeout_ms: Option<i64>,
+    on_failure: Option<ModerationFailure>,
+    tiers: Option<Vec<Tier>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -333,6 +345,37 @@ pub struct SafeguardsConfig {
     pub sets: Vec<crate::safeguards::RuleSetConfig>,
     /// What a minor reads when something is blocked, unless the institution set its own.
     pub minor_refusal: String,
+    /// An external moderation service speaking OpenAI's `/v1/moderations`, if configured.
+    pub moderation: Option<ModerationConfig>,
+}
+
+/// `[safeguards.moderation]`: a prompt is also sent to this service, and refused when it
+/// flags it.
+#[derive(Debug, Clone)]
+pub struct ModerationConfig {
+    /// The full URL of the moderations endpoint (`…/v1/moderations`).
+    pub url: url::Url,
+    /// Sent as `Authorization: Bearer`, from the environment (`api_key_env`).
+    pub api_key: Option<String>,
+    /// The `model` field of the request, if the service wants one.
+    pub model: Option<String>,
+    /// How long one check may take (default 2 s).
+    pub timeout: Duration,
+    /// What happens when the service cannot be consulted (times out, errs, answers nonsense)
+    /// for a model below the frontier tier; frontier requests always fail closed.
+    pub on_failure: ModerationFailure,
+    /// The tiers whose prompts are checked (default all).
+    pub tiers: Vec<Tier>,
+}
+
+/// What a failed moderation check does below the frontier tier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModerationFailure {
+    /// Send the request on, logged and counted (the default: rules still apply).
+    Allow,
+    /// Refuse it: 403 `safeguard_unavailable`.
+    Block,
 }
 
 /// What a minor reads when something is blocked, by default.
@@ -861,7 +904,46 @@ impl Config {
         if let Err(e) = crate::safeguards::compile(&raw.safeguards.sets, &[]) {
             return Err(ConfigError::invalid("safeguards.sets", e.to_string()));
         }
+        let moderation = match raw.safeguards.moderation {
+            None => None,
+            Some(m) => {
+                let url = url::Url::parse(&m.url)
+                    .ok()
+                    .filter(|u| matches!(u.scheme(), "http" | "https"))
+                    .ok_or_else(|| {
+                        ConfigError::invalid(
+                            "safeguards.moderation.url",
+                            "an http(s) URL of a /v1/moderations endpoint",
+                        )
+                    })?;
+                let api_key = match m.api_key_env {
+                    Some(var) => Some(lookup(&var).filter(|v| !v.is_empty()).ok_or_else(|| {
+                        ConfigError::invalid(
+                            "safeguards.moderation.api_key_env",
+                            format!("environment variable {var} is not set"),
+                        )
+                    })?),
+                    None => None,
+                };
+                let timeout = bounded(
+                    "safeguards.moderation.timeout_ms",
+                    m.timeout_ms,
+                    2000,
+                    50,
+                    60_000,
+                )?;
+                Some(ModerationConfig {
+                    url,
+                    api_key,
+                    model: m.model,
+                    timeout: Duration::from_millis(timeout as u64),
+                    on_failure: m.on_failure.unwrap_or(ModerationFailure::Allow),
+                    tiers: m.tiers.unwrap_or_else(|| Tier::ALL.to_vec()),
+                })
+            }
+        };
         let safeguards = SafeguardsConfig {
+            moderation,
             sets: raw.safeguards.sets,
             minor_refusal: raw
                 .safeguards

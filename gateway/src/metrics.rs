@@ -40,32 +40,6 @@ struct Family<'a> {
     values: Vec<(Option<(&'a str, &'a str)>, u64)>,
 }
 
-/// Incidents recorded: flags, blocks; dropped (queue full).
-static INCIDENTS: [AtomicU64; 3] = [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)];
-/// Incident notifications: sent, refused, failed.
-static NOTIFICATIONS: [AtomicU64; 3] = [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)];
-
-/// Counts an incident record by its action (`flag` or `block`).
-pub fn incident_recorded(action: &str) {
-    let i = usize::from(action == "block");
-    INCIDENTS[i].fetch_add(1, Ordering::Relaxed);
-}
-
-/// Counts an incident dropped because the queue was full.
-pub fn incident_dropped() {
-    INCIDENTS[2].fetch_add(1, Ordering::Relaxed);
-}
-
-/// Counts a notification by outcome (`sent`, `refused`, `failed`).
-pub fn incident_notified(outcome: &str) {
-    let i = match outcome {
-        "sent" => 0,
-        "refused" => 1,
-        _ => 2,
-    };
-    NOTIFICATIONS[i].fetch_add(1, Ordering::Relaxed);
-}
-
 fn load(c: &AtomicU64) -> u64 {
     c.load(Ordering::Relaxed)
 }
@@ -89,22 +63,32 @@ pub fn render(state: &AppState) -> String {
             values: vec![(Some(("backend", state.store.kind())), 1)],
         },
     ];
+    let sg = &state.screener.counters;
     families.push(Family {
         name: "carrel_incidents_total",
         help: "Safeguard incidents recorded by action, and those dropped with a full queue.",
         values: vec![
-            (Some(("action", "flag")), load(&INCIDENTS[0])),
-            (Some(("action", "block")), load(&INCIDENTS[1])),
-            (Some(("action", "dropped")), load(&INCIDENTS[2])),
+            (Some(("action", "flag")), load(&sg.incidents[0])),
+            (Some(("action", "block")), load(&sg.incidents[1])),
+            (Some(("action", "dropped")), load(&sg.incidents[2])),
+        ],
+    });
+    families.push(Family {
+        name: "carrel_moderation_checks_total",
+        help: "Checks with the external moderation service, by outcome.",
+        values: vec![
+            (Some(("outcome", "passed")), load(&sg.moderation[0])),
+            (Some(("outcome", "flagged")), load(&sg.moderation[1])),
+            (Some(("outcome", "failed")), load(&sg.moderation[2])),
         ],
     });
     families.push(Family {
         name: "carrel_incident_notifications_total",
         help: "High-severity incident notifications to institutions' webhooks, by outcome.",
         values: vec![
-            (Some(("outcome", "sent")), load(&NOTIFICATIONS[0])),
-            (Some(("outcome", "refused")), load(&NOTIFICATIONS[1])),
-            (Some(("outcome", "failed")), load(&NOTIFICATIONS[2])),
+            (Some(("outcome", "sent")), load(&sg.notifications[0])),
+            (Some(("outcome", "refused")), load(&sg.notifications[1])),
+            (Some(("outcome", "failed")), load(&sg.notifications[2])),
         ],
     });
     families.push(Family {

@@ -15,14 +15,15 @@
 use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use carrel_core::config::SafeguardsConfig;
+use carrel_core::config::{ModerationConfig, ModerationFailure, SafeguardsConfig};
 use carrel_core::domain::{Principal, Tier};
 use carrel_core::safeguards::{
-    Audience, CompiledRules, Direction, Screening, compile, request_hash,
+    Action, Audience, CompiledRules, Direction, Hit, Screening, Severity, compile, request_hash,
 };
 use carrel_core::store::{AutomaticIncident, NewIncident, SafeguardSettings, Store, StoreError};
 use dashmap::DashMap;
@@ -60,6 +61,21 @@ pub struct Screener {
     /// Whether opted-in prompt text may be kept (only with the embedded store: on Redis it
     /// would stay in the shared log past its retention).
     text_allowed: bool,
+    /// The external moderation service, if configured.
+    moderation: Option<Moderation>,
+    /// What `/metrics` shows of the safeguards.
+    pub counters: Arc<SafeguardCounters>,
+}
+
+/// Counters of the safeguards, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct SafeguardCounters {
+    /// Incidents recorded: flag, block, dropped (queue full).
+    pub incidents: [AtomicU64; 3],
+    /// Notifications: sent, refused, failed.
+    pub notifications: [AtomicU64; 3],
+    /// Moderation checks: passed, flagged, failed.
+    pub moderation: [AtomicU64; 3],
 }
 
 /// A request's screening context, kept for the answer.
@@ -103,15 +119,28 @@ impl Screener {
             minor_refusal: config.minor_refusal.clone(),
         });
         let (tx, rx) = mpsc::channel(INCIDENT_QUEUE);
+        let moderation = config
+            .moderation
+            .clone()
+            .and_then(|c| match Moderation::new(c) {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    tracing::error!(error = %e, "no HTTPS client for the moderation service");
+                    None
+                }
+            });
+        let counters = Arc::new(SafeguardCounters::default());
         Ok((
             Screener {
+                counters: Arc::clone(&counters),
+                moderation,
                 config,
                 operator,
                 by_institution: DashMap::new(),
                 incidents: tx,
                 text_allowed,
             },
-            IncidentQueue(rx),
+            IncidentQueue(rx, counters),
         ))
     }
 
@@ -201,6 +230,37 @@ impl Screener {
         if screening.is_blocked() {
             return Err(blocked(&rules, audience, &screening));
         }
+        if let Some(moderation) = &self.moderation
+            && moderation.config.tiers.contains(&tier)
+        {
+            match moderation.check(text).await {
+                Ok(None) => {
+                    self.counters.moderation[0].fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(Some(categories)) => {
+                    self.counters.moderation[1].fetch_add(1, Ordering::Relaxed);
+                    let screening = Screening::from_hits(vec![Hit {
+                        rule_id: "moderation".to_owned(),
+                        category: format!("moderation:{categories}"),
+                        severity: Severity::Medium,
+                        action: Action::Block,
+                        obfuscated: false,
+                    }]);
+                    self.report(&rules, &incident, &screening, Direction::Input, text);
+                    return Err(blocked(&rules, audience, &screening));
+                }
+                Err(e) => {
+                    self.counters.moderation[2].fetch_add(1, Ordering::Relaxed);
+                    let closed = tier == Tier::Frontier
+                        || moderation.config.on_failure == ModerationFailure::Block;
+                    tracing::warn!(error = %e, fails_closed = closed,
+                        "the moderation service could not be consulted");
+                    if closed {
+                        return Err(GatewayError::SafeguardUnavailable);
+                    }
+                }
+            }
+        }
         Ok(rules
             .rules
             .screens(tier.as_str(), audience, Direction::Output)
@@ -266,7 +326,7 @@ impl Screener {
             },
         };
         if self.incidents.try_send(job).is_err() {
-            crate::metrics::incident_dropped();
+            self.counters.incidents[2].fetch_add(1, Ordering::Relaxed);
             tracing::warn!("incident queue full: an incident record was dropped");
         }
     }
@@ -285,11 +345,12 @@ fn blocked(rules: &InstitutionRules, audience: Audience, screening: &Screening) 
 
 /// The receiving end of the incident queue.
 #[derive(Debug)]
-pub struct IncidentQueue(mpsc::Receiver<IncidentJob>);
+pub struct IncidentQueue(mpsc::Receiver<IncidentJob>, Arc<SafeguardCounters>);
 
 /// Writes incident records and sends notifications, for the life of the runtime.
 pub async fn run_incident_desk(mut queue: IncidentQueue, store: Store) {
-    let notifier = match Notifier::new() {
+    let counters = Arc::clone(&queue.1);
+    let notifier = match Notifier::new(Arc::clone(&counters)) {
         Ok(n) => Some(n),
         Err(e) => {
             tracing::error!(error = %e, "no HTTPS client for incident notifications");
@@ -340,7 +401,8 @@ pub async fn run_incident_desk(mut queue: IncidentQueue, store: Store) {
                 continue;
             }
         };
-        crate::metrics::incident_recorded(action.as_str());
+        counters.incidents[usize::from(action == carrel_core::safeguards::Verdict::Block)]
+            .fetch_add(1, Ordering::Relaxed);
         if let Some(notifier) = &notifier {
             for url in &job.notify {
                 notifier.send(url, &id, &record).await;
@@ -349,8 +411,112 @@ pub async fn run_incident_desk(mut queue: IncidentQueue, store: Store) {
     }
 }
 
+/// A client of an OpenAI-compatible moderation service (`POST /v1/moderations`).
+#[derive(Debug)]
+struct Moderation {
+    config: ModerationConfig,
+    client: hyper_util::client::legacy::Client<
+        hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+        http_body_util::Full<Bytes>,
+    >,
+}
+
+/// Largest moderation answer read.
+const MAX_MODERATION_BYTES: usize = 256 * 1024;
+
+#[derive(Deserialize)]
+struct ModerationAnswer {
+    results: Vec<ModerationResult>,
+}
+
+#[derive(Deserialize)]
+struct ModerationResult {
+    flagged: bool,
+    #[serde(default)]
+    categories: std::collections::BTreeMap<String, serde_json::Value>,
+}
+
+impl Moderation {
+    fn new(config: ModerationConfig) -> Result<Self, rustls::Error> {
+        let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+        http.enforce_http(false);
+        http.set_connect_timeout(Some(config.timeout));
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_provider_and_webpki_roots(provider)?
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build(https);
+        Ok(Moderation { config, client })
+    }
+
+    /// `Ok(None)`: not flagged; `Ok(Some(categories))`: flagged, with the categories it named;
+    /// `Err`: the service could not be consulted.
+    async fn check(&self, text: &str) -> Result<Option<String>, String> {
+        let mut body = serde_json::json!({"input": text});
+        if let Some(model) = &self.config.model {
+            body["model"] = model.clone().into();
+        }
+        let mut req = http::Request::post(self.config.url.as_str())
+            .header(http::header::CONTENT_TYPE, "application/json");
+        if let Some(key) = &self.config.api_key {
+            let mut value = http::HeaderValue::from_str(&format!("Bearer {key}"))
+                .map_err(|_| "the moderation API key is not a valid header value")?;
+            value.set_sensitive(true);
+            req = req.header(http::header::AUTHORIZATION, value);
+        }
+        let req = req
+            .body(http_body_util::Full::new(Bytes::from(body.to_string())))
+            .map_err(|e| e.to_string())?;
+        let call = async {
+            let resp = self.client.request(req).await.map_err(|e| e.to_string())?;
+            if !resp.status().is_success() {
+                return Err(format!("the moderation service answered {}", resp.status()));
+            }
+            let body = crate::signing::read_whole(
+                http_body_util::BodyExt::boxed(http_body_util::BodyExt::map_err(
+                    resp.into_body(),
+                    |e| Box::new(e) as BoxError,
+                )),
+                MAX_MODERATION_BYTES,
+            )
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or("the moderation answer is too large")?;
+            let answer: ModerationAnswer = serde_json::from_slice(&body)
+                .map_err(|e| format!("the moderation answer does not parse: {e}"))?;
+            if answer.results.is_empty() {
+                return Err("the moderation answer has no results".to_owned());
+            }
+            let flagged: Vec<&str> = answer
+                .results
+                .iter()
+                .filter(|r| r.flagged)
+                .flat_map(|r| {
+                    r.categories
+                        .iter()
+                        .filter(|(_, v)| v.as_bool() == Some(true))
+                        .map(|(k, _)| k.as_str())
+                })
+                .collect();
+            Ok(answer
+                .results
+                .iter()
+                .any(|r| r.flagged)
+                .then(|| flagged.join(",")))
+        };
+        tokio::time::timeout(self.config.timeout, call)
+            .await
+            .map_err(|_| "the moderation service timed out".to_owned())?
+    }
+}
+
 /// Posts high-severity incidents to an institution's webhooks.
 struct Notifier {
+    counters: Arc<SafeguardCounters>,
     client: hyper_util::client::legacy::Client<
         hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
         http_body_util::Full<Bytes>,
@@ -361,7 +527,7 @@ struct Notifier {
 const NOTIFY_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Notifier {
-    fn new() -> Result<Self, rustls::Error> {
+    fn new(counters: Arc<SafeguardCounters>) -> Result<Self, rustls::Error> {
         let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
         http.enforce_http(false);
         http.set_connect_timeout(Some(NOTIFY_TIMEOUT));
@@ -374,7 +540,7 @@ impl Notifier {
         let client =
             hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
                 .build(https);
-        Ok(Notifier { client })
+        Ok(Notifier { counters, client })
     }
 
     async fn send(&self, url: &str, id: &str, record: &serde_json::Value) {
@@ -388,14 +554,14 @@ impl Notifier {
         };
         match tokio::time::timeout(NOTIFY_TIMEOUT, self.client.request(req)).await {
             Ok(Ok(resp)) if resp.status().is_success() => {
-                crate::metrics::incident_notified("sent");
+                self.counters.notifications[0].fetch_add(1, Ordering::Relaxed);
             }
             Ok(Ok(resp)) => {
-                crate::metrics::incident_notified("refused");
+                self.counters.notifications[1].fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(status = %resp.status(), "an incident webhook refused a notification");
             }
             _ => {
-                crate::metrics::incident_notified("failed");
+                self.counters.notifications[2].fetch_add(1, Ordering::Relaxed);
                 tracing::warn!("an incident webhook could not be reached");
             }
         }

@@ -943,3 +943,60 @@ async fn incident_reports_are_checked_against_the_published_schema_and_exported(
     let (_, audit) = gw.admin(Method::GET, "/admin/v1/audit", None).await;
     assert!(audit.to_string().contains("incident.report"));
 }
+
+#[tokio::test]
+async fn the_moderation_hook_blocks_what_it_flags_and_frontier_fails_closed_without_it() {
+    // A moderation service speaking OpenAI's format (the mock, scripted by the `model` the
+    // gateway sends).
+    let mock = MockUpstream::start().await;
+    let extra = format!(
+        "[safeguards.moderation]\nurl = \"{}/moderations\"\nmodel = \"omni-moderation-latest\"\n",
+        mock.base_url()
+    );
+    let gw = Gateway::start(&config_for(&mock.base_url(), &extra)).await;
+    let (_, key) = gw.new_key(None).await;
+    let moderated = |flagged: bool| Reply::Json {
+        status: 200,
+        body: json!({"id": "modr-1", "model": "omni-moderation-latest", "results": [{
+            "flagged": flagged,
+            "categories": {"violence": flagged, "hate": false},
+            "category_scores": {"violence": if flagged { 0.97 } else { 0.01 }, "hate": 0.0}}]}),
+    };
+    mock.script("omni-moderation-latest", moderated(true));
+    let (status, code_of, message) = say(&gw, &key, "something the service flags").await;
+    assert_eq!((status, code_of.as_str()), (400, "content_blocked"));
+    assert!(message.contains("moderation:violence"), "{message}");
+    let asked: Vec<String> = mock.received().iter().map(|r| r.path.clone()).collect();
+    assert_eq!(asked, ["/v1/moderations"], "checked, and not forwarded");
+    let sent: Value = serde_json::from_slice(&mock.received()[0].body).unwrap();
+    assert_eq!(sent["input"], "something the service flags");
+    mock.script("omni-moderation-latest", moderated(false));
+    assert_eq!(say(&gw, &key, "something it lets through").await.0, 200);
+
+    // The service is down: below frontier the request goes on (the default policy); a
+    // frontier request fails closed.
+    let down = format!(
+        "[safeguards.moderation]\nurl = \"http://{}/v1/moderations\"\ntimeout_ms = 500\n",
+        carrel_tests::closed_port().await
+    );
+    let gw = Gateway::start(&config_for(&mock.base_url(), &down)).await;
+    let (_, frontier) = gw.new_key(Some("frontier")).await;
+    assert_eq!(code(&gw, &frontier, "mock-model").await, ok());
+    assert_eq!(
+        code(&gw, &frontier, "frontier-model").await,
+        refused("safeguard_unavailable")
+    );
+    let metrics = gw
+        .http
+        .get(gw.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("carrel_moderation_checks_total{outcome=\"failed\"} 2"),
+        "{metrics}"
+    );
+}
