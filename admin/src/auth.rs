@@ -70,6 +70,9 @@ pub enum Action {
     /// Turn a containment switch on or off, or list them: operators only, and never through
     /// an automation token (a switch is a person's decision, see `deploy/CONTAINMENT.md`).
     Contain,
+    /// Approve or withdraw a service key's frontier attestation: operators only, never through
+    /// an automation token (the approval must be a named person's).
+    AttestFrontier,
 }
 
 impl Action {
@@ -91,7 +94,10 @@ impl Action {
             Action::ManageCatalog | Action::ReadProviders => Scope::Catalog,
             // An account or a token made by a token would outgrow its scopes: a session of the
             // new account (or the new token) is not bound by them.
-            Action::ManageTokens | Action::ManageUsers | Action::Contain => return None,
+            Action::ManageTokens
+            | Action::ManageUsers
+            | Action::Contain
+            | Action::AttestFrontier => return None,
         })
     }
 }
@@ -147,7 +153,8 @@ impl AdminPrincipal {
             | Action::ReadProviders
             | Action::CreateInstitution
             | Action::GovernInstitution
-            | Action::Contain => false,
+            | Action::Contain
+            | Action::AttestFrontier => false,
             Action::ReadModels | Action::Read => true,
             Action::ManageKeys
             | Action::ManageUsers

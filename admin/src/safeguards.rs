@@ -222,7 +222,7 @@ pub async fn put_attestation(
     Path(id): Path<String>,
     AdminJson(body): AdminJson<AttestationBody>,
 ) -> Result<Json<FrontierAttestation>, AdminError> {
-    let key = attested_key(&state, &principal, &id, Action::GovernInstitution).await?;
+    let key = attested_key(&state, &principal, &id, Action::AttestFrontier).await?;
     if key.kind != KeyKind::Service {
         return Err(AdminError::field(
             "kind",
@@ -313,7 +313,7 @@ pub async fn delete_attestation(
     Extension(principal): Extension<AdminPrincipal>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, AdminError> {
-    let key = attested_key(&state, &principal, &id, Action::GovernInstitution).await?;
+    let key = attested_key(&state, &principal, &id, Action::AttestFrontier).await?;
     if !state.store.revoke_attestation(&id).await? {
         return Err(AdminError::NotFound(format!(
             "frontier attestation of key `{id}`"

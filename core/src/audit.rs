@@ -102,6 +102,40 @@ impl TreeHead {
     }
 }
 
+/// Reads the audit trail and the kept tree heads from a store's SQLite file (the embedded
+/// store's, or a replica's view), read-only: no migration, no file created, nothing written.
+pub fn read_log(
+    path: &std::path::Path,
+) -> Result<(Vec<AuditEntry>, Vec<TreeHead>), crate::store::StoreError> {
+    use rusqlite::OpenFlags;
+    let c = rusqlite::Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    let mut stmt = c.prepare(
+        "SELECT seq, at, actor, action, target, institution_id FROM admin_audit ORDER BY seq",
+    )?;
+    let entries = stmt
+        .query_map([], |r| Ok(crate::store::audit_row(r)))?
+        .map(|r| r?)
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut stmt = c.prepare(
+        "SELECT tree_size, root, at, kid, signature FROM audit_tree_heads ORDER BY tree_size",
+    )?;
+    let heads = stmt
+        .query_map([], |r| {
+            Ok(TreeHead {
+                tree_size: r.get::<_, i64>(0)? as u64,
+                root: r.get(1)?,
+                at: r.get(2)?,
+                kid: r.get(3)?,
+                signature: r.get(4)?,
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((entries, heads))
+}
+
 /// What [`check`] found wrong.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Tampered {

@@ -211,6 +211,17 @@ impl Pepper {
         format!("pat_{}", hex::encode(&digest[..16]))
     }
 
+    /// The key an incident's request hash is made with: the content hash
+    /// (`carrel_core::safeguards::request_hash`, already per institution) keyed again with the
+    /// pepper, so that no one without the server's secret can confirm a guessed prompt from an
+    /// exported record or a webhook.
+    pub fn incident_hash(&self, content_hash: &str) -> String {
+        let mut mac = self.0.clone();
+        mac.update(b"carrel incident\0");
+        mac.update(content_hash.as_bytes());
+        hex::encode(mac.finalize().into_bytes())
+    }
+
     /// Whether `secret` hashes to `stored`, compared in constant time.
     pub fn verify_secret(&self, secret: &str, stored: &[u8; 32]) -> bool {
         self.hash_secret(secret).ct_eq(stored).into()

@@ -149,6 +149,7 @@ impl App {
         let (screener, incidents) = crate::safeguards::screening::Screener::new(
             config.safeguards.clone(),
             config.store.kind == StoreKind::Embedded,
+            pepper.clone(),
         )
         .map_err(|e| ConfigError::invalid("safeguards.sets", e.to_string()))?;
         let state = AppState::new(StateParts {
@@ -204,10 +205,10 @@ impl App {
         tokio::spawn(follow_store_events(admin.clone(), state.clone()));
         #[expect(
             clippy::disallowed_methods,
-            reason = "signs a tree head an hour for the life of the runtime; a head not made at \
-                      shutdown is made at the next start"
+            reason = "hourly upkeep for the life of the runtime; what is not done at shutdown \
+                      is done at the next start"
         )]
-        tokio::spawn(hourly_tree_heads(admin.clone()));
+        tokio::spawn(hourly_upkeep(admin.clone()));
         #[expect(
             clippy::disallowed_methods,
             reason = "writes incident records for the life of the runtime; the queue is \
@@ -344,13 +345,23 @@ async fn follow_store_events(admin: AdminState, state: AppState) {
 /// How often the audit log's head is signed and kept, when it grew.
 pub const TREE_HEAD_EVERY: Duration = Duration::from_secs(3600);
 
-/// Signs and keeps the audit log's head every [`TREE_HEAD_EVERY`] (and once at start) when
-/// entries were added since the last head.
-async fn hourly_tree_heads(admin: AdminState) {
+/// Every [`TREE_HEAD_EVERY`] (and once at start): removes incident text whose retention ended
+/// (reads already hide it), and signs and keeps the audit log's head when entries were added
+/// since the last one.
+async fn hourly_upkeep(admin: AdminState) {
     let mut every = tokio::time::interval(TREE_HEAD_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         every.tick().await;
+        match admin
+            .store
+            .purge_incident_text(carrel_core::domain::unix_now())
+            .await
+        {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(records = n, "incident text past its retention removed"),
+            Err(e) => tracing::warn!(error = %e, "could not remove expired incident text"),
+        }
         let last = match admin.store.tree_heads().await {
             Ok(heads) => heads.last().map_or(0, |h| h.tree_size),
             Err(e) => {

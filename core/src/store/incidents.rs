@@ -242,11 +242,14 @@ impl Store {
         let inst = institution_id.map(str::to_owned);
         self.call(move |c| {
             let mut stmt = c.prepare(
-                "SELECT id, at, source, institution_id, record, prompt_text FROM incidents
+                "SELECT id, at, source, institution_id, record,
+                    CASE WHEN text_expires_at > ?3 THEN prompt_text END FROM incidents
                  WHERE (?1 IS NULL OR institution_id = ?1)
                  ORDER BY at DESC, id DESC LIMIT ?2",
             )?;
-            let rows = stmt.query_map(params![inst, limit], |r| {
+            // Text past its retention is never shown, even before the purge removes it.
+            let now = crate::domain::unix_now();
+            let rows = stmt.query_map(params![inst, limit, now], |r| {
                 Ok((
                     r.get::<_, String>(0)?,
                     r.get::<_, String>(1)?,
@@ -277,5 +280,51 @@ impl Store {
     /// this replica's view (each replica purges its own), so it is not a logged command.
     pub async fn purge_incident_text(&self, now: i64) -> Result<usize, StoreError> {
         self.call(move |c| purge_text(c, now)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{InstitutionKind, unix_now};
+    use crate::store::NewInstitution;
+
+    #[tokio::test]
+    async fn kept_text_is_hidden_once_expired_and_then_purged() {
+        let store = Store::open_in_memory().unwrap();
+        let inst = store
+            .create_institution(NewInstitution {
+                name: "Library".into(),
+                kind: InstitutionKind::Library,
+                region: "US-IL".into(),
+                timezone: "America/Chicago".into(),
+                sector: None,
+            })
+            .await
+            .unwrap();
+        let now = unix_now();
+        for (text, until) in [("kept", now + 3600), ("expired", now - 1)] {
+            store
+                .record_incident(NewIncident {
+                    source: "automatic".into(),
+                    institution_id: Some(inst.id.clone()),
+                    record: serde_json::json!({"action": "block"}),
+                    prompt_text: Some((text.into(), until)),
+                })
+                .await
+                .unwrap();
+        }
+        let texts = |list: Vec<Incident>| {
+            let mut t: Vec<Option<String>> = list.into_iter().map(|i| i.prompt_text).collect();
+            t.sort();
+            t
+        };
+        let listed = store.incidents(Some(&inst.id), 10).await.unwrap();
+        assert_eq!(texts(listed), [None, Some("kept".into())]);
+        assert_eq!(store.purge_incident_text(now).await.unwrap(), 1);
+        assert_eq!(store.purge_incident_text(now).await.unwrap(), 0);
+        assert_eq!(store.purge_incident_text(now + 7200).await.unwrap(), 1);
+        let listed = store.incidents(None, 10).await.unwrap();
+        assert_eq!(texts(listed), [None, None]);
     }
 }

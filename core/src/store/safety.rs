@@ -139,6 +139,28 @@ impl Store {
         .await
     }
 
+    /// The tier ceiling of a group, if it has one (`None` too for an unknown group).
+    pub async fn group_tier_ceiling(
+        &self,
+        group_id: &str,
+    ) -> Result<Option<crate::domain::Tier>, StoreError> {
+        let id = group_id.to_owned();
+        self.call(move |c| {
+            let ceiling: Option<Option<String>> = c
+                .query_row(
+                    "SELECT tier_ceiling FROM member_groups WHERE id = ?1",
+                    [id],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            ceiling
+                .flatten()
+                .map(|t| super::parse("member_groups.tier_ceiling", t))
+                .transpose()
+        })
+        .await
+    }
+
     /// Withdraws a key's attestation; `false` when it had none.
     pub async fn revoke_attestation(&self, key_id: &str) -> Result<bool, StoreError> {
         self.write(super::write::Command::RevokeAttestation {

@@ -195,8 +195,15 @@ async fn build(
         return Ok(None);
     };
     let mut principal = (*kiosk).clone();
-    if row.group_id.is_some() {
-        principal.group_id = row.group_id.as_deref().map(Into::into);
+    if let Some(group) = &row.group_id {
+        // The patron's own group (from the school's ID token) replaces the kiosk key's, and
+        // its tier ceiling with it.
+        principal.group_id = Some(group.as_str().into());
+        principal.group_tier_ceiling = state
+            .store
+            .group_tier_ceiling(group)
+            .await
+            .map_err(|e| GatewayError::StoreUnavailable(Arc::new(e)))?;
     }
     principal.patron = Some(PatronPrincipal {
         session_id: row.id.as_str().into(),

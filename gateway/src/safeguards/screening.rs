@@ -12,7 +12,7 @@
 //! - Every block or flag is an incident record ([`IncidentDesk`]), without the text unless the
 //!   institution opted in for the tier; high-severity ones notify the institution's webhooks.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -57,12 +57,17 @@ pub struct Screener {
     /// The operator's rules alone: what applies when an institution's cannot be read.
     operator: Arc<InstitutionRules>,
     by_institution: DashMap<Arc<str>, Arc<InstitutionRules>>,
+    /// Bumped by every eviction: rules compiled from settings read before an eviction are not
+    /// cached after it (they may be the old ones).
+    generation: AtomicU64,
     incidents: mpsc::Sender<IncidentJob>,
     /// Whether opted-in prompt text may be kept (only with the embedded store: on Redis it
     /// would stay in the shared log past its retention).
     text_allowed: bool,
     /// The external moderation service, if configured.
     moderation: Option<Moderation>,
+    /// Keys incidents' request hashes.
+    pepper: carrel_core::keys::Pepper,
     /// What `/metrics` shows of the safeguards.
     pub counters: Arc<SafeguardCounters>,
 }
@@ -111,6 +116,7 @@ impl Screener {
     pub fn new(
         config: SafeguardsConfig,
         text_allowed: bool,
+        pepper: carrel_core::keys::Pepper,
     ) -> Result<(Self, IncidentQueue), carrel_core::safeguards::RuleError> {
         let rules = compile(&config.sets, &[])?;
         let operator = Arc::new(InstitutionRules {
@@ -134,9 +140,11 @@ impl Screener {
             Screener {
                 counters: Arc::clone(&counters),
                 moderation,
+                pepper,
                 config,
                 operator,
                 by_institution: DashMap::new(),
+                generation: AtomicU64::new(0),
                 incidents: tx,
                 text_allowed,
             },
@@ -160,6 +168,7 @@ impl Screener {
         if let Some(r) = self.by_institution.get(institution) {
             return Ok(Arc::clone(&r));
         }
+        let generation = self.generation.load(Ordering::Acquire);
         let settings = store.safeguard_settings(institution).await?;
         let rules = if settings.sets.is_empty() {
             self.operator.rules.clone()
@@ -180,18 +189,26 @@ impl Screener {
                 .unwrap_or_else(|| self.config.minor_refusal.clone()),
             settings,
         });
-        self.by_institution
-            .insert(Arc::clone(institution), Arc::clone(&compiled));
+        if self.generation.load(Ordering::Acquire) == generation {
+            self.by_institution
+                .insert(Arc::clone(institution), Arc::clone(&compiled));
+            // An eviction that raced the insert: drop what may be stale.
+            if self.generation.load(Ordering::Acquire) != generation {
+                self.by_institution.remove(institution);
+            }
+        }
         Ok(compiled)
     }
 
     /// Forgets an institution's compiled rules (its settings changed).
     pub fn evict(&self, institution: &str) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
         self.by_institution.remove(institution);
     }
 
     /// Forgets every institution's.
     pub fn evict_all(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
         self.by_institution.clear();
     }
 
@@ -274,13 +291,35 @@ impl Screener {
 
     /// Screens an answer's text; `Err` when it is blocked.
     pub fn screen_answer(&self, screen: &OutputScreen, text: &str) -> Result<(), GatewayError> {
+        self.screen_output(screen, text, None)
+    }
+
+    /// [`Screener::screen_answer`] for a stream, screened again as it grows: a rule already
+    /// reported for this stream (in `seen`) is not reported again.
+    fn screen_output(
+        &self,
+        screen: &OutputScreen,
+        text: &str,
+        seen: Option<&mut HashSet<String>>,
+    ) -> Result<(), GatewayError> {
         let screening = screen.rules.rules.screen(
             text,
             screen.tier.as_str(),
             screen.audience,
             Direction::Output,
         );
-        if screening.has_hits() {
+        let new = match seen {
+            Some(seen) => {
+                // Every hit is noted, not only up to the first new one.
+                let mut new = false;
+                for hit in &screening.hits {
+                    new |= seen.insert(hit.rule_id.clone());
+                }
+                new
+            }
+            None => true,
+        };
+        if screening.has_hits() && new {
             self.report(
                 &screen.rules,
                 &screen.incident,
@@ -314,7 +353,9 @@ impl Screener {
             ctx: ctx.clone(),
             screening: screening.clone(),
             direction,
-            request_hash: request_hash(&ctx.institution, text),
+            request_hash: self
+                .pepper
+                .incident_hash(&request_hash(&ctx.institution, text)),
             text: retention.map(|r| {
                 let until = carrel_core::domain::unix_now() + i64::from(r.days) * 86_400;
                 (text.to_owned(), until)
@@ -577,6 +618,8 @@ pub struct ScreenedStream {
     screen: OutputScreen,
     partial: BytesMut,
     window: String,
+    /// Rules already reported for this stream.
+    reported: HashSet<String>,
     ready: VecDeque<Bytes>,
     ended: bool,
 }
@@ -590,6 +633,7 @@ impl ScreenedStream {
             screen,
             partial: BytesMut::new(),
             window: String::new(),
+            reported: HashSet::new(),
             ready: VecDeque::new(),
             ended: false,
         }
@@ -610,12 +654,24 @@ impl ScreenedStream {
                     }
                     self.window.drain(..cut);
                 }
-                if let Err(e) = self.screener.screen_answer(&self.screen, &self.window) {
+                if let Err(e) = self.screener.screen_output(
+                    &self.screen,
+                    &self.window,
+                    Some(&mut self.reported),
+                ) {
                     self.ready.push_back(blocked_event(&e));
                     return false;
                 }
             }
             self.ready.push_back(event);
+        }
+        if self.partial.len() > crate::metering::body::MAX_EVENT_BYTES {
+            // An event too long to hold cannot be screened: a screened stream fails closed.
+            self.ready
+                .push_back(blocked_event(&GatewayError::ContentBlocked {
+                    message: "The answer could not be checked, so it was stopped.".into(),
+                }));
+            return false;
         }
         true
     }

@@ -594,7 +594,7 @@ async fn school_id_tokens_are_verified_against_the_issuer() {
         .admin(
             Method::POST,
             &format!("/admin/v1/institutions/{inst}/groups"),
-            Some(json!({"name": "5B", "kind": "class"})),
+            Some(json!({"name": "5B", "kind": "class", "tier_ceiling": "baseline"})),
         )
         .await;
     assert_eq!(status, 201);
@@ -680,6 +680,33 @@ async fn school_id_tokens_are_verified_against_the_issuer() {
         error_code(resp).await,
         (401, "id_token_nonce_invalid".into())
     );
+
+    // A teacher of 5B is an adult, but 5B's ceiling (baseline) is the session's, not the
+    // kiosk key's.
+    let n = nonce().await;
+    let mut teacher = claims(&n, "carrel", now + 300);
+    teacher["role"] = json!("teacher");
+    let resp = sign_in(
+        &gw.http,
+        &base,
+        &kiosk,
+        json!({"id_token": token(pkcs8.as_ref(), teacher)}),
+    )
+    .await;
+    assert_eq!(resp.status(), 201);
+    let session: Value = resp.json().await.unwrap();
+    assert_eq!(session["age_band"], "adult");
+    let token = session["token"].as_str().unwrap();
+    let chat =
+        |model: &str| json!({"model": model, "messages": [{"role": "user", "content": "hi"}]});
+    let resp = gw
+        .post("/v1/chat/completions", token, &chat("renamed"))
+        .await;
+    assert_eq!(error_code(resp).await, (403, "tier_not_allowed".into()));
+    let resp = gw
+        .post("/v1/chat/completions", token, &chat("mock-model"))
+        .await;
+    assert_eq!(resp.status(), 200);
 }
 
 /// The kiosk page in headless Chromium, driven by Playwright (`tests/browser/kiosk.test.mjs`):

@@ -126,6 +126,24 @@ async fn the_frontier_gate_refuses_each_way_with_its_own_code() {
         .admin_as(&admin, Method::PUT, &attestation, Some(approval.clone()))
         .await;
     assert_eq!(status, 403);
+    // Nor an automation token, even the operator's: the approval is a named person's.
+    let (status, token) = gw
+        .admin(
+            Method::POST,
+            "/admin/v1/tokens",
+            Some(json!({"name": "ops automation", "scopes": ["institutions", "keys"]})),
+        )
+        .await;
+    assert_eq!(status, 201, "{token}");
+    let (status, _) = gw
+        .admin_as(
+            token["token"].as_str().unwrap(),
+            Method::PUT,
+            &attestation,
+            Some(approval.clone()),
+        )
+        .await;
+    assert_eq!(status, 403);
     for (bad, param) in [
         (
             json!({"use_case": " ", "expires_at": in_a_month()}),
