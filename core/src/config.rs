@@ -139,6 +139,8 @@ struct RawSafeguards {
     sets: Vec<crate::safeguards::RuleSetConfig>,
     minor_refusal: Option<String>,
     moderation: Option<RawModeration>,
+    frontier_rate_divisor: Option<i64>,
+    frontier_requests_per_minute: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -347,6 +349,12 @@ pub struct SafeguardsConfig {
     pub minor_refusal: String,
     /// An external moderation service speaking OpenAI's `/v1/moderations`, if configured.
     pub moderation: Option<ModerationConfig>,
+    /// A key's frontier requests per minute are its tightest requests-per-minute limit divided
+    /// by this (default 10: a tenth), and at least 1.
+    pub frontier_rate_divisor: u64,
+    /// A key's frontier requests per minute when no requests-per-minute limit applies to it
+    /// (default 6: a tenth of 60).
+    pub frontier_requests_per_minute: u64,
 }
 
 /// `[safeguards.moderation]`: a prompt is also sent to this service, and refused when it
@@ -942,7 +950,23 @@ impl Config {
                 })
             }
         };
+        let frontier_rate_divisor = bounded(
+            "safeguards.frontier_rate_divisor",
+            raw.safeguards.frontier_rate_divisor,
+            10,
+            1,
+            1000,
+        )? as u64;
+        let frontier_requests_per_minute = bounded(
+            "safeguards.frontier_requests_per_minute",
+            raw.safeguards.frontier_requests_per_minute,
+            6,
+            1,
+            1_000_000,
+        )? as u64;
         let safeguards = SafeguardsConfig {
+            frontier_rate_divisor,
+            frontier_requests_per_minute,
             moderation,
             sets: raw.safeguards.sets,
             minor_refusal: raw

@@ -7,7 +7,7 @@
 //! | 2 | rate limit (credential) | [`quota::rate_limit`] | 429 `rate_limit_exceeded` |
 //! | 3 | read body | [`read_body`] | 413 `request_too_large`, 400 `body_read_failed`, 400 `invalid_json`, 400 `invalid_parameter` |
 //! | 4 | authorize | [`authorize`] | 404 `model_not_found`, 503 `model_contained` / `institution_contained` / `key_contained`, 403 `model_not_permitted`, 403 `tier_not_allowed`, 403 `frontier_not_verified`, 403 `attestation_required` |
-//! | 4½ | safeguards | [`safeguards`] | 400 `content_blocked`, 403 `safeguard_unavailable` (frontier, fails closed) |
+//! | 4½ | safeguards | [`safeguards`] | 429 `rate_limit_exceeded` (the frontier rate: a tenth of the key's), 400 `content_blocked`, 403 `safeguard_unavailable` (frontier, fails closed) |
 //! | 5 | quota reserve | [`quota::reserve`] | 400 `invalid_parameter` (`max_tokens` over the model's cap), 429 `rate_limit_exceeded`, 429 `insufficient_quota`, 429 `budget_exceeded` |
 //! | 6–8 | cache, routing | (issue 8) | |
 //! | 9 | forward + meter | [`forward`] | the upstream's own status, 502 `upstream_unreachable`, 502 `upstream_failed`, 504 `upstream_timeout`; a 2xx body settles the reservation and is recorded in the usage ledger ([`crate::metering`]) |
@@ -310,6 +310,12 @@ async fn stages(
 /// caller's audience, and notes whether the answer is screened too.
 async fn safeguards(state: &AppState, ctx: &mut RequestCtx) -> Result<Flow, GatewayError> {
     let route = Arc::clone(ctx.route());
+    if route.tier == carrel_core::domain::Tier::Frontier {
+        state
+            .screener
+            .frontier_rate(&state.store, &state.quota.limits(), ctx.principal())
+            .await?;
+    }
     let output = state
         .screener
         .screen_request(

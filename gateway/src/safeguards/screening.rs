@@ -152,6 +152,58 @@ impl Screener {
         ))
     }
 
+    /// The frontier rate of a principal: a tenth (by default) of the tightest requests-per-minute
+    /// limit of its institution, site, group and key, or the configured default when none
+    /// applies. Counted per key in a one-minute window in the shared short-lived state, so it
+    /// holds across replicas; a store that cannot count fails closed.
+    pub async fn frontier_rate(
+        &self,
+        store: &Store,
+        limits: &carrel_core::quota::LimitsTable,
+        principal: &Principal,
+    ) -> Result<(), GatewayError> {
+        use carrel_core::quota::{Level, LimitKind, Refusal};
+        let levels = [
+            (Level::Institution, Some(&principal.institution_id)),
+            (Level::Site, principal.site_id.as_ref()),
+            (Level::Group, principal.group_id.as_ref()),
+            (Level::Key, Some(&principal.key_id)),
+        ];
+        let base = levels
+            .into_iter()
+            .filter_map(|(level, id)| limits.get(level, id?)?.requests_per_minute)
+            .min();
+        let limit = base.map_or(self.config.frontier_requests_per_minute, |rpm| {
+            (rpm / self.config.frontier_rate_divisor).max(1)
+        });
+        let name = format!("frontier-rpm:{}", principal.key_id);
+        let n = store
+            .count_attempt(&name, Duration::from_secs(60))
+            .await
+            .map_err(|e| {
+                tracing::warn!(error = %e, "cannot count frontier requests; failing closed");
+                GatewayError::SafeguardUnavailable
+            })?;
+        if n > limit {
+            let refusal = Refusal {
+                level: Level::Key,
+                kind: LimitKind::RequestsPerMinute,
+                limit,
+                remaining: 0,
+                retry_after_secs: 60,
+                resets_at: None,
+            };
+            return Err(GatewayError::OverLimit {
+                refusal,
+                message: format!(
+                    "Frontier models allow this key {limit} requests a minute (a stricter rate \
+                     than other models). Try again within a minute."
+                ),
+            });
+        }
+        Ok(())
+    }
+
     /// Checks an institution's sets against the operator's: what `PUT …/safeguards` accepts.
     pub fn check_settings(&self, settings: &SafeguardSettings) -> Result<(), String> {
         compile(&self.config.sets, &settings.sets)

@@ -1018,3 +1018,52 @@ async fn the_moderation_hook_blocks_what_it_flags_and_frontier_fails_closed_with
         "{metrics}"
     );
 }
+
+#[tokio::test]
+async fn frontier_models_get_a_tenth_of_the_key_s_rate() {
+    let (_mock, gw) = gateway().await;
+    let inst = gw.institution("Rates").await;
+    patch(
+        &gw,
+        &format!("/admin/v1/institutions/{inst}"),
+        json!({"frontier_verified": true}),
+    )
+    .await;
+    let (key_id, staff) = key(
+        &gw,
+        &inst,
+        json!({"name": "s", "kind": "staff", "tier_ceiling": "frontier"}),
+    )
+    .await;
+    let (status, _) = gw
+        .admin(
+            Method::PUT,
+            &format!("/admin/v1/keys/{key_id}/limits"),
+            Some(json!({"requests_per_minute": 30})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    for _ in 0..3 {
+        assert_eq!(code(&gw, &staff, "frontier-model").await, ok());
+    }
+    let resp = gw
+        .post(
+            "/v1/chat/completions",
+            &staff,
+            &json!({"model": "frontier-model", "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .await;
+    assert_eq!(resp.status(), 429);
+    assert!(resp.headers().get("retry-after").is_some());
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "rate_limit_exceeded");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("3 requests a minute"),
+        "{body}"
+    );
+    // The rest of the key's rate is still there for other models.
+    assert_eq!(code(&gw, &staff, "mock-model").await, ok());
+}
