@@ -81,6 +81,11 @@ pub struct UpdateInstitution {
     /// `false` releases it (operators only).
     #[serde(default)]
     pub contained: Option<bool>,
+    /// Hours a usage record names its patron (by keyed-hash reference) before the reference
+    /// is removed, 1 to 168 (default 24).
+    #[serde(default)]
+    #[schema(minimum = 1, maximum = 168)]
+    pub patron_retention_hours: Option<u32>,
 }
 
 /// Body of `PATCH /admin/v1/keys/{id}`: only the fields given change.
@@ -312,6 +317,14 @@ pub async fn update_institution(
     if let Some(Some(sector)) = &body.sector {
         validate_sector(sector).map_err(|m| AdminError::field("sector", format!("sector: {m}")))?;
     }
+    if let Some(hours) = body.patron_retention_hours
+        && !(1..=carrel_core::store::MAX_PATRON_RETENTION_HOURS).contains(&hours)
+    {
+        return Err(AdminError::field(
+            "patron_retention_hours",
+            "patron_retention_hours: 1 to 168 (7 days)",
+        ));
+    }
     if let Some(tz) = &body.timezone {
         validate_timezone(tz)
             .map_err(|m| AdminError::field("timezone", format!("timezone: {m}")))?;
@@ -330,6 +343,7 @@ pub async fn update_institution(
                 over_quota: body.over_quota,
                 tier_ceiling: body.tier_ceiling,
                 minor_tier_ceiling: body.minor_tier_ceiling,
+                patron_retention_hours: body.patron_retention_hours,
             },
         )
         .await?

@@ -366,6 +366,9 @@ pub struct Institution {
     /// The highest tier its minors may reach (default `baseline`); raising it is an explicit
     /// decision of the institution.
     pub minor_tier_ceiling: Tier,
+    /// Hours a usage record names its patron (by reference) before the reference is removed:
+    /// 24 by default, at most 168.
+    pub patron_retention_hours: u32,
     /// RFC 3339 creation time.
     pub created_at: String,
 }

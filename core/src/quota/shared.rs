@@ -42,8 +42,10 @@ use crate::config::{FailurePolicy, OnFailure};
 /// Days a level's counters live in Redis after their last use (a month's budget must outlive
 /// the month).
 pub const TTL_DAYS: u64 = 40;
-/// Days a patron's counters live after their last use (only the day's tokens matter).
-pub const PATRON_TTL_DAYS: u64 = 3;
+/// Days a patron's counters live after their last use: only the day's tokens matter, and a
+/// day after the last use is past the end of that use's local day, so a patron's counter is
+/// gone within a day of the daily reset.
+pub const PATRON_TTL_DAYS: u64 = 1;
 /// How long a stream holds its slot without settling.
 pub const STREAM_LEASE: Duration = Duration::from_secs(30 * 60);
 

@@ -192,6 +192,7 @@ pub(super) fn create_institution(
         over_quota: OverQuota::Reject,
         tier_ceiling: Tier::Frontier,
         minor_tier_ceiling: Tier::Baseline,
+        patron_retention_hours: super::DEFAULT_PATRON_RETENTION_HOURS,
         created_at: w.now(),
     };
     c.execute(
@@ -243,10 +244,13 @@ pub(super) fn update_institution(
     if let Some(tier) = patch.minor_tier_ceiling {
         inst.minor_tier_ceiling = tier;
     }
+    if let Some(hours) = patch.patron_retention_hours {
+        inst.patron_retention_hours = hours;
+    }
     tx.execute(
         "UPDATE institutions SET name = ?2, sector = ?3, timezone = ?4, status = ?5,
             frontier_verified = ?6, over_quota = ?7, tier_ceiling = ?8,
-            minor_tier_ceiling = ?9 WHERE id = ?1",
+            minor_tier_ceiling = ?9, patron_retention_hours = ?10 WHERE id = ?1",
         params![
             inst.id,
             inst.name,
@@ -256,7 +260,8 @@ pub(super) fn update_institution(
             inst.frontier_verified,
             inst.over_quota.as_str(),
             inst.tier_ceiling.as_str(),
-            inst.minor_tier_ceiling.as_str()
+            inst.minor_tier_ceiling.as_str(),
+            inst.patron_retention_hours
         ],
     )?;
     tx.commit()?;

@@ -24,6 +24,7 @@ mod journal;
 mod limits;
 mod patrons;
 mod replica;
+mod retention;
 mod safety;
 mod tokens;
 mod usage;
@@ -38,6 +39,7 @@ pub use patrons::{
     GuestPass, ImportCounts, LocalPatron, NewGuestPass, NewPatronSession, PatronSession,
 };
 pub use replica::{JOURNAL_FILE, RedisSettings, ReplicaCounters, VIEW_FILE};
+pub use retention::{DEFAULT_PATRON_RETENTION_HOURS, Forgotten, MAX_PATRON_RETENTION_HOURS};
 pub use safety::Containment;
 pub use tokens::NewAdminToken;
 pub use usage::{UsageLine, UsageRecord, UsageStatus};
@@ -303,10 +305,12 @@ INSERT INTO patron_daily (institution_id, day, patron_ref, tokens)
     Migration::sql(audit_tree::MIGRATION),
     // 12: safeguard settings of institutions, and incidents.
     Migration::sql(incidents::MIGRATION),
+    // 13: patrons' usage metadata kept for a window, then rolled up.
+    Migration::sql(retention::MIGRATION),
 ];
 
 /// Columns of an institution, in [`institution_row`]'s order.
-const INSTITUTION_COLS: [&str; 12] = [
+const INSTITUTION_COLS: [&str; 13] = [
     "id",
     "name",
     "kind",
@@ -319,6 +323,7 @@ const INSTITUTION_COLS: [&str; 12] = [
     "over_quota",
     "tier_ceiling",
     "minor_tier_ceiling",
+    "patron_retention_hours",
 ];
 
 /// Columns of a key, in [`key_row`]'s order.
@@ -473,6 +478,9 @@ pub struct InstitutionPatch {
     /// New ceiling for the institution's minors.
     #[serde(default)]
     pub minor_tier_ceiling: Option<Tier>,
+    /// New window for patrons' usage metadata, in hours.
+    #[serde(default)]
+    pub patron_retention_hours: Option<u32>,
 }
 
 /// Changes to a key; `None` leaves a field as it is.
@@ -1442,6 +1450,7 @@ fn institution_row(r: &Row<'_>, at: usize) -> Result<Institution, StoreError> {
         over_quota: parse("institutions.over_quota", r.get(at + 9)?)?,
         tier_ceiling: parse("institutions.tier_ceiling", r.get(at + 10)?)?,
         minor_tier_ceiling: parse("institutions.minor_tier_ceiling", r.get(at + 11)?)?,
+        patron_retention_hours: r.get(at + 12)?,
     })
 }
 

@@ -241,9 +241,19 @@ fn write_loop(store: &Store, rx: &Receiver<Msg>, counters: &Counters, retention:
     }
 }
 
-/// Deletes per-request records older than `retention`. A failure is logged and tried again at
-/// the next interval: records kept a little longer lose nothing.
+/// Deletes per-request records older than `retention`, and forgets patrons past their
+/// institution's window ([`Store::forget_patrons_blocking`]). A failure is logged and tried
+/// again at the next interval.
 fn prune(store: &Store, retention: Duration) {
+    match store.forget_patrons_blocking(carrel_core::domain::unix_now()) {
+        Ok(done) if done == carrel_core::store::Forgotten::default() => {}
+        Ok(done) => tracing::info!(
+            references = done.references,
+            daily_sums = done.daily_sums,
+            "patrons' usage metadata past its window removed"
+        ),
+        Err(e) => tracing::error!(error = %e, "could not remove patrons' old usage metadata"),
+    }
     let before = carrel_core::domain::unix_now()
         .saturating_sub(i64::try_from(retention.as_secs()).unwrap_or(i64::MAX));
     match store.prune_usage_records_blocking(before) {
