@@ -7,7 +7,7 @@
 //! first chunk), latency, or faults: an error status, a connection reset, a hang. Every request
 //! is logged so tests can check what crossed to the provider.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -50,6 +50,15 @@ pub enum Reply {
     Reset,
     /// Read the request and never answer.
     Hang,
+    /// These replies, one a request, in order (then `Auto`).
+    Sequence(Arc<Mutex<VecDeque<Reply>>>),
+}
+
+impl Reply {
+    /// [`Reply::Sequence`] of `replies`.
+    pub fn sequence(replies: Vec<Reply>) -> Reply {
+        Reply::Sequence(Arc::new(Mutex::new(replies.into())))
+    }
 }
 
 /// A scripted SSE stream.
@@ -278,6 +287,10 @@ async fn handle(
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
     }
+    let reply = match reply {
+        Reply::Sequence(queue) => queue.lock().unwrap().pop_front().unwrap_or(Reply::Auto),
+        other => other,
+    };
     let streaming = request["stream"].as_bool().unwrap_or(false);
     let include_usage = request
         .pointer("/stream_options/include_usage")
@@ -305,6 +318,7 @@ async fn handle(
         // A service error makes hyper close the connection without a response.
         Reply::Reset => return Err(ResetConnection),
         Reply::Hang => std::future::pending().await,
+        Reply::Sequence(_) => json_response(500, json!({"error": "nested sequence"})),
     })
 }
 

@@ -148,7 +148,9 @@ pub async fn run(
                 .ok_or_else(|| GatewayError::ContentBlocked {
                     message: "The answer was too long to check, so it was not shown.".into(),
                 })?;
-            screener.screen_answer(&screen, &answer_text(&bytes))?;
+            let text = answer_text(&bytes);
+            screener.screen_answer(&screen, &text)?;
+            screener.moderate_answer(&screen, &text).await?;
             Response::from_parts(parts, crate::body::full(bytes))
         }
         _ => resp,

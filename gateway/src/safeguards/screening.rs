@@ -90,6 +90,10 @@ pub struct OutputScreen {
     audience: Audience,
     tier: Tier,
     incident: IncidentCtx,
+    /// Whether the rules screen answers here (else only the moderation hook does).
+    by_rules: bool,
+    /// A frontier answer also goes to the moderation hook, failing closed.
+    moderate: bool,
 }
 
 /// What an incident record needs besides the screening.
@@ -330,15 +334,66 @@ impl Screener {
                 }
             }
         }
-        Ok(rules
+        let by_rules = rules
             .rules
-            .screens(tier.as_str(), audience, Direction::Output)
-            .then(|| OutputScreen {
-                rules,
-                audience,
-                tier,
-                incident,
-            }))
+            .screens(tier.as_str(), audience, Direction::Output);
+        // Around frontier models the answer is screened after as well as before: by the
+        // moderation hook when there is one.
+        let moderate = tier == Tier::Frontier
+            && self
+                .moderation
+                .as_ref()
+                .is_some_and(|m| m.config.tiers.contains(&tier));
+        Ok((by_rules || moderate).then(|| OutputScreen {
+            rules,
+            audience,
+            tier,
+            incident,
+            by_rules,
+            moderate,
+        }))
+    }
+
+    /// Checks a whole answer with the moderation hook, when the screen asks for it (frontier
+    /// answers): flagged is a block, and a hook that cannot be consulted fails closed.
+    pub async fn moderate_answer(
+        &self,
+        screen: &OutputScreen,
+        text: &str,
+    ) -> Result<(), GatewayError> {
+        let Some(moderation) = self.moderation.as_ref().filter(|_| screen.moderate) else {
+            return Ok(());
+        };
+        match moderation.check(text).await {
+            Ok(None) => {
+                self.counters.moderation[0].fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Ok(Some(categories)) => {
+                self.counters.moderation[1].fetch_add(1, Ordering::Relaxed);
+                let screening = Screening::from_hits(vec![Hit {
+                    rule_id: "moderation".to_owned(),
+                    category: format!("moderation:{categories}"),
+                    severity: Severity::Medium,
+                    action: Action::Block,
+                    obfuscated: false,
+                }]);
+                self.report(
+                    &screen.rules,
+                    &screen.incident,
+                    &screening,
+                    Direction::Output,
+                    text,
+                );
+                Err(blocked(&screen.rules, screen.audience, &screening))
+            }
+            Err(e) => {
+                self.counters.moderation[2].fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, "the moderation service could not check an answer; \
+                    failing closed");
+                Err(GatewayError::SafeguardUnavailable)
+            }
+        }
     }
 
     /// Screens an answer's text; `Err` when it is blocked.
@@ -354,6 +409,9 @@ impl Screener {
         text: &str,
         seen: Option<&mut HashSet<String>>,
     ) -> Result<(), GatewayError> {
+        if !screen.by_rules {
+            return Ok(());
+        }
         let screening = screen.rules.rules.screen(
             text,
             screen.tier.as_str(),
@@ -672,9 +730,18 @@ pub struct ScreenedStream {
     window: String,
     /// Rules already reported for this stream.
     reported: HashSet<String>,
+    /// For the moderation hook (frontier): the answer so far (its last [`MODERATED_TEXT`]
+    /// bytes), and the `[DONE]` event held until the hook has checked it.
+    full: String,
+    held_done: Option<Bytes>,
+    /// The hook's verdict on the whole answer, once asked.
+    verdict: Option<tokio::sync::oneshot::Receiver<Result<(), GatewayError>>>,
     ready: VecDeque<Bytes>,
     ended: bool,
 }
+
+/// Most text of a streamed answer sent to the moderation hook (its end).
+pub const MODERATED_TEXT: usize = 64 * 1024;
 
 impl ScreenedStream {
     /// Screens `inner`.
@@ -686,6 +753,9 @@ impl ScreenedStream {
             partial: BytesMut::new(),
             window: String::new(),
             reported: HashSet::new(),
+            full: String::new(),
+            held_done: None,
+            verdict: None,
             ready: VecDeque::new(),
             ended: false,
         }
@@ -697,6 +767,13 @@ impl ScreenedStream {
         while let Some(end) = event_end(&self.partial) {
             let event = self.partial.split_to(end).freeze();
             let text = event_text(&event);
+            if self.screen.moderate {
+                if is_done(&event) {
+                    self.held_done = Some(event);
+                    continue;
+                }
+                push_tail(&mut self.full, &text, MODERATED_TEXT);
+            }
             if !text.is_empty() {
                 self.window.push_str(&text);
                 if self.window.len() > OUTPUT_WINDOW {
@@ -726,6 +803,44 @@ impl ScreenedStream {
             return false;
         }
         true
+    }
+}
+
+/// Appends `text` to `buf`, keeping its last `max` bytes.
+fn push_tail(buf: &mut String, text: &str, max: usize) {
+    buf.push_str(text);
+    if buf.len() > max {
+        let mut cut = buf.len() - max;
+        while !buf.is_char_boundary(cut) {
+            cut += 1;
+        }
+        buf.drain(..cut);
+    }
+}
+
+/// Whether an SSE event is the stream's `data: [DONE]`.
+fn is_done(event: &[u8]) -> bool {
+    event.split(|b| *b == b'\n').any(|line| {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        line.strip_prefix(b"data:").map(<[u8]>::trim_ascii) == Some(&b"[DONE]"[..])
+    })
+}
+
+impl ScreenedStream {
+    /// Asks the moderation hook about the whole answer, off the body's poll.
+    fn ask_moderation(&mut self) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (screener, screen) = (Arc::clone(&self.screener), self.screen.clone());
+        let text = std::mem::take(&mut self.full);
+        #[expect(
+            clippy::disallowed_methods,
+            reason = "one bounded call (the hook's timeout) whose answer the stream waits for; \
+                      if the stream is dropped the answer is dropped with it"
+        )]
+        tokio::spawn(async move {
+            let _ = tx.send(screener.moderate_answer(&screen, &text).await);
+        });
+        self.verdict = Some(rx);
     }
 }
 
@@ -822,15 +937,41 @@ impl Body for ScreenedStream {
             if let Some(bytes) = this.ready.pop_front() {
                 return Poll::Ready(Some(Ok(Frame::data(bytes))));
             }
+            if let Some(verdict) = &mut this.verdict {
+                let outcome = match Pin::new(verdict).poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Ok(outcome)) => outcome,
+                    Poll::Ready(Err(_)) => Err(GatewayError::SafeguardUnavailable),
+                };
+                this.verdict = None;
+                match outcome {
+                    Ok(()) => this.ready.extend(this.held_done.take()),
+                    Err(e) => this.ready.push_back(blocked_event(&e)),
+                }
+                this.ended = true;
+                continue;
+            }
             if this.ended {
                 return Poll::Ready(None);
+            }
+            if this.held_done.is_some() {
+                // The answer is complete: the hook decides whether `[DONE]` or an error ends
+                // it. The provider's body is done with.
+                this.inner = crate::body::full(Bytes::new());
+                this.ask_moderation();
+                continue;
             }
             match Pin::new(&mut this.inner).poll_frame(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(None) => {
-                    this.ended = true;
                     if !this.partial.is_empty() {
                         this.ready.push_back(this.partial.split().freeze());
+                    }
+                    if this.screen.moderate {
+                        // Ended without `[DONE]`: checked all the same.
+                        this.ask_moderation();
+                    } else {
+                        this.ended = true;
                     }
                 }
                 Poll::Ready(Some(Err(e))) => {

@@ -1067,3 +1067,95 @@ async fn frontier_models_get_a_tenth_of_the_key_s_rate() {
     // The rest of the key's rate is still there for other models.
     assert_eq!(code(&gw, &staff, "mock-model").await, ok());
 }
+
+#[tokio::test]
+async fn frontier_answers_are_checked_by_the_moderation_hook_too() {
+    let mock = MockUpstream::start().await;
+    let extra = format!(
+        "[safeguards.moderation]\nurl = \"{}/moderations\"\nmodel = \"omni-moderation-latest\"\n\
+         tiers = [\"frontier\"]\n",
+        mock.base_url()
+    );
+    let gw = Gateway::start(&config_for(&mock.base_url(), &extra)).await;
+    let (_, key) = gw.new_key(Some("frontier")).await;
+    let verdict = |flagged: bool| Reply::Json {
+        status: 200,
+        body: json!({"results": [{"flagged": flagged, "categories": {"self-harm": flagged}}]}),
+    };
+    // The prompt passes; the answer is flagged: 400, and the incident says it was the output.
+    mock.script(
+        "omni-moderation-latest",
+        Reply::sequence(vec![verdict(false), verdict(true)]),
+    );
+    let (status, code_of, message) = {
+        let resp = gw
+            .post(
+                "/v1/chat/completions",
+                &key,
+                &json!({"model": "frontier-model", "messages": [{"role": "user", "content": "hi"}]}),
+            )
+            .await;
+        let status = resp.status().as_u16();
+        let body: Value = resp.json().await.unwrap();
+        (
+            status,
+            body["error"]["code"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+            body["error"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+        )
+    };
+    assert_eq!((status, code_of.as_str()), (400, "content_blocked"));
+    assert!(message.contains("moderation:self-harm"), "{message}");
+    // Both pass: the answer arrives.
+    mock.script(
+        "omni-moderation-latest",
+        Reply::sequence(vec![verdict(false), verdict(false)]),
+    );
+    assert_eq!(code(&gw, &key, "frontier-model").await, ok());
+    // Streamed: the whole answer is checked before `[DONE]`; flagged, an error ends it.
+    mock.script(
+        "omni-moderation-latest",
+        Reply::sequence(vec![verdict(false), verdict(true)]),
+    );
+    mock.script(
+        "frontier-model",
+        Reply::Stream(StreamScript {
+            pieces: vec!["One".into(), " two".into()],
+            usage: true,
+            ..StreamScript::default()
+        }),
+    );
+    let text = gw
+        .post(
+            "/v1/chat/completions",
+            &key,
+            &json!({"model": "frontier-model", "stream": true,
+                    "messages": [{"role": "user", "content": "Count"}]}),
+        )
+        .await
+        .text()
+        .await
+        .unwrap();
+    let events = carrel_tests::unsigned(&text);
+    assert!(!events.contains("[DONE]"), "{events}");
+    assert!(
+        events.contains("One") && events.contains(" two"),
+        "{events}"
+    );
+    let last = events.trim_end().rsplit("\n\n").next().unwrap();
+    let error: Value = serde_json::from_str(last.strip_prefix("data: ").unwrap()).unwrap();
+    assert_eq!(error["error"]["code"], "content_blocked", "{events}");
+    let sent: Vec<Value> = mock
+        .received()
+        .iter()
+        .filter(|r| r.path.ends_with("/moderations"))
+        .map(|r| serde_json::from_slice(&r.body).unwrap())
+        .collect();
+    assert_eq!(sent.len(), 6, "prompt and answer, three times");
+    assert_eq!(sent[5]["input"], "One two");
+}
