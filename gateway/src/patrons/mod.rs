@@ -289,10 +289,7 @@ impl PatronDesk {
 /// Fetches JWKS documents over HTTP(S): 5 s per fetch, at most 1 MiB, redirects not followed.
 #[derive(Clone)]
 pub struct HttpJwksFetcher {
-    client: hyper_util::client::legacy::Client<
-        hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
-        http_body_util::Empty<Bytes>,
-    >,
+    client: crate::upstream::SideClient<http_body_util::Empty<Bytes>>,
 }
 
 impl std::fmt::Debug for HttpJwksFetcher {
@@ -309,18 +306,7 @@ const MAX_JWKS_BYTES: usize = 1024 * 1024;
 impl HttpJwksFetcher {
     /// A client with the webpki roots.
     pub fn new() -> Result<Self, rustls::Error> {
-        let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
-        http.enforce_http(false);
-        http.set_connect_timeout(Some(JWKS_TIMEOUT));
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_webpki_roots(provider)?
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
-        let client =
-            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .build(https);
+        let client = crate::upstream::side_client(JWKS_TIMEOUT)?;
         Ok(HttpJwksFetcher { client })
     }
 

@@ -33,6 +33,7 @@ use tokio::sync::mpsc;
 
 use crate::body::ResponseBody;
 use crate::error::{BoxError, GatewayError};
+use crate::upstream::{SideClient, side_client};
 
 /// Most text of an answer held to screen it (its last part).
 pub const OUTPUT_WINDOW: usize = 4096;
@@ -566,10 +567,7 @@ pub async fn run_incident_desk(mut queue: IncidentQueue, store: Store) {
 #[derive(Debug)]
 struct Moderation {
     config: ModerationConfig,
-    client: hyper_util::client::legacy::Client<
-        hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
-        http_body_util::Full<Bytes>,
-    >,
+    client: SideClient<http_body_util::Full<Bytes>>,
 }
 
 /// Largest moderation answer read.
@@ -589,18 +587,7 @@ struct ModerationResult {
 
 impl Moderation {
     fn new(config: ModerationConfig) -> Result<Self, rustls::Error> {
-        let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
-        http.enforce_http(false);
-        http.set_connect_timeout(Some(config.timeout));
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_webpki_roots(provider)?
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
-        let client =
-            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .build(https);
+        let client = side_client(config.timeout)?;
         Ok(Moderation { config, client })
     }
 
@@ -668,10 +655,7 @@ impl Moderation {
 /// Posts high-severity incidents to an institution's webhooks.
 struct Notifier {
     counters: Arc<SafeguardCounters>,
-    client: hyper_util::client::legacy::Client<
-        hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
-        http_body_util::Full<Bytes>,
-    >,
+    client: SideClient<http_body_util::Full<Bytes>>,
 }
 
 /// How long one notification may take.
@@ -679,18 +663,7 @@ const NOTIFY_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Notifier {
     fn new(counters: Arc<SafeguardCounters>) -> Result<Self, rustls::Error> {
-        let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
-        http.enforce_http(false);
-        http.set_connect_timeout(Some(NOTIFY_TIMEOUT));
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_webpki_roots(provider)?
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
-        let client =
-            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .build(https);
+        let client = side_client(NOTIFY_TIMEOUT)?;
         Ok(Notifier { counters, client })
     }
 

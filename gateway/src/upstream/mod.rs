@@ -169,6 +169,28 @@ fn strip_headers(headers: &mut HeaderMap) {
     }
 }
 
+/// A small HTTP(S) client for Carrel's own calls out (JWKS, moderation, incident webhooks):
+/// webpki roots, HTTP/1.1, a connect timeout. Not the providers' pooled client.
+pub type SideClient<B> = Client<HttpsConnector<HttpConnector>, B>;
+
+/// Builds a [`SideClient`].
+pub fn side_client<B>(connect_timeout: Duration) -> Result<SideClient<B>, rustls::Error>
+where
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+{
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(connect_timeout));
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_provider_and_webpki_roots(provider)?
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    Ok(Client::builder(TokioExecutor::new()).build(https))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
