@@ -24,7 +24,7 @@ fi
 command -v cc >/dev/null 2>&1 || apt_install build-essential
 cargo --version
 
-say "Python test clients (openai SDK, pytest, schemathesis, openapi-spec-validator, pysip2) in target/test-venv"
+say "Python test clients (openai SDK, pytest, schemathesis, openapi-spec-validator, pysip2, cryptography, jsonschema) in target/test-venv"
 command -v python3 >/dev/null 2>&1 || apt_install python3
 if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c 'import ensurepip' >/dev/null 2>&1; then
   apt_install python3-venv
