@@ -375,6 +375,9 @@ def main():
                     help="alternating rounds per scenario; the report shows each target's median")
     ap.add_argument("--baseline", help="another `carrel` binary (an earlier build) to run as "
                     "target `baseline` beside this one, for before/after numbers from one run")
+    ap.add_argument("--unsigned", action="store_true",
+                    help="also run the same Carrel with `signing.enabled = false` as target "
+                    "`unsigned` (same limits), to show what signing responses costs")
     ap.add_argument("--carrel", default=str(RELEASE / "carrel"),
                     help="the `carrel` binary to measure (default: %(default)s)")
     ap.add_argument("--mock-upstream", default=str(RELEASE / "mock-upstream"),
@@ -406,6 +409,12 @@ def main():
             baseline, baseline_url, baseline_key = start_carrel(
                 Path(args.baseline), cfg, work / "baseline-data", limits=False)
             procs.append(baseline)
+        unsigned = None
+        if args.unsigned:
+            unsigned, unsigned_url, unsigned_key = start_carrel(
+                Path(args.carrel), cfg, work / "unsigned-data",
+                env={"CARREL__SIGNING__ENABLED": "false"})
+            procs.append(unsigned)
         on_redis, redis_pid = None, None
         if args.store == "redis":
             check_redis(args.redis_url)
@@ -433,6 +442,9 @@ def main():
         if baseline:
             targets.append(("baseline", f"{baseline_url}/v1/chat/completions", baseline_key,
                             baseline.pid))
+        if unsigned:
+            targets.append(("unsigned", f"{unsigned_url}/v1/chat/completions", unsigned_key,
+                            unsigned.pid))
         if on_redis:
             targets.append(("redis", f"{redis_url}/v1/chat/completions", redis_key, on_redis.pid))
         # Warm every path (connection pools, caches) before measuring.
@@ -484,6 +496,18 @@ def main():
                 lines.append(
                     f"| {scenario} | {b['rps']:.0f} | {c['rps']:.0f} | {c['rps'] / b['rps']:.2f} | "
                     f"{b['p50_us']:.0f} | {c['p50_us']:.0f} | {b['cpu_us']:.1f} | "
+                    f"{c['cpu_us']:.1f} |")
+        if unsigned:
+            lines += ["", "| scenario | unsigned req/s | signed req/s | signed/unsigned req/s "
+                      "| unsigned/nginx req/s | signed/nginx req/s | unsigned p50 µs "
+                      "| signed p50 µs | unsigned CPU µs/req | signed CPU µs/req |",
+                      "|---|---|---|---|---|---|---|---|---|---|"]
+            for scenario, _, _ in scenarios:
+                u, c, n = (results[(scenario, t)] for t in ("unsigned", "carrel", "nginx"))
+                lines.append(
+                    f"| {scenario} | {u['rps']:.0f} | {c['rps']:.0f} | {c['rps'] / u['rps']:.2f} | "
+                    f"{u['rps'] / n['rps']:.2f} | {c['rps'] / n['rps']:.2f} | "
+                    f"{u['p50_us']:.0f} | {c['p50_us']:.0f} | {u['cpu_us']:.1f} | "
                     f"{c['cpu_us']:.1f} |")
         memory = None
         if on_redis:

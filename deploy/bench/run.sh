@@ -5,6 +5,7 @@
 #   deploy/bench/run.sh [--duration 15] [--rounds 3] [--only "chat c=1"] [--out deploy/bench/RESULTS.md]
 #                       [--baseline path/to/an/earlier/carrel]   (before/after from one run)
 #                       [--store redis [--redis-url redis://127.0.0.1:6379]]   (Redis mode beside embedded)
+#                       [--unsigned]   (the same Carrel with response signing off, beside it)
 #
 # Installs what it needs when missing: nginx (Debian), oha (crates.io) and, for --store redis,
 # redis-cli (Debian's redis-tools). --store redis needs a running Redis; it does not start one.
