@@ -247,6 +247,11 @@ impl ResponseSigner {
             HeaderValue::from_str(&date).expect("an HTTP date is a valid header value"),
         );
         if is_sse {
+            // A stream's signature is its last event: no header may claim to be one (a
+            // provider's own would otherwise pass through).
+            for name in ["content-digest", "signature-input", "signature"] {
+                parts.headers.remove(name);
+            }
             let body = SignedStream {
                 inner: body,
                 digest: Some(ContentDigester::new()),
