@@ -35,6 +35,7 @@ use serde::Deserialize;
 use super::{PendingUsage, UsageLedger};
 use crate::body::ResponseBody;
 use crate::error::BoxError;
+use crate::openai::{ErrorBody, ErrorDetail};
 use crate::safeguards::containment::ContainmentWatch;
 use crate::tokens::Tokenizer;
 
@@ -231,7 +232,7 @@ struct Delta<'a> {
 }
 
 /// The end of the first event in `buf` (after its blank line), if it is complete.
-fn event_end(buf: &[u8]) -> Option<usize> {
+pub(crate) fn event_end(buf: &[u8]) -> Option<usize> {
     let lf = memchr::memmem::find(buf, b"\n\n").map(|i| i + 2);
     let crlf = memchr::memmem::find(buf, b"\r\n\r\n").map(|i| i + 4);
     match (lf, crlf) {
@@ -353,13 +354,17 @@ enum Event {
 
 /// The SSE event that ends a stream cut at its reservation.
 fn cut_event() -> Bytes {
-    let body = serde_json::json!({"error": {
-        "message": "This response reached the tokens reserved for it and was stopped.",
-        "type": "tokens",
-        "param": null,
-        "code": "reservation_exceeded",
-    }});
-    Bytes::from(format!("data: {body}\n\n"))
+    ErrorBody {
+        error: ErrorDetail {
+            message: Cow::Borrowed(
+                "This response reached the tokens reserved for it and was stopped.",
+            ),
+            kind: "tokens",
+            param: None,
+            code: "reservation_exceeded",
+        },
+    }
+    .sse_event()
 }
 
 /// The SSE event that ends a stream a containment switch stopped.
@@ -368,13 +373,17 @@ fn contained_event(by: carrel_core::domain::ContainmentKind) -> Bytes {
         model: String::new(),
         by,
     };
-    let body = serde_json::json!({"error": {
-        "message": "This response was stopped: the operator contained what it was using.",
-        "type": error.openai_type(),
-        "param": null,
-        "code": error.code(),
-    }});
-    Bytes::from(format!("data: {body}\n\n"))
+    ErrorBody {
+        error: ErrorDetail {
+            message: Cow::Borrowed(
+                "This response was stopped: the operator contained what it was using.",
+            ),
+            kind: error.openai_type(),
+            param: None,
+            code: error.code(),
+        },
+    }
+    .sse_event()
 }
 
 /// A response body that settles and records its usage when it ends or is dropped.

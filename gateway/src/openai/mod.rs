@@ -397,18 +397,35 @@ pub struct ErrorDetail<'a> {
     pub code: &'a str,
 }
 
+impl ErrorBody<'_> {
+    /// The error as the data of a final SSE event (`data: {"error":…}` and a blank line): how a
+    /// stream that has already begun ends with an error.
+    pub fn sse_event(&self) -> Bytes {
+        let json = serde_json::to_string(self).expect("the error body serialises");
+        Bytes::from(format!("data: {json}\n\n"))
+    }
+}
+
 impl GatewayError {
-    /// The error as an OpenAI JSON body.
-    pub fn body(&self) -> Bytes {
-        let body = ErrorBody {
+    fn wire(&self) -> ErrorBody<'_> {
+        ErrorBody {
             error: ErrorDetail {
                 message: Cow::Owned(self.to_string()),
                 kind: self.openai_type(),
                 param: self.param(),
                 code: self.code(),
             },
-        };
-        Bytes::from(serde_json::to_vec(&body).expect("the error body serialises"))
+        }
+    }
+
+    /// The error as an OpenAI JSON body.
+    pub fn body(&self) -> Bytes {
+        Bytes::from(serde_json::to_vec(&self.wire()).expect("the error body serialises"))
+    }
+
+    /// The error as a stream's final SSE event.
+    pub fn sse_event(&self) -> Bytes {
+        self.wire().sse_event()
     }
 }
 

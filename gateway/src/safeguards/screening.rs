@@ -33,6 +33,7 @@ use tokio::sync::mpsc;
 
 use crate::body::ResponseBody;
 use crate::error::{BoxError, GatewayError};
+use crate::metering::body::event_end;
 use crate::upstream::{SideClient, side_client};
 
 /// Most text of an answer held to screen it (its last part).
@@ -761,7 +762,7 @@ impl ScreenedStream {
                     &self.window,
                     Some(&mut self.reported),
                 ) {
-                    self.ready.push_back(blocked_event(&e));
+                    self.ready.push_back(e.sse_event());
                     return false;
                 }
             }
@@ -769,10 +770,10 @@ impl ScreenedStream {
         }
         if self.partial.len() > crate::metering::body::MAX_EVENT_BYTES {
             // An event too long to hold cannot be screened: a screened stream fails closed.
-            self.ready
-                .push_back(blocked_event(&GatewayError::ContentBlocked {
-                    message: "The answer could not be checked, so it was stopped.".into(),
-                }));
+            let error = GatewayError::ContentBlocked {
+                message: "The answer could not be checked, so it was stopped.".into(),
+            };
+            self.ready.push_back(error.sse_event());
             return false;
         }
         true
@@ -814,15 +815,6 @@ impl ScreenedStream {
             let _ = tx.send(screener.moderate_answer(&screen, &text).await);
         });
         self.verdict = Some(rx);
-    }
-}
-
-fn event_end(buf: &[u8]) -> Option<usize> {
-    let lf = memchr::memmem::find(buf, b"\n\n").map(|i| i + 2);
-    let crlf = memchr::memmem::find(buf, b"\r\n\r\n").map(|i| i + 4);
-    match (lf, crlf) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
     }
 }
 
@@ -887,16 +879,6 @@ pub fn answer_text(body: &[u8]) -> String {
         .unwrap_or_default()
 }
 
-fn blocked_event(e: &GatewayError) -> Bytes {
-    let body = serde_json::json!({"error": {
-        "message": e.to_string(),
-        "type": e.openai_type(),
-        "param": null,
-        "code": e.code(),
-    }});
-    Bytes::from(format!("data: {body}\n\n"))
-}
-
 impl Body for ScreenedStream {
     type Data = Bytes;
     type Error = BoxError;
@@ -919,7 +901,7 @@ impl Body for ScreenedStream {
                 this.verdict = None;
                 match outcome {
                     Ok(()) => this.ready.extend(this.held_done.take()),
-                    Err(e) => this.ready.push_back(blocked_event(&e)),
+                    Err(e) => this.ready.push_back(e.sse_event()),
                 }
                 this.ended = true;
                 continue;

@@ -1,6 +1,7 @@
 //! The upstream response body, passed through frame by frame (never buffered whole), with a
 //! bound on the silence between frames.
 
+use std::borrow::Cow;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
@@ -12,6 +13,7 @@ use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
 use crate::error::BoxError;
+use crate::openai::{ErrorBody, ErrorDetail};
 
 pin_project_lite::pin_project! {
     /// An upstream body with an idle timeout. When the upstream fails or goes quiet mid-stream,
@@ -69,15 +71,16 @@ impl StreamError {
 }
 
 fn sse_error_event(err: &StreamError) -> Bytes {
-    let body = serde_json::json!({
-        "error": {
-            "message": err.to_string(),
-            "type": "api_error",
-            "param": null,
-            "code": err.code(),
-        }
-    });
-    Bytes::from(format!("data: {body}\n\n"))
+    let message = err.to_string();
+    ErrorBody {
+        error: ErrorDetail {
+            message: Cow::Borrowed(&message),
+            kind: "api_error",
+            param: None,
+            code: err.code(),
+        },
+    }
+    .sse_event()
 }
 
 impl Body for UpstreamBody {
