@@ -139,10 +139,18 @@ async fn leaves(
     Ok((log, leaves))
 }
 
-/// Signs the head of the log as it is now and keeps it. Also made at least hourly.
+/// The signed head of the log as it is now: the kept one when the log has not grown since,
+/// else a new one, signed and kept. Also made at least hourly.
 pub async fn make_tree_head(state: &AdminState) -> Result<TreeHead, AdminError> {
     let (_, leaves) = leaves(state).await?;
     let root = carrel_core::merkle::root(&leaves);
+    let kept = state.store.tree_heads().await?;
+    if let Some(last) = kept.last()
+        && last.tree_size == leaves.len() as u64
+        && last.root_hash() == Some(root)
+    {
+        return Ok(last.clone());
+    }
     let head = state.hooks.sign_tree_head(leaves.len() as u64, &root);
     if head.tree_size > 0 {
         state.store.record_tree_head(head.clone()).await?;

@@ -44,13 +44,7 @@ fn check_settings(state: &AdminState, settings: &SafeguardSettings) -> Result<()
                 format!("notify_urls: `{url}` is not a URL ({e})"),
             )
         })?;
-        let loopback = parsed.host_str().is_some_and(|h| {
-            h == "localhost"
-                || h.trim_start_matches('[')
-                    .trim_end_matches(']')
-                    .parse::<std::net::IpAddr>()
-                    .is_ok_and(|ip| ip.is_loopback())
-        });
+        let loopback = parsed.host_str().is_some_and(crate::patrons::is_loopback);
         if parsed.scheme() != "https" && !(parsed.scheme() == "http" && loopback) {
             return Err(AdminError::field(
                 "notify_urls",

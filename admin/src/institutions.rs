@@ -500,10 +500,21 @@ async fn managed_key(
     principal: &AdminPrincipal,
     id: &str,
 ) -> Result<ApiKey, AdminError> {
+    key_for(state, principal, id, Action::ManageKeys).await
+}
+
+/// A key the caller may do `action` to, revoked or not. Another institution's key is "not
+/// found", exactly like a key that does not exist.
+pub(crate) async fn key_for(
+    state: &AdminState,
+    principal: &AdminPrincipal,
+    id: &str,
+    action: Action,
+) -> Result<ApiKey, AdminError> {
     let not_found = || AdminError::NotFound(format!("key `{id}`"));
     let key = state.store.get_key(id).await?.ok_or_else(not_found)?;
     principal
-        .authorize(Action::ManageKeys, Some(&key.institution_id))
+        .authorize(action, Some(&key.institution_id))
         .map_err(|e| match e {
             AdminError::NotFound(_) => not_found(),
             other => other,

@@ -64,7 +64,8 @@ fn check_oidc(s: &carrel_core::oidc::OidcSettings) -> Result<(), AdminError> {
     Ok(())
 }
 
-fn is_loopback(host: &str) -> bool {
+/// Whether `host` is loopback (`localhost`, or a loopback address, bracketed or not).
+pub(crate) fn is_loopback(host: &str) -> bool {
     let host = host.trim_start_matches('[').trim_end_matches(']');
     host.eq_ignore_ascii_case("localhost")
         || host

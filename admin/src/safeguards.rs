@@ -99,21 +99,14 @@ pub async fn contain_model(
     Path(name): Path<String>,
     AdminJson(body): AdminJson<ContainBody>,
 ) -> Result<Json<ContainmentState>, AdminError> {
-    principal.authorize(Action::Contain, None)?;
-    let models = state.store.list_models(PageRequest::ALL).await?.data;
-    if !models.iter().any(|m| m.name == name) {
-        return Err(AdminError::NotFound(format!("model `{name}`")));
-    }
-    let s = switch(
+    contain_catalog_entry(
         &state,
         &principal,
         ContainmentKind::Model,
         &name,
-        None,
         body.contained,
     )
-    .await?;
-    Ok(Json(s))
+    .await
 }
 
 /// Contains or releases a provider: every model it serves (operator only).
@@ -131,21 +124,40 @@ pub async fn contain_provider(
     Path(name): Path<String>,
     AdminJson(body): AdminJson<ContainBody>,
 ) -> Result<Json<ContainmentState>, AdminError> {
-    principal.authorize(Action::Contain, None)?;
-    let providers = state.store.list_providers(PageRequest::ALL).await?.data;
-    if !providers.iter().any(|p| p.name == name) {
-        return Err(AdminError::NotFound(format!("provider `{name}`")));
-    }
-    let s = switch(
+    contain_catalog_entry(
         &state,
         &principal,
         ContainmentKind::Provider,
         &name,
-        None,
         body.contained,
     )
-    .await?;
-    Ok(Json(s))
+    .await
+}
+
+/// A model's or a provider's switch: the name must be in the catalog.
+async fn contain_catalog_entry(
+    state: &AdminState,
+    principal: &AdminPrincipal,
+    kind: ContainmentKind,
+    name: &str,
+    contained: bool,
+) -> Result<Json<ContainmentState>, AdminError> {
+    principal.authorize(Action::Contain, None)?;
+    let exists = match kind {
+        ContainmentKind::Model => (state.store.list_models(PageRequest::ALL).await?.data)
+            .iter()
+            .any(|m| m.name == name),
+        ContainmentKind::Provider => (state.store.list_providers(PageRequest::ALL).await?.data)
+            .iter()
+            .any(|p| p.name == name),
+        ContainmentKind::Institution | ContainmentKind::Key => false,
+    };
+    if !exists {
+        return Err(AdminError::NotFound(format!("{kind} `{name}`")));
+    }
+    Ok(Json(
+        switch(state, principal, kind, name, None, contained).await?,
+    ))
 }
 
 /// Lists the switches that are on (operator only).
@@ -190,19 +202,10 @@ async fn attested_key(
     id: &str,
     action: Action,
 ) -> Result<carrel_core::domain::ApiKey, AdminError> {
-    let not_found = || AdminError::NotFound(format!("key `{id}`"));
-    let key = state
-        .store
-        .get_key(id)
-        .await?
-        .filter(|k| k.revoked_at.is_none())
-        .ok_or_else(not_found)?;
-    principal
-        .authorize(action, Some(&key.institution_id))
-        .map_err(|e| match e {
-            AdminError::NotFound(_) => not_found(),
-            other => other,
-        })?;
+    let key = crate::institutions::key_for(state, principal, id, action).await?;
+    if key.revoked_at.is_some() {
+        return Err(AdminError::NotFound(format!("key `{id}`")));
+    }
     Ok(key)
 }
 

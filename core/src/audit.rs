@@ -112,28 +112,10 @@ pub fn read_log(
         path,
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
-    let mut stmt = c.prepare(
-        "SELECT seq, at, actor, action, target, institution_id FROM admin_audit ORDER BY seq",
-    )?;
-    let entries = stmt
-        .query_map([], |r| Ok(crate::store::audit_row(r)))?
-        .map(|r| r?)
-        .collect::<Result<Vec<_>, _>>()?;
-    let mut stmt = c.prepare(
-        "SELECT tree_size, root, at, kid, signature FROM audit_tree_heads ORDER BY tree_size",
-    )?;
-    let heads = stmt
-        .query_map([], |r| {
-            Ok(TreeHead {
-                tree_size: r.get::<_, i64>(0)? as u64,
-                root: r.get(1)?,
-                at: r.get(2)?,
-                kid: r.get(3)?,
-                signature: r.get(4)?,
-            })
-        })?
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok((entries, heads))
+    Ok((
+        crate::store::audit_tree::read_entries(&c)?,
+        crate::store::audit_tree::read_heads(&c)?,
+    ))
 }
 
 /// What [`check`] found wrong.

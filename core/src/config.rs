@@ -812,15 +812,10 @@ impl Config {
                 }
                 (ProviderKind::Demo, None) => None,
             };
-            let api_key = match p.api_key_env {
-                Some(var) => Some(lookup(&var).filter(|v| !v.is_empty()).ok_or_else(|| {
-                    ConfigError::invalid(
-                        key("api_key_env"),
-                        format!("environment variable {var} is not set"),
-                    )
-                })?),
-                None => None,
-            };
+            let api_key = p
+                .api_key_env
+                .map(|var| env_secret(&key("api_key_env"), &var, lookup))
+                .transpose()?;
             providers.push(ProviderConfig {
                 name: p.name,
                 kind,
@@ -924,15 +919,10 @@ impl Config {
                             "an http(s) URL of a /v1/moderations endpoint",
                         )
                     })?;
-                let api_key = match m.api_key_env {
-                    Some(var) => Some(lookup(&var).filter(|v| !v.is_empty()).ok_or_else(|| {
-                        ConfigError::invalid(
-                            "safeguards.moderation.api_key_env",
-                            format!("environment variable {var} is not set"),
-                        )
-                    })?),
-                    None => None,
-                };
+                let api_key = m
+                    .api_key_env
+                    .map(|var| env_secret("safeguards.moderation.api_key_env", &var, lookup))
+                    .transpose()?;
                 let timeout = bounded(
                     "safeguards.moderation.timeout_ms",
                     m.timeout_ms,
@@ -1067,6 +1057,17 @@ fn socket_addr(key: &str, value: Option<&str>, default: &str) -> Result<SocketAd
             format!("invalid value: \"{text}\", expected an IP:port such as 127.0.0.1:8080"),
         )
     })
+}
+
+/// The secret in the environment variable `var` that the config key `key` names.
+fn env_secret(
+    key: &str,
+    var: &str,
+    lookup: &dyn Fn(&str) -> Option<String>,
+) -> Result<String, ConfigError> {
+    lookup(var)
+        .filter(|v| !v.is_empty())
+        .ok_or_else(|| ConfigError::invalid(key, format!("environment variable {var} is not set")))
 }
 
 fn bounded(

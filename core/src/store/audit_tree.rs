@@ -33,16 +33,44 @@ pub(super) fn record_tree_head(c: &mut Connection, head: &TreeHead) -> Result<bo
     )? > 0)
 }
 
+/// The whole audit trail, oldest first.
+pub(crate) fn read_entries(c: &Connection) -> Result<Vec<AuditEntry>, StoreError> {
+    let mut stmt = c.prepare(
+        "SELECT seq, at, actor, action, target, institution_id FROM admin_audit ORDER BY seq",
+    )?;
+    let rows = stmt.query_map([], |r| Ok(audit_row(r)))?;
+    rows.map(|r| r?).collect()
+}
+
+/// Every kept tree head, smallest first.
+pub(crate) fn read_heads(c: &Connection) -> Result<Vec<TreeHead>, StoreError> {
+    let mut stmt = c.prepare(
+        "SELECT tree_size, root, at, kid, signature FROM audit_tree_heads ORDER BY tree_size",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok(TreeHead {
+            tree_size: r.get::<_, i64>(0)? as u64,
+            root: r.get(1)?,
+            at: r.get(2)?,
+            kid: r.get(3)?,
+            signature: r.get(4)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<Vec<_>, _>>()?)
+}
+
 impl Store {
     /// The whole audit trail, oldest first: the leaves of the tree.
     pub async fn audit_log(&self) -> Result<Vec<AuditEntry>, StoreError> {
+        self.call(|c| read_entries(c)).await
+    }
+
+    /// How many entries the audit trail has: the size of its tree.
+    pub async fn audit_len(&self) -> Result<u64, StoreError> {
         self.call(|c| {
-            let mut stmt = c.prepare(
-                "SELECT seq, at, actor, action, target, institution_id FROM admin_audit
-                 ORDER BY seq",
-            )?;
-            let rows = stmt.query_map([], |r| Ok(audit_row(r)))?;
-            rows.map(|r| r?).collect()
+            Ok(c.query_row("SELECT COUNT(*) FROM admin_audit", [], |r| {
+                r.get::<_, i64>(0)
+            })? as u64)
         })
         .await
     }
@@ -54,22 +82,6 @@ impl Store {
 
     /// Every kept tree head, smallest first.
     pub async fn tree_heads(&self) -> Result<Vec<TreeHead>, StoreError> {
-        self.call(|c| {
-            let mut stmt = c.prepare(
-                "SELECT tree_size, root, at, kid, signature FROM audit_tree_heads
-                 ORDER BY tree_size",
-            )?;
-            let rows = stmt.query_map([], |r| {
-                Ok(TreeHead {
-                    tree_size: r.get::<_, i64>(0)? as u64,
-                    root: r.get(1)?,
-                    at: r.get(2)?,
-                    kid: r.get(3)?,
-                    signature: r.get(4)?,
-                })
-            })?;
-            Ok(rows.collect::<Result<Vec<_>, _>>()?)
-        })
-        .await
+        self.call(|c| read_heads(c)).await
     }
 }

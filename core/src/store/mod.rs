@@ -16,7 +16,7 @@ use crate::domain::{
     KeyCredential, KeyKind, Model, OverQuota, Provider, ProviderKind, Role, Site, Source, Tier,
 };
 
-mod audit_tree;
+pub(crate) mod audit_tree;
 mod control;
 mod ephemeral;
 mod incidents;

@@ -314,13 +314,7 @@ impl Screener {
                 }
                 Ok(Some(categories)) => {
                     self.counters.moderation[1].fetch_add(1, Ordering::Relaxed);
-                    let screening = Screening::from_hits(vec![Hit {
-                        rule_id: "moderation".to_owned(),
-                        category: format!("moderation:{categories}"),
-                        severity: Severity::Medium,
-                        action: Action::Block,
-                        obfuscated: false,
-                    }]);
+                    let screening = moderation_block(&categories);
                     self.report(&rules, &incident, &screening, Direction::Input, text);
                     return Err(blocked(&rules, audience, &screening));
                 }
@@ -373,13 +367,7 @@ impl Screener {
             }
             Ok(Some(categories)) => {
                 self.counters.moderation[1].fetch_add(1, Ordering::Relaxed);
-                let screening = Screening::from_hits(vec![Hit {
-                    rule_id: "moderation".to_owned(),
-                    category: format!("moderation:{categories}"),
-                    severity: Severity::Medium,
-                    action: Action::Block,
-                    obfuscated: false,
-                }]);
+                let screening = moderation_block(&categories);
                 self.report(
                     &screen.rules,
                     &screen.incident,
@@ -483,6 +471,17 @@ impl Screener {
             tracing::warn!("incident queue full: an incident record was dropped");
         }
     }
+}
+
+/// What a flag of the moderation hook counts as: a block, named by the hook's categories.
+fn moderation_block(categories: &str) -> Screening {
+    Screening::from_hits(vec![Hit {
+        rule_id: "moderation".to_owned(),
+        category: format!("moderation:{categories}"),
+        severity: Severity::Medium,
+        action: Action::Block,
+        obfuscated: false,
+    }])
 }
 
 fn blocked(rules: &InstitutionRules, audience: Audience, screening: &Screening) -> GatewayError {
