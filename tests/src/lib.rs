@@ -90,6 +90,30 @@ impl Gateway {
         Gateway::start_with(toml, |_| {}).await
     }
 
+    /// Starts a mock upstream and Carrel on [`config_for`] it, with nothing else configured.
+    pub async fn with_mock() -> (mock::MockUpstream, Gateway) {
+        let mock = mock::MockUpstream::start().await;
+        let gw = Gateway::start(&config_for(&mock.base_url(), "")).await;
+        (mock, gw)
+    }
+
+    /// Creates a key of institution `inst` with the admin API (`body` as
+    /// `POST /admin/v1/institutions/{id}/keys` takes it); returns its id and secret.
+    pub async fn create_key(&self, inst: &str, body: Value) -> (String, String) {
+        let (status, key) = self
+            .admin(
+                reqwest::Method::POST,
+                &format!("/admin/v1/institutions/{inst}/keys"),
+                Some(body),
+            )
+            .await;
+        assert_eq!(status, 201, "{key}");
+        (
+            key["id"].as_str().unwrap().to_owned(),
+            key["secret"].as_str().unwrap().to_owned(),
+        )
+    }
+
     /// Starts Carrel after letting `tweak` adjust the parsed config.
     pub async fn start_with(toml: &str, tweak: impl FnOnce(&mut Config)) -> Gateway {
         let dir = tempfile::tempdir().expect("temp dir");
@@ -332,6 +356,15 @@ tier = "frontier"
 {extra}
 "#
     )
+}
+
+/// An error response's status, OpenAI `code` and message (empty strings when the body has
+/// none).
+pub async fn error_of(resp: reqwest::Response) -> (u16, String, String) {
+    let status = resp.status().as_u16();
+    let body: Value = resp.json().await.unwrap_or(Value::Null);
+    let field = |name: &str| body["error"][name].as_str().unwrap_or_default().to_owned();
+    (status, field("code"), field("message"))
 }
 
 /// A signed stream's text without its final `event: carrel.signature` (which must be there, and

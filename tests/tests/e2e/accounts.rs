@@ -1,15 +1,8 @@
 //! Admin accounts, sessions, lockout, and isolation between institutions.
 
-use carrel_tests::mock::MockUpstream;
-use carrel_tests::{Gateway, PASSWORD, config_for};
+use carrel_tests::{Gateway, PASSWORD};
 use reqwest::Method;
 use serde_json::{Value, json};
-
-async fn gateway() -> (MockUpstream, Gateway) {
-    let mock = MockUpstream::start().await;
-    let gw = Gateway::start(&config_for(&mock.base_url(), "")).await;
-    (mock, gw)
-}
 
 async fn user(gw: &Gateway, username: &str, role: &str, institution: Option<&str>) -> Value {
     let mut body = json!({"username": username, "password": PASSWORD, "role": role});
@@ -43,7 +36,7 @@ async fn login_token(gw: &Gateway, username: &str) -> String {
 
 #[tokio::test]
 async fn login_me_and_logout() {
-    let (_mock, gw) = gateway().await;
+    let (_mock, gw) = Gateway::with_mock().await;
     let inst = gw.institution("Springfield").await;
     user(&gw, "admin@springfield", "institution_admin", Some(&inst)).await;
 
@@ -79,7 +72,7 @@ async fn login_me_and_logout() {
 
 #[tokio::test]
 async fn five_failed_logins_lock_the_account() {
-    let (_mock, gw) = gateway().await;
+    let (_mock, gw) = Gateway::with_mock().await;
     let inst = gw.institution("Shelbyville").await;
     user(&gw, "desk@shelbyville", "staff", Some(&inst)).await;
     for attempt in 1..=4 {
@@ -110,7 +103,7 @@ async fn five_failed_logins_lock_the_account() {
 
 #[tokio::test]
 async fn user_creation_is_checked() {
-    let (_mock, gw) = gateway().await;
+    let (_mock, gw) = Gateway::with_mock().await;
     let inst = gw.institution("Capital City").await;
     let cases = [
         (
@@ -154,7 +147,7 @@ async fn user_creation_is_checked() {
 /// outside A's role: never 2xx, never B's data. Without a token: 401.
 #[tokio::test]
 async fn institutions_are_isolated_from_each_other() {
-    let (_mock, gw) = gateway().await;
+    let (_mock, gw) = Gateway::with_mock().await;
     let a = gw.institution("Library A").await;
     let b = gw.institution("Library B").await;
     user(&gw, "admin-a", "institution_admin", Some(&a)).await;
@@ -342,7 +335,7 @@ async fn institutions_are_isolated_from_each_other() {
 
 #[tokio::test]
 async fn logins_are_throttled_per_address() {
-    let (_mock, gw) = gateway().await;
+    let (_mock, gw) = Gateway::with_mock().await;
     // Different usernames, so the per-account lockout never triggers: only the address counts.
     for i in 0..carrel_admin::accounts::LOGIN_BURST {
         let (status, _) = login(&gw, &format!("guess-{i}"), PASSWORD).await;
@@ -363,7 +356,7 @@ async fn logins_are_throttled_per_address() {
 
 #[tokio::test]
 async fn the_audit_trail_records_who_did_what_without_secrets() {
-    let (_mock, gw) = gateway().await;
+    let (_mock, gw) = Gateway::with_mock().await;
     let a = gw.institution("Library A").await;
     let b = gw.institution("Library B").await;
     let admin_a = user(&gw, "admin-a", "institution_admin", Some(&a)).await;
@@ -472,7 +465,7 @@ async fn the_audit_trail_records_who_did_what_without_secrets() {
 
 #[tokio::test]
 async fn keys_expire_and_rotate_with_an_overlap() {
-    let (_mock, gw) = gateway().await;
+    let (_mock, gw) = Gateway::with_mock().await;
     let a = gw.institution("Library A").await;
     let keys = format!("/admin/v1/institutions/{a}/keys");
     let chat = json!({"model": "mock-model", "messages": []});
@@ -586,7 +579,7 @@ async fn keys_expire_and_rotate_with_an_overlap() {
 
 #[tokio::test]
 async fn sites_and_groups_hold_keys_of_their_own_institution_only() {
-    let (_mock, gw) = gateway().await;
+    let (_mock, gw) = Gateway::with_mock().await;
     let a = gw.institution("District A").await;
     let b = gw.institution("District B").await;
     let (status, site) = gw

@@ -1,15 +1,8 @@
 //! The admin contract of issue 2, end to end.
 
-use carrel_tests::mock::MockUpstream;
-use carrel_tests::{ADMIN_TOKEN, Gateway, config_for};
+use carrel_tests::{ADMIN_TOKEN, Gateway};
 use reqwest::Method;
 use serde_json::{Value, json};
-
-async fn gateway() -> (MockUpstream, Gateway) {
-    let mock = MockUpstream::start().await;
-    let gw = Gateway::start(&config_for(&mock.base_url(), "")).await;
-    (mock, gw)
-}
 
 fn assert_field_error(status: u16, body: &Value, field: &str) {
     assert!(status == 400 || status == 422, "status {status}: {body}");
@@ -22,7 +15,7 @@ fn assert_field_error(status: u16, body: &Value, field: &str) {
 
 #[tokio::test]
 async fn every_admin_route_but_healthz_needs_the_token() {
-    let (_mock, gw) = gateway().await;
+    let (_mock, gw) = Gateway::with_mock().await;
     let health = gw.http.get(gw.admin_url("/healthz")).send().await.unwrap();
     assert_eq!(health.status(), 200);
     for path in [
@@ -63,7 +56,7 @@ async fn every_admin_route_but_healthz_needs_the_token() {
 
 #[tokio::test]
 async fn providers_and_models_created_through_the_api_route_at_once() {
-    let (mock, gw) = gateway().await;
+    let (mock, gw) = Gateway::with_mock().await;
     let (status, provider) = gw
         .admin(
             Method::POST,
@@ -133,7 +126,7 @@ async fn providers_and_models_created_through_the_api_route_at_once() {
 
 #[tokio::test]
 async fn validation_errors_name_the_field() {
-    let (_mock, gw) = gateway().await;
+    let (_mock, gw) = Gateway::with_mock().await;
     let institution = json!({"name": "Springfield", "kind": "library", "region": "US-IL",
                              "timezone": "America/Chicago"});
     let cases = [
@@ -227,7 +220,7 @@ async fn validation_errors_name_the_field() {
 
 #[tokio::test]
 async fn keys_show_their_secret_once() {
-    let (_mock, gw) = gateway().await;
+    let (_mock, gw) = Gateway::with_mock().await;
     let (status, inst) = gw
         .admin(Method::POST, "/admin/v1/institutions",
                Some(json!({"name": "Lakeside School", "kind": "school", "region": "GB-LND", "timezone": "Europe/London"})))
@@ -276,7 +269,7 @@ async fn keys_show_their_secret_once() {
 
 #[tokio::test]
 async fn the_served_openapi_document_matches_the_committed_one() {
-    let (_mock, gw) = gateway().await;
+    let (_mock, gw) = Gateway::with_mock().await;
     let (status, served) = gw.admin(Method::GET, "/admin/openapi.json", None).await;
     assert_eq!(status, 200);
     let committed: Value = serde_json::from_str(include_str!("../../../openapi/openapi.json"))

@@ -1,31 +1,10 @@
 //! Running an institution: its settings and status, keys limited to some models, cursor pages,
 //! automation tokens, and usage reports.
 
-use carrel_tests::mock::{MOCK_USAGE, MockUpstream, Reply};
-use carrel_tests::{Gateway, config_for};
+use carrel_tests::Gateway;
+use carrel_tests::mock::{MOCK_USAGE, Reply};
 use reqwest::Method;
 use serde_json::{Value, json};
-
-async fn gateway() -> (MockUpstream, Gateway) {
-    let mock = MockUpstream::start().await;
-    let gw = Gateway::start(&config_for(&mock.base_url(), "")).await;
-    (mock, gw)
-}
-
-async fn key(gw: &Gateway, inst: &str, body: Value) -> (String, String) {
-    let (status, key) = gw
-        .admin(
-            Method::POST,
-            &format!("/admin/v1/institutions/{inst}/keys"),
-            Some(body),
-        )
-        .await;
-    assert_eq!(status, 201, "{key}");
-    (
-        key["id"].as_str().unwrap().to_owned(),
-        key["secret"].as_str().unwrap().to_owned(),
-    )
-}
 
 async fn chat(gw: &Gateway, secret: &str, model: &str) -> (u16, Value) {
     let resp = gw
@@ -42,7 +21,7 @@ async fn chat(gw: &Gateway, secret: &str, model: &str) -> (u16, Value) {
 
 #[tokio::test]
 async fn lists_page_with_cursors() {
-    let (_mock, gw) = gateway().await;
+    let (_mock, gw) = Gateway::with_mock().await;
     let mut created = Vec::new();
     for i in 0..5 {
         created.push(gw.institution(&format!("Library {i}")).await);
@@ -89,7 +68,7 @@ async fn lists_page_with_cursors() {
 
 #[tokio::test]
 async fn suspending_an_institution_stops_its_keys_at_once() {
-    let (_mock, gw) = gateway().await;
+    let (_mock, gw) = Gateway::with_mock().await;
     let inst = gw.institution("Springfield").await;
     let (_, created) = gw
         .admin(Method::GET, &format!("/admin/v1/institutions/{inst}"), None)
@@ -102,15 +81,17 @@ async fn suspending_an_institution_stops_its_keys_at_once() {
         ),
         (&json!("active"), &json!(false), &json!("public_library"))
     );
-    let (_, secret) = key(&gw, &inst, json!({"name": "k", "kind": "kiosk"})).await;
+    let (_, secret) = gw
+        .create_key(&inst, json!({"name": "k", "kind": "kiosk"}))
+        .await;
     assert_eq!(chat(&gw, &secret, "mock-model").await.0, 200);
     // Frontier models wait for an operator's verification, whatever the key's ceiling.
-    let (_, frontier) = key(
-        &gw,
-        &inst,
-        json!({"name": "f", "kind": "staff", "tier_ceiling": "frontier"}),
-    )
-    .await;
+    let (_, frontier) = gw
+        .create_key(
+            &inst,
+            json!({"name": "f", "kind": "staff", "tier_ceiling": "frontier"}),
+        )
+        .await;
     let (status, err) = chat(&gw, &frontier, "frontier-model").await;
     assert_eq!(
         (status, err["error"]["code"].as_str()),
@@ -196,14 +177,14 @@ async fn suspending_an_institution_stops_its_keys_at_once() {
 
 #[tokio::test]
 async fn keys_can_be_limited_to_some_models_and_changed() {
-    let (_mock, gw) = gateway().await;
+    let (_mock, gw) = Gateway::with_mock().await;
     let inst = gw.institution("Limits").await;
-    let (id, secret) = key(
-        &gw,
-        &inst,
-        json!({"name": "k", "kind": "service", "allowed_models": ["mock-model"]}),
-    )
-    .await;
+    let (id, secret) = gw
+        .create_key(
+            &inst,
+            json!({"name": "k", "kind": "service", "allowed_models": ["mock-model"]}),
+        )
+        .await;
     assert_eq!(chat(&gw, &secret, "mock-model").await.0, 200);
     let (status, err) = chat(&gw, &secret, "renamed").await;
     assert_eq!(
@@ -286,7 +267,7 @@ async fn keys_can_be_limited_to_some_models_and_changed() {
 
 #[tokio::test]
 async fn automation_tokens_act_within_their_scopes_until_revoked() {
-    let (_mock, gw) = gateway().await;
+    let (_mock, gw) = Gateway::with_mock().await;
     let inst = gw.institution("Automated").await;
     let admin = gw
         .session("auto-admin", "institution_admin", Some(&inst))
@@ -460,7 +441,7 @@ async fn automation_tokens_act_within_their_scopes_until_revoked() {
 
 #[tokio::test]
 async fn usage_is_reported_by_day_key_and_model_as_json_and_csv() {
-    let (mock, gw) = gateway().await;
+    let (mock, gw) = Gateway::with_mock().await;
     let inst = gw.institution("Metered").await;
     let (_, site) = gw
         .admin(
@@ -470,13 +451,15 @@ async fn usage_is_reported_by_day_key_and_model_as_json_and_csv() {
         )
         .await;
     let site_id = site["id"].as_str().unwrap();
-    let (key_a, secret_a) = key(
-        &gw,
-        &inst,
-        json!({"name": "a", "kind": "kiosk", "site_id": site_id, "tier_ceiling": "advanced"}),
-    )
-    .await;
-    let (key_b, secret_b) = key(&gw, &inst, json!({"name": "b", "kind": "service"})).await;
+    let (key_a, secret_a) = gw
+        .create_key(
+            &inst,
+            json!({"name": "a", "kind": "kiosk", "site_id": site_id, "tier_ceiling": "advanced"}),
+        )
+        .await;
+    let (key_b, secret_b) = gw
+        .create_key(&inst, json!({"name": "b", "kind": "service"}))
+        .await;
     for _ in 0..2 {
         assert_eq!(chat(&gw, &secret_a, "mock-model").await.0, 200);
     }
@@ -506,12 +489,12 @@ async fn usage_is_reported_by_day_key_and_model_as_json_and_csv() {
             body: json!({"error": {"message": "context too long", "type": "invalid_request_error"}}),
         },
     );
-    let (_, frontier) = key(
-        &gw,
-        &inst,
-        json!({"name": "f", "kind": "staff", "tier_ceiling": "frontier"}),
-    )
-    .await;
+    let (_, frontier) = gw
+        .create_key(
+            &inst,
+            json!({"name": "f", "kind": "staff", "tier_ceiling": "frontier"}),
+        )
+        .await;
     gw.admin(
         Method::PATCH,
         &format!("/admin/v1/institutions/{inst}"),

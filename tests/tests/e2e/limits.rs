@@ -4,19 +4,12 @@
 //! which never let the patron's own id into the answer or the audit trail.
 
 use carrel_core::quota::Level;
-use carrel_tests::mock::MockUpstream;
-use carrel_tests::{ADMIN_TOKEN, Gateway, config_for};
+use carrel_tests::{ADMIN_TOKEN, Gateway};
 use reqwest::Method;
 use serde_json::{Value, json};
 
 /// A card number, as a library knows its patron.
 const CARD: &str = "21234000123456";
-
-async fn gateway() -> (MockUpstream, Gateway) {
-    let mock = MockUpstream::start().await;
-    let gw = Gateway::start(&config_for(&mock.base_url(), "")).await;
-    (mock, gw)
-}
 
 /// Creates a site (`what` = "sites") or a group ("groups") of `inst`; returns its id.
 async fn member(gw: &Gateway, inst: &str, what: &str, name: &str) -> String {
@@ -94,7 +87,7 @@ fn assert_report(report: &Value, level: &str, id: &str) {
 
 #[tokio::test]
 async fn limits_round_trip_and_absent_leaves_while_null_removes() {
-    let (_mock, gw) = gateway().await;
+    let (_mock, gw) = Gateway::with_mock().await;
     let inst = gw.institution("Round Trip Library").await;
     let path = format!("/admin/v1/institutions/{inst}/limits");
 
@@ -216,7 +209,7 @@ async fn limits_round_trip_and_absent_leaves_while_null_removes() {
 
 #[tokio::test]
 async fn bad_limits_are_refused_naming_the_field() {
-    let (_mock, gw) = gateway().await;
+    let (_mock, gw) = Gateway::with_mock().await;
     let inst = gw.institution("Strict Library").await;
     let path = format!("/admin/v1/institutions/{inst}/limits");
     for (bad, param) in [
@@ -282,7 +275,7 @@ async fn bad_limits_are_refused_naming_the_field() {
 
 #[tokio::test]
 async fn children_are_never_allotted_more_than_their_parent_has() {
-    let (_mock, gw) = gateway().await;
+    let (_mock, gw) = Gateway::with_mock().await;
     let inst = gw.institution("Carved Library").await;
     let inst_path = format!("/admin/v1/institutions/{inst}/limits");
     let north = member(&gw, &inst, "sites", "North").await;
@@ -348,7 +341,7 @@ async fn children_are_never_allotted_more_than_their_parent_has() {
 
 #[tokio::test]
 async fn another_institutions_levels_are_not_found() {
-    let (_mock, gw) = gateway().await;
+    let (_mock, gw) = Gateway::with_mock().await;
     let a = gw.institution("Alpha Library").await;
     let b = gw.institution("Bravo Library").await;
     let b_site = member(&gw, &b, "sites", "Bravo Branch").await;
@@ -436,7 +429,7 @@ async fn another_institutions_levels_are_not_found() {
 
 #[tokio::test]
 async fn only_admins_set_limits_and_only_operators_set_a_models() {
-    let (_mock, gw) = gateway().await;
+    let (_mock, gw) = Gateway::with_mock().await;
     let inst = gw.institution("Roles Library").await;
     let staff = gw.session("roles-staff", "staff", Some(&inst)).await;
     let auditor = gw.session("roles-auditor", "auditor", Some(&inst)).await;
@@ -498,7 +491,7 @@ async fn only_admins_set_limits_and_only_operators_set_a_models() {
 
 #[tokio::test]
 async fn staff_extend_and_reset_patrons_and_the_card_number_goes_nowhere() {
-    let (_mock, gw) = gateway().await;
+    let (_mock, gw) = Gateway::with_mock().await;
     let inst = gw.institution("Front Desk Library").await;
     let staff = gw.session("desk-staff", "staff", Some(&inst)).await;
     let auditor = gw.session("desk-auditor", "auditor", Some(&inst)).await;

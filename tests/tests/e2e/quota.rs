@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use carrel_tests::mock::{Gate, MockUpstream, Reply, StreamScript, chat_completion};
-use carrel_tests::{Gateway, config_for};
+use carrel_tests::{Gateway, config_for, error_of};
 use reqwest::Method;
 use serde_json::{Value, json};
 use tokio::sync::Barrier;
@@ -40,22 +40,6 @@ async fn institution_of(gw: &Gateway, key_id: &str) -> String {
 async fn set_limits(gw: &Gateway, path: &str, limits: Value) {
     let (status, body) = gw.admin(Method::PUT, path, Some(limits)).await;
     assert_eq!(status, 200, "{path}: {body}");
-}
-
-async fn error_of(resp: reqwest::Response) -> (u16, String, String) {
-    let status = resp.status().as_u16();
-    let body: Value = resp.json().await.unwrap();
-    (
-        status,
-        body["error"]["code"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned(),
-        body["error"]["message"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned(),
-    )
 }
 
 /// 500 requests, released 200 at a time through a barrier, against a key's 10,000-token day

@@ -6,53 +6,19 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use carrel_tests::mock::{Gate, MockUpstream, Reply, StreamScript};
-use carrel_tests::{ADMIN_TOKEN, Gateway, config_for};
+use carrel_tests::{ADMIN_TOKEN, Gateway, config_for, error_of};
 use reqwest::Method;
 use serde_json::{Value, json};
 
-async fn gateway() -> (MockUpstream, Gateway) {
-    let mock = MockUpstream::start().await;
-    let gw = Gateway::start(&config_for(&mock.base_url(), "")).await;
-    (mock, gw)
-}
-
-async fn key(gw: &Gateway, inst: &str, body: Value) -> (String, String) {
-    let (status, key) = gw
-        .admin(
-            Method::POST,
-            &format!("/admin/v1/institutions/{inst}/keys"),
-            Some(body),
-        )
-        .await;
-    assert_eq!(status, 201, "{key}");
-    (
-        key["id"].as_str().unwrap().to_owned(),
-        key["secret"].as_str().unwrap().to_owned(),
-    )
-}
-
 /// A chat request's status, error code and message.
 async fn chat(gw: &Gateway, secret: &str, model: &str) -> (u16, String, String) {
-    let resp = gw
-        .post(
-            "/v1/chat/completions",
-            secret,
-            &json!({"model": model, "messages": [{"role": "user", "content": "hi"}]}),
-        )
-        .await;
-    let status = resp.status().as_u16();
-    let body: Value = resp.json().await.unwrap_or(Value::Null);
-    (
-        status,
-        body["error"]["code"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned(),
-        body["error"]["message"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned(),
-    )
+    ask(gw, secret, model, "hi").await
+}
+
+/// Asks `model` `text`: the status, error code and message.
+async fn ask(gw: &Gateway, secret: &str, model: &str, text: &str) -> (u16, String, String) {
+    let body = json!({"model": model, "messages": [{"role": "user", "content": text}]});
+    error_of(gw.post("/v1/chat/completions", secret, &body).await).await
 }
 
 async fn code(gw: &Gateway, secret: &str, model: &str) -> (u16, String) {
@@ -80,27 +46,27 @@ fn in_a_month() -> String {
 
 #[tokio::test]
 async fn the_frontier_gate_refuses_each_way_with_its_own_code() {
-    let (_mock, gw) = gateway().await;
+    let (_mock, gw) = Gateway::with_mock().await;
     let inst = gw.institution("Gatehouse").await;
     let inst_path = format!("/admin/v1/institutions/{inst}");
-    let (_, staff) = key(
-        &gw,
-        &inst,
-        json!({"name": "s", "kind": "staff", "tier_ceiling": "frontier"}),
-    )
-    .await;
-    let (service_id, service) = key(
-        &gw,
-        &inst,
-        json!({"name": "app", "kind": "service", "tier_ceiling": "frontier"}),
-    )
-    .await;
-    let (kiosk_id, kiosk) = key(
-        &gw,
-        &inst,
-        json!({"name": "k", "kind": "kiosk", "tier_ceiling": "frontier"}),
-    )
-    .await;
+    let (_, staff) = gw
+        .create_key(
+            &inst,
+            json!({"name": "s", "kind": "staff", "tier_ceiling": "frontier"}),
+        )
+        .await;
+    let (service_id, service) = gw
+        .create_key(
+            &inst,
+            json!({"name": "app", "kind": "service", "tier_ceiling": "frontier"}),
+        )
+        .await;
+    let (kiosk_id, kiosk) = gw
+        .create_key(
+            &inst,
+            json!({"name": "k", "kind": "kiosk", "tier_ceiling": "frontier"}),
+        )
+        .await;
 
     // Not verified by an operator: no frontier model, whoever asks.
     assert_eq!(
@@ -194,7 +160,9 @@ async fn the_frontier_gate_refuses_each_way_with_its_own_code() {
     assert!(message.contains("kiosk"), "{message}");
 
     // Ceilings: the key's own (default advanced)...
-    let (_, plain) = key(&gw, &inst, json!({"name": "p", "kind": "staff"})).await;
+    let (_, plain) = gw
+        .create_key(&inst, json!({"name": "p", "kind": "staff"}))
+        .await;
     let (_, _, message) = chat(&gw, &plain, "frontier-model").await;
     assert!(message.contains("this key's tier ceiling"), "{message}");
     // ...its group's...
@@ -206,13 +174,13 @@ async fn the_frontier_gate_refuses_each_way_with_its_own_code() {
         )
         .await;
     assert_eq!((status, &group["tier_ceiling"]), (201, &json!("baseline")));
-    let (_, grouped) = key(
-        &gw,
-        &inst,
-        json!({"name": "g", "kind": "staff", "tier_ceiling": "frontier",
+    let (_, grouped) = gw
+        .create_key(
+            &inst,
+            json!({"name": "g", "kind": "staff", "tier_ceiling": "frontier",
                "group_id": group["id"]}),
-    )
-    .await;
+        )
+        .await;
     let (status, code_of, message) = chat(&gw, &grouped, "renamed").await;
     assert_eq!((status, code_of.as_str()), (403, "tier_not_allowed"));
     assert!(message.contains("group"), "{message}");
@@ -251,7 +219,7 @@ async fn the_frontier_gate_refuses_each_way_with_its_own_code() {
 
 #[tokio::test]
 async fn a_minor_stays_at_baseline_and_no_patron_session_reaches_frontier() {
-    let (_mock, gw) = gateway().await;
+    let (_mock, gw) = Gateway::with_mock().await;
     let inst = gw.institution("Riverside").await;
     let inst_path = format!("/admin/v1/institutions/{inst}");
     patch(&gw, &inst_path, json!({"frontier_verified": true})).await;
@@ -273,12 +241,12 @@ async fn a_minor_stays_at_baseline_and_no_patron_session_reaches_frontier() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
-    let (_, kiosk) = key(
-        &gw,
-        &inst,
-        json!({"name": "Kiosk", "kind": "kiosk", "tier_ceiling": "frontier"}),
-    )
-    .await;
+    let (_, kiosk) = gw
+        .create_key(
+            &inst,
+            json!({"name": "Kiosk", "kind": "kiosk", "tier_ceiling": "frontier"}),
+        )
+        .await;
     let sign_in = |card: &'static str, pin: &'static str| {
         let http = gw.http.clone();
         let url = gw.url("/v1/patron/sessions");
@@ -346,10 +314,14 @@ async fn rest_of(resp: &mut reqwest::Response) -> String {
 
 #[tokio::test]
 async fn containment_stops_new_requests_and_streams_in_flight() {
-    let (mock, gw) = gateway().await;
+    let (mock, gw) = Gateway::with_mock().await;
     let inst = gw.institution("Contained").await;
-    let (key_id, secret) = key(&gw, &inst, json!({"name": "k", "kind": "service"})).await;
-    let (_, other) = key(&gw, &inst, json!({"name": "o", "kind": "service"})).await;
+    let (key_id, secret) = gw
+        .create_key(&inst, json!({"name": "k", "kind": "service"}))
+        .await;
+    let (_, other) = gw
+        .create_key(&inst, json!({"name": "o", "kind": "service"}))
+        .await;
 
     // A stream is in flight, held by the provider after its first chunk.
     let gate = Gate::new();
@@ -542,26 +514,7 @@ async fn incidents(gw: &Gateway, inst: &str, n: usize) -> Vec<Value> {
 }
 
 async fn say(gw: &Gateway, secret: &str, text: &str) -> (u16, String, String) {
-    let resp = gw
-        .post(
-            "/v1/chat/completions",
-            secret,
-            &json!({"model": "mock-model", "messages": [{"role": "user", "content": text}]}),
-        )
-        .await;
-    let status = resp.status().as_u16();
-    let body: Value = resp.json().await.unwrap_or(Value::Null);
-    (
-        status,
-        body["error"]["code"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned(),
-        body["error"]["message"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned(),
-    )
+    ask(gw, secret, "mock-model", text).await
 }
 
 #[tokio::test]
@@ -569,7 +522,9 @@ async fn obfuscated_variants_are_blocked_and_incidents_keep_no_text_unless_opted
     let mock = MockUpstream::start().await;
     let gw = Gateway::start(&config_for(&mock.base_url(), RULES)).await;
     let inst = gw.institution("Screened").await;
-    let (_, secret) = key(&gw, &inst, json!({"name": "k", "kind": "service"})).await;
+    let (_, secret) = gw
+        .create_key(&inst, json!({"name": "k", "kind": "service"}))
+        .await;
     let hook = format!("{}/incident-hook", mock.base_url());
     let (status, body) = gw
         .admin(
@@ -755,7 +710,9 @@ async fn a_minor_s_answers_are_screened_whole_and_while_streaming() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
-    let (_, kiosk) = key(&gw, &inst, json!({"name": "Kiosk", "kind": "kiosk"})).await;
+    let (_, kiosk) = gw
+        .create_key(&inst, json!({"name": "Kiosk", "kind": "kiosk"}))
+        .await;
     let session = |card: &'static str, pin: &'static str| {
         let (http, url, kiosk) = (
             gw.http.clone(),
@@ -866,7 +823,7 @@ fn schema_accepts(schema: &Path, report: &Value) -> bool {
 
 #[tokio::test]
 async fn incident_reports_are_checked_against_the_published_schema_and_exported() {
-    let (_mock, gw) = gateway().await;
+    let (_mock, gw) = Gateway::with_mock().await;
     let inst = gw.institution("Reporting").await;
     let resp = gw
         .http
@@ -1021,7 +978,7 @@ async fn the_moderation_hook_blocks_what_it_flags_and_frontier_fails_closed_with
 
 #[tokio::test]
 async fn frontier_models_get_a_tenth_of_the_key_s_rate() {
-    let (_mock, gw) = gateway().await;
+    let (_mock, gw) = Gateway::with_mock().await;
     let inst = gw.institution("Rates").await;
     patch(
         &gw,
@@ -1029,12 +986,12 @@ async fn frontier_models_get_a_tenth_of_the_key_s_rate() {
         json!({"frontier_verified": true}),
     )
     .await;
-    let (key_id, staff) = key(
-        &gw,
-        &inst,
-        json!({"name": "s", "kind": "staff", "tier_ceiling": "frontier"}),
-    )
-    .await;
+    let (key_id, staff) = gw
+        .create_key(
+            &inst,
+            json!({"name": "s", "kind": "staff", "tier_ceiling": "frontier"}),
+        )
+        .await;
     let (status, _) = gw
         .admin(
             Method::PUT,
@@ -1087,28 +1044,7 @@ async fn frontier_answers_are_checked_by_the_moderation_hook_too() {
         "omni-moderation-latest",
         Reply::sequence(vec![verdict(false), verdict(true)]),
     );
-    let (status, code_of, message) = {
-        let resp = gw
-            .post(
-                "/v1/chat/completions",
-                &key,
-                &json!({"model": "frontier-model", "messages": [{"role": "user", "content": "hi"}]}),
-            )
-            .await;
-        let status = resp.status().as_u16();
-        let body: Value = resp.json().await.unwrap();
-        (
-            status,
-            body["error"]["code"]
-                .as_str()
-                .unwrap_or_default()
-                .to_owned(),
-            body["error"]["message"]
-                .as_str()
-                .unwrap_or_default()
-                .to_owned(),
-        )
-    };
+    let (status, code_of, message) = chat(&gw, &key, "frontier-model").await;
     assert_eq!((status, code_of.as_str()), (400, "content_blocked"));
     assert!(message.contains("moderation:self-harm"), "{message}");
     // Both pass: the answer arrives.
