@@ -85,6 +85,19 @@ async fn error_code(resp: reqwest::Response) -> (u16, String) {
     )
 }
 
+/// A guest code of `tokens` for the day, made with the admin API.
+async fn guest_code(gw: &Gateway, inst: &str, tokens: u64) -> String {
+    let (status, passes) = gw
+        .admin(
+            Method::POST,
+            &format!("/admin/v1/institutions/{inst}/guest-passes"),
+            Some(json!({"tokens": tokens})),
+        )
+        .await;
+    assert_eq!(status, 201, "{passes}");
+    passes["data"][0]["code"].as_str().unwrap().to_owned()
+}
+
 async fn sign_in(
     http: &reqwest::Client,
     base: &str,
@@ -434,13 +447,8 @@ async fn local_lists_and_guest_passes_sign_patrons_in() {
         )
         .await;
     let (_, kiosk) = gw
-        .admin(
-            Method::POST,
-            &format!("/admin/v1/institutions/{inst}/keys"),
-            Some(json!({"name": "Kiosk", "kind": "kiosk"})),
-        )
+        .create_key(&inst, json!({"name": "Kiosk", "kind": "kiosk"}))
         .await;
-    let kiosk = kiosk["secret"].as_str().unwrap().to_owned();
     let base = gw.url("");
     let base = base.trim_end_matches('/');
 
@@ -471,15 +479,7 @@ async fn local_lists_and_guest_passes_sign_patrons_in() {
 
     // Staff make a guest pass; the guest signs in on the same kiosk, which ends the patron's
     // session there.
-    let (status, passes) = gw
-        .admin(
-            Method::POST,
-            &format!("/admin/v1/institutions/{inst}/guest-passes"),
-            Some(json!({"tokens": 150})),
-        )
-        .await;
-    assert_eq!(status, 201, "{passes}");
-    let code = passes["data"][0]["code"].as_str().unwrap().to_owned();
+    let code = guest_code(&gw, &inst, 150).await;
     let (_, listed) = gw
         .admin(
             Method::GET,
@@ -611,13 +611,8 @@ async fn school_id_tokens_are_verified_against_the_issuer() {
         .await;
     assert_eq!(status, 200, "{body}");
     let (_, kiosk) = gw
-        .admin(
-            Method::POST,
-            &format!("/admin/v1/institutions/{inst}/keys"),
-            Some(json!({"name": "class app", "kind": "kiosk"})),
-        )
+        .create_key(&inst, json!({"name": "class app", "kind": "kiosk"}))
         .await;
-    let kiosk = kiosk["secret"].as_str().unwrap().to_owned();
     let base = gw.url("");
     let base = base.trim_end_matches('/').to_owned();
 
@@ -755,13 +750,8 @@ async fn the_kiosk_page_works_in_a_real_browser() {
         .unwrap();
     assert_eq!(resp.status(), 200);
     let (_, kiosk) = gw
-        .admin(
-            Method::POST,
-            &format!("/admin/v1/institutions/{inst}/keys"),
-            Some(json!({"name": "Kiosk", "kind": "kiosk"})),
-        )
+        .create_key(&inst, json!({"name": "Kiosk", "kind": "kiosk"}))
         .await;
-    let kiosk = kiosk["secret"].as_str().unwrap().to_owned();
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/browser");
     let out = Command::new("node")
         .arg("kiosk.test.mjs")
@@ -848,15 +838,7 @@ async fn a_session_ends_at_its_absolute_end() {
     })
     .await;
     let inst = gw.institution("Capped").await;
-    let (status, passes) = gw
-        .admin(
-            Method::POST,
-            &format!("/admin/v1/institutions/{inst}/guest-passes"),
-            Some(json!({"tokens": 100})),
-        )
-        .await;
-    assert_eq!(status, 201, "{passes}");
-    let code = passes["data"][0]["code"].as_str().unwrap().to_owned();
+    let code = guest_code(&gw, &inst, 100).await;
     let (_, kiosk) = gw
         .admin(
             Method::POST,
