@@ -12,6 +12,13 @@
 //!   stream to its view of the ledger, so reports count the usage of every replica. While
 //!   Redis is away, batches go to a local fsynced journal and are appended, in order and
 //!   exactly once, when it is back.
+//! - **Patrons in the usage stream.** The stream keeps records for
+//!   `usage.record_retention_days`, but a record may name its patron only for the
+//!   institution's window (24 hours by default, at most 7 days; see [`super::retention`]).
+//!   So the entry holds the records without patrons, and the patron references go to keys
+//!   of their own, `{P}:usage-patrons:<batch id>:<n>`, which Redis deletes when the window of
+//!   the records in them ends. A replica applying the entry joins what is still there; a
+//!   replica that reads it later (one rebuilding its view) gets the records anonymous.
 //! - **Events.** Applying an entry proposed elsewhere tells this replica's data plane what
 //!   changed ([`StoreEvent`]): a revoked key is dropped from its cache within milliseconds.
 //!   A stream rather than `PUBLISH`: pub/sub drops what is sent while a subscriber reconnects,
@@ -52,14 +59,24 @@ const SEEN_TTL_SECS: u64 = 30 * 86_400;
 /// Pause before reconnecting after Redis failed.
 const RETRY: Duration = Duration::from_millis(200);
 
-/// Adds a usage batch to the stream unless its id was seen. KEYS: stream, seen-key;
-/// ARGV: batch, ttl. Returns the entry id, or false for a batch already added.
+/// Adds a usage batch to the stream unless its id was seen, with its patron parts. KEYS:
+/// stream, seen-key, then one key per part; ARGV: batch, ttl, the entry's `p` field, then per
+/// part its value and its expiry (Unix seconds). Returns the entry id, or false for a batch
+/// already added.
 const APPEND_USAGE: &str = r"
 if redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[2]) then
-  return redis.call('XADD', KEYS[1], '*', 'b', ARGV[1])
+  if #KEYS == 2 then
+    return redis.call('XADD', KEYS[1], '*', 'b', ARGV[1])
+  end
+  for i = 3, #KEYS do
+    redis.call('SET', KEYS[i], ARGV[2 * i - 2], 'EXAT', ARGV[2 * i - 1])
+  end
+  return redis.call('XADD', KEYS[1], '*', 'b', ARGV[1], 'p', ARGV[3])
 end
 return false
 ";
+/// How long this replica uses the institutions' windows it read before reading them again.
+const WINDOWS_FOR: Duration = Duration::from_secs(60);
 
 /// Where the Redis backend finds Redis, and what it names its keys.
 #[derive(Debug, Clone)]
@@ -86,6 +103,7 @@ struct Keys {
     usage: String,
     epoch: String,
     seen: String,
+    patrons: String,
 }
 
 impl Keys {
@@ -97,7 +115,13 @@ impl Keys {
             usage: format!("{tag}:usage"),
             epoch: format!("{tag}:epoch"),
             seen: format!("{tag}:usage-seen:"),
+            patrons: format!("{tag}:usage-patrons:"),
         }
+    }
+
+    /// The key of a batch's `n`th patron part.
+    fn patron_part(&self, batch: &str, n: usize) -> String {
+        format!("{}{batch}:{n}", self.patrons)
     }
 }
 
@@ -157,6 +181,8 @@ pub(crate) struct Replica {
     /// The ledger writer's connection and journal (only that thread writes usage).
     writer: Mutex<UsageWriter>,
     append_usage: redis::Script,
+    /// Each institution's patron window in seconds, as last read from the view, and when.
+    windows: Mutex<(Option<std::time::Instant>, Windows)>,
     pub(crate) counters: ReplicaCounters,
 }
 
@@ -231,6 +257,7 @@ impl Store {
                 quiet_until: None,
             }),
             append_usage: redis::Script::new(APPEND_USAGE),
+            windows: Mutex::default(),
             counters: ReplicaCounters::default(),
             keys,
         });
@@ -394,27 +421,59 @@ impl Replica {
         let Some(reply) = reply else { return Ok(0) };
         let mut control = Vec::new();
         let mut usage = Vec::new();
+        let mut part_keys = Vec::new();
         for key in reply.keys {
             for entry in key.ids {
                 let at = Pos::parse(&entry.id)
                     .ok_or_else(|| StoreError::Corrupt(format!("stream id {}", entry.id)))?;
                 let field = if key.key == self.keys.log { "e" } else { "b" };
-                let body = match entry.map.get(field) {
-                    Some(redis::Value::BulkString(b)) => b.clone(),
-                    _ => {
-                        return Err(StoreError::Corrupt(format!(
-                            "{} entry {} has no field {field}",
-                            key.key, entry.id
-                        )));
-                    }
+                let bytes = |field: &str| match entry.map.get(field) {
+                    Some(redis::Value::BulkString(b)) => Some(b.clone()),
+                    _ => None,
                 };
+                let body = bytes(field).ok_or_else(|| {
+                    StoreError::Corrupt(format!(
+                        "{} entry {} has no field {field}",
+                        key.key, entry.id
+                    ))
+                })?;
                 if key.key == self.keys.log {
                     control.push((at, body));
-                } else {
-                    usage.push((at, body));
+                    continue;
                 }
+                // `p`: "<batch id> <parts>", when the batch named patrons.
+                let parts = bytes("p")
+                    .and_then(|p| {
+                        let p = String::from_utf8(p).ok()?;
+                        let (batch, n) = p.split_once(' ')?;
+                        Some((batch.to_owned(), n.parse::<usize>().ok()?))
+                    })
+                    .map_or(0..0, |(batch, n)| {
+                        let from = part_keys.len();
+                        part_keys.extend((0..n).map(|i| self.keys.patron_part(&batch, i)));
+                        from..part_keys.len()
+                    });
+                usage.push((at, body, parts));
             }
         }
+        // What is left of the patron parts: those past their window are gone.
+        let found: Vec<Option<Vec<u8>>> = if part_keys.is_empty() {
+            Vec::new()
+        } else {
+            let mut mget = redis::cmd("MGET");
+            mget.arg(&part_keys);
+            tokio::time::timeout(LOG_TIMEOUT, mget.query_async(reader))
+                .await
+                .map_err(|_| unavailable("redis", "no answer to MGET"))?
+                .map_err(|e| unavailable("redis", e))?
+        };
+        let usage: Vec<(Pos, Vec<u8>, Vec<Vec<u8>>)> = usage
+            .into_iter()
+            .map(|(at, body, parts)| {
+                let found = parts.filter_map(|i| found.get(i).cloned().flatten());
+                (at, body, found.collect())
+            })
+            .collect();
         let n = control.len() + usage.len();
         let start = *pos;
         let (done, end) = store
@@ -481,12 +540,13 @@ impl Replica {
     pub(crate) fn publish_usage(&self, records: &[UsageRecord]) -> Result<usize, StoreError> {
         let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         self.drain_journal(&mut w);
-        let batch = encode_batch(records);
         let id = crate::ids::random_bytes::<16>();
-        if w.journal.is_empty() && self.append(&mut w, &id, &batch).is_ok() {
+        if w.journal.is_empty() && self.append(&mut w, &id, records).is_ok() {
             return Ok(records.len());
         }
-        w.journal.append(&id, &batch)?;
+        // The journal is this replica's own disk, emptied when Redis takes the batches; the
+        // patron parts are made when they are sent, so a window that ended meanwhile holds.
+        w.journal.append(&id, &encode_batch(records))?;
         self.counters.journaled.fetch_add(1, Ordering::Relaxed);
         Ok(records.len())
     }
@@ -514,7 +574,14 @@ impl Replica {
         };
         let total = frames.len();
         for (i, (id, batch)) in frames.iter().enumerate() {
-            if let Err(e) = self.append(w, id, batch) {
+            let records = match decode_batch(batch) {
+                Ok(records) => records,
+                Err(e) => {
+                    tracing::error!(error = %e, "a usage journal frame with a valid checksum does not decode");
+                    return;
+                }
+            };
+            if let Err(e) = self.append(w, id, &records) {
                 tracing::warn!(error = %e, left = total - i, "Redis is still away; usage stays journaled");
                 return;
             }
@@ -532,11 +599,16 @@ impl Replica {
     }
 
     /// Appends one batch, once per id.
-    fn append(&self, w: &mut UsageWriter, id: &[u8; 16], batch: &[u8]) -> Result<(), StoreError> {
+    fn append(
+        &self,
+        w: &mut UsageWriter,
+        id: &[u8; 16],
+        records: &[UsageRecord],
+    ) -> Result<(), StoreError> {
         if w.quiet_until.is_some_and(|t| std::time::Instant::now() < t) {
             return Err(StoreError::Unavailable("redis failed moments ago".into()));
         }
-        let result = self.try_append(w, id, batch);
+        let result = self.try_append(w, id, records);
         if result.is_err() {
             w.conn = None;
             w.quiet_until = Some(std::time::Instant::now() + LEDGER_QUIET);
@@ -548,7 +620,7 @@ impl Replica {
         &self,
         w: &mut UsageWriter,
         id: &[u8; 16],
-        batch: &[u8],
+        records: &[UsageRecord],
     ) -> Result<(), StoreError> {
         if w.conn.is_none() {
             let conn = self
@@ -561,14 +633,22 @@ impl Replica {
             w.conn = Some(conn);
         }
         let conn = w.conn.as_mut().expect("connected above");
-        let seen = format!("{}{}", self.keys.seen, hex::encode(id));
-        let added: Result<Option<String>, _> = self
-            .append_usage
-            .key(&self.keys.usage)
-            .key(seen)
+        let batch_id = hex::encode(id);
+        let windows = Arc::clone(&self.windows.lock().unwrap_or_else(|p| p.into_inner()).1);
+        let (batch, parts) = split_patrons(records, &windows, crate::domain::unix_now());
+        let mut script = self.append_usage.key(&self.keys.usage);
+        script
+            .key(format!("{}{batch_id}", self.keys.seen))
             .arg(batch)
             .arg(SEEN_TTL_SECS)
-            .invoke(conn);
+            .arg(format!("{batch_id} {}", parts.len()));
+        for (n, (expires_at, part)) in parts.into_iter().enumerate() {
+            script
+                .key(self.keys.patron_part(&batch_id, n))
+                .arg(part)
+                .arg(expires_at);
+        }
+        let added: Result<Option<String>, _> = script.invoke(conn);
         match added {
             Ok(Some(entry)) => {
                 if let Some(p) = Pos::parse(&entry) {
@@ -603,6 +683,79 @@ impl Replica {
             .map(drop)
             .map_err(|e| unavailable("redis", e))
     }
+}
+
+impl Replica {
+    /// Whether the institutions' windows are due to be read again.
+    pub(crate) fn windows_stale(&self) -> bool {
+        let w = self.windows.lock().unwrap_or_else(|p| p.into_inner());
+        w.0.is_none_or(|read| read.elapsed() >= WINDOWS_FOR)
+    }
+
+    /// The institutions' windows, as just read from the view.
+    pub(crate) fn set_windows(&self, windows: HashMap<String, i64>) {
+        *self.windows.lock().unwrap_or_else(|p| p.into_inner()) =
+            (Some(std::time::Instant::now()), Arc::new(windows));
+    }
+}
+
+/// Each institution's patron window, in seconds.
+type Windows = Arc<HashMap<String, i64>>;
+
+/// A patron part: (index of the record in its batch, patron reference) pairs, as JSON.
+type PatronRefs<'a> = Vec<(usize, &'a str)>;
+
+/// Splits a batch for the shared stream: the records without their patrons, and the patron
+/// references grouped by when their window ends (`windows`: seconds by institution; the
+/// default for one not known yet). A reference whose window has already ended (a batch sent
+/// late from the journal) is dropped.
+fn split_patrons(
+    records: &[UsageRecord],
+    windows: &HashMap<String, i64>,
+    now: i64,
+) -> (Vec<u8>, Vec<(i64, Vec<u8>)>) {
+    if records.iter().all(|r| r.patron_ref.is_none()) {
+        return (encode_batch(records), Vec::new());
+    }
+    let mut parts: std::collections::BTreeMap<i64, PatronRefs<'_>> = Default::default();
+    for (i, r) in records.iter().enumerate() {
+        let Some(patron) = &r.patron_ref else {
+            continue;
+        };
+        let window = windows
+            .get(&*r.institution_id)
+            .copied()
+            .unwrap_or(super::retention::DEFAULT_WINDOW);
+        let ends = r.at.saturating_add(window);
+        if ends > now {
+            parts.entry(ends).or_default().push((i, patron));
+        }
+    }
+    let anonymous: Vec<UsageRecord> = records
+        .iter()
+        .map(|r| UsageRecord {
+            patron_ref: None,
+            ..r.clone()
+        })
+        .collect();
+    let parts = parts
+        .into_iter()
+        .map(|(ends, refs)| (ends, serde_json::to_vec(&refs).expect("pairs serialise")))
+        .collect();
+    (encode_batch(&anonymous), parts)
+}
+
+/// Puts the references of one patron part back into the records of its batch.
+fn join_patrons(records: &mut [UsageRecord], part: &[u8]) -> Result<(), StoreError> {
+    let refs: Vec<(usize, String)> = serde_json::from_slice(part)
+        .map_err(|e| StoreError::Corrupt(format!("usage patron part: {e}")))?;
+    for (i, patron) in refs {
+        let record = records
+            .get_mut(i)
+            .ok_or_else(|| StoreError::Corrupt(format!("usage patron part: no record {i}")))?;
+        record.patron_ref = Some(patron.into());
+    }
+    Ok(())
 }
 
 /// How long the ledger writer waits for Redis before it journals a batch.
@@ -689,7 +842,7 @@ fn apply_entries(
     c: &mut Connection,
     start: (Pos, Pos),
     control: Vec<(Pos, Vec<u8>)>,
-    usage: Vec<(Pos, Vec<u8>)>,
+    usage: Vec<(Pos, Vec<u8>, Vec<Vec<u8>>)>,
 ) -> Result<Applied, StoreError> {
     let mut pos = start;
     let mut done = Vec::with_capacity(control.len());
@@ -722,9 +875,13 @@ fn apply_entries(
             };
             done.push((entry, outcome));
         }
-        for (at, body) in usage {
+        for (at, body, parts) in usage {
             pos.1 = at;
-            insert_usage(c, &decode_batch(&body)?)?;
+            let mut records = decode_batch(&body)?;
+            for part in &parts {
+                join_patrons(&mut records, part)?;
+            }
+            insert_usage(c, &records)?;
         }
         c.execute(
             "UPDATE replica_position SET control = ?1, usage = ?2 WHERE id = 1",
@@ -835,19 +992,150 @@ mod tests {
             prompt_tokens: 3,
             ..UsageRecord::default()
         };
-        let batch = encode_batch(std::slice::from_ref(&record));
         let r = a.replica.as_ref().unwrap();
         {
             let mut w = r.writer.lock().unwrap();
-            r.append(&mut w, &[7; 16], &batch).unwrap();
+            r.append(&mut w, &[7; 16], std::slice::from_ref(&record))
+                .unwrap();
             // As a journal replay would after a reply lost on the way back.
-            r.append(&mut w, &[7; 16], &batch).unwrap();
+            r.append(&mut w, &[7; 16], std::slice::from_ref(&record))
+                .unwrap();
         }
         for s in [&a, &b] {
             s.catch_up().await.unwrap();
             let seen = s.usage_records("inst_x", 10).await.unwrap();
             assert_eq!(seen, vec![record.clone()]);
         }
+    }
+
+    /// Item 8 of issue 7 on the Redis backend: the shared stream keeps usage for 90 days, but
+    /// names a patron only for the institution's window.
+    #[tokio::test]
+    async fn the_usage_stream_names_patrons_only_for_their_institution_s_window() {
+        let prefix = prefix("patron-window");
+        let a = test_replica(&prefix).await;
+        let inst = a.create_institution(library()).await.unwrap();
+        a.update_institution(
+            &inst.id,
+            crate::store::InstitutionPatch {
+                patron_retention_hours: Some(1),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        let now = crate::domain::unix_now();
+        let record = |id: &str, at: i64, patron: Option<&str>| UsageRecord {
+            request_id: id.into(),
+            at,
+            institution_id: inst.id.as_str().into(),
+            day: "2026-11-27".into(),
+            patron_ref: patron.map(Arc::from),
+            prompt_tokens: 5,
+            ..UsageRecord::default()
+        };
+        a.record_usage(vec![
+            record("req_1", now, Some("pat_recent")),
+            // Sent late (from the journal, say): its hour has passed.
+            record("req_2", now - 7200, Some("pat_earlier")),
+            record("req_3", now, None),
+        ])
+        .await
+        .unwrap();
+
+        // What Redis holds: no patron in the stream, one part that ends with the window.
+        let mut raw = redis::Client::open(crate::store::tests::test_redis_url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let keys = Keys::new(&prefix);
+        let stream: redis::streams::StreamRangeReply = raw.xrange_all(&keys.usage).await.unwrap();
+        assert_eq!(stream.ids.len(), 1);
+        let redis::Value::BulkString(batch) = &stream.ids[0].map["b"] else {
+            panic!("no batch in {:?}", stream.ids[0]);
+        };
+        assert!(
+            decode_batch(batch)
+                .unwrap()
+                .iter()
+                .all(|r| r.patron_ref.is_none())
+        );
+        let parts: Vec<String> = raw.keys(format!("{}*", keys.patrons)).await.unwrap();
+        assert_eq!(parts.len(), 1, "{parts:?}");
+        let expires: i64 = redis::cmd("EXPIRETIME")
+            .arg(&parts[0])
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+        assert_eq!(expires, now + 3600);
+
+        let patrons = |store: Store| {
+            let inst = inst.id.clone();
+            async move {
+                store.catch_up().await.unwrap();
+                let records = store.usage_records(&inst, 10).await.unwrap();
+                assert_eq!(records.iter().map(|r| r.prompt_tokens).sum::<u64>(), 15);
+                records
+                    .into_iter()
+                    .map(|r| r.patron_ref.map(|p| p.to_string()))
+                    .collect::<Vec<_>>()
+            }
+        };
+        let named = vec![Some("pat_recent".to_owned()), None, None];
+        // The writer's view, and the view of a replica that starts within the window.
+        assert_eq!(patrons(a.clone()).await, named);
+        assert_eq!(patrons(test_replica(&prefix).await).await, named);
+        // Once Redis has let the part go (done here as its expiry would), a replica that
+        // builds its view reads the usage without patrons.
+        let _: () = raw.del(&parts[0]).await.unwrap();
+        assert_eq!(
+            patrons(test_replica(&prefix).await).await,
+            vec![None, None, None]
+        );
+    }
+
+    #[test]
+    fn patron_parts_join_back_into_their_batch() {
+        let record = |at: i64, inst: &str, patron: Option<&str>| UsageRecord {
+            at,
+            institution_id: inst.into(),
+            patron_ref: patron.map(Arc::from),
+            ..UsageRecord::default()
+        };
+        let records = vec![
+            record(100, "short", Some("p1")),
+            record(100, "short", None),
+            record(100, "long", Some("p2")),
+            record(101, "short", Some("p3")),
+            record(10, "short", Some("gone")),
+        ];
+        let windows = HashMap::from([("short".to_owned(), 3600), ("long".to_owned(), 7200)]);
+        let (batch, parts) = split_patrons(&records, &windows, 3650);
+        let ends: Vec<i64> = parts.iter().map(|(t, _)| *t).collect();
+        assert_eq!(ends, [3700, 3701, 7300]);
+        let mut back = decode_batch(&batch).unwrap();
+        assert!(back.iter().all(|r| r.patron_ref.is_none()));
+        for (_, part) in &parts {
+            join_patrons(&mut back, part).unwrap();
+        }
+        let want: Vec<_> = records
+            .iter()
+            .map(|r| r.patron_ref.clone().filter(|p| &**p != "gone"))
+            .collect();
+        assert_eq!(
+            back.iter()
+                .map(|r| r.patron_ref.clone())
+                .collect::<Vec<_>>(),
+            want
+        );
+        assert!(join_patrons(&mut back, br#"[[9,"x"]]"#).is_err());
+        // No patrons: the batch as it is, no parts.
+        let plain = vec![record(1, "short", None)];
+        assert_eq!(
+            split_patrons(&plain, &windows, 0),
+            (encode_batch(&plain), Vec::new())
+        );
     }
 
     #[test]
@@ -877,7 +1165,7 @@ mod tests {
     #[test]
     fn every_key_shares_one_hash_tag() {
         let k = Keys::new("t1");
-        for key in [&k.log, &k.usage, &k.epoch, &k.seen] {
+        for key in [&k.log, &k.usage, &k.epoch, &k.seen, &k.patrons] {
             assert!(key.starts_with("{t1}:"), "{key}");
         }
     }

@@ -3,10 +3,14 @@
 //! it the reference is removed from the record, which stays, anonymous, for the institution's
 //! reports. Patrons' daily sums (what their daily allotment counts) are rolled into a count of
 //! patrons per institution and day, and deleted, once their day is over everywhere.
+//!
+//! This pass keeps each replica's view to the window. On the Redis backend the shared usage
+//! stream never holds a patron reference: they travel beside it in keys that Redis deletes
+//! when the window ends ([`super::replica`]).
 
 use std::collections::HashMap;
 
-use rusqlite::params;
+use rusqlite::{Connection, params};
 
 use super::usage::{decode_batch, encode_batch};
 use super::{Store, StoreError};
@@ -29,6 +33,16 @@ pub const DEFAULT_PATRON_RETENTION_HOURS: u32 = 24;
 /// The longest window an institution may set, in hours (7 days).
 pub const MAX_PATRON_RETENTION_HOURS: u32 = 7 * 24;
 
+/// The default window, in seconds.
+pub(super) const DEFAULT_WINDOW: i64 = DEFAULT_PATRON_RETENTION_HOURS as i64 * 3600;
+
+/// Each institution's window, in seconds.
+pub(super) fn windows(c: &Connection) -> Result<HashMap<String, i64>, StoreError> {
+    let mut stmt = c.prepare_cached("SELECT id, patron_retention_hours FROM institutions")?;
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? * 3600)))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
 /// What one pass of [`Store::forget_patrons_blocking`] did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Forgotten {
@@ -45,13 +59,13 @@ impl Store {
     pub fn forget_patrons_blocking(&self, now: i64) -> Result<Forgotten, StoreError> {
         self.blocking(move |c| {
             let tx = c.transaction()?;
-            let windows: HashMap<String, i64> = {
-                let mut stmt =
-                    tx.prepare_cached("SELECT id, patron_retention_hours FROM institutions")?;
-                let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)?)))?;
-                rows.collect::<Result<_, _>>()?
-            };
-            let shortest = windows.values().copied().min().unwrap_or(24).max(1) * 3600;
+            let windows = windows(&tx)?;
+            let shortest = windows
+                .values()
+                .copied()
+                .min()
+                .unwrap_or(DEFAULT_WINDOW)
+                .max(3600);
             let longest = i64::from(MAX_PATRON_RETENTION_HOURS) * 3600;
             let mut done = Forgotten::default();
             let batches: Vec<(i64, i64, Vec<u8>)> = {
@@ -71,8 +85,11 @@ impl Store {
                     if r.patron_ref.is_none() {
                         continue;
                     }
-                    let hours = windows.get(&*r.institution_id).copied().unwrap_or(24);
-                    if r.at < now - hours * 3600 {
+                    let window = windows
+                        .get(&*r.institution_id)
+                        .copied()
+                        .unwrap_or(DEFAULT_WINDOW);
+                    if r.at < now - window {
                         r.patron_ref = None;
                         changed += 1;
                     } else {

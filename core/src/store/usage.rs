@@ -154,7 +154,16 @@ impl Store {
     pub fn record_usage_blocking(&self, records: &[UsageRecord]) -> Result<usize, StoreError> {
         match &self.replica {
             None => self.blocking(|c| insert_usage(c, records)),
-            Some(r) => r.publish_usage(records),
+            Some(r) => {
+                if r.windows_stale() {
+                    // On failure the windows read before stay in use.
+                    match self.blocking(|c| super::retention::windows(c)) {
+                        Ok(windows) => r.set_windows(windows),
+                        Err(e) => tracing::warn!(error = %e, "could not read the patron windows"),
+                    }
+                }
+                r.publish_usage(records)
+            }
         }
     }
 
