@@ -155,14 +155,20 @@ impl Store {
         match &self.replica {
             None => self.blocking(|c| insert_usage(c, records)),
             Some(r) => {
-                if r.windows_stale() {
-                    // On failure the windows read before stay in use.
-                    match self.blocking(|c| super::retention::windows(c)) {
-                        Ok(windows) => r.set_windows(windows),
-                        Err(e) => tracing::warn!(error = %e, "could not read the patron windows"),
-                    }
-                }
+                self.refresh_patron_windows(r);
                 r.publish_usage(records)
+            }
+        }
+    }
+
+    /// Gives the replica the institutions' patron windows, which decide how long Redis keeps
+    /// the patron references of what it sends, unless it read them within the last minute.
+    /// On failure the windows read before stay in use.
+    fn refresh_patron_windows(&self, r: &super::replica::Replica) {
+        if r.windows_stale() {
+            match self.blocking(|c| super::retention::windows(c)) {
+                Ok(windows) => r.set_windows(windows),
+                Err(e) => tracing::warn!(error = %e, "could not read the patron windows"),
             }
         }
     }
@@ -172,6 +178,7 @@ impl Store {
     /// flush); nothing to do on the embedded backend.
     pub fn retry_usage_journal_blocking(&self, now: bool) {
         if let Some(r) = &self.replica {
+            self.refresh_patron_windows(r);
             r.retry_journal(now);
         }
     }
