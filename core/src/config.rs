@@ -82,6 +82,7 @@ pub struct RawConfig {
     patrons: RawPatrons,
     signing: RawSigning,
     safeguards: RawSafeguards,
+    cache: RawCache,
     providers: Vec<RawProvider>,
     models: Vec<RawModel>,
 }
@@ -160,6 +161,16 @@ struct RawSigning {
     enabled: Option<bool>,
     key_file: Option<PathBuf>,
     retired_keys_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawCache {
+    enabled: Option<bool>,
+    max_mib: Option<i64>,
+    max_entry_kib: Option<i64>,
+    ttl_secs: Option<i64>,
+    wait_ms: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -253,6 +264,8 @@ pub struct Config {
     pub signing: SigningConfig,
     /// `[safeguards]`.
     pub safeguards: SafeguardsConfig,
+    /// `[cache]`.
+    pub cache: CacheConfig,
     /// Providers declared in the file (re-applied to the store at every start).
     pub providers: Vec<ProviderConfig>,
     /// Models declared in the file (re-applied to the store at every start).
@@ -389,6 +402,34 @@ pub enum ModerationFailure {
 /// What a minor reads when something is blocked, by default.
 pub const DEFAULT_MINOR_REFUSAL: &str = "That's not something I can help with here. If something \
     is worrying you, a librarian, teacher or another adult you trust can help.";
+
+/// `[cache]`: the exact-match response cache (in this process).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheConfig {
+    /// Whether answers are cached at all (default true).
+    pub enabled: bool,
+    /// Most bytes of answers held (default 64 MiB).
+    pub max_bytes: u64,
+    /// Largest answer kept (default 512 KiB).
+    pub max_entry_bytes: usize,
+    /// How long an answer is kept (default 10 minutes).
+    pub ttl: Duration,
+    /// How long identical requests wait for the one in flight before asking the provider
+    /// themselves (default 30 s).
+    pub wait: Duration,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            enabled: true,
+            max_bytes: 64 << 20,
+            max_entry_bytes: 512 << 10,
+            ttl: Duration::from_secs(600),
+            wait: Duration::from_secs(30),
+        }
+    }
+}
 
 /// `[signing]`: signed responses (RFC 9421, Ed25519).
 #[derive(Debug, Clone)]
@@ -964,6 +1005,19 @@ impl Config {
                 .minor_refusal
                 .unwrap_or_else(|| DEFAULT_MINOR_REFUSAL.to_owned()),
         };
+        let c = raw.cache;
+        let defaults = CacheConfig::default();
+        let cache = CacheConfig {
+            enabled: c.enabled.unwrap_or(defaults.enabled),
+            max_bytes: (bounded("cache.max_mib", c.max_mib, 64, 1, 65_536)? as u64) << 20,
+            max_entry_bytes: (bounded("cache.max_entry_kib", c.max_entry_kib, 512, 1, 65_536)?
+                as usize)
+                << 10,
+            ttl: Duration::from_secs(bounded("cache.ttl_secs", c.ttl_secs, 600, 1, 86_400)? as u64),
+            wait: Duration::from_millis(
+                bounded("cache.wait_ms", c.wait_ms, 30_000, 0, 600_000)? as u64
+            ),
+        };
         Ok(Config {
             server,
             upstream,
@@ -974,6 +1028,7 @@ impl Config {
             patrons,
             signing,
             safeguards,
+            cache,
             providers,
             models,
         })
@@ -1333,6 +1388,24 @@ mod tests {
     }
 
     #[test]
+    fn cache_bounds_are_checked() {
+        let c = load("[cache]\nenabled = false\nmax_mib = 2\nttl_secs = 5\n", &[]).unwrap();
+        assert!(!c.cache.enabled);
+        assert_eq!(c.cache.max_bytes, 2 << 20);
+        assert_eq!(c.cache.ttl, Duration::from_secs(5));
+        for bad in [
+            "max_mib = 0",
+            "ttl_secs = 0",
+            "max_entry_kib = 0",
+            "wait_ms = -1",
+        ] {
+            let err = load(&format!("[cache]\n{bad}\n"), &[]).unwrap_err();
+            let key = format!("cache.{}", bad.split(' ').next().unwrap());
+            assert_eq!(err.key(), Some(key.as_str()), "{err}");
+        }
+    }
+
+    #[test]
     fn syntax_errors_name_the_file() {
         let err = load("[server\n", &[]).unwrap_err();
         assert!(matches!(err, ConfigError::Syntax { .. }), "{err}");
@@ -1357,6 +1430,8 @@ mod tests {
             format!("{:?}", as_file.auth),
             format!("{:?}", defaults.auth)
         );
+        assert_eq!(as_file.cache, defaults.cache);
+        assert_eq!(defaults.cache, CacheConfig::default());
 
         // Uncommenting every example line must still give a valid config: the commented keys
         // are real keys too.

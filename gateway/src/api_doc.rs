@@ -173,11 +173,18 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 /// ```
 #[utoipa::path(post, path = "/v1/chat/completions", tag = "public",
     request_body = ChatCompletionRequest,
+    params(("x-carrel-cache" = Option<String>, Header,
+        description = "`bypass`: never answer from the response cache; `allow`: cache this answer \
+                       although it is not deterministic (`temperature` is not 0) or carries a \
+                       conversation's history. Minors' requests are never cached.")),
     responses(
         (status = 200, description = "The completion: one JSON object, or server-sent events \
                                       when the request set `stream: true`",
             headers(("x-carrel-request-id" = String,
-                description = "The id of this request's usage record, to quote when asking about it")),
+                description = "The id of this request's usage record, to quote when asking about it"),
+                ("x-carrel-cache" = String,
+                description = "What the response cache did: `hit` (a stored answer, at no cost), \
+                               `miss` (cacheable, asked the provider) or `bypass` (not cacheable)")),
             content(
                 (ChatCompletion = "application/json"),
                 (ChatCompletionEvent = "text/event-stream"),
@@ -202,11 +209,18 @@ pub fn v1_chat_completions() {}
 /// each a `Completion` chunk as JSON, ending with `data: [DONE]`.
 #[utoipa::path(post, path = "/v1/completions", tag = "public",
     request_body = CompletionRequest,
+    params(("x-carrel-cache" = Option<String>, Header,
+        description = "`bypass`: never answer from the response cache; `allow`: cache this answer \
+                       although it is not deterministic (`temperature` is not 0) or carries a \
+                       conversation's history. Minors' requests are never cached.")),
     responses(
         (status = 200, description = "The completion: one JSON object, or server-sent events \
                                       when the request set `stream: true`",
             headers(("x-carrel-request-id" = String,
-                description = "The id of this request's usage record, to quote when asking about it")),
+                description = "The id of this request's usage record, to quote when asking about it"),
+                ("x-carrel-cache" = String,
+                description = "What the response cache did: `hit` (a stored answer, at no cost), \
+                               `miss` (cacheable, asked the provider) or `bypass` (not cacheable)")),
             content(
                 (Completion = "application/json"),
                 (CompletionEvent = "text/event-stream"),
@@ -228,10 +242,17 @@ pub fn v1_completions() {}
 /// Creates embeddings of the input.
 #[utoipa::path(post, path = "/v1/embeddings", tag = "public",
     request_body = EmbeddingRequest,
+    params(("x-carrel-cache" = Option<String>, Header,
+        description = "`bypass`: never answer from the response cache; `allow`: cache this answer \
+                       although it is not deterministic (`temperature` is not 0) or carries a \
+                       conversation's history. Minors' requests are never cached.")),
     responses(
         (status = 200, description = "One embedding per input", body = EmbeddingList,
             headers(("x-carrel-request-id" = String,
-                description = "The id of this request's usage record, to quote when asking about it"))),
+                description = "The id of this request's usage record, to quote when asking about it"),
+                ("x-carrel-cache" = String,
+                description = "What the response cache did: `hit` (a stored answer, at no cost), \
+                               `miss` (cacheable, asked the provider) or `bypass` (not cacheable)"))),
         (status = 400, response = BadRequest),
         (status = 401, response = Unauthorized),
         (status = 403, response = Forbidden),

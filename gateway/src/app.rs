@@ -69,6 +69,8 @@ pub struct Inner {
     pub ledger: UsageLedger,
     /// Rates, budgets and reservations.
     pub quota: QuotaEngine,
+    /// Answers already bought (`None` when `cache.enabled` is false).
+    pub cache: Option<Arc<crate::response_cache::ResponseCache>>,
     /// Settings for each worker's upstream client.
     upstream_config: UpstreamConfig,
     /// Request limits.
@@ -118,6 +120,8 @@ pub struct StateParts {
     pub signing_keys: Arc<ResponseSigner>,
     /// Whether inference responses are signed.
     pub sign_responses: bool,
+    /// `[cache]`.
+    pub cache: carrel_core::config::CacheConfig,
     /// The safeguard screener.
     pub screener: Arc<Screener>,
 }
@@ -141,6 +145,7 @@ impl AppState {
             patron_desk: parts.patron_desk,
             ledger: parts.ledger,
             quota: parts.quota,
+            cache: crate::response_cache::ResponseCache::new(&parts.cache).map(Arc::new),
             upstream_config: parts.upstream,
             limits: parts.limits,
             demo_word_delay: parts.demo_word_delay,

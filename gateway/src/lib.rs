@@ -13,7 +13,10 @@
 //!    institution, group, key and minors; frontier: named principal, verified, attested)
 //! 5. quota reserve: the model's rate, then tokens, money and a stream slot reserved at every
 //!    level at once (institution, site, group, key, patron, model)
-//! 6. safeguards, 7. cache, 8. route: arriving with later issues
+//! 6. safeguards: the frontier rate, prompt screening, the moderation hook
+//! 7. cache: an answer already bought (exact match, per institution), or the answer of an
+//!    identical request in flight ([`response_cache`])
+//! 8. route: arriving with issue 8
 //! 9. forward + meter: to the provider (or the built-in demo model), streamed back chunk by
 //!    chunk; the response's usage settles the reservation and goes to the usage ledger
 //!
@@ -49,6 +52,7 @@ pub mod metrics;
 pub mod openai;
 pub mod patrons;
 pub mod pipeline;
+pub mod response_cache;
 pub mod safeguards;
 pub mod server;
 pub mod signing;

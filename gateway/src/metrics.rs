@@ -97,6 +97,26 @@ pub fn render(state: &AppState) -> String {
                that cannot be signed) while signing is on.",
         values: vec![(None, state.signing_keys.unsigned())],
     });
+    if let Some(cache) = &state.cache {
+        let c = &cache.counters;
+        families.push(Family {
+            name: "carrel_cache_requests_total",
+            help: "Inference requests by what the response cache did: `hit` (a stored answer), \
+                   `coalesced` (the answer of an identical request in flight), `miss` \
+                   (cacheable, asked the provider), `bypass` (not cacheable by policy).",
+            values: vec![
+                (Some(("result", "hit")), load(&c.hits)),
+                (Some(("result", "coalesced")), load(&c.coalesced)),
+                (Some(("result", "miss")), load(&c.misses)),
+                (Some(("result", "bypass")), load(&c.bypasses)),
+            ],
+        });
+        families.push(Family {
+            name: "carrel_cache_answers_stored_total",
+            help: "Answers stored in the response cache.",
+            values: vec![(None, load(&c.stored))],
+        });
+    }
     families.push(Family {
         name: "carrel_patron_sign_ins_total",
         help: "Patron sign-ins by outcome (`ok` or the refusal's code); never by patron.",

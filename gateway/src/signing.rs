@@ -310,6 +310,18 @@ pub async fn read_whole(body: ResponseBody, limit: usize) -> Result<Option<Bytes
     })
 }
 
+/// Reads `body` whole if it is at most `limit` bytes; otherwise gives back a body that replays
+/// what was read and goes on with the rest.
+pub async fn read_bounded(
+    body: ResponseBody,
+    limit: usize,
+) -> Result<Result<Bytes, ResponseBody>, BoxError> {
+    Ok(match collect_bounded(body, limit).await? {
+        Collected::Whole(bytes) => Ok(bytes),
+        Collected::TooLong(body) => Err(body),
+    })
+}
+
 enum Collected {
     Whole(Bytes),
     /// Longer than the limit: what was read, then the rest, as one body.

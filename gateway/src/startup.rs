@@ -156,6 +156,7 @@ impl App {
             screener: Arc::new(screener),
             signing_keys,
             sign_responses: config.signing.enabled,
+            cache: config.cache.clone(),
             store: store.clone(),
             quota: quota.clone(),
             pepper: pepper.clone(),

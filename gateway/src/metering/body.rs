@@ -101,15 +101,21 @@ impl Meter {
                 true,
             ),
         };
-        self.record(usage, estimated, status);
+        self.record(usage, estimated, status, false);
     }
 
     /// Records a request the provider refused: nothing used, the reservation refunded.
     pub fn refused(mut self) {
-        self.record(Usage::default(), false, UsageStatus::UpstreamError);
+        self.record(Usage::default(), false, UsageStatus::UpstreamError, false);
     }
 
-    fn record(&mut self, usage: Usage, estimated: bool, status: UsageStatus) {
+    /// Records a request answered from the response cache: no provider tokens, so nothing
+    /// counts against a budget (the cache price is free) and the reservation is refunded.
+    pub fn cached(mut self) {
+        self.record(Usage::default(), false, UsageStatus::Complete, true);
+    }
+
+    fn record(&mut self, usage: Usage, estimated: bool, status: UsageStatus, cached: bool) {
         // A provider reporting more than this is wrong; one bad number must not overflow an
         // institution's sums.
         let prompt_tokens = usage.prompt_tokens.min(MAX_TOKENS);
@@ -137,7 +143,7 @@ impl Meter {
                 completion_tokens,
                 cost_nano_usd,
                 estimated,
-                cached: false,
+                cached,
                 latency_ms: self.started.elapsed().as_millis() as u64,
             },
             timezone: Arc::clone(&p.timezone),

@@ -12,7 +12,7 @@ use crate::error::GatewayError;
 use crate::tokens::{self, Tokenizer};
 
 /// The fields of an inference request body that Carrel reads.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct RequestFields {
     /// Public model name.
     pub model: String,
@@ -28,6 +28,8 @@ pub struct RequestFields {
     pub user: Option<String>,
     /// Whether the client asked for a usage chunk at the end of a stream.
     pub include_usage: bool,
+    /// The sampling temperature the client set: 0 makes an answer cacheable.
+    pub temperature: Option<f64>,
     /// The prompt's text, for the estimate.
     pub prompt: PromptText,
 }
@@ -168,6 +170,8 @@ struct Peek<'a> {
     #[serde(default)]
     stream_options: Option<serde_json::Value>,
     #[serde(default)]
+    temperature: Option<serde_json::Value>,
+    #[serde(default)]
     messages: Option<Messages>,
     #[serde(default)]
     prompt: Option<Collected>,
@@ -270,6 +274,16 @@ impl RequestFields {
             .and_then(|o| o.get("include_usage"))
             .and_then(serde_json::Value::as_bool)
             .unwrap_or(false);
+        let temperature = match peek.temperature {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::Number(t)) => t.as_f64(),
+            Some(_) => {
+                return Err(invalid(
+                    "temperature",
+                    "Invalid type for 'temperature': expected a number.",
+                ));
+            }
+        };
         let prompt = peek
             .messages
             .map(|m| m.0)
@@ -284,6 +298,7 @@ impl RequestFields {
             n,
             user,
             include_usage,
+            temperature,
             prompt,
         })
     }

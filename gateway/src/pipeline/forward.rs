@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use carrel_core::quota::Reservation;
 use http::Response;
 use http_body_util::BodyExt;
 
@@ -19,6 +20,25 @@ use crate::safeguards::containment::Subject;
 use crate::safeguards::screening::{ScreenedStream, answer_text};
 use crate::signing::ResponseSigner;
 use crate::upstream::catalog::Target;
+
+/// What meters this request: from here on it has a usage record, and the client learns its id
+/// (`x-carrel-request-id`).
+pub fn meter(state: &AppState, ctx: &mut RequestCtx, reservation: Option<Reservation>) -> Meter {
+    let route = Arc::clone(ctx.route());
+    ctx.recorded_as = http::HeaderValue::from_str(&ctx.request_id).ok();
+    Meter {
+        ledger: state.ledger.clone(),
+        principal: Arc::clone(ctx.principal()),
+        patron_ref: ctx.patron_ref.clone(),
+        model: Arc::clone(&route.name),
+        prices: (route.input_price_per_mtok, route.output_price_per_mtok),
+        request_id: std::mem::take(&mut ctx.request_id),
+        started: ctx.started,
+        prompt_estimate: ctx.prompt_tokens,
+        tokenizer: route.tokenizer,
+        reservation,
+    }
+}
 
 /// Stage 9.
 pub async fn run(
@@ -44,22 +64,7 @@ pub async fn run(
     } else {
         ctx.body.clone()
     };
-    let meter = Meter {
-        ledger: state.ledger.clone(),
-        principal: Arc::clone(ctx.principal()),
-        patron_ref: ctx.patron_ref.clone(),
-        model: Arc::clone(&route.name),
-        prices: (route.input_price_per_mtok, route.output_price_per_mtok),
-        request_id: {
-            // From here on the request has a usage record: the client learns its id.
-            ctx.recorded_as = http::HeaderValue::from_str(&ctx.request_id).ok();
-            std::mem::take(&mut ctx.request_id)
-        },
-        started: ctx.started,
-        prompt_estimate: ctx.prompt_tokens,
-        tokenizer: route.tokenizer,
-        reservation,
-    };
+    let meter = meter(state, ctx, reservation);
     let resp = match &route.target {
         Target::Http(target) => {
             state
@@ -137,6 +142,28 @@ pub async fn run(
             MeteredBody::json(body, meter).boxed()
         }
     });
+    // The leader of identical cacheable requests reads the answer whole, stores it and hands it
+    // to the others; one too large to keep goes on as it is, and they ask for themselves.
+    let resp = match ctx.cache_leader.take() {
+        Some(leader)
+            if !is_sse
+                && resp.status() == http::StatusCode::OK
+                && !resp.headers().contains_key(http::header::CONTENT_ENCODING) =>
+        {
+            let (parts, body) = resp.into_parts();
+            match crate::signing::read_bounded(body, leader.max_bytes())
+                .await
+                .map_err(GatewayError::UpstreamFailed)?
+            {
+                Ok(bytes) => {
+                    leader.publish(bytes.clone());
+                    Response::from_parts(parts, crate::body::full(bytes))
+                }
+                Err(body) => Response::from_parts(parts, body),
+            }
+        }
+        _ => resp,
+    };
     let resp = match screen {
         Some(screen) if !is_sse => {
             // The answer is read whole and screened; a blocked one becomes the 400 (its tokens

@@ -9,7 +9,8 @@
 //! | 4 | authorize | [`authorize`] | 404 `model_not_found`, 503 `model_contained` / `institution_contained` / `key_contained`, 403 `model_not_permitted`, 403 `tier_not_allowed`, 403 `frontier_not_verified`, 403 `attestation_required` |
 //! | 4½ | safeguards | [`safeguards`] | 429 `rate_limit_exceeded` (the frontier rate: a tenth of the key's), 400 `content_blocked`, 403 `safeguard_unavailable` (frontier, fails closed) |
 //! | 5 | quota reserve | [`quota::reserve`] | 400 `invalid_parameter` (`max_tokens` over the model's cap), 429 `rate_limit_exceeded`, 429 `insufficient_quota`, 429 `budget_exceeded` |
-//! | 6–8 | cache, routing | (issue 8) | |
+//! | 6 | cache | [`cache`] | a stored answer (`x-carrel-cache: hit`), settled at no cost; or it waits for an identical request in flight ([`crate::response_cache`]) |
+//! | 7–8 | routing | (issue 8) | |
 //! | 9 | forward + meter | [`forward`] | the upstream's own status, 502 `upstream_unreachable`, 502 `upstream_failed`, 504 `upstream_timeout`; a 2xx body settles the reservation and is recorded in the usage ledger ([`crate::metering`]) |
 //!
 //! The credential's request rate is counted before the body is read (DESIGN.md put it after
@@ -26,6 +27,7 @@
 
 pub mod authenticate;
 pub mod authorize;
+pub mod cache;
 pub mod forward;
 pub mod quota;
 pub mod read_body;
@@ -101,6 +103,11 @@ pub struct RequestCtx {
     pub prompt_tokens: u64,
     /// Set by quota reserve: the patron, by reference.
     pub patron_ref: Option<Arc<str>>,
+    /// Set by cache: what the cache did, for the `x-carrel-cache` header.
+    pub cache: Option<crate::response_cache::CacheStatus>,
+    /// Set by cache: this request asks the provider for identical ones waiting, and stores
+    /// the answer.
+    pub cache_leader: Option<crate::response_cache::Leader>,
     /// This request's id in the usage ledger.
     pub request_id: String,
     /// Set by forward: the request id, for the `x-carrel-request-id` header of a request that
@@ -124,6 +131,8 @@ impl RequestCtx {
             reservation: None,
             prompt_tokens: 0,
             patron_ref: None,
+            cache: None,
+            cache_leader: None,
             request_id: crate::metering::request_id(),
             recorded_as: None,
             started: Instant::now(),
@@ -274,6 +283,12 @@ async fn inference(
     if let Some(id) = ctx.recorded_as.take() {
         resp.headers_mut().insert(REQUEST_ID_HEADER, id);
     }
+    if let Some(status) = ctx.cache {
+        resp.headers_mut().insert(
+            crate::response_cache::RESPONSE_HEADER,
+            HeaderValue::from_static(status.as_str()),
+        );
+    }
     resp
 }
 
@@ -303,6 +318,7 @@ async fn stages(
     stage!(authorize::run(state, ctx));
     stage!(safeguards(state, ctx).await);
     stage!(quota::reserve(state, ctx).await);
+    stage!(cache::run(state, ctx, headers).await);
     forward::run(state, ctx).await
 }
 

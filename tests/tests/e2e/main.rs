@@ -5,6 +5,7 @@
 mod accounts;
 mod admin;
 mod audit_log;
+mod cache;
 mod deploy_files;
 mod docs;
 mod durability;

@@ -1,0 +1,116 @@
+//! Stage 6, cache: answer from the response cache when policy allows
+//! ([`crate::response_cache`]). A hit is settled at no cost (the reservation made for it is
+//! refunded) and recorded as cached; it is signed like any answer. A stream asked for an answer
+//! that is cached gets it replayed as events.
+
+use std::sync::Arc;
+
+use http::{HeaderMap, HeaderValue, Response, StatusCode};
+
+use crate::app::AppState;
+use crate::body::ResponseBody;
+use crate::error::GatewayError;
+use crate::pipeline::{Flow, RequestCtx, forward};
+use crate::response_cache::{self, CacheStatus, Lookup};
+
+/// Stage 6.
+pub async fn run(
+    state: &AppState,
+    ctx: &mut RequestCtx,
+    headers: &HeaderMap,
+) -> Result<Flow, GatewayError> {
+    let Some(cache) = &state.cache else {
+        return Ok(Flow::Continue);
+    };
+    let Some(key) = cacheable(ctx, headers) else {
+        cache
+            .counters
+            .bypasses
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        ctx.cache = Some(CacheStatus::Bypass);
+        return Ok(Flow::Continue);
+    };
+    // A stream is not read whole, so it never leads; it takes what is already stored.
+    let stream = ctx.fields().stream;
+    let answer = match cache.lookup(key, !stream).await {
+        Lookup::Hit(answer) => answer,
+        Lookup::Lead(leader) => {
+            ctx.cache_leader = Some(leader);
+            return Ok(miss(cache, ctx));
+        }
+        Lookup::Miss => return Ok(miss(cache, ctx)),
+    };
+    let body = if stream {
+        match response_cache::as_stream(ctx.endpoint, &answer.body, ctx.fields().include_usage) {
+            Some(events) => events,
+            // Not an answer a stream can replay: ask the provider.
+            None => return Ok(miss(cache, ctx)),
+        }
+    } else {
+        answer.body.clone()
+    };
+    ctx.cache = Some(CacheStatus::Hit);
+    let reservation = ctx.reservation.take();
+    forward::meter(state, ctx, reservation).cached();
+    let mut resp = crate::body::json(StatusCode::OK, body);
+    if stream {
+        resp.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
+    }
+    let resp = sign(state, ctx, resp).await?;
+    Ok(Flow::Respond(resp))
+}
+
+fn miss(cache: &response_cache::ResponseCache, ctx: &mut RequestCtx) -> Flow {
+    cache
+        .counters
+        .misses
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    ctx.cache = Some(CacheStatus::Miss);
+    Flow::Continue
+}
+
+/// The request's cache key, if policy lets its answer be cached.
+fn cacheable(ctx: &RequestCtx, headers: &HeaderMap) -> Option<response_cache::Key> {
+    let header = headers
+        .get(response_cache::REQUEST_HEADER)
+        .map(HeaderValue::as_bytes);
+    let allow = response_cache::policy(
+        ctx.endpoint,
+        ctx.fields(),
+        ctx.principal(),
+        header,
+        ctx.output_screen.is_some(),
+    )
+    .ok()?;
+    // Only a request that may be cached pays for parsing its whole body.
+    let body: serde_json::Value = serde_json::from_slice(&ctx.body).ok()?;
+    if !allow && response_cache::has_history(&body) {
+        return None;
+    }
+    Some(response_cache::key(
+        &ctx.principal().institution_id,
+        &ctx.route().name,
+        ctx.endpoint,
+        body,
+    ))
+}
+
+async fn sign(
+    state: &AppState,
+    ctx: &RequestCtx,
+    resp: Response<ResponseBody>,
+) -> Result<Response<ResponseBody>, GatewayError> {
+    let signer = state.signer.as_ref().map(Arc::clone);
+    let id = ctx
+        .recorded_as
+        .as_ref()
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    match signer.zip(id) {
+        Some((signer, id)) => signer.sign(resp, &id, &ctx.route().name).await,
+        None => Ok(resp),
+    }
+}

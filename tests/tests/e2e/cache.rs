@@ -1,0 +1,277 @@
+//! The response cache end to end (issue 8, items 1 and 2): identical concurrent requests make
+//! one upstream call; no answer crosses institutions; minors, non-deterministic requests and
+//! conversations with history go to the provider; a cached answer replays as a valid stream; a
+//! hit costs nothing.
+
+use std::time::Duration;
+
+use carrel_tests::mock::{MockUpstream, Reply};
+use carrel_tests::{ADMIN_TOKEN, Gateway, unsigned};
+use reqwest::Method;
+use serde_json::{Value, json};
+
+fn ask(temperature: f64) -> Value {
+    json!({"model": "mock-model", "temperature": temperature,
+           "messages": [{"role": "user", "content": "What is a carrel?"}]})
+}
+
+/// An answer the mock gives once: a second upstream call would get a different one.
+fn answer(content: &str) -> Reply {
+    let mut body = carrel_tests::mock::chat_completion("mock-model");
+    body["choices"][0]["message"]["content"] = json!(content);
+    Reply::Json { status: 200, body }
+}
+
+fn chat_calls(mock: &MockUpstream) -> usize {
+    mock.received()
+        .iter()
+        .filter(|r| r.path == "/v1/chat/completions")
+        .count()
+}
+
+/// (status, `x-carrel-cache`, body) of one chat request.
+async fn chat(
+    gw: &Gateway,
+    key: &str,
+    body: &Value,
+    header: Option<&str>,
+) -> (u16, String, String) {
+    let mut req = gw
+        .http
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(key)
+        .json(body);
+    if let Some(h) = header {
+        req = req.header("x-carrel-cache", h);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let cache = resp
+        .headers()
+        .get("x-carrel-cache")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    (status, cache, resp.text().await.unwrap())
+}
+
+#[tokio::test]
+async fn a_hundred_identical_requests_make_one_upstream_call_and_hits_cost_nothing() {
+    let (mock, gw) = Gateway::with_mock().await;
+    // Slow enough that the hundred arrive while the first is still with the provider; were any
+    // to reach it, it would get another answer.
+    mock.script_with_latency(
+        "mock-model",
+        Reply::sequence(vec![answer("first"), answer("second"), answer("third")]),
+        Duration::from_millis(300),
+    );
+    let inst = gw.institution("Springfield").await;
+    let (_, key) = gw
+        .create_key(&inst, json!({"name": "desk", "kind": "service"}))
+        .await;
+    let body = ask(0.0);
+    let replies =
+        futures_util::future::join_all((0..100).map(|_| chat(&gw, &key, &body, None))).await;
+
+    assert_eq!(
+        chat_calls(&mock),
+        1,
+        "one upstream call for a hundred requests"
+    );
+    let mut by_cache = std::collections::BTreeMap::<String, usize>::new();
+    for (status, cache, text) in &replies {
+        assert_eq!(*status, 200, "{text}");
+        let answer: Value = serde_json::from_str(text).unwrap();
+        assert_eq!(answer["choices"][0]["message"]["content"], "first");
+        assert_eq!(text, &replies[0].2, "every answer is the same bytes");
+        *by_cache.entry(cache.clone()).or_default() += 1;
+    }
+    assert_eq!(
+        by_cache,
+        [("hit".to_owned(), 99), ("miss".to_owned(), 1)].into()
+    );
+
+    // The ledger: one request paid for its tokens, the hits for nothing.
+    gw.app.state.ledger.flush().await;
+    let records = gw.app.state.store.usage_records(&inst, 200).await.unwrap();
+    assert_eq!(records.len(), 100);
+    let (paid, cached): (Vec<_>, Vec<_>) = records.iter().partition(|r| !r.cached);
+    assert_eq!(paid.len(), 1);
+    assert!(paid[0].prompt_tokens > 0);
+    assert!(
+        cached
+            .iter()
+            .all(|r| r.prompt_tokens + r.completion_tokens == 0 && r.cost_nano_usd == 0)
+    );
+    let metrics = gw
+        .http
+        .get(gw.admin_url("/metrics"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let count = |result: &str| {
+        let line = format!("carrel_cache_requests_total{{result=\"{result}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&line))
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no {line} in {metrics}"))
+    };
+    assert_eq!(count("miss"), 1);
+    assert_eq!(count("hit") + count("coalesced"), 99);
+}
+
+#[tokio::test]
+async fn answers_stay_in_their_institution_and_only_deterministic_requests_use_the_cache() {
+    let (mock, gw) = Gateway::with_mock().await;
+    let mut keys = Vec::new();
+    for name in ["Springfield", "Shelbyville"] {
+        let inst = gw.institution(name).await;
+        keys.push(
+            gw.create_key(&inst, json!({"name": "desk", "kind": "service"}))
+                .await
+                .1,
+        );
+    }
+    let body = ask(0.0);
+    assert_eq!(chat(&gw, &keys[0], &body, None).await.1, "miss");
+    assert_eq!(chat(&gw, &keys[0], &body, None).await.1, "hit");
+    // The other institution asks the provider itself.
+    assert_eq!(chat(&gw, &keys[1], &body, None).await.1, "miss");
+    assert_eq!(chat_calls(&mock), 2);
+
+    // Sampled answers, an explicit bypass and a conversation with history go to the provider
+    // every time.
+    let sampled = ask(0.7);
+    let mut history = ask(0.0);
+    history["messages"] = json!([
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello! How can I help?"},
+        {"role": "user", "content": "What is a carrel?"}
+    ]);
+    for _ in 0..2 {
+        assert_eq!(chat(&gw, &keys[0], &sampled, None).await.1, "bypass");
+        assert_eq!(chat(&gw, &keys[0], &body, Some("bypass")).await.1, "bypass");
+        assert_eq!(chat(&gw, &keys[0], &history, None).await.1, "bypass");
+    }
+    assert_eq!(chat_calls(&mock), 8);
+    // A client may opt a sampled request in.
+    assert_eq!(chat(&gw, &keys[0], &sampled, Some("allow")).await.1, "miss");
+    assert_eq!(chat(&gw, &keys[0], &sampled, Some("allow")).await.1, "hit");
+    assert_eq!(chat_calls(&mock), 9);
+}
+
+#[tokio::test]
+async fn a_minor_s_request_is_never_served_from_the_cache() {
+    let (mock, gw) = Gateway::with_mock().await;
+    let inst = gw.institution("Riverside").await;
+    let inst_path = format!("/admin/v1/institutions/{inst}");
+    let (status, _) = gw
+        .admin(
+            Method::PUT,
+            &format!("{inst_path}/patron-auth"),
+            Some(json!({"kind": "local"})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let resp = gw
+        .http
+        .post(gw.admin_url(&format!("{inst_path}/patrons")))
+        .bearer_auth(ADMIN_TOKEN)
+        .header("content-type", "text/csv")
+        .body("card,pin,age_band\n1001,1111,minor\n2002,2222,adult\n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let (_, kiosk) = gw
+        .create_key(&inst, json!({"name": "Kiosk", "kind": "kiosk"}))
+        .await;
+    let sign_in = |card: &'static str, pin: &'static str| {
+        let http = gw.http.clone();
+        let url = gw.url("/v1/patron/sessions");
+        let kiosk = kiosk.clone();
+        async move {
+            let resp = http
+                .post(url)
+                .bearer_auth(kiosk)
+                .json(&json!({"card": card, "pin": pin}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 201);
+            let session: Value = resp.json().await.unwrap();
+            session["token"].as_str().unwrap().to_owned()
+        }
+    };
+    let body = ask(0.0);
+    let adult = sign_in("2002", "2222").await;
+    assert_eq!(chat(&gw, &adult, &body, None).await.1, "miss");
+    assert_eq!(chat(&gw, &adult, &body, None).await.1, "hit");
+    // The same question from a minor at the same kiosk (signing in ends the adult's session):
+    // not from the cache, even when the client asks for it.
+    let minor = sign_in("1001", "1111").await;
+    assert_eq!(chat(&gw, &minor, &body, None).await.1, "bypass");
+    assert_eq!(chat(&gw, &minor, &body, Some("allow")).await.1, "bypass");
+    assert_eq!(chat_calls(&mock), 3);
+}
+
+#[tokio::test]
+async fn a_cached_answer_replays_as_a_valid_stream() {
+    let (mock, gw) = Gateway::with_mock().await;
+    mock.script("mock-model", answer("Carrels are study desks."));
+    let inst = gw.institution("Springfield").await;
+    let (_, key) = gw
+        .create_key(&inst, json!({"name": "desk", "kind": "service"}))
+        .await;
+    let body = ask(0.0);
+    assert_eq!(chat(&gw, &key, &body, None).await.1, "miss");
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let resp = gw
+        .http
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(&streamed)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-carrel-cache"], "hit");
+    assert!(
+        resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let text = resp.text().await.unwrap();
+    let events: Vec<&str> = unsigned(&text)
+        .split("\n\n")
+        .filter(|e| !e.is_empty())
+        .collect();
+    let (last, chunks) = events.split_last().unwrap();
+    assert_eq!(*last, "data: [DONE]");
+    let chunks: Vec<Value> = chunks
+        .iter()
+        .map(|e| serde_json::from_str(e.strip_prefix("data: ").unwrap()).unwrap())
+        .collect();
+    let content: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(content, "Carrels are study desks.");
+    assert!(
+        chunks
+            .iter()
+            .all(|c| c["object"] == "chat.completion.chunk")
+    );
+    assert_eq!(
+        chunks.last().unwrap()["usage"]["total_tokens"],
+        carrel_tests::mock::chat_completion("m")["usage"]["total_tokens"]
+    );
+    assert_eq!(chat_calls(&mock), 1);
+}
