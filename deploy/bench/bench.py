@@ -33,11 +33,16 @@ MODEL = "bench-model"
 CHAT = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "Hello, library!"}]})
 STREAM = json.dumps({"model": MODEL, "stream": True,
                      "messages": [{"role": "user", "content": "Hello, library!"}]})
+# At temperature 0 the answer is fixed, so Carrel's response cache keeps it: after the first
+# request every one is a hit (issue 8). nginx and the mock see the same body.
+CACHED = json.dumps({"model": MODEL, "temperature": 0,
+                     "messages": [{"role": "user", "content": "Hello, library!"}]})
 SCENARIOS = [
     # name, concurrency, body
     ("chat c=1", 1, CHAT),
     ("chat c=64", 64, CHAT),
     ("stream c=64", 64, STREAM),
+    ("cached c=64", 64, CACHED),
 ]
 REDIS_URL = "redis://127.0.0.1:6379"
 # Carrel on Redis refuses to start without a pepper (replicas must share one); any fixed 64 hex
@@ -510,6 +515,13 @@ def main():
                     f"{u['rps'] / n['rps']:.2f} | {c['rps'] / n['rps']:.2f} | "
                     f"{u['p50_us']:.0f} | {c['p50_us']:.0f} | {u['cpu_us']:.1f} | "
                     f"{c['cpu_us']:.1f} |")
+        names = [s for s, _, _ in scenarios]
+        if "cached c=64" in names and "chat c=64" in names:
+            hit, miss = results[("cached c=64", "carrel")], results[("chat c=64", "carrel")]
+            lines += ["", f"Cache-hit path: Carrel answers {hit['rps']:.0f} req/s from its cache "
+                      f"against {miss['rps']:.0f} req/s asking the provider, "
+                      f"{hit['rps'] / miss['rps']:.2f}× (CPU {hit['cpu_us']:.1f} against "
+                      f"{miss['cpu_us']:.1f} µs/req)."]
         memory = None
         if on_redis:
             lines += [""] + redis_table(results, scenarios)
