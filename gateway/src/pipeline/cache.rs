@@ -74,6 +74,16 @@ fn miss(cache: &response_cache::ResponseCache, ctx: &mut RequestCtx) -> Flow {
 
 /// The request's cache key, if policy lets its answer be cached.
 fn cacheable(ctx: &RequestCtx, headers: &HeaderMap) -> Option<response_cache::Key> {
+    // A request whose `max_tokens` the quota lowered asks for less than its body says: its
+    // answer is this caller's alone, and it must not take a whole one another caller paid for.
+    if ctx
+        .reservation
+        .as_ref()
+        .and_then(|r| r.clamped_to())
+        .is_some()
+    {
+        return None;
+    }
     let header = headers
         .get(response_cache::REQUEST_HEADER)
         .map(HeaderValue::as_bytes);

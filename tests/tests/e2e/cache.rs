@@ -65,9 +65,18 @@ async fn a_hundred_identical_requests_make_one_upstream_call_and_hits_cost_nothi
         Duration::from_millis(300),
     );
     let inst = gw.institution("Springfield").await;
-    let (_, key) = gw
+    let (key_id, key) = gw
         .create_key(&inst, json!({"name": "desk", "kind": "service"}))
         .await;
+    let limits = format!("/admin/v1/keys/{key_id}/limits");
+    let (status, set) = gw
+        .admin(
+            Method::PUT,
+            &limits,
+            Some(json!({"tokens_per_day": 1_000_000_000})),
+        )
+        .await;
+    assert_eq!(status, 200, "{set}");
     let body = ask(0.0);
     let replies =
         futures_util::future::join_all((0..100).map(|_| chat(&gw, &key, &body, None))).await;
@@ -90,6 +99,14 @@ async fn a_hundred_identical_requests_make_one_upstream_call_and_hits_cost_nothi
         [("hit".to_owned(), 99), ("miss".to_owned(), 1)].into()
     );
 
+    // The key's budget was charged for one answer only.
+    let (_, report) = gw.admin(Method::GET, &limits, None).await;
+    let (prompt, completion) = carrel_tests::mock::MOCK_USAGE;
+    assert_eq!(
+        report["usage"]["tokens_today"],
+        prompt + completion,
+        "{report}"
+    );
     // The ledger: one request paid for its tokens, the hits for nothing.
     gw.app.state.ledger.flush().await;
     let records = gw.app.state.store.usage_records(&inst, 200).await.unwrap();
@@ -274,4 +291,47 @@ async fn a_cached_answer_replays_as_a_valid_stream() {
         carrel_tests::mock::chat_completion("m")["usage"]["total_tokens"]
     );
     assert_eq!(chat_calls(&mock), 1);
+}
+
+/// A request whose `max_tokens` the quota lowered (the institution's `clamp` policy) gets an
+/// answer cut to its caller's allowance: it is neither stored for others nor served from what
+/// others were answered.
+#[tokio::test]
+async fn an_answer_clamped_to_one_key_s_allowance_is_not_shared() {
+    let (mock, gw) = Gateway::with_mock().await;
+    let inst = gw.institution("Springfield").await;
+    let (status, _) = gw
+        .admin(
+            Method::PATCH,
+            &format!("/admin/v1/institutions/{inst}"),
+            Some(json!({"over_quota": "clamp"})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (short_id, short) = gw
+        .create_key(&inst, json!({"name": "almost spent", "kind": "service"}))
+        .await;
+    let (_, full) = gw
+        .create_key(&inst, json!({"name": "plenty", "kind": "service"}))
+        .await;
+    let (status, body) = gw
+        .admin(
+            Method::PUT,
+            &format!("/admin/v1/keys/{short_id}/limits"),
+            Some(json!({"tokens_per_day": 100})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let mut body = ask(0.0);
+    body["max_tokens"] = json!(500);
+    assert_eq!(chat(&gw, &short, &body, None).await.1, "bypass");
+    let clamped = mock.received().pop().unwrap().json()["max_tokens"]
+        .as_u64()
+        .unwrap();
+    assert!(clamped < 100, "clamped to what is left: {clamped}");
+    // The key with room asks for the whole answer; then the clamped key still may not take it.
+    assert_eq!(chat(&gw, &full, &body, None).await.1, "miss");
+    assert_eq!(chat(&gw, &full, &body, None).await.1, "hit");
+    assert_eq!(chat(&gw, &short, &body, None).await.1, "bypass");
+    assert_eq!(chat_calls(&mock), 3);
 }
