@@ -161,11 +161,12 @@ pub fn render(state: &AppState) -> String {
         });
         families.push(Family {
             name: "carrel_usage_journal_batches_total",
-            help: "Usage batches written to the local journal while Redis was away, and sent \
-                   from it once Redis was back.",
+            help: "Usage batches written to the local journal while Redis was away, sent from \
+                   it once Redis was back, and set aside unreadable (`quarantined`).",
             values: vec![
                 (Some(("event", "journaled")), load(&r.journaled)),
                 (Some(("event", "replayed")), load(&r.replayed)),
+                (Some(("event", "quarantined")), load(&r.quarantined)),
             ],
         });
     }

@@ -61,6 +61,14 @@ impl Journal {
         Ok(journal)
     }
 
+    /// Appends a frame to `<journal>.quarantine` (fsynced) and returns that file's path: for a
+    /// batch whose checksum holds but that this build cannot read.
+    pub(crate) fn quarantine(&self, id: &[u8; 16], batch: &[u8]) -> Result<PathBuf, StoreError> {
+        let path = PathBuf::from(format!("{}.quarantine", self.path.display()));
+        Journal::open(&path)?.append(id, batch)?;
+        Ok(path)
+    }
+
     /// Whether the journal holds nothing.
     pub(crate) fn is_empty(&self) -> bool {
         self.len == 0

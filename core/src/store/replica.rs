@@ -159,6 +159,8 @@ pub struct ReplicaCounters {
     pub journaled: AtomicU64,
     /// Journaled batches later appended to Redis.
     pub replayed: AtomicU64,
+    /// Journaled batches this build could not read, set aside in `usage-journal.quarantine`.
+    pub quarantined: AtomicU64,
     /// Times a read of the streams failed and was retried.
     pub read_failures: AtomicU64,
 }
@@ -573,25 +575,38 @@ impl Replica {
             }
         };
         let total = frames.len();
+        let mut sent = 0;
         for (i, (id, batch)) in frames.iter().enumerate() {
             let records = match decode_batch(batch) {
                 Ok(records) => records,
                 Err(e) => {
-                    tracing::error!(error = %e, "a usage journal frame with a valid checksum does not decode");
-                    return;
+                    // Whole but unreadable (written by another version): set aside for an
+                    // operator, so that it cannot hold up every batch after it.
+                    match w.journal.quarantine(id, batch) {
+                        Ok(path) => {
+                            self.counters.quarantined.fetch_add(1, Ordering::Relaxed);
+                            tracing::error!(error = %e, path = %path.display(),
+                                "a usage journal batch cannot be read; set aside");
+                            continue;
+                        }
+                        Err(q) => {
+                            tracing::error!(error = %e, quarantine = %q,
+                                "a usage journal batch cannot be read nor set aside; it stays");
+                            return;
+                        }
+                    }
                 }
             };
             if let Err(e) = self.append(w, id, &records) {
                 tracing::warn!(error = %e, left = total - i, "Redis is still away; usage stays journaled");
                 return;
             }
+            sent += 1;
         }
         match w.journal.clear() {
             Ok(()) => {
-                self.counters
-                    .replayed
-                    .fetch_add(total as u64, Ordering::Relaxed);
-                tracing::info!(batches = total, "journaled usage appended to Redis");
+                self.counters.replayed.fetch_add(sent, Ordering::Relaxed);
+                tracing::info!(batches = sent, "journaled usage appended to Redis");
             }
             // Sent but not cleared: sent again later, and the batch ids keep it once.
             Err(e) => tracing::error!(error = %e, "could not clear the usage journal"),
@@ -686,10 +701,14 @@ impl Replica {
 }
 
 impl Replica {
-    /// Whether the institutions' windows are due to be read again.
-    pub(crate) fn windows_stale(&self) -> bool {
+    /// Whether the institutions' windows are due to be read again before `records` go out:
+    /// a minute has passed, or one of them names a patron of an institution not read yet.
+    pub(crate) fn windows_stale(&self, records: &[UsageRecord]) -> bool {
         let w = self.windows.lock().unwrap_or_else(|p| p.into_inner());
         w.0.is_none_or(|read| read.elapsed() >= WINDOWS_FOR)
+            || records
+                .iter()
+                .any(|r| r.patron_ref.is_some() && !w.1.contains_key(&*r.institution_id))
     }
 
     /// The institutions' windows, as just read from the view.
@@ -707,8 +726,8 @@ type PatronRefs<'a> = Vec<(usize, &'a str)>;
 
 /// Splits a batch for the shared stream: the records without their patrons, and the patron
 /// references grouped by when their window ends (`windows`: seconds by institution; the
-/// default for one not known yet). A reference whose window has already ended (a batch sent
-/// late from the journal) is dropped.
+/// shortest window any institution may set for one this replica does not know yet). A
+/// reference whose window has already ended (a batch sent late from the journal) is dropped.
 fn split_patrons(
     records: &[UsageRecord],
     windows: &HashMap<String, i64>,
@@ -725,7 +744,7 @@ fn split_patrons(
         let window = windows
             .get(&*r.institution_id)
             .copied()
-            .unwrap_or(super::retention::DEFAULT_WINDOW);
+            .unwrap_or(super::retention::SHORTEST_WINDOW);
         let ends = r.at.saturating_add(window);
         if ends > now {
             parts.entry(ends).or_default().push((i, patron));
@@ -1109,6 +1128,8 @@ mod tests {
             record(100, "long", Some("p2")),
             record(101, "short", Some("p3")),
             record(10, "short", Some("gone")),
+            // Not known here yet: the shortest window any institution may have.
+            record(100, "new", Some("p4")),
         ];
         let windows = HashMap::from([("short".to_owned(), 3600), ("long".to_owned(), 7200)]);
         let (batch, parts) = split_patrons(&records, &windows, 3650);
@@ -1136,6 +1157,34 @@ mod tests {
             split_patrons(&plain, &windows, 0),
             (encode_batch(&plain), Vec::new())
         );
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_journal_batch_is_set_aside_and_the_rest_are_sent() {
+        let prefix = prefix("quarantine");
+        let a = test_replica(&prefix).await;
+        let record = UsageRecord {
+            request_id: "req_after".into(),
+            institution_id: "inst_q".into(),
+            day: "2026-11-27".into(),
+            prompt_tokens: 4,
+            ..UsageRecord::default()
+        };
+        let r = a.replica.as_ref().unwrap();
+        {
+            let mut w = r.writer.lock().unwrap();
+            // Whole (its checksum holds) but of a format this build does not know.
+            w.journal.append(&[1; 16], b"\x09not a batch").unwrap();
+            w.journal
+                .append(&[2; 16], &encode_batch(std::slice::from_ref(&record)))
+                .unwrap();
+        }
+        r.retry_journal(true);
+        assert!(r.writer.lock().unwrap().journal.is_empty());
+        assert_eq!(r.counters.quarantined.load(Ordering::Relaxed), 1);
+        assert_eq!(r.counters.replayed.load(Ordering::Relaxed), 1);
+        a.catch_up().await.unwrap();
+        assert_eq!(a.usage_records("inst_q", 10).await.unwrap(), vec![record]);
     }
 
     #[test]

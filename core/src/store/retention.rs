@@ -35,6 +35,9 @@ pub const MAX_PATRON_RETENTION_HOURS: u32 = 7 * 24;
 
 /// The default window, in seconds.
 pub(super) const DEFAULT_WINDOW: i64 = DEFAULT_PATRON_RETENTION_HOURS as i64 * 3600;
+/// The shortest window an institution may set, in seconds: what an institution whose window
+/// is not known gets, so that not knowing never keeps a patron longer.
+pub(super) const SHORTEST_WINDOW: i64 = 3600;
 
 /// Each institution's window, in seconds.
 pub(super) fn windows(c: &Connection) -> Result<HashMap<String, i64>, StoreError> {

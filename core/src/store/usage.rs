@@ -155,17 +155,17 @@ impl Store {
         match &self.replica {
             None => self.blocking(|c| insert_usage(c, records)),
             Some(r) => {
-                self.refresh_patron_windows(r);
+                self.refresh_patron_windows(r, records);
                 r.publish_usage(records)
             }
         }
     }
 
     /// Gives the replica the institutions' patron windows, which decide how long Redis keeps
-    /// the patron references of what it sends, unless it read them within the last minute.
-    /// On failure the windows read before stay in use.
-    fn refresh_patron_windows(&self, r: &super::replica::Replica) {
-        if r.windows_stale() {
+    /// the patron references of what it sends, unless it read them within the last minute and
+    /// they cover `records`. On failure the windows read before stay in use.
+    fn refresh_patron_windows(&self, r: &super::replica::Replica, records: &[UsageRecord]) {
+        if r.windows_stale(records) {
             match self.blocking(|c| super::retention::windows(c)) {
                 Ok(windows) => r.set_windows(windows),
                 Err(e) => tracing::warn!(error = %e, "could not read the patron windows"),
@@ -178,7 +178,7 @@ impl Store {
     /// flush); nothing to do on the embedded backend.
     pub fn retry_usage_journal_blocking(&self, now: bool) {
         if let Some(r) = &self.replica {
-            self.refresh_patron_windows(r);
+            self.refresh_patron_windows(r, &[]);
             r.retry_journal(now);
         }
     }
