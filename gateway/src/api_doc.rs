@@ -174,9 +174,10 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 #[utoipa::path(post, path = "/v1/chat/completions", tag = "public",
     request_body = ChatCompletionRequest,
     params(("x-carrel-cache" = Option<String>, Header,
-        description = "`bypass`: never answer from the response cache; `allow`: cache this answer \
-                       although it is not deterministic (`temperature` is not 0) or carries a \
-                       conversation's history. Minors' requests are never cached.")),
+        description = "`bypass`: neither answer from the response cache nor store the answer; \
+                       `allow`: use the cache (answer from it, or store the answer) although the \
+                       request is not deterministic (`temperature` is not 0) or carries a \
+                       conversation's history. Minors' requests never use the cache.")),
     responses(
         (status = 200, description = "The completion: one JSON object, or server-sent events \
                                       when the request set `stream: true`",
@@ -210,9 +211,10 @@ pub fn v1_chat_completions() {}
 #[utoipa::path(post, path = "/v1/completions", tag = "public",
     request_body = CompletionRequest,
     params(("x-carrel-cache" = Option<String>, Header,
-        description = "`bypass`: never answer from the response cache; `allow`: cache this answer \
-                       although it is not deterministic (`temperature` is not 0) or carries a \
-                       conversation's history. Minors' requests are never cached.")),
+        description = "`bypass`: neither answer from the response cache nor store the answer; \
+                       `allow`: use the cache (answer from it, or store the answer) although the \
+                       request is not deterministic (`temperature` is not 0) or carries a \
+                       conversation's history. Minors' requests never use the cache.")),
     responses(
         (status = 200, description = "The completion: one JSON object, or server-sent events \
                                       when the request set `stream: true`",
@@ -243,9 +245,10 @@ pub fn v1_completions() {}
 #[utoipa::path(post, path = "/v1/embeddings", tag = "public",
     request_body = EmbeddingRequest,
     params(("x-carrel-cache" = Option<String>, Header,
-        description = "`bypass`: never answer from the response cache; `allow`: cache this answer \
-                       although it is not deterministic (`temperature` is not 0) or carries a \
-                       conversation's history. Minors' requests are never cached.")),
+        description = "`bypass`: neither answer from the response cache nor store the answer; \
+                       `allow`: use the cache (answer from it, or store the answer) although the \
+                       request is not deterministic (`temperature` is not 0) or carries a \
+                       conversation's history. Minors' requests never use the cache.")),
     responses(
         (status = 200, description = "One embedding per input", body = EmbeddingList,
             headers(("x-carrel-request-id" = String,
