@@ -282,6 +282,46 @@ impl Gateway {
         inst["id"].as_str().unwrap().to_owned()
     }
 
+    /// Gives institution `inst` a local patron list: `csv` as `POST …/patrons` takes it
+    /// (`card,pin[,age_band]` lines after a header).
+    pub async fn local_patrons(&self, inst: &str, csv: &str) {
+        let path = format!("/admin/v1/institutions/{inst}");
+        let (status, body) = self
+            .admin(
+                reqwest::Method::PUT,
+                &format!("{path}/patron-auth"),
+                Some(json!({"kind": "local"})),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let resp = self
+            .http
+            .post(self.admin_url(&format!("{path}/patrons")))
+            .bearer_auth(ADMIN_TOKEN)
+            .header("content-type", "text/csv")
+            .body(csv.to_owned())
+            .send()
+            .await
+            .expect("patron list upload");
+        assert_eq!(resp.status(), 200);
+    }
+
+    /// Signs a patron in at a kiosk (`kiosk`: the kiosk key's secret); returns the session
+    /// token. Signing in ends the kiosk's previous session.
+    pub async fn patron_session(&self, kiosk: &str, card: &str, pin: &str) -> String {
+        let resp = self
+            .http
+            .post(self.url("/v1/patron/sessions"))
+            .bearer_auth(kiosk)
+            .json(&json!({"card": card, "pin": pin}))
+            .send()
+            .await
+            .expect("sign-in request");
+        assert_eq!(resp.status(), 201);
+        let session: Value = resp.json().await.expect("a session");
+        session["token"].as_str().expect("a token").to_owned()
+    }
+
     /// Creates an admin account with [`PASSWORD`] and signs it in; returns the session token.
     pub async fn session(&self, username: &str, role: &str, institution: Option<&str>) -> String {
         let mut body = json!({"username": username, "password": PASSWORD, "role": role});

@@ -185,52 +185,21 @@ async fn answers_stay_in_their_institution_and_only_deterministic_requests_use_t
 async fn a_minor_s_request_is_never_served_from_the_cache() {
     let (mock, gw) = Gateway::with_mock().await;
     let inst = gw.institution("Riverside").await;
-    let inst_path = format!("/admin/v1/institutions/{inst}");
-    let (status, _) = gw
-        .admin(
-            Method::PUT,
-            &format!("{inst_path}/patron-auth"),
-            Some(json!({"kind": "local"})),
-        )
-        .await;
-    assert_eq!(status, 200);
-    let resp = gw
-        .http
-        .post(gw.admin_url(&format!("{inst_path}/patrons")))
-        .bearer_auth(ADMIN_TOKEN)
-        .header("content-type", "text/csv")
-        .body("card,pin,age_band\n1001,1111,minor\n2002,2222,adult\n")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
+    gw.local_patrons(
+        &inst,
+        "card,pin,age_band\n1001,1111,minor\n2002,2222,adult\n",
+    )
+    .await;
     let (_, kiosk) = gw
         .create_key(&inst, json!({"name": "Kiosk", "kind": "kiosk"}))
         .await;
-    let sign_in = |card: &'static str, pin: &'static str| {
-        let http = gw.http.clone();
-        let url = gw.url("/v1/patron/sessions");
-        let kiosk = kiosk.clone();
-        async move {
-            let resp = http
-                .post(url)
-                .bearer_auth(kiosk)
-                .json(&json!({"card": card, "pin": pin}))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(resp.status(), 201);
-            let session: Value = resp.json().await.unwrap();
-            session["token"].as_str().unwrap().to_owned()
-        }
-    };
     let body = ask(0.0);
-    let adult = sign_in("2002", "2222").await;
+    let adult = gw.patron_session(&kiosk, "2002", "2222").await;
     assert_eq!(chat(&gw, &adult, &body, None).await.1, "miss");
     assert_eq!(chat(&gw, &adult, &body, None).await.1, "hit");
     // The same question from a minor at the same kiosk (signing in ends the adult's session):
     // not from the cache, even when the client asks for it.
-    let minor = sign_in("1001", "1111").await;
+    let minor = gw.patron_session(&kiosk, "1001", "1111").await;
     assert_eq!(chat(&gw, &minor, &body, None).await.1, "bypass");
     assert_eq!(chat(&gw, &minor, &body, Some("allow")).await.1, "bypass");
     assert_eq!(chat_calls(&mock), 3);

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use carrel_tests::mock::{Gate, MockUpstream, Reply, StreamScript};
-use carrel_tests::{ADMIN_TOKEN, Gateway, config_for, error_of};
+use carrel_tests::{Gateway, config_for, error_of};
 use reqwest::Method;
 use serde_json::{Value, json};
 
@@ -223,47 +223,18 @@ async fn a_minor_stays_at_baseline_and_no_patron_session_reaches_frontier() {
     let inst = gw.institution("Riverside").await;
     let inst_path = format!("/admin/v1/institutions/{inst}");
     patch(&gw, &inst_path, json!({"frontier_verified": true})).await;
-    let (status, _) = gw
-        .admin(
-            Method::PUT,
-            &format!("{inst_path}/patron-auth"),
-            Some(json!({"kind": "local"})),
-        )
-        .await;
-    assert_eq!(status, 200);
-    let resp = gw
-        .http
-        .post(gw.admin_url(&format!("{inst_path}/patrons")))
-        .bearer_auth(ADMIN_TOKEN)
-        .header("content-type", "text/csv")
-        .body("card,pin,age_band\n1001,1111,minor\n2002,2222,adult\n")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
+    gw.local_patrons(
+        &inst,
+        "card,pin,age_band\n1001,1111,minor\n2002,2222,adult\n",
+    )
+    .await;
     let (_, kiosk) = gw
         .create_key(
             &inst,
             json!({"name": "Kiosk", "kind": "kiosk", "tier_ceiling": "frontier"}),
         )
         .await;
-    let sign_in = |card: &'static str, pin: &'static str| {
-        let http = gw.http.clone();
-        let url = gw.url("/v1/patron/sessions");
-        let kiosk = kiosk.clone();
-        async move {
-            let resp = http
-                .post(url)
-                .bearer_auth(kiosk)
-                .json(&json!({"card": card, "pin": pin}))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(resp.status(), 201);
-            let session: Value = resp.json().await.unwrap();
-            session["token"].as_str().unwrap().to_owned()
-        }
-    };
+    let sign_in = |card: &'static str, pin: &'static str| gw.patron_session(&kiosk, card, pin);
 
     let minor = sign_in("1001", "1111").await;
     assert_eq!(code(&gw, &minor, "mock-model").await, ok());
@@ -688,10 +659,9 @@ async fn a_minor_s_answers_are_screened_whole_and_while_streaming() {
     let gw = Gateway::start(&config_for(&mock.base_url(), RULES)).await;
     let inst = gw.institution("Youth Library").await;
     let inst_path = format!("/admin/v1/institutions/{inst}");
-    gw.admin(
-        Method::PUT,
-        &format!("{inst_path}/patron-auth"),
-        Some(json!({"kind": "local"})),
+    gw.local_patrons(
+        &inst,
+        "card,pin,age_band\n3003,3333,minor\n4004,4444,adult\n",
     )
     .await;
     gw.admin(
@@ -700,37 +670,10 @@ async fn a_minor_s_answers_are_screened_whole_and_while_streaming() {
         Some(json!({"minor_refusal": "Let's find something else to explore together!"})),
     )
     .await;
-    let resp = gw
-        .http
-        .post(gw.admin_url(&format!("{inst_path}/patrons")))
-        .bearer_auth(ADMIN_TOKEN)
-        .header("content-type", "text/csv")
-        .body("card,pin,age_band\n3003,3333,minor\n4004,4444,adult\n")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
     let (_, kiosk) = gw
         .create_key(&inst, json!({"name": "Kiosk", "kind": "kiosk"}))
         .await;
-    let session = |card: &'static str, pin: &'static str| {
-        let (http, url, kiosk) = (
-            gw.http.clone(),
-            gw.url("/v1/patron/sessions"),
-            kiosk.clone(),
-        );
-        async move {
-            let resp = http
-                .post(url)
-                .bearer_auth(kiosk)
-                .json(&json!({"card": card, "pin": pin}))
-                .send()
-                .await
-                .unwrap();
-            let session: Value = resp.json().await.unwrap();
-            session["token"].as_str().unwrap().to_owned()
-        }
-    };
+    let session = |card: &'static str, pin: &'static str| gw.patron_session(&kiosk, card, pin);
     let mut answer = carrel_tests::mock::chat_completion("mock-model");
     answer["choices"][0]["message"]["content"] = json!("Let's go to the casino tonight!");
     mock.script(
