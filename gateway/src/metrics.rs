@@ -33,7 +33,8 @@ async fn serve(State(state): State<AppState>) -> impl IntoResponse {
     )
 }
 
-/// One counter family: its help text and each labelled value.
+/// One family (a counter when its name ends in `_total`, else a gauge): its help text and each
+/// labelled value.
 struct Family<'a> {
     name: &'a str,
     help: &'a str,
@@ -116,6 +117,17 @@ pub fn render(state: &AppState) -> String {
             help: "Answers stored in the response cache.",
             values: vec![(None, load(&c.stored))],
         });
+        let (entries, bytes) = cache.size();
+        families.push(Family {
+            name: "carrel_cache_answers",
+            help: "Answers the response cache holds now.",
+            values: vec![(None, entries)],
+        });
+        families.push(Family {
+            name: "carrel_cache_bytes",
+            help: "Bytes of answers the response cache holds now (bounded by cache.max_mib).",
+            values: vec![(None, bytes)],
+        });
     }
     families.push(Family {
         name: "carrel_patron_sign_ins_total",
@@ -195,10 +207,11 @@ pub fn render(state: &AppState) -> String {
     }
     let mut out = String::new();
     for f in families {
-        let kind = if f.name.ends_with("_info") {
-            "gauge"
-        } else {
+        // Prometheus naming: counters end in `_total`; the rest are gauges.
+        let kind = if f.name.ends_with("_total") {
             "counter"
+        } else {
+            "gauge"
         };
         let _ = writeln!(out, "# HELP {} {}", f.name, f.help);
         let _ = writeln!(out, "# TYPE {} {kind}", f.name);

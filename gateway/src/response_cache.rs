@@ -63,7 +63,7 @@ impl CacheStatus {
 /// Counters for `/metrics`.
 #[derive(Debug, Default)]
 pub struct CacheCounters {
-    /// Answered from a stored answer.
+    /// Answered from a stored answer (counted by the cache stage, once it served it).
     pub hits: AtomicU64,
     /// Answered with the answer of an identical request in flight.
     pub coalesced: AtomicU64,
@@ -100,8 +100,13 @@ impl std::fmt::Debug for ResponseCache {
 /// What a lookup found.
 #[derive(Debug)]
 pub enum Lookup {
-    /// The answer.
-    Hit(Arc<Answer>),
+    /// The answer: stored, or (`coalesced`) that of an identical request in flight.
+    Hit {
+        /// The answer.
+        answer: Arc<Answer>,
+        /// Whether it came from the request in flight rather than the store.
+        coalesced: bool,
+    },
     /// Not cached, and this request asks the provider for everyone: it must hand the answer
     /// to [`Leader::publish`] (dropping the leader lets the waiters ask themselves).
     Lead(Leader),
@@ -165,8 +170,10 @@ impl ResponseCache {
     /// identical request in flight or becomes the one the others wait for.
     pub async fn lookup(self: &Arc<Self>, key: Key, lead: bool) -> Lookup {
         if let Some(answer) = self.answers.get(&key) {
-            self.counters.hits.fetch_add(1, Ordering::Relaxed);
-            return Lookup::Hit(answer);
+            return Lookup::Hit {
+                answer,
+                coalesced: false,
+            };
         }
         if !lead {
             return Lookup::Miss;
@@ -175,8 +182,10 @@ impl ResponseCache {
             let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
             // Again under the lock: a leader stores its answer before it leaves the map.
             if let Some(answer) = self.answers.get(&key) {
-                self.counters.hits.fetch_add(1, Ordering::Relaxed);
-                return Lookup::Hit(answer);
+                return Lookup::Hit {
+                    answer,
+                    coalesced: false,
+                };
             }
             match in_flight.get(&key) {
                 Some(rx) => rx.clone(),
@@ -194,19 +203,19 @@ impl ResponseCache {
         let mut waiting = waiting;
         let answer = tokio::time::timeout(self.wait, waiting.wait_for(Option::is_some)).await;
         match answer {
-            Ok(Ok(answer)) => {
-                self.counters.coalesced.fetch_add(1, Ordering::Relaxed);
-                Lookup::Hit(Arc::clone(answer.as_ref().expect("waited for an answer")))
-            }
+            Ok(Ok(answer)) => Lookup::Hit {
+                answer: Arc::clone(answer.as_ref().expect("waited for an answer")),
+                coalesced: true,
+            },
             // The leader got no cacheable answer, or took too long: ask the provider.
             Ok(Err(_)) | Err(_) => Lookup::Miss,
         }
     }
 
-    /// Entries held (for tests and metrics).
-    pub fn entries(&self) -> u64 {
+    /// Answers held, and their bytes (for metrics).
+    pub fn size(&self) -> (u64, u64) {
         self.answers.run_pending_tasks();
-        self.answers.entry_count()
+        (self.answers.entry_count(), self.answers.weighted_size())
     }
 }
 
@@ -390,11 +399,21 @@ mod tests {
         };
         let waiter = cache.lookup([1; 32], true);
         let (found, ()) = tokio::join!(waiter, async { leader.publish(Bytes::from("A")) });
-        let Lookup::Hit(answer) = found else {
+        let Lookup::Hit {
+            answer,
+            coalesced: true,
+        } = found
+        else {
             panic!("the waiter gets the leader's answer");
         };
         assert_eq!(answer.body, "A");
-        assert!(matches!(cache.lookup([1; 32], true).await, Lookup::Hit(_)));
+        assert!(matches!(
+            cache.lookup([1; 32], true).await,
+            Lookup::Hit {
+                coalesced: false,
+                ..
+            }
+        ));
 
         // A leader that gives up leaves its waiters to ask for themselves.
         let Lookup::Lead(leader) = cache.lookup([2; 32], true).await else {
@@ -405,7 +424,7 @@ mod tests {
         assert!(matches!(found, Lookup::Miss));
         // Not leading: nobody waits for a stream's request.
         assert!(matches!(cache.lookup([3; 32], false).await, Lookup::Miss));
-        assert_eq!(cache.counters.coalesced.load(Ordering::Relaxed), 1);
+        assert_eq!(cache.size().0, 1);
     }
 
     #[test]

@@ -32,8 +32,8 @@ pub async fn run(
     };
     // A stream is not read whole, so it never leads; it takes what is already stored.
     let stream = ctx.fields().stream;
-    let answer = match cache.lookup(key, !stream).await {
-        Lookup::Hit(answer) => answer,
+    let (answer, coalesced) = match cache.lookup(key, !stream).await {
+        Lookup::Hit { answer, coalesced } => (answer, coalesced),
         Lookup::Lead(leader) => {
             ctx.cache_leader = Some(leader);
             return Ok(miss(cache, ctx));
@@ -49,6 +49,12 @@ pub async fn run(
     } else {
         answer.body.clone()
     };
+    let served = if coalesced {
+        &cache.counters.coalesced
+    } else {
+        &cache.counters.hits
+    };
+    served.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     ctx.cache = Some(CacheStatus::Hit);
     let reservation = ctx.reservation.take();
     forward::meter(state, ctx, reservation).cached();

@@ -139,6 +139,7 @@ async fn a_hundred_identical_requests_make_one_upstream_call_and_hits_cost_nothi
     };
     assert_eq!(count("miss"), 1);
     assert_eq!(count("hit") + count("coalesced"), 99);
+    assert!(metrics.contains("# TYPE carrel_cache_answers gauge\ncarrel_cache_answers 1\n"));
 }
 
 #[tokio::test]
