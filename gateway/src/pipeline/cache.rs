@@ -3,12 +3,9 @@
 //! refunded) and recorded as cached; it is signed like any answer. A stream asked for an answer
 //! that is cached gets it replayed as events.
 
-use std::sync::Arc;
-
-use http::{HeaderMap, HeaderValue, Response, StatusCode};
+use http::{HeaderMap, HeaderValue, StatusCode};
 
 use crate::app::AppState;
-use crate::body::ResponseBody;
 use crate::error::GatewayError;
 use crate::pipeline::{Flow, RequestCtx, forward};
 use crate::response_cache::{self, CacheStatus, Lookup};
@@ -65,7 +62,7 @@ pub async fn run(
             HeaderValue::from_static("text/event-stream"),
         );
     }
-    let resp = sign(state, ctx, resp).await?;
+    let resp = forward::sign(state, ctx, resp).await?;
     Ok(Flow::Respond(resp))
 }
 
@@ -112,21 +109,4 @@ fn cacheable(ctx: &RequestCtx, headers: &HeaderMap) -> Option<response_cache::Ke
         ctx.endpoint,
         body,
     ))
-}
-
-async fn sign(
-    state: &AppState,
-    ctx: &RequestCtx,
-    resp: Response<ResponseBody>,
-) -> Result<Response<ResponseBody>, GatewayError> {
-    let signer = state.signer.as_ref().map(Arc::clone);
-    let id = ctx
-        .recorded_as
-        .as_ref()
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    match signer.zip(id) {
-        Some((signer, id)) => signer.sign(resp, &id, &ctx.route().name).await,
-        None => Ok(resp),
-    }
 }

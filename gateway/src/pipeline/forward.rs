@@ -18,7 +18,6 @@ use crate::openai::Rewrite;
 use crate::pipeline::{Endpoint, RequestCtx};
 use crate::safeguards::containment::Subject;
 use crate::safeguards::screening::{ScreenedStream, answer_text};
-use crate::signing::ResponseSigner;
 use crate::upstream::catalog::Target;
 
 /// What meters this request: from here on it has a usage record, and the client learns its id
@@ -79,21 +78,12 @@ pub async fn run(
             state.demo_word_delay,
         )),
     };
-    let signed_as: Option<(Arc<ResponseSigner>, String)> = state.signer.clone().zip(
-        ctx.recorded_as
-            .as_ref()
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned),
-    );
     let resp = match resp {
         Ok(resp) if resp.status().is_success() => resp,
         Ok(refusal) => {
             // The provider refused: nothing was used. Its answer is signed as it is relayed.
             meter.refused();
-            return match signed_as {
-                Some((signer, id)) => signer.sign(refusal, &id, &route.name).await,
-                None => Ok(refusal),
-            };
+            return sign(state, ctx, refusal).await;
         }
         Err(e) => {
             // The provider could not be reached: nothing was used.
@@ -182,8 +172,19 @@ pub async fn run(
         }
         _ => resp,
     };
-    match signed_as {
-        Some((signer, id)) => signer.sign(resp, &id, &route.name).await,
-        None => Ok(resp),
+    sign(state, ctx, resp).await
+}
+
+/// Signs an answer when `signing.enabled`, over the request's id (`x-carrel-request-id`, set
+/// by [`meter`]) and the public model name.
+pub async fn sign(
+    state: &AppState,
+    ctx: &RequestCtx,
+    resp: Response<ResponseBody>,
+) -> Result<Response<ResponseBody>, GatewayError> {
+    let id = ctx.recorded_as.as_ref().and_then(|v| v.to_str().ok());
+    match (&state.signer, id) {
+        (Some(signer), Some(id)) => signer.sign(resp, id, &ctx.route().name).await,
+        _ => Ok(resp),
     }
 }
