@@ -287,6 +287,7 @@ pub fn key(institution: &str, model: &str, endpoint: Endpoint, mut body: serde_j
 /// A cached answer replayed as the server-sent events of a stream: a chunk per choice with its
 /// whole text, the usage when the client asked for it, and `[DONE]`.
 pub fn as_stream(endpoint: Endpoint, answer: &[u8], include_usage: bool) -> Option<Bytes> {
+    let capacity = answer.len() + 256;
     let answer: serde_json::Value = serde_json::from_slice(answer).ok()?;
     let chunk_object = match endpoint {
         Endpoint::ChatCompletions => "chat.completion.chunk",
@@ -303,7 +304,7 @@ pub fn as_stream(endpoint: Endpoint, answer: &[u8], include_usage: bool) -> Opti
             "choices": choices,
         })
     };
-    let mut out = Vec::with_capacity(answer.to_string().len() + 256);
+    let mut out = Vec::with_capacity(capacity);
     let mut event = |value: &serde_json::Value| {
         out.extend_from_slice(b"data: ");
         out.extend_from_slice(value.to_string().as_bytes());

@@ -41,7 +41,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, oneshot, watch};
 
 use super::journal::Journal;
-use super::usage::{decode_batch, encode_batch, insert_usage};
+use super::usage::{decode_batch, encode_batch, encode_records, insert_usage};
 use super::write::{Command, Outcome, StoreEvent, WriteCtx};
 use super::{Store, StoreError, UsageRecord};
 
@@ -750,18 +750,11 @@ fn split_patrons(
             parts.entry(ends).or_default().push((i, patron));
         }
     }
-    let anonymous: Vec<UsageRecord> = records
-        .iter()
-        .map(|r| UsageRecord {
-            patron_ref: None,
-            ..r.clone()
-        })
-        .collect();
     let parts = parts
         .into_iter()
         .map(|(ends, refs)| (ends, serde_json::to_vec(&refs).expect("pairs serialise")))
         .collect();
-    (encode_batch(&anonymous), parts)
+    (encode_records(records, false), parts)
 }
 
 /// Puts the references of one patron part back into the records of its batch.

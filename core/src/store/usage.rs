@@ -451,6 +451,11 @@ const BATCH_FORMAT: u8 = 1;
 /// then UTF-8; an optional one stores length + 1, or 0 for none), its numbers as LEB128
 /// (signed ones zigzagged), and a flags byte (status in bits 0–1, estimated, cached).
 pub fn encode_batch(records: &[UsageRecord]) -> Vec<u8> {
+    encode_records(records, true)
+}
+
+/// [`encode_batch`], leaving every patron reference out when `patrons` is false.
+pub(super) fn encode_records(records: &[UsageRecord], patrons: bool) -> Vec<u8> {
     let mut out = Vec::with_capacity(1 + records.len() * 128);
     out.push(BATCH_FORMAT);
     for r in records {
@@ -464,7 +469,8 @@ pub fn encode_batch(records: &[UsageRecord]) -> Vec<u8> {
             put_uint(&mut out, s.len() as u64);
             out.extend_from_slice(s.as_bytes());
         }
-        for s in [&r.site_id, &r.group_id, &r.patron_ref] {
+        let patron = if patrons { &r.patron_ref } else { &None };
+        for s in [&r.site_id, &r.group_id, patron] {
             match s {
                 None => out.push(0),
                 Some(s) => {
