@@ -344,6 +344,18 @@ impl Gateway {
         session["token"].as_str().unwrap().to_owned()
     }
 
+    /// The admin listener's `/metrics` exposition text.
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(self.admin_url("/metrics"))
+            .send()
+            .await
+            .expect("metrics request")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
     /// GETs a public path with a key.
     pub async fn get(&self, path: &str, key: &str) -> reqwest::Response {
         self.http
@@ -396,6 +408,14 @@ tier = "frontier"
 {extra}
 "#
     )
+}
+
+/// The value of one series (name and labels, as exposed) in `metrics`; panics if absent.
+pub fn metric(metrics: &str, series: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in\n{metrics}"))
 }
 
 /// An error response's status, OpenAI `code` and message (empty strings when the body has

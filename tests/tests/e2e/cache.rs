@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use carrel_tests::mock::{MockUpstream, Reply};
-use carrel_tests::{ADMIN_TOKEN, Gateway, unsigned};
+use carrel_tests::{Gateway, unsigned};
 use reqwest::Method;
 use serde_json::{Value, json};
 
@@ -119,23 +119,12 @@ async fn a_hundred_identical_requests_make_one_upstream_call_and_hits_cost_nothi
             .iter()
             .all(|r| r.prompt_tokens + r.completion_tokens == 0 && r.cost_nano_usd == 0)
     );
-    let metrics = gw
-        .http
-        .get(gw.admin_url("/metrics"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = gw.metrics().await;
     let count = |result: &str| {
-        let line = format!("carrel_cache_requests_total{{result=\"{result}\"}} ");
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(&line))
-            .and_then(|n| n.parse::<u64>().ok())
-            .unwrap_or_else(|| panic!("no {line} in {metrics}"))
+        carrel_tests::metric(
+            &metrics,
+            &format!("carrel_cache_requests_total{{result=\"{result}\"}}"),
+        )
     };
     assert_eq!(count("miss"), 1);
     assert_eq!(count("hit") + count("coalesced"), 99);

@@ -206,21 +206,8 @@ async fn usage_while_redis_is_away_is_journaled_then_sent_once() {
     assert!(counters.replayed.load(std::sync::atomic::Ordering::Relaxed) > 0);
     // And an operator sees it in the metrics. (The requests themselves needed no Redis: the
     // lease the replica held went on serving them.)
-    let metrics = gw
-        .http
-        .get(gw.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let value = |series: &str| -> u64 {
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no {series} in\n{metrics}"))
-    };
+    let metrics = gw.metrics().await;
+    let value = |series: &str| carrel_tests::metric(&metrics, series);
     assert!(value("carrel_usage_journal_batches_total{event=\"journaled\"}") > 0);
     assert!(value("carrel_usage_journal_batches_total{event=\"replayed\"}") > 0);
     assert_eq!(value("carrel_usage_records_total{outcome=\"failed\"}"), 0);

@@ -904,18 +904,13 @@ async fn the_moderation_hook_blocks_what_it_flags_and_frontier_fails_closed_with
         code(&gw, &frontier, "frontier-model").await,
         refused("safeguard_unavailable")
     );
-    let metrics = gw
-        .http
-        .get(gw.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(
-        metrics.contains("carrel_moderation_checks_total{outcome=\"failed\"} 2"),
-        "{metrics}"
+    let metrics = gw.metrics().await;
+    assert_eq!(
+        carrel_tests::metric(
+            &metrics,
+            "carrel_moderation_checks_total{outcome=\"failed\"}"
+        ),
+        2
     );
 }
 
