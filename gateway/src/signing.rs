@@ -13,14 +13,13 @@
 //! `carrel rotate-signing-key` moves its public half into `signing.retired_keys_file`, which
 //! stays published, and writes a new key.
 
-use std::collections::VecDeque;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use carrel_core::config::SigningConfig;
 use carrel_core::signing::{
     ContentDigester, Jwks, KeyRing, PublicKey, ResponseComponents, SigningKey, content_digest,
@@ -265,9 +264,9 @@ impl ResponseSigner {
             };
             return Ok(Response::from_parts(parts, body.boxed()));
         }
-        let collected = match collect_bounded(body, MAX_SIGNED_BODY).await {
-            Ok(Collected::Whole(bytes)) => bytes,
-            Ok(Collected::TooLong(body)) => {
+        let collected = match crate::body::read_up_to(body, MAX_SIGNED_BODY).await {
+            Ok(Ok(bytes)) => bytes,
+            Ok(Err(body)) => {
                 self.unsigned.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(
                     limit = MAX_SIGNED_BODY,
@@ -299,84 +298,6 @@ impl ResponseSigner {
             }
         }
         Ok(Response::from_parts(parts, crate::body::full(collected)))
-    }
-}
-
-/// Reads `body` whole if it is at most `limit` bytes (`None` if longer).
-pub async fn read_whole(body: ResponseBody, limit: usize) -> Result<Option<Bytes>, BoxError> {
-    Ok(match collect_bounded(body, limit).await? {
-        Collected::Whole(bytes) => Some(bytes),
-        Collected::TooLong(_) => None,
-    })
-}
-
-/// Reads `body` whole if it is at most `limit` bytes; otherwise gives back a body that replays
-/// what was read and goes on with the rest.
-pub async fn read_bounded(
-    body: ResponseBody,
-    limit: usize,
-) -> Result<Result<Bytes, ResponseBody>, BoxError> {
-    Ok(match collect_bounded(body, limit).await? {
-        Collected::Whole(bytes) => Ok(bytes),
-        Collected::TooLong(body) => Err(body),
-    })
-}
-
-enum Collected {
-    Whole(Bytes),
-    /// Longer than the limit: what was read, then the rest, as one body.
-    TooLong(ResponseBody),
-}
-
-/// Reads `body` whole if it is at most `limit` bytes; otherwise gives back a body that replays
-/// what was read and goes on with the rest.
-async fn collect_bounded(mut body: ResponseBody, limit: usize) -> Result<Collected, BoxError> {
-    let mut frames: VecDeque<Bytes> = VecDeque::new();
-    let mut len = 0;
-    while let Some(frame) = body.frame().await {
-        let Ok(data) = frame?.into_data() else {
-            // Trailers: not on the responses Carrel signs.
-            continue;
-        };
-        len += data.len();
-        frames.push_back(data);
-        if len > limit {
-            return Ok(Collected::TooLong(Replay { frames, rest: body }.boxed()));
-        }
-    }
-    Ok(Collected::Whole(match frames.len() {
-        0 => Bytes::new(),
-        1 => frames.pop_front().unwrap_or_default(),
-        _ => {
-            let mut joined = BytesMut::with_capacity(len);
-            frames.iter().for_each(|f| joined.extend_from_slice(f));
-            joined.freeze()
-        }
-    }))
-}
-
-/// Frames already read, then the rest of the body.
-struct Replay {
-    frames: VecDeque<Bytes>,
-    rest: ResponseBody,
-}
-
-impl Body for Replay {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        if let Some(data) = self.frames.pop_front() {
-            return Poll::Ready(Some(Ok(Frame::data(data))));
-        }
-        Pin::new(&mut self.rest).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.frames.is_empty() && self.rest.is_end_stream()
     }
 }
 

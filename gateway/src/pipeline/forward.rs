@@ -141,7 +141,7 @@ pub async fn run(
                 && !resp.headers().contains_key(http::header::CONTENT_ENCODING) =>
         {
             let (parts, body) = resp.into_parts();
-            match crate::signing::read_bounded(body, leader.max_bytes())
+            match crate::body::read_up_to(body, leader.max_bytes())
                 .await
                 .map_err(GatewayError::UpstreamFailed)?
             {
@@ -159,7 +159,7 @@ pub async fn run(
             // The answer is read whole and screened; a blocked one becomes the 400 (its tokens
             // were spent, and are settled all the same). One too large to hold is refused.
             let (parts, body) = resp.into_parts();
-            let bytes = crate::signing::read_whole(body, crate::signing::MAX_SIGNED_BODY)
+            let bytes = crate::body::read_whole(body, crate::signing::MAX_SIGNED_BODY)
                 .await
                 .map_err(GatewayError::UpstreamFailed)?
                 .ok_or_else(|| GatewayError::ContentBlocked {

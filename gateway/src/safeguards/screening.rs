@@ -614,7 +614,7 @@ impl Moderation {
             if !resp.status().is_success() {
                 return Err(format!("the moderation service answered {}", resp.status()));
             }
-            let body = crate::signing::read_whole(
+            let body = crate::body::read_whole(
                 http_body_util::BodyExt::boxed(http_body_util::BodyExt::map_err(
                     resp.into_body(),
                     |e| Box::new(e) as BoxError,
