@@ -14,8 +14,9 @@
 //!
 //! - `{P:<institution>}:q:<level>:<id>`: fields `tat` (the GCRA's theoretical arrival time, µs),
 //!   `d`/`dt` (the day, `yyyymmdd`, and its tokens), `m`/`mt`/`mc` (the month, its tokens and
-//!   its cost in nano-dollars). Expires after [`TTL_DAYS`] idle (a patron's after
-//!   [`PATRON_TTL_DAYS`]).
+//!   its cost in nano-dollars). Expires after [`TTL_DAYS`] idle; a patron's at the end of the
+//!   institution's day it last counted in, so a patron's counters are deleted at the daily
+//!   reset.
 //! - `{P:<institution>}:qs:<level>:<id>`: a sorted set of the stream slots held at a level
 //!   (one per open stream, or per request a lease may serve), each scored by when it lapses,
 //!   so the slot of a replica that died mid-stream comes back after [`STREAM_LEASE`].
@@ -42,15 +43,15 @@ use crate::config::{FailurePolicy, OnFailure};
 /// Days a level's counters live in Redis after their last use (a month's budget must outlive
 /// the month).
 pub const TTL_DAYS: u64 = 40;
-/// Days a patron's counters live after their last use: only the day's tokens matter, and a
-/// day after the last use is past the end of that use's local day, so a patron's counter is
-/// gone within a day of the daily reset.
-pub const PATRON_TTL_DAYS: u64 = 1;
+/// How long a patron's rate state lives when the patron has no counted day yet: longer than a
+/// minute's GCRA needs. A patron's hash that counts a day expires at that day's end instead.
+const PATRON_RATE_TTL_MS: u64 = 120_000;
 /// How long a stream holds its slot without settling.
 pub const STREAM_LEASE: Duration = Duration::from_secs(30 * 60);
 
 /// Request rates. KEYS: one hash per rated level. ARGV: 1 the cells to take (requests: 1, or a
-/// lease of several), then for each level: emission interval (µs), burst, TTL (ms). Returns
+/// lease of several), then for each level: emission interval (µs), burst, TTL (ms; negative:
+/// `-ttl` only when the hash has no expiry, so a patron's hash keeps its day's end). Returns
 /// `{1, limit, remaining, reset_us}` for the tightest rate, or `{0, index, wait_us}` for the
 /// first level without room for the cells (nothing is then counted).
 const ADMIT: &str = r"
@@ -75,7 +76,12 @@ for i = 1, n do
   local em = tonumber(ARGV[3 * i - 1])
   local burst = tonumber(ARGV[3 * i])
   redis.call('HSET', KEYS[i], 'tat', tats[i])
-  redis.call('PEXPIRE', KEYS[i], ARGV[3 * i + 1])
+  local ttl = tonumber(ARGV[3 * i + 1])
+  if ttl >= 0 then
+    redis.call('PEXPIRE', KEYS[i], ttl)
+  elseif redis.call('PTTL', KEYS[i]) < 0 then
+    redis.call('PEXPIRE', KEYS[i], -ttl)
+  end
   local slack = now + em * (burst - 1) + em - tats[i]
   if slack < 0 then slack = 0 end
   local remaining = math.min(math.floor(slack / em), burst)
@@ -86,18 +92,29 @@ end
 return best
 ";
 
-/// The start of the budget scripts: Redis's time, the day and month current by it (ARGV 1–6:
-/// day, its end in ms, the next day; the same for the month), and `counters(key)`, a level's
-/// tokens today, tokens and cost this month (zero for a period that has turned over).
+/// The start of the budget scripts: Redis's time, the day and month current by it (ARGV 1–7:
+/// day, its end in ms, the next day, its end; month, its end, the next month), `counters(key)`,
+/// a level's tokens today, tokens and cost this month (zero for a period that has turned
+/// over), and `expire(key, ttl)`: a TTL in ms, or with `ttl` 0 (a patron's), the end of the
+/// day counted in.
 macro_rules! periods {
     () => {
         r"
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local day = tonumber(ARGV[1])
-if now_ms >= tonumber(ARGV[2]) then day = tonumber(ARGV[3]) end
-local month = tonumber(ARGV[4])
-if now_ms >= tonumber(ARGV[5]) then month = tonumber(ARGV[6]) end
+local day_end = tonumber(ARGV[2])
+if now_ms >= day_end then day = tonumber(ARGV[3]); day_end = tonumber(ARGV[4]) end
+local month = tonumber(ARGV[5])
+if now_ms >= tonumber(ARGV[6]) then month = tonumber(ARGV[7]) end
+local function expire(key, ttl)
+  ttl = tonumber(ttl)
+  if ttl == 0 then
+    redis.call('PEXPIREAT', key, day_end)
+  else
+    redis.call('PEXPIRE', key, ttl)
+  end
+end
 local function counters(key)
   local v = redis.call('HMGET', key, 'd', 'dt', 'm', 'mt', 'mc')
   local dt, mt, mc = 0, 0, 0
@@ -110,33 +127,35 @@ end
 }
 
 /// Reservation. KEYS: one hash per level, then one stream set per level that limits streams.
-/// ARGV: 1 day, 2 day end (ms), 3 next day, 4 month, 5 month end (ms), 6 next month, 7 prompt
-/// tokens, 8 wanted output, 9 choices, 10 nano-dollars per prompt token, 11 per output token,
-/// 12 clamp (0/1), 13 stream slots to hold (0; 1 for a stream; more for a lease), 14
-/// reservation id (slot `j` is member `<id>:<j>`), 15 stream lease (ms), 16 levels, then
-/// for each level: TTL (ms), tokens per day, tokens per month, cost per month, streams (each
-/// -1 for none), and the index of its stream set among KEYS (0 for none).
+/// ARGV: 1–7 the periods (see `periods!`), 8 prompt tokens, 9 wanted output, 10 choices, 11
+/// nano-dollars per prompt token, 12 per output token, 13 clamp (0/1), 14 stream slots to hold
+/// (0; 1 for a stream; more for a lease), 15 reservation id (slot `j` is member `<id>:<j>`),
+/// 16 stream lease (ms), 17 levels, then for each level: TTL (ms, 0 for the day's end), tokens
+/// per day, tokens per month, cost per month, streams (each -1 for none), and the index of its
+/// stream set among KEYS (0 for none). A stream set with the day's end outlives its streams'
+/// lease.
 /// Returns `{1, output, tokens, cost, day, month, h_limit, h_after, h_window, room}`, or
 /// `{0, level, kind, limit, left, window}` (kind: 1 day tokens, 2 month tokens, 3 cost,
 /// 4 streams; window: 1 day, 2 month, 0 none).
 const RESERVE: &str = concat!(
     periods!(),
     r"
-local prompt = tonumber(ARGV[7])
-local wanted = tonumber(ARGV[8])
-local choices = tonumber(ARGV[9])
-local pin = tonumber(ARGV[10])
-local pout = tonumber(ARGV[11])
-local clamp = ARGV[12] == '1'
-local slots = tonumber(ARGV[13])
+local prompt = tonumber(ARGV[8])
+local wanted = tonumber(ARGV[9])
+local choices = tonumber(ARGV[10])
+local pin = tonumber(ARGV[11])
+local pout = tonumber(ARGV[12])
+local clamp = ARGV[13] == '1'
+local slots = tonumber(ARGV[14])
+local lease = tonumber(ARGV[16])
 local stream = slots > 0
-local n = tonumber(ARGV[16])
+local n = tonumber(ARGV[17])
 local used = {}
 local room = math.huge
 local bind = nil
 local h = nil
 for i = 1, n do
-  local b = 16 + (i - 1) * 6
+  local b = 17 + (i - 1) * 6
   local dt, mt, mc = counters(KEYS[i])
   used[i] = {dt, mt, mc}
   local slimit = tonumber(ARGV[b + 5])
@@ -181,17 +200,22 @@ end
 local tokens = prompt + output
 local cost = math.ceil(prompt * pin + output * pout)
 for i = 1, n do
-  local b = 16 + (i - 1) * 6
+  local b = 17 + (i - 1) * 6
   local u = used[i]
   redis.call('HSET', KEYS[i], 'd', day, 'dt', u[1] + tokens, 'm', month, 'mt', u[2] + tokens,
     'mc', u[3] + cost)
-  redis.call('PEXPIRE', KEYS[i], ARGV[b + 1])
+  expire(KEYS[i], ARGV[b + 1])
   local skey = tonumber(ARGV[b + 6])
   if stream and skey > 0 then
     for j = 1, slots do
-      redis.call('ZADD', KEYS[skey], now_ms + tonumber(ARGV[15]), ARGV[14] .. ':' .. j)
+      redis.call('ZADD', KEYS[skey], now_ms + lease, ARGV[15] .. ':' .. j)
     end
-    redis.call('PEXPIRE', KEYS[skey], ARGV[b + 1])
+    local ttl = tonumber(ARGV[b + 1])
+    if ttl == 0 then
+      redis.call('PEXPIREAT', KEYS[skey], math.max(day_end, now_ms + lease))
+    else
+      redis.call('PEXPIRE', KEYS[skey], ttl)
+    end
   end
 end
 if h == nil then return {1, output, tokens, cost, day, month, -1, 0, 0, 0} end
@@ -201,17 +225,17 @@ return {1, output, tokens, cost, day, month, h[1], h[2], h[3], left_room}
 "
 );
 
-/// Settlement. KEYS: the reservation's hashes, then its stream sets. ARGV: 1 day, 2 day end
-/// (ms), 3 next day, 4 month, 5 month end, 6 next month (now), 7 the reservation's day, 8 its
-/// month, 9 tokens reserved, 10 cost reserved, 11 tokens used, 12 cost, 13 reservation id,
-/// 14 hashes, 15 stream slots held, then each hash's TTL (ms).
+/// Settlement. KEYS: the reservation's hashes, then its stream sets. ARGV: 1–7 the periods
+/// now (see `periods!`), 8 the reservation's day, 9 its month, 10 tokens reserved, 11 cost
+/// reserved, 12 tokens used, 13 cost, 14 reservation id, 15 hashes, 16 stream slots held,
+/// then each hash's TTL (ms, 0 for the day's end).
 const SETTLE: &str = concat!(
     periods!(),
     r"
-local rday, rmonth = tonumber(ARGV[7]), tonumber(ARGV[8])
-local rtok, rcost = tonumber(ARGV[9]), tonumber(ARGV[10])
-local tok, cost = tonumber(ARGV[11]), tonumber(ARGV[12])
-local n = tonumber(ARGV[14])
+local rday, rmonth = tonumber(ARGV[8]), tonumber(ARGV[9])
+local rtok, rcost = tonumber(ARGV[10]), tonumber(ARGV[11])
+local tok, cost = tonumber(ARGV[12]), tonumber(ARGV[13])
+local n = tonumber(ARGV[15])
 for i = 1, #KEYS do
   if i <= n then
     local dt, mt, mc = counters(KEYS[i])
@@ -219,10 +243,10 @@ for i = 1, #KEYS do
     if month == rmonth then mt = math.max(mt - rtok, 0); mc = math.max(mc - rcost, 0) end
     redis.call('HSET', KEYS[i], 'd', day, 'dt', dt + tok, 'm', month, 'mt', mt + tok,
       'mc', mc + cost)
-    redis.call('PEXPIRE', KEYS[i], ARGV[15 + i])
+    expire(KEYS[i], ARGV[16 + i])
   else
-    for j = 1, tonumber(ARGV[15]) do
-      redis.call('ZREM', KEYS[i], ARGV[13] .. ':' .. j)
+    for j = 1, tonumber(ARGV[16]) do
+      redis.call('ZREM', KEYS[i], ARGV[14] .. ':' .. j)
     end
   end
 end
@@ -422,7 +446,7 @@ impl Shared {
             inv.key(self.hash_key(institution, level, id))
                 .arg(60_000_000 / per_minute)
                 .arg(per_minute)
-                .arg(ttl_ms(level));
+                .arg(rate_ttl_ms(level));
         }
         let r = self.run(inv).await?;
         match r.as_slice() {
@@ -671,13 +695,19 @@ impl Shared {
     ) -> Result<(), Unreachable> {
         let mut conn = self.conn.clone();
         let key = self.hash_key(institution, Level::Patron, patron);
-        let mut cmd = redis::cmd("HSET");
-        cmd.arg(&key)
+        let mut pipe = redis::pipe();
+        pipe.cmd("HSET")
+            .arg(&key)
             .arg("d")
             .arg(windows.current_day(now))
             .arg("dt")
-            .arg(0);
-        let write = cmd.query_async::<i64>(&mut conn);
+            .arg(0)
+            .ignore()
+            .cmd("PEXPIREAT")
+            .arg(&key)
+            .arg(windows.current_day_end(now).as_millisecond())
+            .ignore();
+        let write = pipe.query_async::<()>(&mut conn);
         match tokio::time::timeout(self.timeout * 5, write).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(Unreachable(e.to_string())),
@@ -704,13 +734,22 @@ fn signed(v: Option<u64>) -> i64 {
     v.map_or(-1, |v| i64::try_from(v).unwrap_or(i64::MAX))
 }
 
+/// A level's hash TTL in the budget scripts: 0 for a patron (the end of the day counted in).
 fn ttl_ms(level: Level) -> u64 {
-    let days = if level == Level::Patron {
-        PATRON_TTL_DAYS
+    if level == Level::Patron {
+        0
     } else {
-        TTL_DAYS
-    };
-    days * 86_400_000
+        TTL_DAYS * 86_400_000
+    }
+}
+
+/// A level's hash TTL in the rate script: a patron's only when its hash has none yet.
+fn rate_ttl_ms(level: Level) -> i64 {
+    if level == Level::Patron {
+        -(PATRON_RATE_TTL_MS as i64)
+    } else {
+        (TTL_DAYS * 86_400_000) as i64
+    }
 }
 
 /// The current day and month of an institution and the ones after them, so a script turns
@@ -728,6 +767,7 @@ impl Windows {
         inv.arg(self.day.id)
             .arg(self.day.resets_at.as_millisecond())
             .arg(self.next_day.id)
+            .arg(self.next_day.resets_at.as_millisecond())
             .arg(self.month.id)
             .arg(self.month.resets_at.as_millisecond())
             .arg(self.next_month.id);
@@ -739,6 +779,15 @@ impl Windows {
         } else {
             self.day.id
         })
+    }
+
+    /// When the day current at `now` ends: when a patron's counters go.
+    fn current_day_end(&self, now: Timestamp) -> Timestamp {
+        if now >= self.day.resets_at {
+            self.next_day.resets_at
+        } else {
+            self.day.resets_at
+        }
     }
 
     fn current_month(&self, now: Timestamp) -> i64 {

@@ -921,6 +921,97 @@ mod shared {
         assert_eq!(used.day_tokens, 120);
     }
 
+    /// A patron's counters in Redis are deleted at the institution's daily reset (its local
+    /// midnight), however they were last touched: a rate check, a reservation, a settlement
+    /// or a staff reset. A key's outlive the month.
+    #[tokio::test]
+    async fn a_patrons_counters_go_at_the_daily_reset() {
+        let prefix = prefix("patron-ttl");
+        let mut t = LimitsTable::default();
+        t.insert(
+            Level::Key,
+            "key",
+            Limits {
+                patron_tokens_per_day: Some(1000),
+                ..Limits::default()
+            },
+        );
+        let (a, _) = engines(&prefix, &t).await;
+        // Patrons have no rate of their own today; the rate script still keeps to the rule
+        // should one be given, so it is driven directly.
+        let (shared, _) = a.inner.shared.as_ref().unwrap();
+        let rate_check = async || {
+            shared
+                .admit("inst", &[(Level::Patron, "p_ttl", 100)], 1)
+                .await
+                .unwrap()
+                .unwrap();
+        };
+        let s = subject(Some("p_ttl"));
+        let client = redis::Client::open(crate::store::tests::test_redis_url().as_str()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let patron_key = format!("{{{prefix}:inst}}:q:patron:p_ttl");
+        let key_key = format!("{{{prefix}:inst}}:q:key:key");
+        let tz = TimeZone::get("America/Chicago").unwrap();
+        // When the key expires, in ms since the epoch, and whether that is the end of the
+        // institution's day as it stood before or after the call that set it.
+        let mut expires_at = async |key: &str| -> i64 {
+            let ttl: i64 = redis::cmd("PTTL")
+                .arg(key)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            assert!(ttl > 0, "{key} has no expiry ({ttl})");
+            Timestamp::now().as_millisecond() + ttl
+        };
+        let day_end = |at: Timestamp| Window::containing(Period::Day, at, &tz).resets_at;
+        let at_reset = |expiry: i64, before: Timestamp| {
+            let after = Timestamp::now();
+            [day_end(before), day_end(after)]
+                .iter()
+                .any(|end| (end.as_millisecond() - expiry).abs() <= 2_000)
+        };
+
+        // A rate check alone leaves a short-lived hash: a minute's rate is all it holds.
+        rate_check().await;
+        let rate_only = expires_at(&patron_key).await - Timestamp::now().as_millisecond();
+        assert!(rate_only <= 120_000, "{rate_only} ms");
+
+        // A reservation and its settlement: the patron's hash goes at midnight.
+        let before = Timestamp::now();
+        a.take(&s, demand(20, 100), OverPolicy::Reject, false)
+            .await
+            .unwrap()
+            .settle(120, 0);
+        a.quiesce().await;
+        let expiry = expires_at(&patron_key).await;
+        assert!(
+            at_reset(expiry, before),
+            "expires at {expiry} ms, not at midnight"
+        );
+
+        // A later rate check does not carry it past midnight.
+        let before = Timestamp::now();
+        rate_check().await;
+        let expiry = expires_at(&patron_key).await;
+        assert!(
+            at_reset(expiry, before),
+            "a rate check moved it to {expiry} ms"
+        );
+
+        // Nor does a staff reset of the patron's day.
+        let before = Timestamp::now();
+        a.reset_patron_day_now(&"inst".into(), &"America/Chicago".into(), "p_ttl")
+            .await
+            .unwrap();
+        let expiry = expires_at(&patron_key).await;
+        assert!(at_reset(expiry, before), "a reset moved it to {expiry} ms");
+
+        // The key's counters hold a month's budget: they stay for weeks.
+        let key_expiry = expires_at(&key_key).await - Timestamp::now().as_millisecond();
+        assert!(key_expiry > 39 * 86_400_000, "{key_expiry} ms");
+    }
+
     /// Scripts are loaded once and loaded again when Redis has forgotten them (a restart, a
     /// `SCRIPT FLUSH`): the next request goes on.
     #[tokio::test]
