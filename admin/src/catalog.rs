@@ -2,12 +2,13 @@
 
 use std::net::IpAddr;
 
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::{Extension, Json};
 use carrel_core::config::{validate_base_url, validate_model_name, validate_price};
-use carrel_core::domain::{Model, Provider, ProviderKind, Source, Tier, TierBasis};
-use carrel_core::store::{NewModel, NewProvider, Page};
+use carrel_core::domain::{Model, Provider, ProviderKind, Source, Tier, TierBasis, unix_now};
+use carrel_core::store::{NewModel, NewPrice, NewProvider, Page, PageRequest};
+use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -291,6 +292,191 @@ pub async fn list_models(
 ) -> Result<Json<Page<Model>>, AdminError> {
     principal.authorize(Action::ReadModels, None)?;
     Ok(Json(state.store.list_models(query.page()?).await?))
+}
+
+/// Body of `POST /admin/v1/models/{name}/prices`, in US dollars per million tokens.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreatePrice {
+    /// A million prompt tokens.
+    #[schema(example = 0.15, minimum = 0, maximum = 10000)]
+    pub input_price_per_mtok: f64,
+    /// A million completion tokens.
+    #[schema(example = 0.6, minimum = 0, maximum = 10000)]
+    pub output_price_per_mtok: f64,
+    /// A million prompt tokens the provider reports as served from its prompt cache; at most
+    /// the input price (default: the input price).
+    #[serde(default)]
+    #[schema(example = 0.075, minimum = 0, maximum = 10000)]
+    pub cached_input_price_per_mtok: Option<f64>,
+    /// RFC 3339 time from which requests are priced by it (default: now). Not in the past:
+    /// requests already priced stay as they were.
+    #[serde(default)]
+    #[schema(example = "2027-01-01T06:00:00Z")]
+    pub effective_at: Option<String>,
+}
+
+/// One version of a model's prices.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PriceView {
+    /// RFC 3339 time from which it applies; `null` for the model's own prices, in force until
+    /// its first version.
+    pub effective_at: Option<String>,
+    /// A million prompt tokens, in US dollars.
+    pub input_price_per_mtok: f64,
+    /// A million completion tokens.
+    pub output_price_per_mtok: f64,
+    /// A million cached prompt tokens.
+    pub cached_input_price_per_mtok: f64,
+    /// Who added it (`null` for the model's own prices).
+    pub created_by: Option<String>,
+    /// Whether requests are priced by it now.
+    pub in_force: bool,
+}
+
+/// A model's prices over time.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ModelPrices {
+    /// The public model name.
+    pub model: String,
+    /// Its own prices, then each version by effective time.
+    pub data: Vec<PriceView>,
+}
+
+/// How far in the past an effective time may be, for clocks a little apart.
+const PAST_SLACK_SECS: i64 = 60;
+
+/// Adds a version of a model's prices. Requests are priced at the version in force when they
+/// ran, so a change never reprices what was already used. Operators only.
+#[utoipa::path(post, path = "/admin/v1/models/{name}/prices", tag = "catalog",
+    params(("name" = String, Path, description = "Public model name")),
+    request_body = CreatePrice,
+    responses(
+        (status = 201, body = ModelPrices),
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody),
+        (status = 404, description = "No such model", body = ErrorBody),
+        (status = 409, description = "A version with that effective time exists", body = ErrorBody),
+        (status = 422, description = "A price or the time is invalid; `param` names it", body = ErrorBody),
+    ),
+    security(("admin_token" = [])))]
+pub async fn create_price(
+    State(state): State<AdminState>,
+    Extension(principal): Extension<AdminPrincipal>,
+    Path(name): Path<String>,
+    AdminJson(body): AdminJson<CreatePrice>,
+) -> Result<(StatusCode, Json<ModelPrices>), AdminError> {
+    principal.authorize(Action::ManageCatalog, None)?;
+    let cached = body
+        .cached_input_price_per_mtok
+        .unwrap_or(body.input_price_per_mtok);
+    for (field, price) in [
+        ("input_price_per_mtok", body.input_price_per_mtok),
+        ("output_price_per_mtok", body.output_price_per_mtok),
+        ("cached_input_price_per_mtok", cached),
+    ] {
+        validate_price(price).map_err(|m| AdminError::field(field, format!("{field}: {m}")))?;
+    }
+    if cached > body.input_price_per_mtok {
+        return Err(AdminError::field(
+            "cached_input_price_per_mtok",
+            "cached_input_price_per_mtok: must not exceed input_price_per_mtok",
+        ));
+    }
+    let effective_at = body
+        .effective_at
+        .as_deref()
+        .map(|text| {
+            let at = text.parse::<Timestamp>().map_err(|_| {
+                AdminError::field(
+                    "effective_at",
+                    format!("effective_at: `{text}` is not an RFC 3339 time"),
+                )
+            })?;
+            if at.as_second() < unix_now() - PAST_SLACK_SECS {
+                return Err(AdminError::field(
+                    "effective_at",
+                    "effective_at: must not be in the past; requests already priced stay as \
+                     they were",
+                ));
+            }
+            Ok(at.as_second())
+        })
+        .transpose()?;
+    let version = state
+        .store
+        .add_price(NewPrice {
+            model: name.clone(),
+            effective_at,
+            input_price_per_mtok: body.input_price_per_mtok,
+            output_price_per_mtok: body.output_price_per_mtok,
+            cached_input_price_per_mtok: cached,
+            created_by: principal.actor(),
+        })
+        .await?;
+    tracing::info!(model = %name, effective_at = version.effective_at, "price version added");
+    state
+        .audit(
+            principal.actor(),
+            "model.price",
+            format!("model:{name}@{}", version.effective_at),
+            None,
+        )
+        .await;
+    state.hooks.catalog_changed().await;
+    Ok((StatusCode::CREATED, Json(model_prices(&state, name).await?)))
+}
+
+/// A model's prices: its own, then each version, and which is in force now.
+#[utoipa::path(get, path = "/admin/v1/models/{name}/prices", tag = "catalog",
+    params(("name" = String, Path, description = "Public model name")),
+    responses(
+        (status = 200, body = ModelPrices),
+        (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody),
+        (status = 404, description = "No such model", body = ErrorBody),
+    ),
+    security(("admin_token" = [])))]
+pub async fn list_prices(
+    State(state): State<AdminState>,
+    Extension(principal): Extension<AdminPrincipal>,
+    Path(name): Path<String>,
+) -> Result<Json<ModelPrices>, AdminError> {
+    principal.authorize(Action::ReadModels, None)?;
+    Ok(Json(model_prices(&state, name).await?))
+}
+
+async fn model_prices(state: &AdminState, name: String) -> Result<ModelPrices, AdminError> {
+    let models = state.store.list_models(PageRequest::ALL).await?.data;
+    let model = models
+        .into_iter()
+        .find(|m| m.name == name)
+        .ok_or_else(|| AdminError::NotFound(format!("model `{name}`")))?;
+    let versions = state.store.price_versions(Some(&name)).await?;
+    let now = unix_now();
+    let current = versions.iter().rposition(|v| v.effective_at <= now);
+    let mut data = vec![PriceView {
+        effective_at: None,
+        input_price_per_mtok: model.input_price_per_mtok,
+        output_price_per_mtok: model.output_price_per_mtok,
+        cached_input_price_per_mtok: model.input_price_per_mtok,
+        created_by: None,
+        in_force: current.is_none(),
+    }];
+    data.extend(versions.into_iter().enumerate().map(|(i, v)| {
+        PriceView {
+            effective_at: Timestamp::from_second(v.effective_at)
+                .ok()
+                .map(|t| t.to_string()),
+            input_price_per_mtok: v.input_price_per_mtok,
+            output_price_per_mtok: v.output_price_per_mtok,
+            cached_input_price_per_mtok: v.cached_input_price_per_mtok,
+            created_by: Some(v.created_by),
+            in_force: current == Some(i),
+        }
+    }));
+    Ok(ModelPrices { model: name, data })
 }
 
 #[cfg(test)]

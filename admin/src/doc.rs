@@ -32,6 +32,8 @@ use crate::{
         catalog::list_providers,
         catalog::create_model,
         catalog::list_models,
+        catalog::create_price,
+        catalog::list_prices,
         institutions::create_institution,
         institutions::list_institutions,
         institutions::get_institution,

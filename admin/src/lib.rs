@@ -179,6 +179,10 @@ pub fn router(state: AdminState) -> Router {
         )
         .route("/admin/v1/models/{name}", patch(safeguards::contain_model))
         .route(
+            "/admin/v1/models/{name}/prices",
+            get(catalog::list_prices).post(catalog::create_price),
+        )
+        .route(
             "/admin/v1/providers/{name}",
             patch(safeguards::contain_provider),
         )

@@ -1095,14 +1095,19 @@ pub fn validate_model_name(name: &str) -> Result<(), String> {
 
 /// Checks a price per million tokens.
 pub fn validate_price(price: f64) -> Result<(), String> {
-    if price.is_finite() && price >= 0.0 {
+    if price.is_finite() && (0.0..=MAX_PRICE_PER_MTOK).contains(&price) {
         Ok(())
     } else {
         Err(format!(
-            "invalid value: {price}, expected a non-negative number"
+            "invalid value: {price}, expected a number from 0 to {MAX_PRICE_PER_MTOK} \
+             (US dollars per million tokens)"
         ))
     }
 }
+
+/// The highest price per million tokens a model may have: far above any model sold, low
+/// enough that a slip of the decimal point is caught rather than billed.
+pub const MAX_PRICE_PER_MTOK: f64 = 10_000.0;
 
 fn socket_addr(key: &str, value: Option<&str>, default: &str) -> Result<SocketAddr, ConfigError> {
     let text = value.unwrap_or(default);

@@ -169,7 +169,8 @@ impl AppState {
         let _serial = self.reload_lock.lock().await;
         let providers = self.store.list_providers(PageRequest::ALL).await?.data;
         let models = self.store.list_models(PageRequest::ALL).await?.data;
-        let catalog = Catalog::build(&providers, &models, &self.env_keys);
+        let prices = self.store.price_versions(None).await?;
+        let catalog = Catalog::build(&providers, &models, &prices, &self.env_keys);
         // Load the tokenizers the models need now, off the async threads, rather than on a
         // patron's first request.
         let mut tokenizers: Vec<_> = catalog.iter().map(|m| m.tokenizer).collect();

@@ -67,6 +67,7 @@ pub(super) fn apply_config(
          AND name NOT IN (SELECT value FROM json_each(?1))",
         [&models_json],
     )?;
+    super::prices::drop_orphans(&tx)?;
     let providers_json = json_names(providers.iter().map(|p| p.name.as_str()));
     let kept = tx.execute(
         "UPDATE providers SET source = 'admin' WHERE source = 'config'

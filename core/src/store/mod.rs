@@ -23,6 +23,7 @@ mod incidents;
 mod journal;
 mod limits;
 mod patrons;
+mod prices;
 mod replica;
 mod retention;
 mod safety;
@@ -38,6 +39,7 @@ pub use limits::{PatronExtension, PeriodUsage};
 pub use patrons::{
     GuestPass, ImportCounts, LocalPatron, NewGuestPass, NewPatronSession, PatronSession,
 };
+pub use prices::{NewPrice, PriceVersion};
 pub use replica::{JOURNAL_FILE, RedisSettings, ReplicaCounters, VIEW_FILE};
 pub use retention::{DEFAULT_PATRON_RETENTION_HOURS, Forgotten, MAX_PATRON_RETENTION_HOURS};
 pub use safety::Containment;
@@ -307,6 +309,8 @@ INSERT INTO patron_daily (institution_id, day, patron_ref, tokens)
     Migration::sql(incidents::MIGRATION),
     // 13: patrons' usage metadata kept for a window, then rolled up.
     Migration::sql(retention::MIGRATION),
+    // 14: versioned model prices.
+    Migration::sql(prices::MIGRATION),
 ];
 
 /// Columns of an institution, in [`institution_row`]'s order.

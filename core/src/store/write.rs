@@ -197,6 +197,7 @@ pub(crate) enum Command {
         settings: super::incidents::SafeguardSettings,
     },
     RecordIncident(super::incidents::NewIncident),
+    AddPrice(super::prices::NewPrice),
 }
 
 /// The result of a write, typed by the method that proposed it.
@@ -359,6 +360,7 @@ impl Command {
                 settings,
             } => boxed(incidents::set_settings(c, &institution_id, &settings)),
             Command::RecordIncident(new) => boxed(incidents::record_incident(c, w, new)),
+            Command::AddPrice(new) => boxed(super::prices::add_price(c, w, new)),
         }
     }
 
@@ -366,9 +368,10 @@ impl Command {
     /// there (the replica that proposed it tells its own data plane directly).
     pub(crate) fn event(&self) -> Option<StoreEvent> {
         Some(match self {
-            Command::ApplyConfig { .. } | Command::CreateProvider(_) | Command::CreateModel(_) => {
-                StoreEvent::CatalogChanged
-            }
+            Command::ApplyConfig { .. }
+            | Command::CreateProvider(_)
+            | Command::CreateModel(_)
+            | Command::AddPrice(_) => StoreEvent::CatalogChanged,
             Command::UpdateInstitution { id, .. } => StoreEvent::InstitutionChanged(id.clone()),
             Command::UpdateKey { id, .. } | Command::RevokeKey { id } => {
                 StoreEvent::KeyChanged(id.clone())
@@ -433,7 +436,7 @@ pub enum StoreEvent {
     KeyChanged(String),
     /// An institution's status, time zone or policy changed.
     InstitutionChanged(String),
-    /// Providers or models changed.
+    /// Providers, models or their prices changed.
     CatalogChanged,
     /// A level's limits changed.
     LimitsChanged,

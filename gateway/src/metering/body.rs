@@ -38,6 +38,7 @@ use crate::error::BoxError;
 use crate::openai::{ErrorBody, ErrorDetail};
 use crate::safeguards::containment::ContainmentWatch;
 use crate::tokens::Tokenizer;
+use crate::upstream::catalog::Price;
 
 /// How much of a body's end is kept to find its `usage` (the end of a JSON response, however
 /// long the embeddings before it).
@@ -60,6 +61,26 @@ pub struct Usage {
     /// Completion tokens (absent for embeddings).
     #[serde(default)]
     pub completion_tokens: u64,
+    /// Of the prompt tokens, those the provider served from its prompt cache
+    /// (`prompt_tokens_details.cached_tokens`), priced at the cached input price.
+    #[serde(
+        default,
+        rename = "prompt_tokens_details",
+        deserialize_with = "cached_tokens"
+    )]
+    pub cached_prompt_tokens: u64,
+}
+
+/// `prompt_tokens_details.cached_tokens`, 0 when absent or null.
+fn cached_tokens<'de, D: serde::Deserializer<'de>>(de: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    struct Details {
+        #[serde(default)]
+        cached_tokens: Option<u64>,
+    }
+    Ok(Option::<Details>::deserialize(de)?
+        .and_then(|d| d.cached_tokens)
+        .unwrap_or(0))
 }
 
 /// What a metered response is about, and what it settles.
@@ -73,8 +94,8 @@ pub struct Meter {
     pub patron_ref: Option<Arc<str>>,
     /// Public model name.
     pub model: Arc<str>,
-    /// Prices per million prompt and completion tokens, in US dollars.
-    pub prices: (f64, f64),
+    /// The model's price when the request arrived.
+    pub price: Price,
     /// The request's id, which its usage record carries.
     pub request_id: String,
     /// When the request arrived.
@@ -97,6 +118,7 @@ impl Meter {
                 Usage {
                     prompt_tokens: self.prompt_estimate,
                     completion_tokens: counted,
+                    cached_prompt_tokens: 0,
                 },
                 true,
             ),
@@ -120,9 +142,10 @@ impl Meter {
         // institution's sums.
         let prompt_tokens = usage.prompt_tokens.min(MAX_TOKENS);
         let completion_tokens = usage.completion_tokens.min(MAX_TOKENS);
-        let cost = prompt_tokens as f64 * self.prices.0 + completion_tokens as f64 * self.prices.1;
-        // Prices are per million tokens: tokens × price is in millionths of a dollar.
-        let cost_nano_usd = ((cost * 1000.0).round() as i64).clamp(0, MAX_COST_NANO_USD);
+        let cost =
+            self.price
+                .nano_usd(prompt_tokens, usage.cached_prompt_tokens, completion_tokens);
+        let cost_nano_usd = (cost.round() as i64).clamp(0, MAX_COST_NANO_USD);
         if let Some(reservation) = self.reservation.take() {
             reservation.settle(prompt_tokens + completion_tokens, cost_nano_usd as u64);
         }
@@ -675,9 +698,15 @@ mod tests {
             find_usage(json),
             Some(Usage {
                 prompt_tokens: 12,
-                completion_tokens: 30
+                completion_tokens: 30,
+                cached_prompt_tokens: 0
             })
         );
+        let cached = br#"{"usage": {"prompt_tokens": 2000, "completion_tokens": 5,
+            "prompt_tokens_details": {"cached_tokens": 1536, "audio_tokens": 0}}}"#;
+        assert_eq!(find_usage(cached).unwrap().cached_prompt_tokens, 1536);
+        let null_details = br#"{"usage": {"prompt_tokens": 20, "prompt_tokens_details": null}}"#;
+        assert_eq!(find_usage(null_details).unwrap().cached_prompt_tokens, 0);
         let embeddings =
             br#"{"data":[{"embedding":[0.1]}],"usage":{"prompt_tokens":8,"total_tokens":8}}"#;
         assert_eq!(find_usage(embeddings).unwrap().prompt_tokens, 8);
@@ -770,7 +799,11 @@ mod tests {
                 principal: p,
                 patron_ref: None,
                 model: "m".into(),
-                prices: (1.0, 2.0),
+                price: Price {
+                    input: 1.0,
+                    output: 2.0,
+                    cached_input: 0.5,
+                },
                 request_id: id.to_owned(),
                 started: Instant::now(),
                 prompt_estimate: 10,

@@ -30,7 +30,7 @@ pub fn meter(state: &AppState, ctx: &mut RequestCtx, reservation: Option<Reserva
         principal: Arc::clone(ctx.principal()),
         patron_ref: ctx.patron_ref.clone(),
         model: Arc::clone(&route.name),
-        prices: (route.input_price_per_mtok, route.output_price_per_mtok),
+        price: ctx.price,
         request_id: std::mem::take(&mut ctx.request_id),
         started: ctx.started,
         prompt_estimate: ctx.prompt_tokens,

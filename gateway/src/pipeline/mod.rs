@@ -38,6 +38,8 @@ use std::time::Instant;
 use bytes::Bytes;
 use carrel_core::domain::Principal;
 use carrel_core::quota::Reservation;
+
+use crate::upstream::catalog::Price;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
@@ -97,6 +99,9 @@ pub struct RequestCtx {
     pub output_screen: Option<crate::safeguards::screening::OutputScreen>,
     /// Set by the quota stages: the tightest limits, for the response headers.
     pub standing: quota::Standing,
+    /// Set with the route: the model's price in force when the request arrived, which its
+    /// reservation and its usage record are priced at.
+    pub price: Price,
     /// Set by quota reserve: what the request holds until it settles (refunded if dropped).
     pub reservation: Option<Reservation>,
     /// Set by quota reserve: Carrel's estimate of the prompt.
@@ -126,6 +131,7 @@ impl RequestCtx {
             fields: None,
             body: Bytes::new(),
             route: None,
+            price: Price::default(),
             output_screen: None,
             standing: quota::Standing::default(),
             reservation: None,

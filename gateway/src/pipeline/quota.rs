@@ -117,8 +117,9 @@ pub async fn reserve(state: &AppState, ctx: &mut RequestCtx) -> Result<Flow, Gat
             fields.max_tokens.unwrap_or(cap)
         },
         choices: if embeddings { 1 } else { fields.n },
-        input_nano_per_token: route.input_price_per_mtok * 1000.0,
-        output_nano_per_token: route.output_price_per_mtok * 1000.0,
+        // Reserved at the full prompt price: the provider's prompt cache is known only after.
+        input_nano_per_token: ctx.price.input * 1000.0,
+        output_nano_per_token: ctx.price.output * 1000.0,
         stream: fields.stream,
     };
     let policy = match principal.over_quota {

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use crate::tokens::Tokenizer;
 
 use carrel_core::domain::{Model, Provider, ProviderKind, Tier};
+use carrel_core::store::PriceVersion;
 use http::{HeaderValue, Uri};
 
 use crate::pipeline::Endpoint;
@@ -61,16 +62,67 @@ pub struct ModelRoute {
     pub provider: Arc<str>,
     /// Unix seconds when it was added.
     pub created: i64,
-    /// Price of a million prompt tokens, in US dollars.
-    pub input_price_per_mtok: f64,
-    /// Price of a million completion tokens, in US dollars.
-    pub output_price_per_mtok: f64,
+    /// Its prices, by version.
+    pub prices: Prices,
     /// Most output tokens per choice; reserved when a request does not say.
     pub max_output_tokens: u32,
     /// How its prompts are counted before forwarding.
     pub tokenizer: Tokenizer,
     /// Where requests go.
     pub target: Target,
+}
+
+/// What a million tokens cost, in US dollars.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Price {
+    /// Prompt tokens.
+    pub input: f64,
+    /// Completion tokens.
+    pub output: f64,
+    /// Prompt tokens the provider served from its prompt cache.
+    pub cached_input: f64,
+}
+
+impl Price {
+    /// What `prompt` (of which `cached` came from the provider's prompt cache) and
+    /// `completion` tokens cost, in billionths of a US dollar (unrounded).
+    pub fn nano_usd(&self, prompt: u64, cached: u64, completion: u64) -> f64 {
+        let cached = cached.min(prompt);
+        // Per million tokens: tokens × price is in millionths of a dollar.
+        ((prompt - cached) as f64 * self.input
+            + cached as f64 * self.cached_input
+            + completion as f64 * self.output)
+            * 1000.0
+    }
+}
+
+/// A model's prices over time: its own until its first version, then each version from its
+/// effective time (see `carrel_core::store::PriceVersion`).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Prices {
+    base: Price,
+    /// (Unix seconds from which it applies, the price), by time.
+    versions: Box<[(i64, Price)]>,
+}
+
+impl Prices {
+    /// A model's own prices with its versions (in any order).
+    pub fn new(base: Price, versions: impl IntoIterator<Item = (i64, Price)>) -> Prices {
+        let mut versions: Vec<_> = versions.into_iter().collect();
+        versions.sort_by_key(|(at, _)| *at);
+        Prices {
+            base,
+            versions: versions.into(),
+        }
+    }
+
+    /// The price in force at `unix` seconds.
+    pub fn at(&self, unix: i64) -> Price {
+        match self.versions.partition_point(|(from, _)| *from <= unix) {
+            0 => self.base,
+            i => self.versions[i - 1].1,
+        }
+    }
 }
 
 impl ModelRoute {
@@ -95,6 +147,7 @@ impl Catalog {
     pub fn build(
         providers: &[Provider],
         models: &[Model],
+        prices: &[PriceVersion],
         env_keys: &HashMap<String, String>,
     ) -> Catalog {
         let mut targets: HashMap<&str, Target> = HashMap::new();
@@ -121,6 +174,17 @@ impl Catalog {
             };
             targets.insert(&p.name, target);
         }
+        let mut versions: HashMap<&str, Vec<(i64, Price)>> = HashMap::new();
+        for v in prices {
+            versions.entry(&v.model).or_default().push((
+                v.effective_at,
+                Price {
+                    input: v.input_price_per_mtok,
+                    output: v.output_price_per_mtok,
+                    cached_input: v.cached_input_price_per_mtok,
+                },
+            ));
+        }
         let mut catalog = Catalog::default();
         for m in models {
             let Some(target) = targets.get(m.provider.as_str()) else {
@@ -134,8 +198,15 @@ impl Catalog {
                 tier: m.tier,
                 provider: m.provider.as_str().into(),
                 created,
-                input_price_per_mtok: m.input_price_per_mtok,
-                output_price_per_mtok: m.output_price_per_mtok,
+                prices: Prices::new(
+                    Price {
+                        input: m.input_price_per_mtok,
+                        output: m.output_price_per_mtok,
+                        // No discount until a version says so.
+                        cached_input: m.input_price_per_mtok,
+                    },
+                    versions.remove(m.name.as_str()).unwrap_or_default(),
+                ),
                 max_output_tokens: m.max_output_tokens,
                 tokenizer: Tokenizer::for_model(&m.upstream_model),
                 target: target.clone(),
@@ -194,4 +265,39 @@ fn http_target(name: &str, base: &str, key: Option<&str>) -> Result<HttpTarget, 
         embeddings: uri("embeddings")?,
         authorization,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn price(input: f64) -> Price {
+        Price {
+            input,
+            output: input * 2.0,
+            cached_input: input / 2.0,
+        }
+    }
+
+    #[test]
+    fn the_version_in_force_prices_a_request() {
+        let prices = Prices::new(price(1.0), [(2_000, price(3.0)), (1_000, price(2.0))]);
+        assert_eq!(prices.at(i64::MIN), price(1.0));
+        assert_eq!(prices.at(999), price(1.0));
+        // A version applies from its second on.
+        assert_eq!(prices.at(1_000), price(2.0));
+        assert_eq!(prices.at(1_999), price(2.0));
+        assert_eq!(prices.at(2_000), price(3.0));
+        assert_eq!(prices.at(i64::MAX), price(3.0));
+        assert_eq!(Prices::new(price(1.0), []).at(5), price(1.0));
+    }
+
+    #[test]
+    fn cached_prompt_tokens_are_priced_apart() {
+        let p = price(1.0);
+        // 400 at 1.0, 600 at 0.5, 10 at 2.0 per million: 720 millionths, in billionths.
+        assert_eq!(p.nano_usd(1000, 600, 10), 720_000.0);
+        // A provider reporting more cached tokens than prompt tokens is held to the prompt.
+        assert_eq!(p.nano_usd(10, 50, 0), 5_000.0);
+    }
 }

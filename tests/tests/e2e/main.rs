@@ -14,6 +14,7 @@ mod limits;
 mod openai_sdk;
 mod openapi_contract;
 mod patrons;
+mod prices;
 mod proxy;
 mod quota;
 mod replicas;

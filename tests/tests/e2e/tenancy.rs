@@ -147,6 +147,9 @@ fn aimed_at(b: &Tenant, method: &str, template: &str) -> (String, Option<Value>)
         ("post", "/admin/v1/models") => {
             Some(json!({"name": "m", "provider": "mock", "tier": "baseline"}))
         }
+        ("post", "/admin/v1/models/{name}/prices") => {
+            Some(json!({"input_price_per_mtok": 0.0, "output_price_per_mtok": 0.0}))
+        }
         ("post", "/admin/v1/logout") => None,
         ("put", t) if t.ends_with("/limits") => Some(json!({"tokens_per_day": 10})),
         ("post", "/admin/v1/institutions/{id}/patron-extensions") => {
@@ -188,6 +191,7 @@ fn own_view(method: &str, template: &str) -> bool {
                 | "/admin/v1/models"
                 | "/admin/v1/tokens"
                 | "/admin/v1/models/{name}/limits"
+                | "/admin/v1/models/{name}/prices"
                 // Sizes and hashes of the whole log: nobody's records.
                 | "/admin/v1/audit/tree-head"
                 | "/admin/v1/audit/tree-heads"
