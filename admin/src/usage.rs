@@ -34,6 +34,10 @@ pub struct UsageTotals {
     pub total_tokens: u64,
     /// Cost in US dollars at the models' prices.
     pub cost_usd: f64,
+    /// Requests answered from the response cache.
+    pub cached: u64,
+    /// What those would have cost from the provider, in US dollars.
+    pub savings_usd: f64,
 }
 
 /// A usage report.
@@ -75,7 +79,7 @@ fn day(query: &AdminQuery, name: &'static str) -> Result<Option<Date>, AdminErro
     responses(
         (status = 200, content(
             (UsageReport = "application/json"),
-            (String = "text/csv", example = "day,requests,incomplete,prompt_tokens,completion_tokens,total_tokens,cost_usd\r\n2026-11-26,3,0,120,480,600,0.0009\r\n"),
+            (String = "text/csv", example = "day,requests,incomplete,prompt_tokens,completion_tokens,total_tokens,cost_usd,cached,savings_usd\r\n2026-11-26,3,0,120,480,600,0.0009,1,0.0003\r\n"),
         )),
         (status = 401, body = ErrorBody),
         (status = 403, body = ErrorBody),
@@ -142,6 +146,8 @@ pub async fn usage_report(
         t.completion_tokens += l.completion_tokens;
         t.total_tokens += l.total_tokens;
         t.cost_usd += l.cost_usd;
+        t.cached += l.cached;
+        t.savings_usd += l.savings_usd;
         t
     });
     Ok(Json(UsageReport {
@@ -159,19 +165,22 @@ pub async fn usage_report(
 /// The report as CSV (RFC 4180), the first column named after `group_by`.
 fn to_csv(group_by: UsageGroupBy, lines: &[UsageLine]) -> String {
     let mut out = format!(
-        "{},requests,incomplete,prompt_tokens,completion_tokens,total_tokens,cost_usd\r\n",
+        "{},requests,incomplete,prompt_tokens,completion_tokens,total_tokens,cost_usd,cached,\
+         savings_usd\r\n",
         group_by.as_str()
     );
     for l in lines {
         out.push_str(&csv_field(l.group.as_deref().unwrap_or("")));
         out.push_str(&format!(
-            ",{},{},{},{},{},{}\r\n",
+            ",{},{},{},{},{},{},{},{}\r\n",
             l.requests,
             l.incomplete,
             l.prompt_tokens,
             l.completion_tokens,
             l.total_tokens,
-            l.cost_usd
+            l.cost_usd,
+            l.cached,
+            l.savings_usd
         ));
     }
     out
@@ -214,11 +223,13 @@ mod tests {
             completion_tokens: 5,
             total_tokens: 15,
             cost_usd: 0.25,
+            cached: 1,
+            savings_usd: 0.125,
         };
         assert_eq!(
             to_csv(UsageGroupBy::Day, &[line]),
-            "day,requests,incomplete,prompt_tokens,completion_tokens,total_tokens,cost_usd\r\n\
-             2026-11-26,2,0,10,5,15,0.25\r\n"
+            "day,requests,incomplete,prompt_tokens,completion_tokens,total_tokens,cost_usd,cached,\
+             savings_usd\r\n2026-11-26,2,0,10,5,15,0.25,1,0.125\r\n"
         );
     }
 }

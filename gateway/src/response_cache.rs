@@ -25,6 +25,7 @@ use carrel_core::domain::Principal;
 use sha2::{Digest as _, Sha256};
 use tokio::sync::watch;
 
+use crate::metering::body::{Usage, find_usage};
 use crate::openai::RequestFields;
 use crate::pipeline::Endpoint;
 
@@ -36,6 +37,8 @@ pub type Key = [u8; 32];
 pub struct Answer {
     /// The body, as the first client got it.
     pub body: Bytes,
+    /// The usage the provider reported for it: what each hit saves.
+    pub usage: Option<Usage>,
 }
 
 /// What a request does with the cache, for the `x-carrel-cache` header and metrics.
@@ -131,7 +134,8 @@ impl Leader {
 
     /// Stores the answer and hands it to the requests waiting for it.
     pub fn publish(self, body: Bytes) {
-        let answer = Arc::new(Answer { body });
+        let usage = find_usage(&body);
+        let answer = Arc::new(Answer { body, usage });
         self.cache.answers.insert(self.key, Arc::clone(&answer));
         self.cache.counters.stored.fetch_add(1, Ordering::Relaxed);
         self.tx.send_replace(Some(answer));

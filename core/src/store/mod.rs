@@ -311,6 +311,8 @@ INSERT INTO patron_daily (institution_id, day, patron_ref, tokens)
     Migration::sql(retention::MIGRATION),
     // 14: versioned model prices.
     Migration::sql(prices::MIGRATION),
+    // 15: cached answers and their savings, and requests that named a patron, in daily sums.
+    Migration::sql(usage::MIGRATION_SAVINGS),
 ];
 
 /// Columns of an institution, in [`institution_row`]'s order.

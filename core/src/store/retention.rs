@@ -174,6 +174,7 @@ mod tests {
             cached: false,
             latency_ms: 1,
             cost_nano_usd: 0,
+            saved_nano_usd: 0,
         }
     }
 

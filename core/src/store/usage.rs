@@ -111,6 +111,9 @@ pub struct UsageRecord {
     /// Cost at the model's prices, in billionths of a US dollar (a cheap model's request costs
     /// a few millionths, so millionths would round it away).
     pub cost_nano_usd: i64,
+    /// For an answer from the response cache: what the provider would have charged for it at
+    /// the price in force, in billionths of a US dollar (0 otherwise).
+    pub saved_nano_usd: i64,
 }
 
 /// One line of a usage report.
@@ -133,7 +136,19 @@ pub struct UsageLine {
     pub total_tokens: u64,
     /// Cost in US dollars at the models' prices.
     pub cost_usd: f64,
+    /// Of the requests, those answered from the response cache.
+    pub cached: u64,
+    /// What the cached answers would have cost from the provider, in US dollars.
+    pub savings_usd: f64,
 }
+
+/// Migration 15: the daily sums count cached answers, what they saved, and the requests that
+/// named a patron (so reports can tell a key's own use from the patrons it served).
+pub(super) const MIGRATION_SAVINGS: &str = r#"
+ALTER TABLE usage_daily ADD COLUMN cached INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE usage_daily ADD COLUMN saved_nano_usd INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE usage_daily ADD COLUMN patron_requests INTEGER NOT NULL DEFAULT 0;
+"#;
 
 impl Store {
     /// Adds usage records to the ledger in one transaction, and waits until this store's
@@ -248,7 +263,7 @@ impl Store {
         self.call(move |c| {
             let mut stmt = c.prepare(&format!(
                 "SELECT {column} AS g, SUM(requests), SUM(incomplete), SUM(prompt_tokens),
-                    SUM(completion_tokens), SUM(cost_nano_usd)
+                    SUM(completion_tokens), SUM(cost_nano_usd), SUM(cached), SUM(saved_nano_usd)
                  FROM usage_daily WHERE institution_id = ?1 AND day >= ?2 AND day <= ?3
                  GROUP BY g ORDER BY g"
             ))?;
@@ -264,6 +279,8 @@ impl Store {
                     completion_tokens: completion as u64,
                     total_tokens: (prompt + completion) as u64,
                     cost_usd: cost as f64 / 1e9,
+                    cached: r.get::<_, i64>(6)? as u64,
+                    savings_usd: r.get::<_, i64>(7)? as f64 / 1e9,
                 })
             })?;
             Ok(rows.collect::<Result<_, _>>()?)
@@ -280,6 +297,9 @@ struct Sums {
     prompt_tokens: i64,
     completion_tokens: i64,
     cost_nano_usd: i64,
+    cached: i64,
+    saved_nano_usd: i64,
+    patron_requests: i64,
 }
 
 pub(super) fn insert_usage(
@@ -316,6 +336,9 @@ pub(super) fn insert_usage(
             .completion_tokens
             .saturating_add(saturating_i64(r.completion_tokens));
         sums.cost_nano_usd = sums.cost_nano_usd.saturating_add(r.cost_nano_usd);
+        sums.cached += i64::from(r.cached);
+        sums.saved_nano_usd = sums.saved_nano_usd.saturating_add(r.saved_nano_usd);
+        sums.patron_requests += i64::from(r.patron_ref.is_some());
         if let Some(patron) = &r.patron_ref {
             patrons
                 .entry([&*r.institution_id, r.day.as_str(), &**patron])
@@ -326,14 +349,18 @@ pub(super) fn insert_usage(
     {
         let mut stmt = tx.prepare_cached(
             "INSERT INTO usage_daily (institution_id, day, key_id, model, site_id, group_id,
-                requests, incomplete, prompt_tokens, completion_tokens, cost_nano_usd)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+                requests, incomplete, prompt_tokens, completion_tokens, cost_nano_usd, cached,
+                saved_nano_usd, patron_requests)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
              ON CONFLICT (institution_id, day, key_id, model, site_id, group_id) DO UPDATE SET
                 requests = requests + excluded.requests,
                 incomplete = incomplete + excluded.incomplete,
                 prompt_tokens = prompt_tokens + excluded.prompt_tokens,
                 completion_tokens = completion_tokens + excluded.completion_tokens,
-                cost_nano_usd = cost_nano_usd + excluded.cost_nano_usd",
+                cost_nano_usd = cost_nano_usd + excluded.cost_nano_usd,
+                cached = cached + excluded.cached,
+                saved_nano_usd = saved_nano_usd + excluded.saved_nano_usd,
+                patron_requests = patron_requests + excluded.patron_requests",
         )?;
         for ([inst, day, key, model, site, group], s) in &rows {
             stmt.execute(params![
@@ -347,7 +374,10 @@ pub(super) fn insert_usage(
                 s.incomplete,
                 s.prompt_tokens,
                 s.completion_tokens,
-                s.cost_nano_usd
+                s.cost_nano_usd,
+                s.cached,
+                s.saved_nano_usd,
+                s.patron_requests
             ])?;
         }
     }
@@ -403,6 +433,7 @@ pub(super) fn after_migration_8(tx: &Transaction<'_>) -> Result<(), StoreError> 
             prompt_tokens: r.get::<_, i64>(9)?.max(0) as u64,
             completion_tokens: r.get::<_, i64>(10)?.max(0) as u64,
             cost_nano_usd: r.get(11)?,
+            saved_nano_usd: 0,
             cached: r.get(12)?,
             estimated: r.get(13)?,
             status: UsageStatus::parse(&status),
@@ -444,8 +475,9 @@ fn insert_batch(tx: &Connection, records: &[UsageRecord]) -> Result<(), StoreErr
     Ok(())
 }
 
-/// Format of a batch: this byte, then each record in turn.
-const BATCH_FORMAT: u8 = 1;
+/// Format of a batch: this byte, then each record in turn. Format 2 added `saved_nano_usd`
+/// after the cost; format 1 batches (written before it) still decode, saving nothing.
+const BATCH_FORMAT: u8 = 2;
 
 /// Encodes records for one `usage_batches` row. Each record is its strings (LEB128 length,
 /// then UTF-8; an optional one stores length + 1, or 0 for none), its numbers as LEB128
@@ -484,6 +516,7 @@ pub(super) fn encode_records(records: &[UsageRecord], patrons: bool) -> Vec<u8> 
         put_uint(&mut out, r.completion_tokens);
         put_uint(&mut out, r.latency_ms);
         put_uint(&mut out, zigzag(r.cost_nano_usd));
+        put_uint(&mut out, zigzag(r.saved_nano_usd));
         out.push(r.status.code() | u8::from(r.estimated) << 2 | u8::from(r.cached) << 3);
     }
     out
@@ -493,7 +526,7 @@ pub(super) fn encode_records(records: &[UsageRecord], patrons: bool) -> Vec<u8> 
 pub fn decode_batch(data: &[u8]) -> Result<Vec<UsageRecord>, StoreError> {
     let corrupt = |what: &str| StoreError::Corrupt(format!("usage batch: {what}"));
     let (&format, mut rest) = data.split_first().ok_or_else(|| corrupt("empty"))?;
-    if format != BATCH_FORMAT {
+    if !(1..=BATCH_FORMAT).contains(&format) {
         return Err(corrupt(&format!("unknown format {format}")));
     }
     let mut out = Vec::new();
@@ -526,6 +559,7 @@ pub fn decode_batch(data: &[u8]) -> Result<Vec<UsageRecord>, StoreError> {
         let at = unzigzag(num()?);
         let (prompt_tokens, completion_tokens, latency_ms) = (num()?, num()?, num()?);
         let cost_nano_usd = unzigzag(num()?);
+        let saved_nano_usd = if format >= 2 { unzigzag(num()?) } else { 0 };
         let (&flags, tail) = rest
             .split_first()
             .filter(|(flags, _)| **flags <= 0x0f)
@@ -548,6 +582,7 @@ pub fn decode_batch(data: &[u8]) -> Result<Vec<UsageRecord>, StoreError> {
             cached: flags & 8 != 0,
             latency_ms,
             cost_nano_usd,
+            saved_nano_usd,
         });
     }
     Ok(out)
@@ -621,14 +656,14 @@ mod tests {
                 any::<bool>(),
                 any::<bool>(),
             ),
-            (any::<u64>(), any::<i64>()),
+            (any::<u64>(), any::<i64>(), any::<i64>()),
         )
             .prop_map(
                 |(
                     (request_id, at, day, institution_id, site_id),
                     (group_id, key_id, patron_ref, model),
                     (status, prompt_tokens, completion_tokens, estimated, cached),
-                    (latency_ms, cost_nano_usd),
+                    (latency_ms, cost_nano_usd, saved_nano_usd),
                 )| UsageRecord {
                     request_id,
                     at,
@@ -646,6 +681,7 @@ mod tests {
                     cached,
                     latency_ms,
                     cost_nano_usd,
+                    saved_nano_usd,
                 },
             )
     }
@@ -674,6 +710,37 @@ mod tests {
             damaged[flip.index(data.len())] ^= 0xff;
             let _ = decode_batch(&damaged);
         }
+    }
+
+    /// A batch written before savings were recorded (format 1, in a view or a journal made by
+    /// an older Carrel) still reads, saving nothing.
+    #[test]
+    fn a_format_1_batch_still_decodes() {
+        let record = UsageRecord {
+            request_id: "req_1".into(),
+            at: 1_796_000_000,
+            day: "2026-12-07".into(),
+            institution_id: "inst_1".into(),
+            key_id: "key_1".into(),
+            model: "m".into(),
+            prompt_tokens: 7,
+            completion_tokens: 5,
+            cost_nano_usd: 4_050,
+            cached: true,
+            ..UsageRecord::default()
+        };
+        let v2 = encode_batch(std::slice::from_ref(&record));
+        // Format 1 is format 2 without the saved amount (one zero byte before the flags).
+        let (flags, rest) = v2.split_last().unwrap();
+        assert_eq!(rest.last(), Some(&0));
+        let mut v1 = vec![1];
+        v1.extend_from_slice(&rest[1..rest.len() - 1]);
+        v1.push(*flags);
+        assert_eq!(decode_batch(&v1).unwrap(), [record]);
+        assert!(
+            decode_batch(&[3]).is_err(),
+            "a later format is not guessed at"
+        );
     }
 
     #[test]

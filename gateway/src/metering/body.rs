@@ -123,21 +123,37 @@ impl Meter {
                 true,
             ),
         };
-        self.record(usage, estimated, status, false);
+        self.record(usage, estimated, status, None);
     }
 
     /// Records a request the provider refused: nothing used, the reservation refunded.
     pub fn refused(mut self) {
-        self.record(Usage::default(), false, UsageStatus::UpstreamError, false);
+        self.record(Usage::default(), false, UsageStatus::UpstreamError, None);
     }
 
     /// Records a request answered from the response cache: no provider tokens, so nothing
     /// counts against a budget (the cache price is free) and the reservation is refunded.
-    pub fn cached(mut self) {
-        self.record(Usage::default(), false, UsageStatus::Complete, true);
+    /// `avoided`, the usage the provider reported for the answer, is what the record says was
+    /// saved, at the price in force now.
+    pub fn cached(mut self, avoided: Option<Usage>) {
+        let saved = avoided.map_or(0.0, |u| {
+            self.price.nano_usd(
+                u.prompt_tokens.min(MAX_TOKENS),
+                u.cached_prompt_tokens,
+                u.completion_tokens.min(MAX_TOKENS),
+            )
+        });
+        let saved_nano_usd = (saved.round() as i64).clamp(0, MAX_COST_NANO_USD);
+        self.record(
+            Usage::default(),
+            false,
+            UsageStatus::Complete,
+            Some(saved_nano_usd),
+        );
     }
 
-    fn record(&mut self, usage: Usage, estimated: bool, status: UsageStatus, cached: bool) {
+    /// `cached`: answered from the response cache, saving this much (nano-dollars).
+    fn record(&mut self, usage: Usage, estimated: bool, status: UsageStatus, cached: Option<i64>) {
         // A provider reporting more than this is wrong; one bad number must not overflow an
         // institution's sums.
         let prompt_tokens = usage.prompt_tokens.min(MAX_TOKENS);
@@ -165,8 +181,9 @@ impl Meter {
                 prompt_tokens,
                 completion_tokens,
                 cost_nano_usd,
+                saved_nano_usd: cached.unwrap_or(0),
                 estimated,
-                cached,
+                cached: cached.is_some(),
                 latency_ms: self.started.elapsed().as_millis() as u64,
             },
             timezone: Arc::clone(&p.timezone),

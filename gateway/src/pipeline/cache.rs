@@ -54,7 +54,7 @@ pub async fn run(
     served.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     ctx.cache = Some(CacheStatus::Hit);
     let reservation = ctx.reservation.take();
-    forward::meter(state, ctx, reservation).cached();
+    forward::meter(state, ctx, reservation).cached(answer.usage);
     let mut resp = crate::body::json(StatusCode::OK, body);
     if stream {
         resp.headers_mut().insert(

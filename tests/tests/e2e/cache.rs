@@ -119,6 +119,28 @@ async fn a_hundred_identical_requests_make_one_upstream_call_and_hits_cost_nothi
             .iter()
             .all(|r| r.prompt_tokens + r.completion_tokens == 0 && r.cost_nano_usd == 0)
     );
+    // Each hit saved what the provider charged for the answer; the report adds them up.
+    assert!(paid[0].cost_nano_usd > 0 && paid[0].saved_nano_usd == 0);
+    assert!(
+        cached
+            .iter()
+            .all(|r| r.saved_nano_usd == paid[0].cost_nano_usd)
+    );
+    let (_, usage) = gw
+        .admin(
+            Method::GET,
+            &format!("/admin/v1/institutions/{inst}/usage"),
+            None,
+        )
+        .await;
+    assert_eq!(usage["totals"]["requests"], 100, "{usage}");
+    assert_eq!(usage["totals"]["cached"], 99, "{usage}");
+    let savings = usage["totals"]["savings_usd"].as_f64().unwrap();
+    let expected = 99.0 * paid[0].cost_nano_usd as f64 / 1e9;
+    assert!(
+        (savings - expected).abs() < 1e-12,
+        "{savings} vs {expected}"
+    );
     let metrics = gw.metrics().await;
     let count = |result: &str| {
         carrel_tests::metric(

@@ -511,9 +511,11 @@ async fn usage_is_reported_by_day_key_and_model_as_json_and_csv() {
     assert_eq!(status, 200, "{by_key}");
     let mut expected = vec![
         json!({"group": key_a, "requests": 2, "incomplete": 0, "prompt_tokens": 2 * p, "completion_tokens": 2 * c,
-               "total_tokens": 2 * (p + c), "cost_usd": 2.0 * (p as f64 * 0.15 + c as f64 * 0.6) / 1e6}),
+               "total_tokens": 2 * (p + c), "cost_usd": 2.0 * (p as f64 * 0.15 + c as f64 * 0.6) / 1e6,
+               "cached": 0, "savings_usd": 0.0}),
         json!({"group": key_b, "requests": 2, "incomplete": 0, "prompt_tokens": 2 * p, "completion_tokens": 2 * c,
-               "total_tokens": 2 * (p + c), "cost_usd": (p as f64 * 0.15 + c as f64 * 0.6) / 1e6}),
+               "total_tokens": 2 * (p + c), "cost_usd": (p as f64 * 0.15 + c as f64 * 0.6) / 1e6,
+               "cached": 0, "savings_usd": 0.0}),
     ];
     expected.sort_by_key(|l| l["group"].as_str().unwrap().to_owned());
     assert_eq!(by_key["data"], json!(expected), "{by_key}");
@@ -555,7 +557,7 @@ async fn usage_is_reported_by_day_key_and_model_as_json_and_csv() {
     let lines: Vec<&str> = csv.lines().collect();
     assert_eq!(
         lines[0],
-        "model,requests,incomplete,prompt_tokens,completion_tokens,total_tokens,cost_usd"
+        "model,requests,incomplete,prompt_tokens,completion_tokens,total_tokens,cost_usd,cached,savings_usd"
     );
     assert!(lines[1].starts_with("mock-model,3,"), "{csv}");
     assert!(lines[2].starts_with("renamed,1,"), "{csv}");
