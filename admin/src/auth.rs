@@ -62,6 +62,9 @@ pub enum Action {
     ManageStructure,
     /// Read an institution's usage.
     ReadUsage,
+    /// Read usage across institutions, by sector and region (suppressed to cells of at least
+    /// `k` subjects): operators, for themselves and for the programs that fund access.
+    ReadAggregates,
     /// Create or revoke automation tokens.
     ManageTokens,
     /// Serve patrons at the front desk: extend a patron's daily allotment for a while, or
@@ -86,7 +89,7 @@ impl Action {
             // may use. Never the read-only `usage`.
             Action::ServePatrons => Scope::Keys,
             Action::ManageStructure => Scope::Structure,
-            Action::ReadUsage => Scope::Usage,
+            Action::ReadUsage | Action::ReadAggregates => Scope::Usage,
             Action::ReadAudit => Scope::Audit,
             Action::CreateInstitution | Action::ManageInstitution | Action::GovernInstitution => {
                 Scope::Institutions
@@ -154,7 +157,8 @@ impl AdminPrincipal {
             | Action::CreateInstitution
             | Action::GovernInstitution
             | Action::Contain
-            | Action::AttestFrontier => false,
+            | Action::AttestFrontier
+            | Action::ReadAggregates => false,
             Action::ReadModels | Action::Read => true,
             Action::ManageKeys
             | Action::ManageUsers

@@ -10,7 +10,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use crate::{
-    AdminState, accounts, audit, catalog, error, incidents, institutions, limits, patrons,
+    AdminState, accounts, audit, catalog, error, incidents, institutions, limits, patrons, reports,
     safeguards, structure, tokens, usage,
 };
 
@@ -39,6 +39,7 @@ use crate::{
         institutions::get_institution,
         institutions::update_institution,
         usage::usage_report,
+        reports::sector_report,
         institutions::create_key,
         institutions::list_keys,
         institutions::revoke_key,

@@ -38,6 +38,7 @@ pub mod limits;
 pub mod patrons;
 pub mod query;
 pub mod reference;
+pub mod reports;
 pub mod safeguards;
 pub mod structure;
 pub mod tokens;
@@ -154,6 +155,7 @@ pub fn router(state: AdminState) -> Router {
             "/admin/v1/institutions/{id}/usage",
             get(usage::usage_report),
         )
+        .route("/admin/v1/reports/sectors", get(reports::sector_report))
         .route(
             "/admin/v1/institutions/{id}/keys",
             get(institutions::list_keys).post(institutions::create_key),

@@ -127,3 +127,22 @@ pub struct UsageParams {
     #[param(pattern = "^(json|csv)$")]
     format: Option<String>,
 }
+
+/// Parameters of `GET /admin/v1/reports/sectors`.
+#[derive(Debug, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)] // Read through `AdminQuery`; this struct only describes the parameters.
+pub struct SectorParams {
+    /// First local day (`YYYY-MM-DD`, each institution's own); default 29 days before `to`.
+    #[param(format = Date)]
+    from: Option<String>,
+    /// Last local day, inclusive; default today (UTC). At most 366 days after `from`.
+    #[param(format = Date)]
+    to: Option<String>,
+    /// The fewest distinct patrons or keys a shown row stands for: 10 (default) or more.
+    #[param(minimum = 10, maximum = 1_000_000)]
+    k: Option<u64>,
+    /// `json` (default) or `csv`.
+    #[param(pattern = "^(json|csv)$")]
+    format: Option<String>,
+}

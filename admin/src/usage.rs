@@ -188,7 +188,7 @@ fn to_csv(group_by: UsageGroupBy, lines: &[UsageLine]) -> String {
 
 /// One CSV field: quoted when it holds a separator or quote, and defused when a spreadsheet
 /// would read it as a formula.
-fn csv_field(value: &str) -> String {
+pub(crate) fn csv_field(value: &str) -> String {
     let value = if value.starts_with(['=', '+', '-', '@']) {
         format!("'{value}")
     } else {

@@ -25,6 +25,7 @@ mod limits;
 mod patrons;
 mod prices;
 mod replica;
+mod reports;
 mod retention;
 mod safety;
 mod tokens;
@@ -41,6 +42,7 @@ pub use patrons::{
 };
 pub use prices::{NewPrice, PriceVersion};
 pub use replica::{JOURNAL_FILE, RedisSettings, ReplicaCounters, VIEW_FILE};
+pub use reports::SectorCell;
 pub use retention::{DEFAULT_PATRON_RETENTION_HOURS, Forgotten, MAX_PATRON_RETENTION_HOURS};
 pub use safety::Containment;
 pub use tokens::NewAdminToken;

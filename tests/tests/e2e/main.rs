@@ -18,6 +18,7 @@ mod prices;
 mod proxy;
 mod quota;
 mod replicas;
+mod reports;
 mod safeguards;
 mod serve;
 mod signing;
