@@ -257,6 +257,7 @@ pub async fn create_model(
             input_price_per_mtok: body.input_price_per_mtok,
             output_price_per_mtok: body.output_price_per_mtok,
             max_output_tokens,
+            routing: Default::default(),
         })
         .await
         .map_err(|e| match e {

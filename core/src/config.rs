@@ -116,6 +116,10 @@ struct RawUpstream {
     idle_timeout_ms: Option<i64>,
     pool_max_idle_per_host: Option<i64>,
     pool_idle_timeout_ms: Option<i64>,
+    retries: Option<i64>,
+    breaker_failures: Option<i64>,
+    breaker_open_ms: Option<i64>,
+    health_check_interval_ms: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -238,7 +242,28 @@ struct RawModel {
     output_price_per_mtok: f64,
     #[serde(default)]
     max_output_tokens: Option<u32>,
+    #[serde(default)]
+    weight: Option<u32>,
+    #[serde(default)]
+    timeout_ms: Option<i64>,
+    #[serde(default)]
+    deployments: Vec<RawDeployment>,
 }
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDeployment {
+    provider: String,
+    #[serde(default)]
+    upstream_model: Option<String>,
+    #[serde(default)]
+    weight: Option<u32>,
+    #[serde(default)]
+    timeout_ms: Option<i64>,
+}
+
+/// The most weight one deployment may have.
+pub const MAX_DEPLOYMENT_WEIGHT: u32 = 1000;
 
 // ---------------------------------------------------------------------------------------------
 // Validated settings.
@@ -317,6 +342,15 @@ pub struct UpstreamConfig {
     pub pool_max_idle_per_host: usize,
     /// How long an idle pooled connection is kept.
     pub pool_idle_timeout: Duration,
+    /// Further attempts a request may make, on another deployment when there is one, after a
+    /// connect error, a 429 or a 5xx that reached no client byte (default 2).
+    pub retries: u32,
+    /// Failures in a row that open a deployment's circuit breaker (default 5).
+    pub breaker_failures: u32,
+    /// How long an open breaker keeps requests away before one trial request (default 30 s).
+    pub breaker_open: Duration,
+    /// How often each provider is probed (`GET {base_url}/models`); `None`: never.
+    pub health_check_interval: Option<Duration>,
 }
 
 /// `[auth]`.
@@ -628,6 +662,9 @@ pub struct ModelConfig {
     /// Most output tokens one choice may ask for: the reservation when a request sets no
     /// `max_tokens`, and the largest `max_tokens` accepted.
     pub max_output_tokens: u32,
+    /// Its deployments (absent from log entries of earlier builds: the provider alone).
+    #[serde(default)]
+    pub routing: crate::domain::Routing,
 }
 
 /// A model's output cap when its config does not set one.
@@ -750,6 +787,20 @@ impl Config {
                 u.pool_idle_timeout_ms,
                 90_000,
             )?,
+            retries: bounded("upstream.retries", u.retries, 2, 0, 5)? as u32,
+            breaker_failures: bounded("upstream.breaker_failures", u.breaker_failures, 5, 1, 1000)?
+                as u32,
+            breaker_open: millis("upstream.breaker_open_ms", u.breaker_open_ms, 30_000)?,
+            health_check_interval: match bounded(
+                "upstream.health_check_interval_ms",
+                u.health_check_interval_ms,
+                10_000,
+                0,
+                3_600_000,
+            )? {
+                0 => None,
+                ms => Some(Duration::from_millis(ms as u64)),
+            },
         };
         let a = raw.auth;
         let auth = AuthConfig {
@@ -896,8 +947,62 @@ impl Config {
             if let Err(message) = validate_max_output_tokens(max_output_tokens) {
                 return Err(ConfigError::invalid(key("max_output_tokens"), message));
             }
+            let upstream_model = m.upstream_model.unwrap_or_else(|| m.name.clone());
+            let timeout = |field: String, ms: Option<i64>| match ms {
+                None => Ok(None),
+                Some(ms) if (1..=3_600_000).contains(&ms) => Ok(Some(ms as u64)),
+                Some(ms) => Err(ConfigError::invalid(
+                    field,
+                    format!("invalid value: {ms}, expected 1 to 3600000 (ms)"),
+                )),
+            };
+            let weight = |field: String, w: Option<u32>| match w.unwrap_or(1) {
+                w if w <= MAX_DEPLOYMENT_WEIGHT => Ok(w),
+                w => Err(ConfigError::invalid(
+                    field,
+                    format!("invalid value: {w}, expected 0 to {MAX_DEPLOYMENT_WEIGHT}"),
+                )),
+            };
+            let mut routing = crate::domain::Routing {
+                weight: weight(key("weight"), m.weight)?,
+                timeout_ms: timeout(key("timeout_ms"), m.timeout_ms)?,
+                deployments: Vec::with_capacity(m.deployments.len()),
+            };
+            let mut seen = HashSet::from([(m.provider.clone(), upstream_model.clone())]);
+            for (j, d) in m.deployments.into_iter().enumerate() {
+                let key = |field: &str| format!("models[{i}].deployments[{j}].{field}");
+                if !names.contains(&d.provider) {
+                    return Err(ConfigError::invalid(
+                        key("provider"),
+                        format!("no provider named `{}` is declared", d.provider),
+                    ));
+                }
+                let upstream = d.upstream_model.unwrap_or_else(|| upstream_model.clone());
+                if let Err(message) = validate_model_name(&upstream) {
+                    return Err(ConfigError::invalid(key("upstream_model"), message));
+                }
+                if !seen.insert((d.provider.clone(), upstream.clone())) {
+                    return Err(ConfigError::invalid(
+                        key("provider"),
+                        format!("`{}` serves `{upstream}` twice", d.provider),
+                    ));
+                }
+                routing.deployments.push(crate::domain::Deployment {
+                    weight: weight(key("weight"), d.weight)?,
+                    timeout_ms: timeout(key("timeout_ms"), d.timeout_ms)?,
+                    provider: d.provider,
+                    upstream_model: upstream,
+                });
+            }
+            if routing.weight == 0 && routing.deployments.iter().all(|d| d.weight == 0) {
+                return Err(ConfigError::invalid(
+                    key("weight"),
+                    "every deployment is a standby (weight 0): give one a weight",
+                ));
+            }
             models.push(ModelConfig {
-                upstream_model: m.upstream_model.unwrap_or_else(|| m.name.clone()),
+                upstream_model,
+                routing,
                 max_output_tokens,
                 name: m.name,
                 provider: m.provider,
@@ -1303,6 +1408,72 @@ mod tests {
                 "usage.record_retention_days"
             );
         }
+    }
+
+    #[test]
+    fn a_model_may_have_several_deployments_and_each_is_checked() {
+        let file = |deployments: &str, weight: &str| {
+            format!(
+                "[[providers]]\nname = \"a\"\nbase_url = \"http://127.0.0.1:9/v1\"\n\
+                 [[providers]]\nname = \"b\"\nbase_url = \"http://127.0.0.1:10/v1\"\n\
+                 [[models]]\nname = \"m\"\nprovider = \"a\"\ntier = \"baseline\"\n{weight}\n\
+                 {deployments}"
+            )
+        };
+        let ok = load(
+            &file(
+                "[[models.deployments]]\nprovider = \"b\"\nupstream_model = \"m-eu\"\n\
+                 weight = 3\ntimeout_ms = 2000\n",
+                "timeout_ms = 500",
+            ),
+            &[],
+        )
+        .unwrap();
+        let r = &ok.models[0].routing;
+        assert_eq!((r.weight, r.timeout_ms), (1, Some(500)));
+        assert_eq!(
+            r.deployments,
+            [crate::domain::Deployment {
+                provider: "b".into(),
+                upstream_model: "m-eu".into(),
+                weight: 3,
+                timeout_ms: Some(2000),
+            }]
+        );
+        let bad = |deployments: &str, weight: &str| {
+            key_of(load(&file(deployments, weight), &[]).unwrap_err())
+        };
+        assert_eq!(
+            bad("[[models.deployments]]\nprovider = \"c\"\n", ""),
+            "models[0].deployments[0].provider"
+        );
+        assert_eq!(
+            bad("[[models.deployments]]\nprovider = \"a\"\n", ""),
+            "models[0].deployments[0].provider",
+            "the model's own deployment twice"
+        );
+        assert_eq!(
+            bad(
+                "[[models.deployments]]\nprovider = \"b\"\nweight = 0\n",
+                "weight = 0"
+            ),
+            "models[0].weight",
+            "every deployment a standby"
+        );
+        assert_eq!(
+            bad(
+                "[[models.deployments]]\nprovider = \"b\"\nweight = 1001\n",
+                ""
+            ),
+            "models[0].deployments[0].weight"
+        );
+        assert_eq!(
+            bad(
+                "[[models.deployments]]\nprovider = \"b\"\ntimeout_ms = 0\n",
+                ""
+            ),
+            "models[0].deployments[0].timeout_ms"
+        );
     }
 
     #[test]

@@ -330,10 +330,61 @@ pub struct Model {
     /// Most output tokens one choice may ask for, and what is reserved when a request does not
     /// say.
     pub max_output_tokens: u32,
+    /// Where else it is served, and how requests are shared among its deployments.
+    pub routing: Routing,
     /// Where the record came from.
     pub source: Source,
     /// RFC 3339 creation time.
     pub created_at: String,
+}
+
+/// How a model's requests are shared among its deployments: the model's own provider (the
+/// first deployment) and any others. A request goes to a deployment picked by weight among
+/// those whose circuit breaker is closed, and on a connect error, a 429 or a 5xx
+/// before anything reached the client, to another (see `upstream.retries`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Routing {
+    /// The first deployment's weight (default 1; 0: a standby, tried only when another fails).
+    #[serde(default = "one")]
+    pub weight: u32,
+    /// The first deployment's time to the response head, in ms (default
+    /// `upstream.response_timeout_ms`).
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+    /// The other deployments.
+    #[serde(default)]
+    pub deployments: Vec<Deployment>,
+}
+
+impl Default for Routing {
+    fn default() -> Self {
+        Routing {
+            weight: 1,
+            timeout_ms: None,
+            deployments: Vec::new(),
+        }
+    }
+}
+
+/// Another provider serving a model.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Deployment {
+    /// Name of the provider.
+    pub provider: String,
+    /// The provider's name for the model.
+    pub upstream_model: String,
+    /// Its weight (default 1; 0: a standby).
+    #[serde(default = "one")]
+    pub weight: u32,
+    /// Its time to the response head, in ms (default `upstream.response_timeout_ms`).
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+}
+
+fn one() -> u32 {
+    1
 }
 
 /// An institution: a library system, a school district, a small business.

@@ -73,6 +73,10 @@ pub struct Inner {
     pub cache: Option<Arc<crate::response_cache::ResponseCache>>,
     /// Settings for each worker's upstream client.
     upstream_config: UpstreamConfig,
+    /// Each deployment's circuit breaker, kept across catalog rebuilds.
+    pub breakers: crate::upstream::routing::Breakers,
+    /// Attempts made again after a deployment failed.
+    pub retries: std::sync::atomic::AtomicU64,
     /// Request limits.
     pub limits: Limits,
     /// Pause between the demo model's streamed words.
@@ -146,6 +150,11 @@ impl AppState {
             ledger: parts.ledger,
             quota: parts.quota,
             cache: crate::response_cache::ResponseCache::new(&parts.cache).map(Arc::new),
+            breakers: crate::upstream::routing::Breakers::new(
+                parts.upstream.breaker_failures,
+                parts.upstream.breaker_open,
+            ),
+            retries: std::sync::atomic::AtomicU64::new(0),
             upstream_config: parts.upstream,
             limits: parts.limits,
             demo_word_delay: parts.demo_word_delay,
@@ -170,7 +179,7 @@ impl AppState {
         let providers = self.store.list_providers(PageRequest::ALL).await?.data;
         let models = self.store.list_models(PageRequest::ALL).await?.data;
         let prices = self.store.price_versions(None).await?;
-        let catalog = Catalog::build(&providers, &models, &prices, &self.env_keys);
+        let catalog = Catalog::build(&providers, &models, &prices, &self.env_keys, &self.breakers);
         // Load the tokenizers the models need now, off the async threads, rather than on a
         // patron's first request.
         let mut tokenizers: Vec<_> = catalog.iter().map(|m| m.tokenizer).collect();
@@ -181,6 +190,11 @@ impl AppState {
         self.catalog.store(Arc::new(catalog));
         tracing::debug!(models = n, "catalog reloaded");
         Ok(n)
+    }
+
+    /// `[upstream]`.
+    pub fn upstream_config(&self) -> &UpstreamConfig {
+        &self.upstream_config
     }
 
     /// Names of providers whose API key came from the environment.

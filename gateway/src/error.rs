@@ -180,6 +180,22 @@ fn contained_message(model: &str, by: carrel_core::domain::ContainmentKind) -> S
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 impl GatewayError {
+    /// Whether no connection to the provider could be made: the request never reached it.
+    pub fn is_connect_failure(&self) -> bool {
+        matches!(self, GatewayError::UpstreamUnreachable(_))
+    }
+
+    /// Whether the provider failed to answer (unreachable, broken off, too slow): a mark
+    /// against its deployment.
+    pub fn is_upstream_failure(&self) -> bool {
+        matches!(
+            self,
+            GatewayError::UpstreamUnreachable(_)
+                | GatewayError::UpstreamFailed(_)
+                | GatewayError::UpstreamTimeout
+        )
+    }
+
     /// HTTP status.
     pub fn status(&self) -> StatusCode {
         match self {

@@ -48,6 +48,7 @@ fn load(c: &AtomicU64) -> u64 {
 /// The exposition text.
 pub fn render(state: &AppState) -> String {
     let ledger = state.ledger.counters();
+    let breakers = state.breakers.all();
     let mut families = vec![
         Family {
             name: "carrel_usage_records_total",
@@ -97,6 +98,29 @@ pub fn render(state: &AppState) -> String {
         help: "Inference responses sent without a signature (too large to hold, or a value \
                that cannot be signed) while signing is on.",
         values: vec![(None, state.signing_keys.unsigned())],
+    });
+    families.push(Family {
+        name: "carrel_upstream_retries_total",
+        help: "Requests sent again, to another deployment when there is one, after a \
+               deployment failed before any byte reached the client.",
+        values: vec![(None, load(&state.retries))],
+    });
+    families.push(Family {
+        name: "carrel_upstream_breaker_open",
+        help: "Whether a deployment's circuit breaker is open (requests kept away from it), \
+               by provider/upstream model.",
+        values: breakers
+            .iter()
+            .map(|b| (Some(("deployment", &*b.name)), u64::from(b.is_open())))
+            .collect(),
+    });
+    families.push(Family {
+        name: "carrel_upstream_breaker_opened_total",
+        help: "Times a deployment's circuit breaker opened, by provider/upstream model.",
+        values: breakers
+            .iter()
+            .map(|b| (Some(("deployment", &*b.name)), load(&b.opened)))
+            .collect(),
     });
     if let Some(cache) = &state.cache {
         let c = &cache.counters;

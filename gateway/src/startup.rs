@@ -219,6 +219,14 @@ impl App {
             incidents,
             store_for_incidents,
         ));
+        if let Some(every) = state.upstream_config().health_check_interval {
+            #[expect(
+                clippy::disallowed_methods,
+                reason = "probes providers for the life of the runtime; a probe cut short at \
+                          shutdown changes nothing"
+            )]
+            tokio::spawn(check_health(state.clone(), every));
+        }
         warn_of_plaintext_sip2(&state).await;
         Ok(App { state, admin })
     }
@@ -349,6 +357,17 @@ pub const TREE_HEAD_EVERY: Duration = Duration::from_secs(3600);
 /// Every [`TREE_HEAD_EVERY`] (and once at start): removes incident text whose retention ended
 /// (reads already hide it), and signs and keeps the audit log's head when entries were added
 /// since the last one.
+/// Probes every provider every `every` (see [`crate::upstream::routing`]).
+async fn check_health(state: AppState, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let catalog = state.catalog.load_full();
+        crate::upstream::routing::probe_all(&state.upstream, &catalog).await;
+    }
+}
+
 async fn hourly_upkeep(admin: AdminState) {
     let mut every = tokio::time::interval(TREE_HEAD_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -413,6 +432,7 @@ pub fn add_demo_model(config: &mut Config) {
             input_price_per_mtok: 0.0,
             output_price_per_mtok: 0.0,
             max_output_tokens: carrel_core::config::DEFAULT_MAX_OUTPUT_TOKENS,
+            routing: Default::default(),
         });
     }
 }

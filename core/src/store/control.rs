@@ -36,9 +36,10 @@ pub(super) fn apply_config(
         tx.execute(
             "INSERT INTO models (id, name, provider, upstream_model, tier,
                 input_price_per_mtok, output_price_per_mtok, source, created_at,
-                max_output_tokens, tier_basis)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'config', ?8, ?9, ?10)
+                max_output_tokens, tier_basis, routing)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'config', ?8, ?9, ?10, ?11)
              ON CONFLICT(name) DO UPDATE SET provider = excluded.provider,
+                routing = excluded.routing,
                 upstream_model = excluded.upstream_model, tier = excluded.tier,
                 tier_basis = excluded.tier_basis,
                 input_price_per_mtok = excluded.input_price_per_mtok,
@@ -55,7 +56,8 @@ pub(super) fn apply_config(
                 m.output_price_per_mtok,
                 w.now(),
                 m.max_output_tokens,
-                m.tier_basis.as_str()
+                m.tier_basis.as_str(),
+                serde_json::to_string(&m.routing).expect("plain data")
             ],
         )?;
     }
@@ -151,14 +153,15 @@ pub(super) fn create_model(
         input_price_per_mtok: new.input_price_per_mtok,
         output_price_per_mtok: new.output_price_per_mtok,
         max_output_tokens: new.max_output_tokens,
+        routing: new.routing,
         source: Source::Admin,
         created_at: w.now(),
     };
     c.execute(
         "INSERT INTO models (id, name, provider, upstream_model, tier,
             input_price_per_mtok, output_price_per_mtok, source, created_at,
-            max_output_tokens, tier_basis)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'admin', ?8, ?9, ?10)",
+            max_output_tokens, tier_basis, routing)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'admin', ?8, ?9, ?10, ?11)",
         params![
             model.id,
             model.name,
@@ -169,7 +172,8 @@ pub(super) fn create_model(
             model.output_price_per_mtok,
             model.created_at,
             model.max_output_tokens,
-            model.tier_basis.as_str()
+            model.tier_basis.as_str(),
+            serde_json::to_string(&model.routing).expect("plain data")
         ],
     )
     .map_err(|e| unique_conflict(e, || format!("model `{}`", model.name)))?;

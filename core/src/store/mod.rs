@@ -315,6 +315,8 @@ INSERT INTO patron_daily (institution_id, day, patron_ref, tokens)
     Migration::sql(prices::MIGRATION),
     // 15: cached answers and their savings, and requests that named a patron, in daily sums.
     Migration::sql(usage::MIGRATION_SAVINGS),
+    // 16: models served by several deployments.
+    Migration::sql("ALTER TABLE models ADD COLUMN routing TEXT NOT NULL DEFAULT '{}';"),
 ];
 
 /// Columns of an institution, in [`institution_row`]'s order.
@@ -811,7 +813,7 @@ impl Store {
                 c,
                 "SELECT id, name, provider, upstream_model, tier, input_price_per_mtok,
                     output_price_per_mtok, source, created_at, max_output_tokens, tier_basis,
-                    rowid
+                    routing, rowid
                  FROM models WHERE 1",
                 &[],
                 page,
@@ -1441,6 +1443,8 @@ fn model_row(r: &Row<'_>) -> Result<Model, StoreError> {
         created_at: r.get(8)?,
         max_output_tokens: r.get(9)?,
         tier_basis: parse("models.tier_basis", r.get(10)?)?,
+        routing: serde_json::from_str(&r.get::<_, String>(11)?)
+            .map_err(|e| StoreError::Corrupt(format!("models.routing: {e}")))?,
     })
 }
 
@@ -1856,6 +1860,7 @@ pub(crate) mod tests {
             input_price_per_mtok: 0.5,
             output_price_per_mtok: 1.5,
             max_output_tokens: 4096,
+            routing: Default::default(),
         };
         store
             .apply_config(vec![provider.clone()], vec![model.clone()])
@@ -1912,6 +1917,7 @@ pub(crate) mod tests {
                 input_price_per_mtok: 0.0,
                 output_price_per_mtok: 0.0,
                 max_output_tokens: 4096,
+                routing: Default::default(),
             })
             .await
             .unwrap();
@@ -1940,6 +1946,7 @@ pub(crate) mod tests {
                 input_price_per_mtok: 0.0,
                 output_price_per_mtok: 0.0,
                 max_output_tokens: 4096,
+                routing: Default::default(),
             })
             .await
             .unwrap_err();

@@ -18,7 +18,8 @@ use crate::openai::Rewrite;
 use crate::pipeline::{Endpoint, RequestCtx};
 use crate::safeguards::containment::Subject;
 use crate::safeguards::screening::{ScreenedStream, answer_text};
-use crate::upstream::catalog::Target;
+use crate::upstream::catalog::{ModelRoute, Target};
+use crate::upstream::routing::{self, Tried};
 
 /// What meters this request: from here on it has a usage record, and the client learns its id
 /// (`x-carrel-request-id`).
@@ -39,6 +40,85 @@ pub fn meter(state: &AppState, ctx: &mut RequestCtx, reservation: Option<Reserva
     }
 }
 
+/// Sends the request to one of the model's deployments, and on a failure that reached no client
+/// byte and left no work done (a connect error, a 429, a 5xx) to another, up to
+/// `upstream.retries` more times (see [`crate::upstream::routing`]). Returns the last answer
+/// and the deployment that gave it.
+async fn send(
+    state: &AppState,
+    ctx: &RequestCtx,
+    route: &ModelRoute,
+    rewrite: &Rewrite<'_>,
+) -> (Result<Response<ResponseBody>, GatewayError>, usize) {
+    let mut tried = Tried::default();
+    // A provider an operator contained is not tried (its model's own provider stops the
+    // model at authorize).
+    let contained = state.containment.load();
+    for (i, d) in route.deployments.iter().enumerate().skip(1) {
+        if contained.stops_provider(&d.provider) {
+            tried.exclude(i);
+        }
+    }
+    let mut attempt = 0;
+    loop {
+        let i = routing::pick(route, tried, routing::roll());
+        tried.add(i);
+        let d = &route.deployments[i];
+        let rewrite = Rewrite {
+            model: route.renamed_at(i),
+            ..*rewrite
+        };
+        let body = if rewrite.is_needed() {
+            match rewrite.apply(&ctx.body) {
+                Ok(body) => body,
+                Err(e) => return (Err(e), i),
+            }
+        } else {
+            ctx.body.clone()
+        };
+        let resp = match &d.target {
+            Target::Http(target) => {
+                state
+                    .upstream
+                    .forward(target, ctx.endpoint, ctx.accept.as_ref(), body, d.timeout)
+                    .await
+            }
+            Target::Demo => Ok(demo::respond(
+                ctx.endpoint,
+                ctx.fields(),
+                &body,
+                state.demo_word_delay,
+            )),
+        };
+        // A refusal (429, 5xx) or no connection: the provider did not do the work, so trying
+        // again costs nothing twice. A timeout or a connection broken mid-request may have
+        // been worked on (and billed): it marks the deployment but is not sent again.
+        let (failed, retryable) = match &resp {
+            Ok(r) => {
+                let refused = r.status() == http::StatusCode::TOO_MANY_REQUESTS
+                    || r.status().is_server_error();
+                (refused, refused)
+            }
+            Err(e) => (e.is_upstream_failure(), e.is_connect_failure()),
+        };
+        if !failed {
+            d.breaker.succeeded();
+            return (resp, i);
+        }
+        d.breaker.failed();
+        attempt += 1;
+        if !retryable || attempt > state.upstream_config().retries {
+            return (resp, i);
+        }
+        state
+            .retries
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // Nothing of this answer reached the client: drop it and try again.
+        drop(resp);
+        tokio::time::sleep(routing::backoff(attempt, routing::roll())).await;
+    }
+}
+
 /// Stage 9.
 pub async fn run(
     state: &AppState,
@@ -50,7 +130,7 @@ pub async fn run(
     // A usage event at the end of every stream, so streams are settled to the provider's count.
     let ask_usage = fields.stream && !fields.include_usage && ctx.endpoint != Endpoint::Embeddings;
     let rewrite = Rewrite {
-        model: route.renames().then_some(route.upstream_model.as_str()),
+        model: None,
         max_tokens: reservation
             .as_ref()
             .and_then(|r| r.clamped_to())
@@ -58,26 +138,12 @@ pub async fn run(
         include_usage: ask_usage,
         drop_user: fields.user.is_some(),
     };
-    let body = if rewrite.is_needed() {
-        rewrite.apply(&ctx.body)?
-    } else {
-        ctx.body.clone()
-    };
+    // A body the rewrite cannot read is the client's mistake: refused before any attempt.
+    if rewrite.is_needed() {
+        rewrite.apply(&ctx.body)?;
+    }
     let meter = meter(state, ctx, reservation);
-    let resp = match &route.target {
-        Target::Http(target) => {
-            state
-                .upstream
-                .forward(target, ctx.endpoint, ctx.accept.as_ref(), body)
-                .await
-        }
-        Target::Demo => Ok(demo::respond(
-            ctx.endpoint,
-            ctx.fields(),
-            &body,
-            state.demo_word_delay,
-        )),
-    };
+    let (resp, served_by) = send(state, ctx, &route, &rewrite).await;
     let resp = match resp {
         Ok(resp) if resp.status().is_success() => resp,
         Ok(refusal) => {
@@ -100,7 +166,7 @@ pub async fn run(
         let p = ctx.principal();
         state.containment.watch(Subject {
             model: Arc::clone(&route.name),
-            provider: Arc::clone(&route.provider),
+            provider: Arc::clone(&route.deployments[served_by].provider),
             institution: Arc::clone(&p.institution_id),
             key: Arc::clone(&p.key_id),
         })

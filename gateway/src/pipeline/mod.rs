@@ -10,7 +10,7 @@
 //! | 4½ | safeguards | [`safeguards`] | 429 `rate_limit_exceeded` (the frontier rate: a tenth of the key's), 400 `content_blocked`, 403 `safeguard_unavailable` (frontier, fails closed) |
 //! | 5 | quota reserve | [`quota::reserve`] | 400 `invalid_parameter` (`max_tokens` over the model's cap), 429 `rate_limit_exceeded`, 429 `insufficient_quota`, 429 `budget_exceeded` |
 //! | 6 | cache | [`cache`] | a stored answer (`x-carrel-cache: hit`), settled at no cost; or it waits for an identical request in flight ([`crate::response_cache`]) |
-//! | 7–8 | routing | (issue 8) | |
+//! | 7–8 | routing | [`forward`] with [`crate::upstream::routing`] | nothing of its own: a deployment is picked by weight among those whose breaker is closed; a failure before the first byte is retried on another (the last attempt's answer is relayed) |
 //! | 9 | forward + meter | [`forward`] | the upstream's own status, 502 `upstream_unreachable`, 502 `upstream_failed`, 504 `upstream_timeout`; a 2xx body settles the reservation and is recorded in the usage ledger ([`crate::metering`]) |
 //!
 //! The credential's request rate is counted before the body is read (DESIGN.md put it after

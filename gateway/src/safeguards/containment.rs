@@ -54,6 +54,11 @@ impl ContainedSet {
     }
 
     /// The first switch that stops `s`, model first.
+    /// Whether provider `p` is contained.
+    pub fn stops_provider(&self, p: &str) -> bool {
+        self.providers.contains(p)
+    }
+
     pub fn stops(&self, s: &Subject) -> Option<ContainmentKind> {
         if self.is_empty() {
             return None;

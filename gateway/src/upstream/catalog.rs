@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::tokens::Tokenizer;
 
@@ -10,6 +11,7 @@ use carrel_core::domain::{Model, Provider, ProviderKind, Tier};
 use carrel_core::store::PriceVersion;
 use http::{HeaderValue, Uri};
 
+use super::routing::{Breakers, Deployment};
 use crate::pipeline::Endpoint;
 
 /// How one model is reached.
@@ -32,6 +34,8 @@ pub struct HttpTarget {
     pub completions: Uri,
     /// `{base}/embeddings`.
     pub embeddings: Uri,
+    /// `{base}/models`, for health checks.
+    pub models: Uri,
     /// `Authorization: Bearer <provider key>`, marked sensitive so it is never logged.
     pub authorization: Option<HeaderValue>,
     /// `Host` for HTTP/1 requests, built once here; otherwise the client formats it per request.
@@ -70,6 +74,8 @@ pub struct ModelRoute {
     pub tokenizer: Tokenizer,
     /// Where requests go.
     pub target: Target,
+    /// Every deployment, the model's own provider first (see [`super::routing`]).
+    pub deployments: Box<[Deployment]>,
 }
 
 /// What a million tokens cost, in US dollars.
@@ -126,9 +132,11 @@ impl Prices {
 }
 
 impl ModelRoute {
-    /// Whether the body's `model` must be rewritten before forwarding.
-    pub fn renames(&self) -> bool {
-        *self.name != *self.upstream_model
+    /// The provider's name for the model at deployment `i`, when the body's `model` must be
+    /// rewritten to it before forwarding.
+    pub fn renamed_at(&self, i: usize) -> Option<&str> {
+        let upstream = &*self.deployments[i].upstream_model;
+        (*self.name != *upstream).then_some(upstream)
     }
 }
 
@@ -149,6 +157,7 @@ impl Catalog {
         models: &[Model],
         prices: &[PriceVersion],
         env_keys: &HashMap<String, String>,
+        breakers: &Breakers,
     ) -> Catalog {
         let mut targets: HashMap<&str, Target> = HashMap::new();
         for p in providers {
@@ -192,6 +201,29 @@ impl Catalog {
                 continue;
             };
             let created = carrel_core::domain::unix_seconds(&m.created_at).unwrap_or(0);
+            let deployment = |provider: &str, upstream: &str, weight, timeout_ms: Option<u64>| {
+                let target = targets.get(provider)?;
+                Some(Deployment {
+                    provider: provider.into(),
+                    upstream_model: upstream.into(),
+                    weight,
+                    timeout: timeout_ms.map(Duration::from_millis),
+                    target: target.clone(),
+                    breaker: breakers.of(provider, upstream),
+                })
+            };
+            let r = &m.routing;
+            let mut deployments: Vec<Deployment> =
+                deployment(&m.provider, &m.upstream_model, r.weight, r.timeout_ms)
+                    .into_iter()
+                    .collect();
+            for d in &r.deployments {
+                match deployment(&d.provider, &d.upstream_model, d.weight, d.timeout_ms) {
+                    Some(d) => deployments.push(d),
+                    None => tracing::warn!(model = %m.name, provider = %d.provider,
+                        "deployment's provider is not routable; skipped"),
+                }
+            }
             let route = Arc::new(ModelRoute {
                 name: m.name.as_str().into(),
                 upstream_model: m.upstream_model.clone(),
@@ -210,6 +242,7 @@ impl Catalog {
                 max_output_tokens: m.max_output_tokens,
                 tokenizer: Tokenizer::for_model(&m.upstream_model),
                 target: target.clone(),
+                deployments: deployments.into(),
             });
             catalog.models.insert(m.name.clone(), Arc::clone(&route));
             catalog.ordered.push(route);
@@ -263,6 +296,7 @@ fn http_target(name: &str, base: &str, key: Option<&str>) -> Result<HttpTarget, 
         chat,
         completions: uri("completions")?,
         embeddings: uri("embeddings")?,
+        models: uri("models")?,
         authorization,
     })
 }

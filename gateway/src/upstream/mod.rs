@@ -5,9 +5,11 @@
 //!
 //! - [`catalog`]: the swappable snapshot of models and where they are served.
 //! - [`body`]: the upstream response body with an idle timeout.
+//! - [`routing`]: deployments, circuit breakers, retries and health checks.
 
 pub mod body;
 pub mod catalog;
+pub mod routing;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -96,12 +98,14 @@ impl Upstream {
     /// Sends `body` to the target's endpoint and returns its response, streaming. Only the
     /// headers the upstream needs are sent: nothing about the client (address, cookies, its
     /// credential) crosses to the provider.
+    /// `timeout`: the deployment's time to the response head, if not the configured one.
     pub async fn forward(
         &self,
         target: &HttpTarget,
         endpoint: Endpoint,
         accept: Option<&HeaderValue>,
         body: Bytes,
+        timeout: Option<Duration>,
     ) -> Result<Response<ResponseBody>, GatewayError> {
         let mut req = Request::new(Full::new(body));
         *req.method_mut() = Method::POST;
@@ -120,8 +124,8 @@ impl Upstream {
             headers.insert(header::AUTHORIZATION, auth.clone());
         }
 
-        let resp = match tokio::time::timeout(self.response_timeout, self.client.request(req)).await
-        {
+        let wait = timeout.unwrap_or(self.response_timeout);
+        let resp = match tokio::time::timeout(wait, self.client.request(req)).await {
             Err(_elapsed) => return Err(GatewayError::UpstreamTimeout),
             Ok(Err(e)) if e.is_connect() => {
                 return Err(GatewayError::UpstreamUnreachable(Box::new(e)));
@@ -144,6 +148,26 @@ impl Upstream {
             Arc::clone(&target.provider),
         );
         Ok(Response::from_parts(parts, body.boxed()))
+    }
+}
+
+impl Upstream {
+    /// Whether the provider answers `GET {base}/models` within the response timeout (or 5 s)
+    /// with anything but a 5xx.
+    pub async fn probe(&self, target: &HttpTarget) -> bool {
+        let mut req = Request::new(Full::new(Bytes::new()));
+        *req.uri_mut() = target.models.clone();
+        let headers = req.headers_mut();
+        headers.insert(header::HOST, target.host.clone());
+        headers.insert(header::USER_AGENT, HeaderValue::from_static(USER_AGENT));
+        if let Some(auth) = &target.authorization {
+            headers.insert(header::AUTHORIZATION, auth.clone());
+        }
+        let wait = self.response_timeout.min(Duration::from_secs(5));
+        match tokio::time::timeout(wait, self.client.request(req)).await {
+            Ok(Ok(resp)) => !resp.status().is_server_error(),
+            _ => false,
+        }
     }
 }
 

@@ -19,6 +19,7 @@ mod proxy;
 mod quota;
 mod replicas;
 mod reports;
+mod routing;
 mod safeguards;
 mod serve;
 mod signing;
