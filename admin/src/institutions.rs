@@ -86,6 +86,20 @@ pub struct UpdateInstitution {
     #[serde(default)]
     #[schema(minimum = 1, maximum = 168)]
     pub patron_retention_hours: Option<u32>,
+    /// `true`: the response cache may answer any request of the institution, as if it said
+    /// `x-carrel-cache: allow` (never minors' or screened ones); `false` (default): only
+    /// deterministic requests and those that opt in.
+    #[serde(default)]
+    pub cache_all: Option<bool>,
+    /// What a cached answer costs, in percent of what the provider charged for it: counted
+    /// against money budgets and in reports (default 0: free).
+    #[serde(default)]
+    #[schema(minimum = 0, maximum = 100)]
+    pub cache_price_percent: Option<u8>,
+    /// `true`: when every deployment of a model fails before answering, its fallback models
+    /// (set by the operator) may answer instead (default `false`).
+    #[serde(default)]
+    pub allow_fallback: Option<bool>,
 }
 
 /// Body of `PATCH /admin/v1/keys/{id}`: only the fields given change.
@@ -325,6 +339,12 @@ pub async fn update_institution(
             "patron_retention_hours: 1 to 168 (7 days)",
         ));
     }
+    if body.cache_price_percent.is_some_and(|p| p > 100) {
+        return Err(AdminError::field(
+            "cache_price_percent",
+            "cache_price_percent: 0 to 100",
+        ));
+    }
     if let Some(tz) = &body.timezone {
         validate_timezone(tz)
             .map_err(|m| AdminError::field("timezone", format!("timezone: {m}")))?;
@@ -344,6 +364,9 @@ pub async fn update_institution(
                 tier_ceiling: body.tier_ceiling,
                 minor_tier_ceiling: body.minor_tier_ceiling,
                 patron_retention_hours: body.patron_retention_hours,
+                cache_all: body.cache_all,
+                cache_price_percent: body.cache_price_percent,
+                allow_fallback: body.allow_fallback,
             },
         )
         .await?

@@ -248,6 +248,8 @@ struct RawModel {
     timeout_ms: Option<i64>,
     #[serde(default)]
     deployments: Vec<RawDeployment>,
+    #[serde(default)]
+    fallback: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -967,6 +969,8 @@ impl Config {
                 weight: weight(key("weight"), m.weight)?,
                 timeout_ms: timeout(key("timeout_ms"), m.timeout_ms)?,
                 deployments: Vec::with_capacity(m.deployments.len()),
+                // Checked against the other models once all are read.
+                fallback: m.fallback,
             };
             let mut seen = HashSet::from([(m.provider.clone(), upstream_model.clone())]);
             for (j, d) in m.deployments.into_iter().enumerate() {
@@ -1011,6 +1015,30 @@ impl Config {
                 input_price_per_mtok: m.input_price_per_mtok,
                 output_price_per_mtok: m.output_price_per_mtok,
             });
+        }
+
+        // A fallback is another declared model, of the same tier or lower: falling back never
+        // reaches a model the request's own could not.
+        for (i, m) in models.iter().enumerate() {
+            for (j, name) in m.routing.fallback.iter().enumerate() {
+                let key = format!("models[{i}].fallback[{j}]");
+                let Some(other) = models.iter().find(|o| o.name == *name && o.name != m.name)
+                else {
+                    return Err(ConfigError::invalid(
+                        key,
+                        format!("no other model named `{name}` is declared"),
+                    ));
+                };
+                if other.tier > m.tier {
+                    return Err(ConfigError::invalid(
+                        key,
+                        format!(
+                            "`{name}` is {}, above `{}` ({}): a fallback may not raise the tier",
+                            other.tier, m.name, m.tier
+                        ),
+                    ));
+                }
+            }
         }
 
         let p = raw.patrons;
@@ -1474,6 +1502,28 @@ mod tests {
             ),
             "models[0].deployments[0].timeout_ms"
         );
+    }
+
+    #[test]
+    fn a_fallback_is_another_model_of_the_same_tier_or_lower() {
+        let file = |fallback: &str| {
+            format!(
+                "[[providers]]\nname = \"a\"\nbase_url = \"http://127.0.0.1:9/v1\"\n\
+                 [[models]]\nname = \"m\"\nprovider = \"a\"\ntier = \"advanced\"\n\
+                 fallback = [{fallback}]\n\
+                 [[models]]\nname = \"small\"\nprovider = \"a\"\ntier = \"baseline\"\n\
+                 [[models]]\nname = \"big\"\nprovider = \"a\"\ntier = \"frontier\"\n"
+            )
+        };
+        let ok = load(&file("\"small\""), &[]).unwrap();
+        assert_eq!(ok.models[0].routing.fallback, ["small"]);
+        for bad in ["\"big\"", "\"m\"", "\"nope\""] {
+            assert_eq!(
+                key_of(load(&file(bad), &[]).unwrap_err()),
+                "models[0].fallback[0]",
+                "{bad}"
+            );
+        }
     }
 
     #[test]

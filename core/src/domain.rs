@@ -355,6 +355,11 @@ pub struct Routing {
     /// The other deployments.
     #[serde(default)]
     pub deployments: Vec<Deployment>,
+    /// Models that may answer, in this order, when every deployment refused or could not be
+    /// reached (a connect error, 429 or 5xx) — for institutions that allow it
+    /// (`allow_fallback`). Each of the same tier or lower.
+    #[serde(default)]
+    pub fallback: Vec<String>,
 }
 
 impl Default for Routing {
@@ -363,6 +368,7 @@ impl Default for Routing {
             weight: 1,
             timeout_ms: None,
             deployments: Vec::new(),
+            fallback: Vec::new(),
         }
     }
 }
@@ -420,8 +426,28 @@ pub struct Institution {
     /// Hours a usage record names its patron (by reference) before the reference is removed:
     /// 24 by default, at most 168.
     pub patron_retention_hours: u32,
+    /// How it saves: the response cache and fallback models.
+    #[serde(flatten)]
+    pub economy: Economy,
     /// RFC 3339 creation time.
     pub created_at: String,
+}
+
+/// An institution's choices about saving: which requests the response cache may answer,
+/// what a cached answer costs, and whether another model may answer when a model's
+/// deployments all fail.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Economy {
+    /// Cache every request's answer as if it said `x-carrel-cache: allow` (not minors', not
+    /// screened ones), not only deterministic ones (default `false`).
+    pub cache_all: bool,
+    /// What a cached answer costs, as a percentage of what the provider charged for it,
+    /// counted against the institution's money budgets (default 0: free).
+    pub cache_price_percent: u8,
+    /// When every deployment of a model fails before answering, let the model's fallback
+    /// models answer (default `false`).
+    pub allow_fallback: bool,
 }
 
 /// A site of an institution: a library branch, a school campus, an office.
@@ -610,6 +636,8 @@ pub struct Principal {
     pub frontier_verified: bool,
     /// What happens to a request larger than what is left of a limit.
     pub over_quota: OverQuota,
+    /// The institution's cache and fallback choices.
+    pub economy: Economy,
     /// The API key the request came in with.
     pub key_id: std::sync::Arc<str>,
     /// The key's site, if any.
@@ -661,6 +689,7 @@ impl Principal {
             institution_status: cred.institution.status,
             frontier_verified: cred.institution.frontier_verified,
             over_quota: cred.institution.over_quota,
+            economy: cred.institution.economy,
             key_id: cred.key.id.as_str().into(),
             site_id: cred.key.site_id.as_deref().map(Into::into),
             group_id: cred.key.group_id.as_deref().map(Into::into),
@@ -903,6 +932,7 @@ mod tests {
             institution_status: InstitutionStatus::Active,
             frontier_verified: true,
             over_quota: OverQuota::Reject,
+            economy: Default::default(),
             key_id: "key".into(),
             site_id: None,
             group_id: None,

@@ -77,6 +77,8 @@ pub struct Inner {
     pub breakers: crate::upstream::routing::Breakers,
     /// Attempts made again after a deployment failed.
     pub retries: std::sync::atomic::AtomicU64,
+    /// Requests answered by a fallback model.
+    pub fallbacks: std::sync::atomic::AtomicU64,
     /// Request limits.
     pub limits: Limits,
     /// Pause between the demo model's streamed words.
@@ -155,6 +157,7 @@ impl AppState {
                 parts.upstream.breaker_open,
             ),
             retries: std::sync::atomic::AtomicU64::new(0),
+            fallbacks: std::sync::atomic::AtomicU64::new(0),
             upstream_config: parts.upstream,
             limits: parts.limits,
             demo_word_delay: parts.demo_word_delay,

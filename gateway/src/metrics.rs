@@ -106,6 +106,12 @@ pub fn render(state: &AppState) -> String {
         values: vec![(None, load(&state.retries))],
     });
     families.push(Family {
+        name: "carrel_upstream_fallbacks_total",
+        help: "Requests answered by a fallback model after every deployment of the model \
+               asked for refused or could not be reached.",
+        values: vec![(None, load(&state.fallbacks))],
+    });
+    families.push(Family {
         name: "carrel_upstream_breaker_open",
         help: "Whether a deployment's circuit breaker is open (requests kept away from it), \
                by provider/upstream model.",

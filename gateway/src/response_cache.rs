@@ -238,10 +238,11 @@ pub fn policy(
     header: Option<&[u8]>,
     screened: bool,
 ) -> Result<bool, &'static str> {
+    // An institution that chose `cache_all` opts every request in, as the header does.
     let allow = match header {
         Some(b"bypass") => return Err("the client asked to bypass the cache"),
         Some(b"allow") => true,
-        _ => false,
+        _ => principal.economy.cache_all,
     };
     if principal.is_minor() {
         return Err("minors' requests are not cached");

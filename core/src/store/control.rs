@@ -198,6 +198,7 @@ pub(super) fn create_institution(
         tier_ceiling: Tier::Frontier,
         minor_tier_ceiling: Tier::Baseline,
         patron_retention_hours: super::DEFAULT_PATRON_RETENTION_HOURS,
+        economy: Default::default(),
         created_at: w.now(),
     };
     c.execute(
@@ -252,10 +253,15 @@ pub(super) fn update_institution(
     if let Some(hours) = patch.patron_retention_hours {
         inst.patron_retention_hours = hours;
     }
+    let e = &mut inst.economy;
+    e.cache_all = patch.cache_all.unwrap_or(e.cache_all);
+    e.cache_price_percent = patch.cache_price_percent.unwrap_or(e.cache_price_percent);
+    e.allow_fallback = patch.allow_fallback.unwrap_or(e.allow_fallback);
     tx.execute(
         "UPDATE institutions SET name = ?2, sector = ?3, timezone = ?4, status = ?5,
             frontier_verified = ?6, over_quota = ?7, tier_ceiling = ?8,
-            minor_tier_ceiling = ?9, patron_retention_hours = ?10 WHERE id = ?1",
+            minor_tier_ceiling = ?9, patron_retention_hours = ?10, cache_all = ?11,
+            cache_price_percent = ?12, allow_fallback = ?13 WHERE id = ?1",
         params![
             inst.id,
             inst.name,
@@ -266,7 +272,10 @@ pub(super) fn update_institution(
             inst.over_quota.as_str(),
             inst.tier_ceiling.as_str(),
             inst.minor_tier_ceiling.as_str(),
-            inst.patron_retention_hours
+            inst.patron_retention_hours,
+            inst.economy.cache_all,
+            inst.economy.cache_price_percent,
+            inst.economy.allow_fallback
         ],
     )?;
     tx.commit()?;

@@ -12,7 +12,7 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use crate::config::{ModelConfig, ProviderConfig};
 use crate::domain::{
-    AdminUser, ApiKey, Group, GroupKind, Institution, InstitutionKind, InstitutionStatus,
+    AdminUser, ApiKey, Economy, Group, GroupKind, Institution, InstitutionKind, InstitutionStatus,
     KeyCredential, KeyKind, Model, OverQuota, Provider, ProviderKind, Role, Site, Source, Tier,
 };
 
@@ -317,10 +317,18 @@ INSERT INTO patron_daily (institution_id, day, patron_ref, tokens)
     Migration::sql(usage::MIGRATION_SAVINGS),
     // 16: models served by several deployments.
     Migration::sql("ALTER TABLE models ADD COLUMN routing TEXT NOT NULL DEFAULT '{}';"),
+    // 17: institutions' cache and fallback choices.
+    Migration::sql(
+        r#"
+ALTER TABLE institutions ADD COLUMN cache_all INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE institutions ADD COLUMN cache_price_percent INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE institutions ADD COLUMN allow_fallback INTEGER NOT NULL DEFAULT 0;
+"#,
+    ),
 ];
 
 /// Columns of an institution, in [`institution_row`]'s order.
-const INSTITUTION_COLS: [&str; 13] = [
+const INSTITUTION_COLS: [&str; 16] = [
     "id",
     "name",
     "kind",
@@ -334,6 +342,9 @@ const INSTITUTION_COLS: [&str; 13] = [
     "tier_ceiling",
     "minor_tier_ceiling",
     "patron_retention_hours",
+    "cache_all",
+    "cache_price_percent",
+    "allow_fallback",
 ];
 
 /// Columns of a key, in [`key_row`]'s order.
@@ -491,6 +502,15 @@ pub struct InstitutionPatch {
     /// New window for patrons' usage metadata, in hours.
     #[serde(default)]
     pub patron_retention_hours: Option<u32>,
+    /// Cache every request's answer, not only deterministic ones.
+    #[serde(default)]
+    pub cache_all: Option<bool>,
+    /// New price of a cached answer, in percent of the provider's.
+    #[serde(default)]
+    pub cache_price_percent: Option<u8>,
+    /// Let fallback models answer.
+    #[serde(default)]
+    pub allow_fallback: Option<bool>,
 }
 
 /// Changes to a key; `None` leaves a field as it is.
@@ -1463,6 +1483,11 @@ fn institution_row(r: &Row<'_>, at: usize) -> Result<Institution, StoreError> {
         tier_ceiling: parse("institutions.tier_ceiling", r.get(at + 10)?)?,
         minor_tier_ceiling: parse("institutions.minor_tier_ceiling", r.get(at + 11)?)?,
         patron_retention_hours: r.get(at + 12)?,
+        economy: Economy {
+            cache_all: r.get(at + 13)?,
+            cache_price_percent: r.get(at + 14)?,
+            allow_fallback: r.get(at + 15)?,
+        },
     })
 }
 

@@ -131,29 +131,39 @@ impl Meter {
         self.record(Usage::default(), false, UsageStatus::UpstreamError, None);
     }
 
-    /// Records a request answered from the response cache: no provider tokens, so nothing
-    /// counts against a budget (the cache price is free) and the reservation is refunded.
-    /// `avoided`, the usage the provider reported for the answer, is what the record says was
-    /// saved, at the price in force now.
+    /// Records a request answered from the response cache: no provider tokens, so no token
+    /// budget is charged and the reservation is refunded. `avoided`, the usage the provider
+    /// reported for the answer, priced now, is what a hit would have cost; the institution's
+    /// cache price (`cache_price_percent` of that, default 0) is its cost, counted against
+    /// money budgets, and the rest is what the record says was saved.
     pub fn cached(mut self, avoided: Option<Usage>) {
-        let saved = avoided.map_or(0.0, |u| {
+        let full = avoided.map_or(0.0, |u| {
             self.price.nano_usd(
                 u.prompt_tokens.min(MAX_TOKENS),
                 u.cached_prompt_tokens,
                 u.completion_tokens.min(MAX_TOKENS),
             )
         });
-        let saved_nano_usd = (saved.round() as i64).clamp(0, MAX_COST_NANO_USD);
+        let full = (full.round() as i64).clamp(0, MAX_COST_NANO_USD);
+        let percent = i64::from(self.principal.economy.cache_price_percent.min(100));
+        let cost = full * percent / 100;
         self.record(
             Usage::default(),
             false,
             UsageStatus::Complete,
-            Some(saved_nano_usd),
+            Some((cost, full - cost)),
         );
     }
 
-    /// `cached`: answered from the response cache, saving this much (nano-dollars).
-    fn record(&mut self, usage: Usage, estimated: bool, status: UsageStatus, cached: Option<i64>) {
+    /// `cached`: answered from the response cache, at this cost and saving this much
+    /// (nano-dollars).
+    fn record(
+        &mut self,
+        usage: Usage,
+        estimated: bool,
+        status: UsageStatus,
+        cached: Option<(i64, i64)>,
+    ) {
         // A provider reporting more than this is wrong; one bad number must not overflow an
         // institution's sums.
         let prompt_tokens = usage.prompt_tokens.min(MAX_TOKENS);
@@ -161,7 +171,10 @@ impl Meter {
         let cost =
             self.price
                 .nano_usd(prompt_tokens, usage.cached_prompt_tokens, completion_tokens);
-        let cost_nano_usd = (cost.round() as i64).clamp(0, MAX_COST_NANO_USD);
+        let cost_nano_usd = match cached {
+            Some((cost, _)) => cost,
+            None => (cost.round() as i64).clamp(0, MAX_COST_NANO_USD),
+        };
         if let Some(reservation) = self.reservation.take() {
             reservation.settle(prompt_tokens + completion_tokens, cost_nano_usd as u64);
         }
@@ -181,7 +194,7 @@ impl Meter {
                 prompt_tokens,
                 completion_tokens,
                 cost_nano_usd,
-                saved_nano_usd: cached.unwrap_or(0),
+                saved_nano_usd: cached.map_or(0, |(_, saved)| saved),
                 estimated,
                 cached: cached.is_some(),
                 latency_ms: self.started.elapsed().as_millis() as u64,
@@ -753,6 +766,7 @@ mod tests {
             institution_status: carrel_core::domain::InstitutionStatus::Active,
             frontier_verified: false,
             over_quota: carrel_core::domain::OverQuota::Reject,
+            economy: Default::default(),
             key_id: "key_a".into(),
             site_id: None,
             group_id: None,

@@ -48,6 +48,7 @@ async fn send(
     state: &AppState,
     ctx: &RequestCtx,
     route: &ModelRoute,
+    requested: &str,
     rewrite: &Rewrite<'_>,
 ) -> (Result<Response<ResponseBody>, GatewayError>, usize) {
     let mut tried = Tried::default();
@@ -65,7 +66,7 @@ async fn send(
         tried.add(i);
         let d = &route.deployments[i];
         let rewrite = Rewrite {
-            model: route.renamed_at(i),
+            model: route.renamed_at(i, requested),
             ..*rewrite
         };
         let body = if rewrite.is_needed() {
@@ -93,14 +94,11 @@ async fn send(
         // A refusal (429, 5xx) or no connection: the provider did not do the work, so trying
         // again costs nothing twice. A timeout or a connection broken mid-request may have
         // been worked on (and billed): it marks the deployment but is not sent again.
-        let (failed, retryable) = match &resp {
-            Ok(r) => {
-                let refused = r.status() == http::StatusCode::TOO_MANY_REQUESTS
-                    || r.status().is_server_error();
-                (refused, refused)
-            }
-            Err(e) => (e.is_upstream_failure(), e.is_connect_failure()),
+        let failed = match &resp {
+            Ok(r) => !r.status().is_success() && refused_or_unreachable(&resp),
+            Err(e) => e.is_upstream_failure(),
         };
+        let retryable = refused_or_unreachable(&resp);
         if !failed {
             d.breaker.succeeded();
             return (resp, i);
@@ -117,6 +115,62 @@ async fn send(
         drop(resp);
         tokio::time::sleep(routing::backoff(attempt, routing::roll())).await;
     }
+}
+
+/// Whether an attempt's outcome left no work done at the provider: it refused (429, 5xx) or
+/// could not be reached. Such a request may be sent again, or to another model.
+fn refused_or_unreachable(resp: &Result<Response<ResponseBody>, GatewayError>) -> bool {
+    match resp {
+        Ok(r) => r.status() == http::StatusCode::TOO_MANY_REQUESTS || r.status().is_server_error(),
+        Err(e) => e.is_connect_failure(),
+    }
+}
+
+/// Tries the model's fallbacks in order, for an institution that allows it: each must be in
+/// the catalog, of the model's tier or lower, allowed to the key and not contained. The first
+/// that answers, with its route and deployment.
+async fn fall_back(
+    state: &AppState,
+    ctx: &RequestCtx,
+    route: &ModelRoute,
+    rewrite: &Rewrite<'_>,
+) -> Option<(
+    Arc<ModelRoute>,
+    Result<Response<ResponseBody>, GatewayError>,
+    usize,
+)> {
+    let catalog = state.catalog.load();
+    let contained = state.containment.load();
+    let p = ctx.principal();
+    for name in route.fallback.iter() {
+        let Some(fallback) = catalog.get(name) else {
+            continue;
+        };
+        let allowed = p
+            .allowed_models
+            .as_ref()
+            .is_none_or(|m| m.iter().any(|m| **m == **name));
+        let stopped = contained
+            .stops(&Subject {
+                model: Arc::clone(&fallback.name),
+                provider: Arc::clone(&fallback.provider),
+                institution: Arc::clone(&p.institution_id),
+                key: Arc::clone(&p.key_id),
+            })
+            .is_some();
+        if fallback.tier > route.tier || !allowed || stopped {
+            continue;
+        }
+        let (resp, i) = send(state, ctx, fallback, &route.name, rewrite).await;
+        if !refused_or_unreachable(&resp) {
+            state
+                .fallbacks
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::info!(model = %route.name, fallback = %name, "answered by a fallback model");
+            return Some((Arc::clone(fallback), resp, i));
+        }
+    }
+    None
 }
 
 /// Stage 9.
@@ -142,8 +196,21 @@ pub async fn run(
     if rewrite.is_needed() {
         rewrite.apply(&ctx.body)?;
     }
+    let requested = Arc::clone(&route.name);
+    let (mut resp, mut served_by) = send(state, ctx, &route, &requested, &rewrite).await;
+    let mut route = route;
+    if refused_or_unreachable(&resp) && ctx.principal().economy.allow_fallback {
+        if let Some((fallback, r, i)) = fall_back(state, ctx, &route, &rewrite).await {
+            // The fallback answered: the answer, its record, its price and its signature are
+            // the fallback model's; the reservation stays the one the request was admitted
+            // with (the limits of the model asked for).
+            ctx.price = fallback.prices.at(carrel_core::domain::unix_now());
+            ctx.route = Some(Arc::clone(&fallback));
+            route = fallback;
+            (resp, served_by) = (r, i);
+        }
+    }
     let meter = meter(state, ctx, reservation);
-    let (resp, served_by) = send(state, ctx, &route, &rewrite).await;
     let resp = match resp {
         Ok(resp) if resp.status().is_success() => resp,
         Ok(refusal) => {

@@ -76,6 +76,9 @@ pub struct ModelRoute {
     pub target: Target,
     /// Every deployment, the model's own provider first (see [`super::routing`]).
     pub deployments: Box<[Deployment]>,
+    /// Models that may answer instead when every deployment refused or could not be reached,
+    /// for institutions that allow it.
+    pub fallback: Box<[Arc<str>]>,
 }
 
 /// What a million tokens cost, in US dollars.
@@ -132,11 +135,11 @@ impl Prices {
 }
 
 impl ModelRoute {
-    /// The provider's name for the model at deployment `i`, when the body's `model` must be
-    /// rewritten to it before forwarding.
-    pub fn renamed_at(&self, i: usize) -> Option<&str> {
+    /// The provider's name for the model at deployment `i`, when a body that asks for
+    /// `requested` must be rewritten to it before forwarding.
+    pub fn renamed_at(&self, i: usize, requested: &str) -> Option<&str> {
         let upstream = &*self.deployments[i].upstream_model;
-        (*self.name != *upstream).then_some(upstream)
+        (requested != upstream).then_some(upstream)
     }
 }
 
@@ -243,6 +246,12 @@ impl Catalog {
                 tokenizer: Tokenizer::for_model(&m.upstream_model),
                 target: target.clone(),
                 deployments: deployments.into(),
+                fallback: m
+                    .routing
+                    .fallback
+                    .iter()
+                    .map(|f| f.as_str().into())
+                    .collect(),
             });
             catalog.models.insert(m.name.clone(), Arc::clone(&route));
             catalog.ordered.push(route);

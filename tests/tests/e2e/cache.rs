@@ -316,3 +316,54 @@ async fn an_answer_clamped_to_one_key_s_allowance_is_not_shared() {
     assert_eq!(chat(&gw, &short, &body, None).await.1, "bypass");
     assert_eq!(chat_calls(&mock), 3);
 }
+
+/// An institution may opt every request into the cache and put a price on a cached answer:
+/// a hit then costs that share of what the provider charged, counted against the money
+/// budget, and the rest is what the report shows as saved.
+#[tokio::test]
+async fn an_institution_opts_in_and_prices_its_cached_answers() {
+    let (mock, gw) = Gateway::with_mock().await;
+    let inst = gw.institution("Shelbyville").await;
+    let settings = format!("/admin/v1/institutions/{inst}");
+    let (status, err) = gw
+        .admin(
+            Method::PATCH,
+            &settings,
+            Some(json!({"cache_price_percent": 101})),
+        )
+        .await;
+    assert_eq!(
+        (status, err["error"]["param"].clone()),
+        (422, json!("cache_price_percent"))
+    );
+    let (_, key) = gw
+        .create_key(&inst, json!({"name": "desk", "kind": "service"}))
+        .await;
+    // Not deterministic: without the institution's opt-in the cache stays out of it.
+    let warm = ask(0.7);
+    assert_eq!(chat(&gw, &key, &warm, None).await.1, "bypass");
+    let (status, set) = gw
+        .admin(
+            Method::PATCH,
+            &settings,
+            Some(json!({"cache_all": true, "cache_price_percent": 25})),
+        )
+        .await;
+    assert_eq!(status, 200, "{set}");
+    assert_eq!(
+        (set["cache_all"].clone(), set["cache_price_percent"].clone()),
+        (json!(true), json!(25))
+    );
+    assert_eq!(chat(&gw, &key, &warm, None).await.1, "miss");
+    assert_eq!(chat(&gw, &key, &warm, None).await.1, "hit");
+    assert_eq!(chat_calls(&mock), 2);
+
+    gw.app.state.ledger.flush().await;
+    let records = gw.app.state.store.usage_records(&inst, 10).await.unwrap();
+    let paid = records.iter().rfind(|r| !r.cached).unwrap();
+    let hit = records.iter().find(|r| r.cached).unwrap();
+    let full = paid.cost_nano_usd;
+    assert!(full > 0);
+    assert_eq!(hit.cost_nano_usd, full * 25 / 100);
+    assert_eq!(hit.saved_nano_usd, full - full * 25 / 100);
+}

@@ -398,6 +398,7 @@ async fn without_redis_each_kind_of_limit_follows_its_policy() {
             institution_status: InstitutionStatus::Active,
             frontier_verified: true,
             over_quota: OverQuota::Reject,
+            economy: Default::default(),
             key_id: "key".into(),
             site_id: None,
             group_id: None,

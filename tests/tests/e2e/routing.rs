@@ -199,3 +199,69 @@ async fn a_failure_before_the_first_byte_is_retried_and_nothing_after_it() {
     let m = gw.metrics().await;
     assert_eq!(metric(&m, "carrel_upstream_retries_total"), 1, "{m}");
 }
+
+#[tokio::test]
+async fn a_fallback_model_answers_for_an_institution_that_allows_it() {
+    let mock = MockUpstream::start().await;
+    let down = carrel_tests::closed_port().await;
+    let config = config_for(
+        &mock.base_url(),
+        &format!(
+            r#"
+[[providers]]
+name = "a"
+base_url = "http://{down}/v1"
+
+[[models]]
+name = "routed"
+provider = "a"
+tier = "advanced"
+input_price_per_mtok = 5.0
+fallback = ["renamed", "mock-model"]
+
+[upstream]
+retries = 0
+health_check_interval_ms = 0
+"#
+        ),
+    );
+    let gw = Gateway::start(&config).await;
+    let inst = gw.institution("Fallback Library").await;
+    let (_, key) = gw
+        .create_key(
+            &inst,
+            json!({"name": "desk", "kind": "service",
+                   "allowed_models": ["routed", "mock-model"]}),
+        )
+        .await;
+    // Not allowed (the default): the client sees the failure.
+    let (status, body) = ask(&gw, &key, "routed").await;
+    assert_eq!(status, 502, "{body}");
+    assert!(body.contains("upstream_unreachable"), "{body}");
+    assert_eq!(chat_calls(&mock), 0);
+
+    let (status, set) = gw
+        .admin(
+            reqwest::Method::PATCH,
+            &format!("/admin/v1/institutions/{inst}"),
+            Some(json!({"allow_fallback": true})),
+        )
+        .await;
+    assert_eq!(status, 200, "{set}");
+    let (status, body) = ask(&gw, &key, "routed").await;
+    assert_eq!(status, 200, "{body}");
+    // The first fallback is not among the key's models and is skipped; mock-model answers,
+    // asked for by its own name, and the record says so.
+    let sent = mock.received().pop().unwrap().json();
+    assert_eq!(sent["model"], "mock-model");
+    gw.app.state.ledger.flush().await;
+    let records = gw.app.state.store.usage_records(&inst, 10).await.unwrap();
+    let answered: Vec<&str> = records
+        .iter()
+        .filter(|r| r.status == carrel_core::store::UsageStatus::Complete)
+        .map(|r| &*r.model)
+        .collect();
+    assert_eq!(answered, ["mock-model"]);
+    let m = gw.metrics().await;
+    assert_eq!(metric(&m, "carrel_upstream_fallbacks_total"), 1, "{m}");
+}

@@ -13,6 +13,7 @@ fn principal(key: &str) -> Arc<Principal> {
         institution_status: InstitutionStatus::Active,
         frontier_verified: false,
         over_quota: OverQuota::Reject,
+        economy: Default::default(),
         key_id: key.into(),
         site_id: Some("site".into()),
         group_id: None,
