@@ -62,6 +62,9 @@ pub enum Action {
     ManageStructure,
     /// Read an institution's usage.
     ReadUsage,
+    /// Create sponsor pools, add members, record top-ups and settle draws: operators only, on
+    /// the funder's behalf.
+    ManageSponsors,
     /// Read usage across institutions, by sector and region (suppressed to cells of at least
     /// `k` subjects): operators, for themselves and for the programs that fund access.
     ReadAggregates,
@@ -91,9 +94,10 @@ impl Action {
             Action::ManageStructure => Scope::Structure,
             Action::ReadUsage | Action::ReadAggregates => Scope::Usage,
             Action::ReadAudit => Scope::Audit,
-            Action::CreateInstitution | Action::ManageInstitution | Action::GovernInstitution => {
-                Scope::Institutions
-            }
+            Action::CreateInstitution
+            | Action::ManageInstitution
+            | Action::GovernInstitution
+            | Action::ManageSponsors => Scope::Institutions,
             Action::ManageCatalog | Action::ReadProviders => Scope::Catalog,
             // An account or a token made by a token would outgrow its scopes: a session of the
             // new account (or the new token) is not bound by them.
@@ -158,7 +162,8 @@ impl AdminPrincipal {
             | Action::GovernInstitution
             | Action::Contain
             | Action::AttestFrontier
-            | Action::ReadAggregates => false,
+            | Action::ReadAggregates
+            | Action::ManageSponsors => false,
             Action::ReadModels | Action::Read => true,
             Action::ManageKeys
             | Action::ManageUsers

@@ -11,7 +11,7 @@ use utoipa::{Modify, OpenApi};
 
 use crate::{
     AdminState, accounts, audit, catalog, error, incidents, institutions, limits, patrons, reports,
-    safeguards, structure, tokens, usage,
+    safeguards, sponsors, structure, tokens, usage,
 };
 
 /// The admin API's OpenAPI description.
@@ -40,6 +40,13 @@ use crate::{
         institutions::update_institution,
         usage::usage_report,
         reports::sector_report,
+        sponsors::create_pool,
+        sponsors::list_pools,
+        sponsors::get_pool,
+        sponsors::set_member,
+        sponsors::top_up,
+        sponsors::ledger,
+        sponsors::settle_now,
         institutions::create_key,
         institutions::list_keys,
         institutions::revoke_key,
@@ -106,6 +113,8 @@ use crate::{
             institutions and keys (operator only), and frontier attestations of service keys"),
         (name = "patrons", description = "How patrons sign in (SIP2, a local list, OIDC), the \
             local list, and guest passes"),
+        (name = "sponsors", description = "Sponsor pools: a funder's money for chosen \
+            institutions, paid out in a documented order, with a ledger of top-ups and draws"),
     )
 )]
 pub struct AdminApi;

@@ -40,6 +40,7 @@ pub mod query;
 pub mod reference;
 pub mod reports;
 pub mod safeguards;
+pub mod sponsors;
 pub mod structure;
 pub mod tokens;
 pub mod usage;
@@ -50,7 +51,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::routing::{delete, get, patch, post};
+use axum::routing::{delete, get, patch, post, put};
 use carrel_core::keys::Pepper;
 use carrel_core::store::Store;
 
@@ -156,6 +157,24 @@ pub fn router(state: AdminState) -> Router {
             get(usage::usage_report),
         )
         .route("/admin/v1/reports/sectors", get(reports::sector_report))
+        .route(
+            "/admin/v1/sponsor-pools",
+            get(sponsors::list_pools).post(sponsors::create_pool),
+        )
+        .route("/admin/v1/sponsor-pools/settle", post(sponsors::settle_now))
+        .route("/admin/v1/sponsor-pools/{pool}", get(sponsors::get_pool))
+        .route(
+            "/admin/v1/sponsor-pools/{pool}/members/{institution_id}",
+            put(sponsors::set_member),
+        )
+        .route(
+            "/admin/v1/sponsor-pools/{pool}/top-ups",
+            post(sponsors::top_up),
+        )
+        .route(
+            "/admin/v1/sponsor-pools/{pool}/ledger",
+            get(sponsors::ledger),
+        )
         .route(
             "/admin/v1/institutions/{id}/keys",
             get(institutions::list_keys).post(institutions::create_key),

@@ -373,6 +373,9 @@ async fn hourly_upkeep(admin: AdminState) {
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         every.tick().await;
+        if let Err(e) = carrel_admin::sponsors::settle_due(&admin).await {
+            tracing::warn!(error = %e, "could not settle sponsor pools' draws");
+        }
         match admin
             .store
             .purge_incident_text(carrel_core::domain::unix_now())

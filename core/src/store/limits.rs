@@ -95,6 +95,7 @@ impl Store {
     /// Every limit, for the quota engine.
     pub async fn limits_table(&self) -> Result<LimitsTable, StoreError> {
         self.call(|c| {
+            let drawn = super::sponsors::drawn_by_month(c)?;
             let mut stmt = c.prepare(&format!(
                 "SELECT level, id, {} FROM limits",
                 COLUMNS.join(", ")
@@ -107,7 +108,29 @@ impl Store {
                     return Err(StoreError::Corrupt(format!("limits.level `{level}`")));
                 };
                 let id: String = r.get(1)?;
-                table.insert(level, &id, limits_row(r, 2)?);
+                let mut limits = limits_row(r, 2)?;
+                if level == Level::Institution
+                    && let Some(cap) = limits.cost_per_month_nano_usd
+                {
+                    // What sponsor pools paid this month gives the institution that much room
+                    // in its own money budget (see `sponsors`).
+                    let timezone: Option<String> = c
+                        .query_row(
+                            "SELECT timezone FROM institutions WHERE id = ?1",
+                            [&id],
+                            |r| r.get(0),
+                        )
+                        .optional()?;
+                    if let Some(tz) = timezone {
+                        let month = crate::domain::local_date(crate::domain::unix_now(), &tz)
+                            .to_string()[..7]
+                            .to_owned();
+                        let paid = drawn.get(&(id.clone(), month)).copied().unwrap_or(0);
+                        limits.cost_per_month_nano_usd =
+                            Some(cap.saturating_add(paid.max(0) as u64));
+                    }
+                }
+                table.insert(level, &id, limits);
             }
             Ok(table)
         })

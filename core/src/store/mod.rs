@@ -28,6 +28,7 @@ mod replica;
 mod reports;
 mod retention;
 mod safety;
+mod sponsors;
 mod tokens;
 mod usage;
 mod write;
@@ -45,6 +46,7 @@ pub use replica::{JOURNAL_FILE, RedisSettings, ReplicaCounters, VIEW_FILE};
 pub use reports::SectorCell;
 pub use retention::{DEFAULT_PATRON_RETENTION_HOURS, Forgotten, MAX_PATRON_RETENTION_HOURS};
 pub use safety::Containment;
+pub use sponsors::{Draw, SponsorEntry, SponsorMember, SponsorPool};
 pub use tokens::NewAdminToken;
 pub use usage::{UsageLine, UsageRecord, UsageStatus};
 pub use write::StoreEvent;
@@ -325,6 +327,8 @@ ALTER TABLE institutions ADD COLUMN cache_price_percent INTEGER NOT NULL DEFAULT
 ALTER TABLE institutions ADD COLUMN allow_fallback INTEGER NOT NULL DEFAULT 0;
 "#,
     ),
+    // 18: sponsor pools, their members and their ledger.
+    Migration::sql(sponsors::MIGRATION),
 ];
 
 /// Columns of an institution, in [`institution_row`]'s order.

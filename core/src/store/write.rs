@@ -198,6 +198,25 @@ pub(crate) enum Command {
     },
     RecordIncident(super::incidents::NewIncident),
     AddPrice(super::prices::NewPrice),
+    CreateSponsorPool {
+        name: String,
+        funder: String,
+    },
+    SetSponsorMember {
+        pool_id: String,
+        institution_id: String,
+        monthly_cap_nano_usd: Option<i64>,
+    },
+    TopUpSponsorPool {
+        pool_id: String,
+        amount_nano_usd: i64,
+        note: Option<String>,
+        by: String,
+    },
+    RecordSponsorDraws {
+        draws: Vec<super::sponsors::Draw>,
+        settled: Vec<super::sponsors::InstitutionDay>,
+    },
 }
 
 /// The result of a write, typed by the method that proposed it.
@@ -361,6 +380,36 @@ impl Command {
             } => boxed(incidents::set_settings(c, &institution_id, &settings)),
             Command::RecordIncident(new) => boxed(incidents::record_incident(c, w, new)),
             Command::AddPrice(new) => boxed(super::prices::add_price(c, w, new)),
+            Command::CreateSponsorPool { name, funder } => {
+                boxed(super::sponsors::create_pool(c, w, &name, &funder))
+            }
+            Command::SetSponsorMember {
+                pool_id,
+                institution_id,
+                monthly_cap_nano_usd,
+            } => boxed(super::sponsors::set_member(
+                c,
+                w,
+                &pool_id,
+                &institution_id,
+                monthly_cap_nano_usd,
+            )),
+            Command::TopUpSponsorPool {
+                pool_id,
+                amount_nano_usd,
+                note,
+                by,
+            } => boxed(super::sponsors::top_up(
+                c,
+                w,
+                &pool_id,
+                amount_nano_usd,
+                note.as_deref(),
+                &by,
+            )),
+            Command::RecordSponsorDraws { draws, settled } => {
+                boxed(super::sponsors::record_draws(c, w, &draws, &settled))
+            }
         }
     }
 
@@ -377,7 +426,10 @@ impl Command {
                 StoreEvent::KeyChanged(id.clone())
             }
             Command::RotateKey { old_id, .. } => StoreEvent::KeyChanged(old_id.clone()),
-            Command::SetLimits { .. } => StoreEvent::LimitsChanged,
+            // Draws raise the institutions' own money limits (see `sponsors`).
+            Command::SetLimits { .. } | Command::RecordSponsorDraws { .. } => {
+                StoreEvent::LimitsChanged
+            }
             Command::AddPatronExtension {
                 institution_id,
                 patron_ref,
@@ -406,6 +458,9 @@ impl Command {
                 StoreEvent::SafeguardsChanged(institution_id.clone())
             }
             Command::RecordTreeHead(_) | Command::RecordIncident(_) => return None,
+            Command::CreateSponsorPool { .. }
+            | Command::SetSponsorMember { .. }
+            | Command::TopUpSponsorPool { .. } => return None,
             // SIP2 pools follow their settings at the next sign-in, on every replica.
             Command::SetPatronAuth { .. }
             | Command::ImportLocalPatrons { .. }

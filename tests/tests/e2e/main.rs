@@ -23,5 +23,6 @@ mod routing;
 mod safeguards;
 mod serve;
 mod signing;
+mod sponsors;
 mod tenancy;
 mod transport;

@@ -113,6 +113,9 @@ fn aimed_at(b: &Tenant, method: &str, template: &str) -> (String, Option<Value>)
         .replace("/groups/{id}", &format!("/groups/{}", b.group_id))
         .replace("/models/{name}", "/models/mock-model")
         .replace("/providers/{name}", "/providers/mock")
+        // A pool belongs to no institution: only operators reach one.
+        .replace("/sponsor-pools/{pool}", "/sponsor-pools/pool_any")
+        .replace("{institution_id}", &b.id)
         .replace(
             "/audit/proof/inclusion",
             &format!("/audit/proof/inclusion?seq={}", b.audit_seq),
@@ -150,6 +153,10 @@ fn aimed_at(b: &Tenant, method: &str, template: &str) -> (String, Option<Value>)
         ("post", "/admin/v1/models/{name}/prices") => {
             Some(json!({"input_price_per_mtok": 0.0, "output_price_per_mtok": 0.0}))
         }
+        ("post", "/admin/v1/sponsor-pools") => Some(json!({"name": "p", "funder": "f"})),
+        ("put", "/admin/v1/sponsor-pools/{pool}/members/{institution_id}") => Some(json!({})),
+        ("post", "/admin/v1/sponsor-pools/{pool}/top-ups") => Some(json!({"amount_usd": 1.0})),
+        ("post", "/admin/v1/sponsor-pools/settle") => None,
         ("post", "/admin/v1/logout") => None,
         ("put", t) if t.ends_with("/limits") => Some(json!({"tokens_per_day": 10})),
         ("post", "/admin/v1/institutions/{id}/patron-extensions") => {
