@@ -175,6 +175,8 @@ struct RawCache {
     max_entry_kib: Option<i64>,
     ttl_secs: Option<i64>,
     wait_ms: Option<i64>,
+    shared: Option<bool>,
+    shared_redis_url: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -453,6 +455,19 @@ pub struct CacheConfig {
     /// How long identical requests wait for the one in flight before asking the provider
     /// themselves (default 30 s).
     pub wait: Duration,
+    /// The tier shared by every replica, in Redis (`cache.shared`); `None`: this process only.
+    pub shared: Option<SharedCacheConfig>,
+}
+
+/// Where the shared cache tier is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedCacheConfig {
+    /// Redis (`cache.shared_redis_url`, default `store.redis_url`).
+    pub url: String,
+    /// The key prefix (`store.redis_prefix`).
+    pub prefix: String,
+    /// How long a lookup waits for Redis before it counts as a miss (`store.redis_timeout_ms`).
+    pub timeout: Duration,
 }
 
 impl Default for CacheConfig {
@@ -463,6 +478,7 @@ impl Default for CacheConfig {
             max_entry_bytes: 512 << 10,
             ttl: Duration::from_secs(600),
             wait: Duration::from_secs(30),
+            shared: None,
         }
     }
 }
@@ -1150,6 +1166,33 @@ impl Config {
             wait: Duration::from_millis(
                 bounded("cache.wait_ms", c.wait_ms, 30_000, 0, 600_000)? as u64
             ),
+            shared: match (c.shared.unwrap_or(false), c.shared_redis_url) {
+                (false, _) => None,
+                (true, url) => {
+                    let url = match url {
+                        Some(url) => url,
+                        None if store.kind == StoreKind::Redis => store.redis_url.clone(),
+                        None => {
+                            return Err(ConfigError::invalid(
+                                "cache.shared",
+                                "a shared cache needs Redis: set cache.shared_redis_url, or \
+                                 store.kind = \"redis\"",
+                            ));
+                        }
+                    };
+                    if !url.starts_with("redis://") && !url.starts_with("rediss://") {
+                        return Err(ConfigError::invalid(
+                            "cache.shared_redis_url",
+                            format!("invalid value: \"{url}\", expected redis:// or rediss://"),
+                        ));
+                    }
+                    Some(SharedCacheConfig {
+                        url,
+                        prefix: store.redis_prefix.clone(),
+                        timeout: store.redis_timeout,
+                    })
+                }
+            },
         };
         Ok(Config {
             server,

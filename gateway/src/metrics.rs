@@ -147,6 +147,24 @@ pub fn render(state: &AppState) -> String {
             help: "Answers stored in the response cache.",
             values: vec![(None, load(&c.stored))],
         });
+        if let Some(tier) = cache.shared() {
+            families.push(Family {
+                name: "carrel_cache_shared_hits_total",
+                help: "Answers found in the shared (Redis) tier and not in this process.",
+                values: vec![(None, load(&tier.hits))],
+            });
+            families.push(Family {
+                name: "carrel_cache_shared_stored_total",
+                help: "Answers this process stored in the shared (Redis) tier.",
+                values: vec![(None, load(&tier.stored))],
+            });
+            families.push(Family {
+                name: "carrel_cache_shared_errors_total",
+                help: "Lookups and stores in the shared tier that failed or took too long \
+                       (each a miss; the cache goes on locally).",
+                values: vec![(None, load(&tier.errors))],
+            });
+        }
         let (entries, bytes) = cache.size();
         families.push(Family {
             name: "carrel_cache_answers",

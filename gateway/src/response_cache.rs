@@ -14,6 +14,12 @@
 //!   asks the provider itself: an error is never shared.
 //! - **Bounds.** moka holds at most `cache.max_mib` of answers, each at most
 //!   `cache.max_entry_kib`, for `cache.ttl_secs`.
+//! - **The shared tier** (`cache.shared`). Every replica also keeps its answers in Redis, at
+//!   `{P}:cache:<key>` for `cache.ttl_secs`, and looks there when its own memory has nothing, so
+//!   an answer one replica bought serves every replica. Coalescing stays per replica. Redis
+//!   that does not answer within `store.redis_timeout_ms` is a miss (counted, logged once a
+//!   minute): the cache is a saving, never a dependency. Size it in Redis: see
+//!   `deploy/REDIS.md`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -80,9 +86,120 @@ pub struct CacheCounters {
 
 type Waiting = watch::Receiver<Option<Arc<Answer>>>;
 
+/// The tier in Redis that every replica shares.
+pub struct SharedTier {
+    conn: redis::aio::ConnectionManager,
+    prefix: String,
+    timeout: std::time::Duration,
+    ttl_ms: u64,
+    /// Answers found there and not in this process.
+    pub hits: AtomicU64,
+    /// Answers stored there.
+    pub stored: AtomicU64,
+    /// Lookups and stores that failed or took too long.
+    pub errors: AtomicU64,
+    /// When an error was last logged (Unix seconds).
+    last_logged: AtomicU64,
+}
+
+impl SharedTier {
+    /// Connects to the shared tier.
+    pub async fn connect(
+        config: &carrel_core::config::SharedCacheConfig,
+        ttl: std::time::Duration,
+    ) -> Result<SharedTier, redis::RedisError> {
+        let client = redis::Client::open(config.url.as_str())?;
+        let conn = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            redis::aio::ConnectionManager::new(client),
+        )
+        .await
+        .map_err(|_| {
+            redis::RedisError::from((redis::ErrorKind::Io, "no answer from the shared cache"))
+        })??;
+        Ok(SharedTier {
+            conn,
+            prefix: config.prefix.clone(),
+            timeout: config.timeout,
+            ttl_ms: ttl.as_millis() as u64,
+            hits: AtomicU64::new(0),
+            stored: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            last_logged: AtomicU64::new(0),
+        })
+    }
+
+    fn redis_key(&self, key: &Key) -> String {
+        let mut hex = String::with_capacity(64);
+        for b in key {
+            hex.push_str(&format!("{b:02x}"));
+        }
+        format!("{{{}}}:cache:{hex}", self.prefix)
+    }
+
+    fn failed(&self, what: &str, e: &dyn std::fmt::Display) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        let now = carrel_core::domain::unix_now().max(0) as u64;
+        let last = self.last_logged.load(Ordering::Relaxed);
+        if now >= last + 60
+            && self
+                .last_logged
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(error = %e, what, "shared response cache unavailable; local only");
+        }
+    }
+
+    async fn get(&self, key: &Key) -> Option<Bytes> {
+        let mut conn = self.conn.clone();
+        let mut cmd = redis::cmd("GET");
+        cmd.arg(self.redis_key(key));
+        let get = cmd.query_async::<Option<Vec<u8>>>(&mut conn);
+        match tokio::time::timeout(self.timeout, get).await {
+            Ok(Ok(found)) => found.map(Bytes::from),
+            Ok(Err(e)) => {
+                self.failed("lookup", &e);
+                None
+            }
+            Err(_) => {
+                self.failed("lookup", &"no answer in time");
+                None
+            }
+        }
+    }
+
+    async fn put(&self, key: Key, body: Bytes) {
+        let mut conn = self.conn.clone();
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(self.redis_key(&key))
+            .arg(&body[..])
+            .arg("PX")
+            .arg(self.ttl_ms);
+        let set = cmd.query_async::<()>(&mut conn);
+        match tokio::time::timeout(self.timeout * 5, set).await {
+            Ok(Ok(())) => {
+                self.stored.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(Err(e)) => self.failed("store", &e),
+            Err(_) => self.failed("store", &"no answer in time"),
+        }
+    }
+}
+
+impl std::fmt::Debug for SharedTier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedTier")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
 /// The cache of one process.
 pub struct ResponseCache {
     answers: moka::sync::Cache<Key, Arc<Answer>>,
+    /// The tier every replica shares, once connected.
+    shared: std::sync::OnceLock<Arc<SharedTier>>,
     /// Keys a leader is asking the provider for, and how to wait for its answer.
     in_flight: Mutex<HashMap<Key, Waiting>>,
     max_entry_bytes: usize,
@@ -134,6 +251,15 @@ impl Leader {
 
     /// Stores the answer and hands it to the requests waiting for it.
     pub fn publish(self, body: Bytes) {
+        if let Some(tier) = self.cache.shared.get() {
+            let (tier, key, body) = (Arc::clone(tier), self.key, body.clone());
+            #[expect(
+                clippy::disallowed_methods,
+                reason = "a store to the shared tier must not hold up the answer; one lost at \
+                          shutdown is only a saving missed"
+            )]
+            tokio::spawn(async move { tier.put(key, body).await });
+        }
         let usage = find_usage(&body);
         let answer = Arc::new(Answer { body, usage });
         self.cache.answers.insert(self.key, Arc::clone(&answer));
@@ -164,16 +290,40 @@ impl ResponseCache {
                 .time_to_live(config.ttl)
                 .build(),
             in_flight: Mutex::default(),
+            shared: std::sync::OnceLock::new(),
             max_entry_bytes: config.max_entry_bytes,
             wait: config.wait,
             counters: CacheCounters::default(),
         })
     }
 
-    /// Looks `key` up. With `lead`, a request that finds nothing either waits for the
-    /// identical request in flight or becomes the one the others wait for.
+    /// Adds the tier every replica shares.
+    pub fn attach_shared(&self, tier: SharedTier) {
+        let _ = self.shared.set(Arc::new(tier));
+    }
+
+    /// The shared tier, if attached.
+    pub fn shared(&self) -> Option<&SharedTier> {
+        self.shared.get().map(|t| &**t)
+    }
+
+    /// Looks `key` up: in this process, then in the shared tier. With `lead`, a request that
+    /// finds nothing either waits for the identical request in flight or becomes the one the
+    /// others wait for.
     pub async fn lookup(self: &Arc<Self>, key: Key, lead: bool) -> Lookup {
         if let Some(answer) = self.answers.get(&key) {
+            return Lookup::Hit {
+                answer,
+                coalesced: false,
+            };
+        }
+        if let Some(tier) = self.shared.get()
+            && let Some(body) = tier.get(&key).await
+        {
+            tier.hits.fetch_add(1, Ordering::Relaxed);
+            let usage = find_usage(&body);
+            let answer = Arc::new(Answer { body, usage });
+            self.answers.insert(key, Arc::clone(&answer));
             return Lookup::Hit {
                 answer,
                 coalesced: false,

@@ -178,6 +178,14 @@ impl App {
             env_keys,
         })
         .map_err(|e| InitError::Tls(format!("upstream client: {e}")))?;
+        if let (Some(cache), Some(shared)) = (&state.cache, &config.cache.shared) {
+            // A saving, not a dependency: without it the cache is this process's alone.
+            match crate::response_cache::SharedTier::connect(shared, config.cache.ttl).await {
+                Ok(tier) => cache.attach_shared(tier),
+                Err(e) => tracing::warn!(error = %e,
+                    "shared response cache unreachable at start; this replica caches alone"),
+            }
+        }
         let models = state.reload_catalog().await?;
         tracing::info!(models, "catalog loaded");
         state.containment.reload(&state.store).await?;

@@ -367,3 +367,58 @@ async fn an_institution_opts_in_and_prices_its_cached_answers() {
     assert_eq!(hit.cost_nano_usd, full * 25 / 100);
     assert_eq!(hit.saved_nano_usd, full - full * 25 / 100);
 }
+
+/// With `cache.shared`, an answer one replica bought serves another replica: the second asks
+/// the shared tier in Redis, not the provider.
+#[tokio::test]
+async fn the_shared_tier_serves_an_answer_to_another_replica() {
+    let mock = MockUpstream::start().await;
+    let prefix = carrel_tests::redis_prefix("shared-cache");
+    let toml = carrel_tests::config_for(
+        &mock.base_url(),
+        &format!(
+            "{}[cache]\nshared = true\n",
+            carrel_tests::redis_store_toml(&prefix)
+        ),
+    );
+    let a = Gateway::start(&toml).await;
+    let b = Gateway::start(&toml).await;
+    let inst = a.institution("Two Branch Library").await;
+    let (_, key) = a
+        .create_key(&inst, json!({"name": "desk", "kind": "service"}))
+        .await;
+    let body = ask(0.0);
+    assert_eq!(chat(&a, &key, &body, None).await.1, "miss");
+    // A stores the answer in Redis beside answering; B learns of the key from the replicated
+    // log within moments (until then it refuses it).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while carrel_tests::metric(&a.metrics().await, "carrel_cache_shared_stored_total") == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "A never stored the answer"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let served = loop {
+        let (status, cache, _) = chat(&b, &key, &body, None).await;
+        if status != 401 {
+            break (status, cache);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "B never learned the key"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(served, (200, "hit".to_owned()));
+    assert_eq!(chat_calls(&mock), 1, "one answer bought for both replicas");
+    let metrics = b.metrics().await;
+    assert_eq!(
+        carrel_tests::metric(&metrics, "carrel_cache_shared_hits_total"),
+        1
+    );
+    assert_eq!(
+        carrel_tests::metric(&metrics, "carrel_cache_shared_errors_total"),
+        0
+    );
+}
