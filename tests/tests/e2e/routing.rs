@@ -265,3 +265,41 @@ health_check_interval_ms = 0
     let m = gw.metrics().await;
     assert_eq!(metric(&m, "carrel_upstream_fallbacks_total"), 1, "{m}");
 }
+
+#[tokio::test]
+async fn a_deployment_s_own_timeout_bounds_its_wait() {
+    let mock = MockUpstream::start().await;
+    let slow = MockUpstream::start().await;
+    slow.script("mock-model", Reply::Hang);
+    // The global wait is five minutes; the deployment's own is a fifth of a second, so only
+    // the deployment's setting can end this request before the client gives up (30 s).
+    let config = config_for(
+        &mock.base_url(),
+        &format!(
+            r#"
+[[providers]]
+name = "slow"
+base_url = "{}"
+
+[[models]]
+name = "routed"
+provider = "slow"
+upstream_model = "mock-model"
+tier = "baseline"
+timeout_ms = 200
+
+[upstream]
+response_timeout_ms = 300000
+health_check_interval_ms = 0
+"#,
+            slow.base_url()
+        ),
+    );
+    let gw = Gateway::start(&config).await;
+    let (_, key) = gw.new_key(None).await;
+    let (status, body) = ask(&gw, &key, "routed").await;
+    // A timeout is not retried (the work may be under way): the client gets the 504.
+    assert_eq!(status, 504, "{body}");
+    assert!(body.contains("upstream_timeout"), "{body}");
+    assert_eq!(chat_calls(&slow), 1);
+}
