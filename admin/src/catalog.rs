@@ -258,6 +258,7 @@ pub async fn create_model(
             output_price_per_mtok: body.output_price_per_mtok,
             max_output_tokens,
             routing: Default::default(),
+            public_cache: Vec::new(),
         })
         .await
         .map_err(|e| match e {

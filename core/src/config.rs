@@ -252,6 +252,8 @@ struct RawModel {
     deployments: Vec<RawDeployment>,
     #[serde(default)]
     fallback: Vec<String>,
+    #[serde(default)]
+    public_cache: Vec<crate::domain::PromptClass>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -683,6 +685,9 @@ pub struct ModelConfig {
     /// Its deployments (absent from log entries of earlier builds: the provider alone).
     #[serde(default)]
     pub routing: crate::domain::Routing,
+    /// Prompt classes whose cached answers every institution shares.
+    #[serde(default)]
+    pub public_cache: Vec<crate::domain::PromptClass>,
 }
 
 /// A model's output cap when its config does not set one.
@@ -1023,6 +1028,7 @@ impl Config {
             models.push(ModelConfig {
                 upstream_model,
                 routing,
+                public_cache: m.public_cache,
                 max_output_tokens,
                 name: m.name,
                 provider: m.provider,

@@ -87,6 +87,17 @@ string_enum! {
 }
 
 string_enum! {
+    /// A class of prompts whose cached answers an operator may mark public for a model:
+    /// shared by every institution rather than kept per institution.
+    pub enum PromptClass {
+        /// Embeddings: the vector depends on the input alone.
+        Embeddings => "embeddings",
+        /// A completion asked for in one turn (no earlier assistant or tool message).
+        SingleTurn => "single_turn",
+    }
+}
+
+string_enum! {
     /// What a containment switch stops.
     pub enum ContainmentKind {
         /// One model (public name).
@@ -332,6 +343,9 @@ pub struct Model {
     pub max_output_tokens: u32,
     /// Where else it is served, and how requests are shared among its deployments.
     pub routing: Routing,
+    /// Prompt classes whose cached answers every institution shares (operator's choice;
+    /// empty: each institution's answers are its own).
+    pub public_cache: Vec<PromptClass>,
     /// Where the record came from.
     pub source: Source,
     /// RFC 3339 creation time.

@@ -7,7 +7,11 @@
 //! - **The key.** SHA-256 over the institution, the public model name, the endpoint and a
 //!   canonical form of the body: every field, keys sorted, without those that do not change the
 //!   answer (`stream`, `stream_options`, `user`). So no answer crosses institutions, and a stream
-//!   and a plain request for the same thing share one entry.
+//!   and a plain request for the same thing share one entry. The exception is the operator's:
+//!   a model may mark prompt classes public (`[[models]] public_cache`: `embeddings`,
+//!   `single_turn`), and their answers are keyed without the institution, shared by all. That
+//!   lets one institution tell, by a hit, that another asked the same; marking a class public
+//!   is the operator's judgement that this does not matter for it.
 //! - **Coalescing.** The first cacheable request for a key that is not cached leads: it asks the
 //!   provider, and identical requests that arrive meanwhile wait for its answer (at most
 //!   `cache.wait_ms`) instead of asking too. If the leader gets no cacheable answer, each waiter
@@ -423,6 +427,11 @@ pub fn has_history(body: &serde_json::Value) -> bool {
 }
 
 /// The cache key of a request (see the module docs).
+/// What a public answer's key has in place of an institution: no institution id is empty.
+pub const PUBLIC: &str = "";
+
+/// The key of a request's answer; `institution` is [`PUBLIC`] for an answer every institution
+/// shares.
 pub fn key(institution: &str, model: &str, endpoint: Endpoint, mut body: serde_json::Value) -> Key {
     if let Some(object) = body.as_object_mut() {
         for field in ["stream", "stream_options", "user"] {

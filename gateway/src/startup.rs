@@ -444,6 +444,7 @@ pub fn add_demo_model(config: &mut Config) {
             output_price_per_mtok: 0.0,
             max_output_tokens: carrel_core::config::DEFAULT_MAX_OUTPUT_TOKENS,
             routing: Default::default(),
+            public_cache: Vec::new(),
         });
     }
 }

@@ -36,10 +36,10 @@ pub(super) fn apply_config(
         tx.execute(
             "INSERT INTO models (id, name, provider, upstream_model, tier,
                 input_price_per_mtok, output_price_per_mtok, source, created_at,
-                max_output_tokens, tier_basis, routing)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'config', ?8, ?9, ?10, ?11)
+                max_output_tokens, tier_basis, routing, public_cache)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'config', ?8, ?9, ?10, ?11, ?12)
              ON CONFLICT(name) DO UPDATE SET provider = excluded.provider,
-                routing = excluded.routing,
+                routing = excluded.routing, public_cache = excluded.public_cache,
                 upstream_model = excluded.upstream_model, tier = excluded.tier,
                 tier_basis = excluded.tier_basis,
                 input_price_per_mtok = excluded.input_price_per_mtok,
@@ -57,7 +57,8 @@ pub(super) fn apply_config(
                 w.now(),
                 m.max_output_tokens,
                 m.tier_basis.as_str(),
-                serde_json::to_string(&m.routing).expect("plain data")
+                serde_json::to_string(&m.routing).expect("plain data"),
+                serde_json::to_string(&m.public_cache).expect("plain data")
             ],
         )?;
     }
@@ -154,14 +155,15 @@ pub(super) fn create_model(
         output_price_per_mtok: new.output_price_per_mtok,
         max_output_tokens: new.max_output_tokens,
         routing: new.routing,
+        public_cache: new.public_cache,
         source: Source::Admin,
         created_at: w.now(),
     };
     c.execute(
         "INSERT INTO models (id, name, provider, upstream_model, tier,
             input_price_per_mtok, output_price_per_mtok, source, created_at,
-            max_output_tokens, tier_basis, routing)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'admin', ?8, ?9, ?10, ?11)",
+            max_output_tokens, tier_basis, routing, public_cache)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'admin', ?8, ?9, ?10, ?11, ?12)",
         params![
             model.id,
             model.name,
@@ -173,7 +175,8 @@ pub(super) fn create_model(
             model.created_at,
             model.max_output_tokens,
             model.tier_basis.as_str(),
-            serde_json::to_string(&model.routing).expect("plain data")
+            serde_json::to_string(&model.routing).expect("plain data"),
+            serde_json::to_string(&model.public_cache).expect("plain data")
         ],
     )
     .map_err(|e| unique_conflict(e, || format!("model `{}`", model.name)))?;

@@ -329,6 +329,8 @@ ALTER TABLE institutions ADD COLUMN allow_fallback INTEGER NOT NULL DEFAULT 0;
     ),
     // 18: sponsor pools, their members and their ledger.
     Migration::sql(sponsors::MIGRATION),
+    // 19: prompt classes whose cached answers every institution shares.
+    Migration::sql("ALTER TABLE models ADD COLUMN public_cache TEXT NOT NULL DEFAULT '[]';"),
 ];
 
 /// Columns of an institution, in [`institution_row`]'s order.
@@ -837,7 +839,7 @@ impl Store {
                 c,
                 "SELECT id, name, provider, upstream_model, tier, input_price_per_mtok,
                     output_price_per_mtok, source, created_at, max_output_tokens, tier_basis,
-                    routing, rowid
+                    routing, public_cache, rowid
                  FROM models WHERE 1",
                 &[],
                 page,
@@ -1469,6 +1471,8 @@ fn model_row(r: &Row<'_>) -> Result<Model, StoreError> {
         tier_basis: parse("models.tier_basis", r.get(10)?)?,
         routing: serde_json::from_str(&r.get::<_, String>(11)?)
             .map_err(|e| StoreError::Corrupt(format!("models.routing: {e}")))?,
+        public_cache: serde_json::from_str(&r.get::<_, String>(12)?)
+            .map_err(|e| StoreError::Corrupt(format!("models.public_cache: {e}")))?,
     })
 }
 
@@ -1890,6 +1894,7 @@ pub(crate) mod tests {
             output_price_per_mtok: 1.5,
             max_output_tokens: 4096,
             routing: Default::default(),
+            public_cache: Vec::new(),
         };
         store
             .apply_config(vec![provider.clone()], vec![model.clone()])
@@ -1947,6 +1952,7 @@ pub(crate) mod tests {
                 output_price_per_mtok: 0.0,
                 max_output_tokens: 4096,
                 routing: Default::default(),
+                public_cache: Vec::new(),
             })
             .await
             .unwrap();
@@ -1976,6 +1982,7 @@ pub(crate) mod tests {
                 output_price_per_mtok: 0.0,
                 max_output_tokens: 4096,
                 routing: Default::default(),
+                public_cache: Vec::new(),
             })
             .await
             .unwrap_err();

@@ -3,11 +3,12 @@
 //! refunded) and recorded as cached; it is signed like any answer. A stream asked for an answer
 //! that is cached gets it replayed as events.
 
+use carrel_core::domain::PromptClass;
 use http::{HeaderMap, HeaderValue, StatusCode};
 
 use crate::app::AppState;
 use crate::error::GatewayError;
-use crate::pipeline::{Flow, RequestCtx, forward};
+use crate::pipeline::{Endpoint, Flow, RequestCtx, forward};
 use crate::response_cache::{self, CacheStatus, Lookup};
 
 /// Stage 6.
@@ -100,13 +101,21 @@ fn cacheable(ctx: &RequestCtx, headers: &HeaderMap) -> Option<response_cache::Ke
     .ok()?;
     // Only a request that may be cached pays for parsing its whole body.
     let body: serde_json::Value = serde_json::from_slice(&ctx.body).ok()?;
-    if !allow && response_cache::has_history(&body) {
+    let history = response_cache::has_history(&body);
+    if !allow && history {
         return None;
     }
-    Some(response_cache::key(
-        &ctx.principal().institution_id,
-        &ctx.route().name,
-        ctx.endpoint,
-        body,
-    ))
+    // The operator may have marked the request's prompt class public for the model: then its
+    // answer is every institution's.
+    let route = ctx.route();
+    let class = match ctx.endpoint {
+        Endpoint::Embeddings => Some(PromptClass::Embeddings),
+        _ if !history => Some(PromptClass::SingleTurn),
+        _ => None,
+    };
+    let owner = match class {
+        Some(class) if route.public_cache.contains(&class) => response_cache::PUBLIC,
+        _ => &ctx.principal().institution_id,
+    };
+    Some(response_cache::key(owner, &route.name, ctx.endpoint, body))
 }

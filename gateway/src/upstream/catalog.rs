@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use crate::tokens::Tokenizer;
 
-use carrel_core::domain::{Model, Provider, ProviderKind, Tier};
+use carrel_core::domain::{Model, PromptClass, Provider, ProviderKind, Tier};
 use carrel_core::store::PriceVersion;
 use http::{HeaderValue, Uri};
 
@@ -79,6 +79,8 @@ pub struct ModelRoute {
     /// Models that may answer instead when every deployment refused or could not be reached,
     /// for institutions that allow it.
     pub fallback: Box<[Arc<str>]>,
+    /// Prompt classes whose cached answers every institution shares.
+    pub public_cache: Box<[PromptClass]>,
 }
 
 /// What a million tokens cost, in US dollars.
@@ -252,6 +254,7 @@ impl Catalog {
                     .iter()
                     .map(|f| f.as_str().into())
                     .collect(),
+                public_cache: m.public_cache.iter().copied().collect(),
             });
             catalog.models.insert(m.name.clone(), Arc::clone(&route));
             catalog.ordered.push(route);

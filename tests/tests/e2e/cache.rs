@@ -422,3 +422,52 @@ async fn the_shared_tier_serves_an_answer_to_another_replica() {
         0
     );
 }
+
+/// An operator may mark a model's single-turn prompts public: then one institution's answer
+/// serves another. Only that class: a conversation with history stays the institution's own,
+/// and other models keep every answer per institution.
+#[tokio::test]
+async fn answers_in_a_class_marked_public_are_shared_across_institutions() {
+    let mock = MockUpstream::start().await;
+    let gw = Gateway::start(&carrel_tests::config_for(
+        &mock.base_url(),
+        r#"
+[[models]]
+name = "public-model"
+provider = "mock"
+upstream_model = "mock-model"
+tier = "baseline"
+public_cache = ["single_turn"]
+"#,
+    ))
+    .await;
+    let mut keys = Vec::new();
+    for name in ["Springfield", "Shelbyville"] {
+        let inst = gw.institution(name).await;
+        keys.push(
+            gw.create_key(&inst, json!({"name": "desk", "kind": "service"}))
+                .await
+                .1,
+        );
+    }
+    let mut public = ask(0.0);
+    public["model"] = json!("public-model");
+    assert_eq!(chat(&gw, &keys[0], &public, None).await.1, "miss");
+    assert_eq!(chat(&gw, &keys[1], &public, None).await.1, "hit");
+    assert_eq!(chat_calls(&mock), 1);
+
+    // A conversation with history is not in the class: each institution's own.
+    let mut history = public.clone();
+    history["messages"] = json!([
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "What is a carrel?"}
+    ]);
+    assert_eq!(chat(&gw, &keys[0], &history, Some("allow")).await.1, "miss");
+    assert_eq!(chat(&gw, &keys[1], &history, Some("allow")).await.1, "miss");
+    // Nor is any answer of a model not marked.
+    let private = ask(0.0);
+    assert_eq!(chat(&gw, &keys[0], &private, None).await.1, "miss");
+    assert_eq!(chat(&gw, &keys[1], &private, None).await.1, "miss");
+    assert_eq!(chat_calls(&mock), 5);
+}
