@@ -345,9 +345,6 @@ pub struct ModelPrices {
     pub data: Vec<PriceView>,
 }
 
-/// How far in the past an effective time may be, for clocks a little apart.
-const PAST_SLACK_SECS: i64 = 60;
-
 /// Adds a version of a model's prices. Requests are priced at the version in force when they
 /// ran, so a change never reprices what was already used. Operators only.
 #[utoipa::path(post, path = "/admin/v1/models/{name}/prices", tag = "catalog",
@@ -396,7 +393,7 @@ pub async fn create_price(
                     format!("effective_at: `{text}` is not an RFC 3339 time"),
                 )
             })?;
-            if at.as_second() < unix_now() - PAST_SLACK_SECS {
+            if at.as_second() < unix_now() {
                 return Err(AdminError::field(
                     "effective_at",
                     "effective_at: must not be in the past; requests already priced stay as \

@@ -133,12 +133,10 @@ pub struct UsageParams {
 #[into_params(parameter_in = Query)]
 #[allow(dead_code)] // Read through `AdminQuery`; this struct only describes the parameters.
 pub struct SectorParams {
-    /// First local day (`YYYY-MM-DD`, each institution's own); default 29 days before `to`.
-    #[param(format = Date)]
-    from: Option<String>,
-    /// Last local day, inclusive; default today (UTC). At most 366 days after `from`.
-    #[param(format = Date)]
-    to: Option<String>,
+    /// The month (`YYYY-MM`, each institution's local days): one that is over everywhere;
+    /// default the last such month.
+    #[param(pattern = "^[0-9]{4}-[0-9]{2}$")]
+    month: Option<String>,
     /// The fewest distinct patrons or keys a shown row stands for: 10 (default) or more.
     #[param(minimum = 10, maximum = 1_000_000)]
     k: Option<u64>,

@@ -16,7 +16,10 @@
 //! What this gives: each level's rows add up to their parent exactly (nothing is dropped, so
 //! the totals are true), and any sum or difference of shown rows is a union of pooled or shown
 //! groups, each of at least `k` subjects. The hierarchy is fixed (sector, then region) so
-//! that two reports cannot be crossed to isolate a cell.
+//! that two reports cannot be crossed to isolate a cell, and a report covers one whole month
+//! that is over everywhere, so reports never overlap and never grow: two reports of
+//! overlapping spans, or of one month at two times, could otherwise be subtracted to isolate a
+//! few days.
 
 use axum::extract::State;
 use axum::http::header;
@@ -32,7 +35,7 @@ use crate::AdminState;
 use crate::auth::{Action, AdminPrincipal};
 use crate::error::{AdminError, ErrorBody};
 use crate::query::{AdminQuery, SectorParams};
-use crate::usage::{MAX_SPAN_DAYS, csv_field};
+use crate::usage::csv_field;
 
 /// The smallest number of subjects a shown row stands for, unless a caller asks for more.
 pub const DEFAULT_K: u64 = 10;
@@ -132,7 +135,7 @@ pub struct SectorRow {
 /// The report.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct SectorReport {
-    /// First local day, inclusive.
+    /// The month (`YYYY-MM`): its first local day, inclusive.
     pub from: String,
     /// Last local day, inclusive.
     pub to: String,
@@ -144,11 +147,11 @@ pub struct SectorReport {
     pub sectors: Vec<SectorRow>,
 }
 
-/// Pools the rows with fewer than `k` subjects, and then the smallest shown ones until the
-/// pool has `k` (see the module). Returns the rows shown, in their order, and the pool.
 /// Rows of one level: what each is about, and its sums.
 type Rows<T> = Vec<(T, Sums)>;
 
+/// Pools the rows with fewer than `k` subjects, and then the smallest shown ones until the
+/// pool has `k` (see the module). Returns the rows shown, in their order, and the pool.
 fn pool<T>(rows: Rows<T>, k: u64) -> (Rows<T>, Rows<T>) {
     let (mut pooled, mut shown): (Vec<_>, Vec<_>) =
         rows.into_iter().partition(|(_, s)| s.subjects < k);
@@ -232,18 +235,44 @@ pub fn suppress(cells: &[SectorCell], k: u64) -> (Option<Sums>, Vec<SectorRow>) 
     (Some(total), rows)
 }
 
-fn day(query: &AdminQuery, name: &'static str) -> Result<Option<Date>, AdminError> {
-    query
-        .text(name)
-        .map(|v| {
-            v.parse::<Date>().map_err(|_| {
-                AdminError::field(
-                    name,
-                    format!("{name}: `{v}` is not a date such as 2026-09-01"),
-                )
-            })
-        })
-        .transpose()
+/// The first and last day of the report's month: `month` (`YYYY-MM`), or by default the last
+/// one that is over everywhere. Only whole months that are over: two reports of overlapping
+/// spans, or of one span at two times, could otherwise be subtracted to isolate a few days.
+fn month(query: &AdminQuery) -> Result<(Date, Date), AdminError> {
+    // The last day that is over in every time zone.
+    let today = carrel_core::domain::local_date(unix_now(), "UTC");
+    let over = today
+        .checked_sub(jiff::Span::new().days(2))
+        .unwrap_or(today);
+    let first = match query.text("month") {
+        Some(v) => format!("{v}-01").parse::<Date>().map_err(|_| {
+            AdminError::field(
+                "month",
+                format!("month: `{v}` is not a month such as 2026-09"),
+            )
+        })?,
+        None => {
+            let this = over.first_of_month();
+            // The month holding `over` is over only on its last day.
+            if over == this.last_of_month() {
+                this
+            } else {
+                this.checked_sub(jiff::Span::new().months(1))
+                    .unwrap_or(this)
+            }
+        }
+    };
+    let last = first.last_of_month();
+    if last > over {
+        return Err(AdminError::field(
+            "month",
+            format!(
+                "month: {} is not over everywhere yet",
+                &first.to_string()[..7]
+            ),
+        ));
+    }
+    Ok((first, last))
 }
 
 /// Usage of every institution by sector and region, with every row standing for at least `k`
@@ -266,7 +295,7 @@ pub async fn sector_report(
     query: AdminQuery,
 ) -> Result<Response, AdminError> {
     principal.authorize(Action::ReadAggregates, None)?;
-    query.only(&["from", "to", "k", "format"])?;
+    query.only(&["month", "k", "format"])?;
     let csv = match query.text("format") {
         None | Some("json") => false,
         Some("csv") => true,
@@ -287,24 +316,7 @@ pub async fn sector_report(
     if k > MAX_K {
         return Err(AdminError::field("k", format!("k: at most {MAX_K}")));
     }
-    let to = match day(&query, "to")? {
-        Some(d) => d,
-        None => carrel_core::domain::local_date(unix_now(), "UTC"),
-    };
-    let from = match day(&query, "from")? {
-        Some(d) => d,
-        None => to.checked_sub(jiff::Span::new().days(29)).unwrap_or(to),
-    };
-    let span = from.until(to).map(|s| s.get_days()).unwrap_or(i32::MAX);
-    if span < 0 {
-        return Err(AdminError::field("from", "from: must not be after `to`"));
-    }
-    if span > MAX_SPAN_DAYS {
-        return Err(AdminError::field(
-            "to",
-            format!("to: at most {MAX_SPAN_DAYS} days after `from`"),
-        ));
-    }
+    let (from, to) = month(&query)?;
     state.hooks.usage_flush().await;
     let cells = state
         .store

@@ -267,23 +267,26 @@ pub async fn ledger(
     }))
 }
 
-/// The last local day that is over everywhere: two days ago in UTC.
-fn over_everywhere() -> jiff::civil::Date {
+/// How far back a settlement looks for spend not yet paid: a little over two months.
+const SETTLE_DAYS: i64 = 62;
+
+/// The latest local day anywhere: tomorrow in UTC (UTC+14 is a day ahead).
+fn latest_day() -> jiff::civil::Date {
     let today = local_date(unix_now(), "UTC");
-    today
-        .checked_sub(jiff::Span::new().days(2))
-        .unwrap_or(today)
+    today.tomorrow().unwrap_or(today)
 }
 
-/// Pays member institutions' spend from their pools, up to `through` (default: the last day
-/// that is over everywhere), and gives them the room in their own money budgets. Runs hourly
-/// by itself; this is for operators who settle at once (a day settled before its end leaves
-/// the rest of its spend to the institution).
+/// Pays member institutions' spend from their pools for their days up to `through` (and back
+/// [`SETTLE_DAYS`]), each day what pools have not paid for it yet, and gives the institutions
+/// the room in their own money budgets. Runs hourly by itself.
 pub async fn settle(state: &AdminState, through: jiff::civil::Date) -> Result<usize, AdminError> {
     state.hooks.usage_flush().await;
+    let first = through
+        .checked_sub(jiff::Span::new().days(SETTLE_DAYS))
+        .unwrap_or(through);
     let draws = state
         .store
-        .settle_sponsor_draws(&through.to_string())
+        .settle_sponsor_draws(&first.to_string(), &through.to_string())
         .await?;
     // Reloaded every time: a new month drops last month's room.
     state.quota.set_limits(state.store.limits_table().await?);
@@ -293,16 +296,17 @@ pub async fn settle(state: &AdminState, through: jiff::civil::Date) -> Result<us
     Ok(draws)
 }
 
-/// [`settle`] through the last day that is over everywhere, for the hourly upkeep.
+/// [`settle`] through every day so far, for the hourly upkeep.
 pub async fn settle_due(state: &AdminState) -> Result<usize, AdminError> {
-    settle(state, over_everywhere()).await
+    settle(state, latest_day()).await
 }
 
-/// Settles draws now. Operators only.
+/// Settles draws now, rather than at the next hourly settlement. Operators only.
 #[utoipa::path(post, path = "/admin/v1/sponsor-pools/settle", tag = "sponsors",
     params(("through" = Option<String>, Query, format = Date,
-        description = "The last local day to pay for (default: two days ago in UTC, the last \
-                       day that is over everywhere)")),
+        description = "The last local day to pay for (default: every day so far); a day still \
+                       running is paid for what it has spent, and the rest at a later \
+                       settlement")),
     responses((status = 200, body = Settled), (status = 401, body = ErrorBody),
         (status = 403, body = ErrorBody),
         (status = 422, description = "`through` is not a date, or is in the future", body = ErrorBody)),
@@ -315,15 +319,12 @@ pub async fn settle_now(
     principal.authorize(Action::ManageSponsors, None)?;
     query.only(&["through"])?;
     let through = match query.text("through") {
-        None => over_everywhere(),
+        None => latest_day(),
         Some(v) => v
             .parse::<jiff::civil::Date>()
             .map_err(|_| AdminError::field("through", format!("through: `{v}` is not a date")))?,
     };
-    let latest = local_date(unix_now(), "UTC")
-        .tomorrow()
-        .unwrap_or(jiff::civil::Date::MAX);
-    if through > latest {
+    if through > latest_day() {
         return Err(AdminError::field("through", "through: not in the future"));
     }
     let draws = settle(&state, through).await?;

@@ -349,7 +349,7 @@ pub struct UpstreamConfig {
     /// How long an idle pooled connection is kept.
     pub pool_idle_timeout: Duration,
     /// Further attempts a request may make, on another deployment when there is one, after a
-    /// connect error, a 429 or a 5xx that reached no client byte (default 2).
+    /// connect error, a 429, a 502 or a 503 that reached no client byte (default 2).
     pub retries: u32,
     /// Failures in a row that open a deployment's circuit breaker (default 5).
     pub breaker_failures: u32,

@@ -354,7 +354,7 @@ pub struct Model {
 
 /// How a model's requests are shared among its deployments: the model's own provider (the
 /// first deployment) and any others. A request goes to a deployment picked by weight among
-/// those whose circuit breaker is closed, and on a connect error, a 429 or a 5xx
+/// those whose circuit breaker is closed, and on a connect error, a 429, a 502 or a 503
 /// before anything reached the client, to another (see `upstream.retries`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -370,7 +370,7 @@ pub struct Routing {
     #[serde(default)]
     pub deployments: Vec<Deployment>,
     /// Models that may answer, in this order, when every deployment refused or could not be
-    /// reached (a connect error, 429 or 5xx) — for institutions that allow it
+    /// reached (a connect error, 429, 502 or 503) — for institutions that allow it
     /// (`allow_fallback`). Each of the same tier or lower.
     #[serde(default)]
     pub fallback: Vec<String>,

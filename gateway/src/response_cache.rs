@@ -19,8 +19,9 @@
 //! - **Bounds.** moka holds at most `cache.max_mib` of answers, each at most
 //!   `cache.max_entry_kib`, for `cache.ttl_secs`.
 //! - **The shared tier** (`cache.shared`). Every replica also keeps its answers in Redis, at
-//!   `{P}:cache:<key>` for `cache.ttl_secs`, and looks there when its own memory has nothing, so
-//!   an answer one replica bought serves every replica. Coalescing stays per replica. Redis
+//!   `{P:cache:<key>}` for `cache.ttl_secs`, and looks there when its own memory has nothing, so
+//!   an answer one replica bought serves every replica. An answer given to a patron is kept in
+//!   memory only, never in Redis (which may write it to disk). Coalescing stays per replica. Redis
 //!   that does not answer within `store.redis_timeout_ms` is a miss (counted, logged once a
 //!   minute): the cache is a saving, never a dependency. Size it in Redis: see
 //!   `deploy/REDIS.md`.
@@ -133,12 +134,13 @@ impl SharedTier {
         })
     }
 
+    /// `{P:cache:<hex>}`: each answer its own hash tag, so answers spread over a cluster.
     fn redis_key(&self, key: &Key) -> String {
         let mut hex = String::with_capacity(64);
         for b in key {
             hex.push_str(&format!("{b:02x}"));
         }
-        format!("{{{}}}:cache:{hex}", self.prefix)
+        format!("{{{}:cache:{hex}}}", self.prefix)
     }
 
     fn failed(&self, what: &str, e: &dyn std::fmt::Display) {
@@ -244,9 +246,17 @@ pub struct Leader {
     cache: Arc<ResponseCache>,
     key: Key,
     tx: watch::Sender<Option<Arc<Answer>>>,
+    /// Whether the answer may go to the shared tier as well as this process's memory.
+    share: bool,
 }
 
 impl Leader {
+    /// Keeps the answer in this process only: an answer given to a patron never goes to
+    /// Redis, which may write it to disk.
+    pub fn keep_local(&mut self) {
+        self.share = false;
+    }
+
     /// The largest answer the cache keeps: a leader reads at most this much before giving up
     /// on caching.
     pub fn max_bytes(&self) -> usize {
@@ -255,7 +265,7 @@ impl Leader {
 
     /// Stores the answer and hands it to the requests waiting for it.
     pub fn publish(self, body: Bytes) {
-        if let Some(tier) = self.cache.shared.get() {
+        if let Some(tier) = self.cache.shared.get().filter(|_| self.share) {
             let (tier, key, body) = (Arc::clone(tier), self.key, body.clone());
             #[expect(
                 clippy::disallowed_methods,
@@ -354,6 +364,7 @@ impl ResponseCache {
                         cache: Arc::clone(self),
                         key,
                         tx,
+                        share: true,
                     });
                 }
             }
@@ -426,12 +437,11 @@ pub fn has_history(body: &serde_json::Value) -> bool {
         })
 }
 
-/// The cache key of a request (see the module docs).
 /// What a public answer's key has in place of an institution: no institution id is empty.
 pub const PUBLIC: &str = "";
 
-/// The key of a request's answer; `institution` is [`PUBLIC`] for an answer every institution
-/// shares.
+/// The cache key of a request (see the module docs); `institution` is [`PUBLIC`] for an answer
+/// every institution shares.
 pub fn key(institution: &str, model: &str, endpoint: Endpoint, mut body: serde_json::Value) -> Key {
     if let Some(object) = body.as_object_mut() {
         for field in ["stream", "stream_options", "user"] {

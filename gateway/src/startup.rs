@@ -362,9 +362,6 @@ async fn follow_store_events(admin: AdminState, state: AppState) {
 /// How often the audit log's head is signed and kept, when it grew.
 pub const TREE_HEAD_EVERY: Duration = Duration::from_secs(3600);
 
-/// Every [`TREE_HEAD_EVERY`] (and once at start): removes incident text whose retention ended
-/// (reads already hide it), and signs and keeps the audit log's head when entries were added
-/// since the last one.
 /// Probes every provider every `every` (see [`crate::upstream::routing`]).
 async fn check_health(state: AppState, every: Duration) {
     let mut tick = tokio::time::interval(every);
@@ -376,6 +373,9 @@ async fn check_health(state: AppState, every: Duration) {
     }
 }
 
+/// Every [`TREE_HEAD_EVERY`] (and once at start): pays member institutions' finished days from
+/// their sponsor pools, removes incident text whose retention ended (reads already hide it),
+/// and signs and keeps the audit log's head when entries were added since the last one.
 async fn hourly_upkeep(admin: AdminState) {
     let mut every = tokio::time::interval(TREE_HEAD_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

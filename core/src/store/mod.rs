@@ -46,7 +46,7 @@ pub use replica::{JOURNAL_FILE, RedisSettings, ReplicaCounters, VIEW_FILE};
 pub use reports::SectorCell;
 pub use retention::{DEFAULT_PATRON_RETENTION_HOURS, Forgotten, MAX_PATRON_RETENTION_HOURS};
 pub use safety::Containment;
-pub use sponsors::{Draw, SponsorEntry, SponsorMember, SponsorPool};
+pub use sponsors::{DayCost, SponsorEntry, SponsorMember, SponsorPool};
 pub use tokens::NewAdminToken;
 pub use usage::{UsageLine, UsageRecord, UsageStatus};
 pub use write::StoreEvent;

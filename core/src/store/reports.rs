@@ -2,12 +2,12 @@
 //! access. The sums here are whole; which of them may be shown (small-cell suppression) is
 //! decided by the admin API's report, which needs each cell's number of distinct subjects.
 //!
-//! A cell's subjects are a lower bound on the people behind its usage: the patrons each of its
-//! institutions served on its busiest day in the span (a patron counted once per institution
-//! however many days they came; patrons' daily sums and, once rolled up, patrons served per
-//! day, see [`super::retention`]), plus the keys whose own requests named no patron (a service
-//! or staff key: one principal each). Erring low means a doubtful cell is suppressed, never
-//! shown.
+//! A cell's subjects are a lower bound on the people (or keys) behind its usage, summed over its
+//! institutions: for each, the larger of the patrons it served on its busiest day in the span
+//! (a patron counted once however many days they came; patrons' daily sums and, once rolled
+//! up, patrons served per day, see [`super::retention`]) and the keys other than kiosks it
+//! used (a kiosk is a terminal many share, never a subject). The larger, not the sum: the same
+//! people may be behind both. Erring low means a doubtful cell is suppressed, never shown.
 
 use std::collections::HashMap;
 
@@ -85,14 +85,12 @@ impl Store {
                     of_institution.insert(inst, i);
                 }
             }
-            // Keys that used Carrel on their own account: one subject each.
+            // Keys other than kiosks that were used.
             let mut own_keys = c.prepare_cached(
-                "SELECT institution_id, COUNT(*) FROM (
-                    SELECT institution_id, key_id FROM usage_daily
-                    WHERE day >= ?1 AND day <= ?2
-                    GROUP BY institution_id, key_id
-                    HAVING SUM(requests) > SUM(patron_requests))
-                 GROUP BY institution_id",
+                "SELECT d.institution_id, COUNT(DISTINCT d.key_id) FROM usage_daily d
+                 JOIN api_keys k ON k.id = d.key_id
+                 WHERE d.day >= ?1 AND d.day <= ?2 AND k.kind != 'kiosk'
+                 GROUP BY d.institution_id",
             )?;
             // Patrons served on each institution's busiest day.
             let mut patrons = c.prepare_cached(
@@ -104,13 +102,19 @@ impl Store {
                     WHERE day >= ?1 AND day <= ?2 GROUP BY institution_id, day)
                  GROUP BY institution_id",
             )?;
+            // Each institution's subjects: the larger of its keys and its patrons.
+            let mut subjects: HashMap<String, u64> = HashMap::new();
             for stmt in [&mut own_keys, &mut patrons] {
                 let mut rows = stmt.query(params![from, to])?;
                 while let Some(r) = rows.next()? {
-                    let inst: String = r.get(0)?;
-                    if let Some(&i) = of_institution.get(&inst) {
-                        cells[i].subjects += r.get::<_, i64>(1)?.max(0) as u64;
-                    }
+                    let n = r.get::<_, i64>(1)?.max(0) as u64;
+                    let entry = subjects.entry(r.get(0)?).or_default();
+                    *entry = (*entry).max(n);
+                }
+            }
+            for (inst, n) in subjects {
+                if let Some(&i) = of_institution.get(&inst) {
+                    cells[i].subjects += n;
                 }
             }
             Ok(cells)

@@ -215,7 +215,20 @@ mod tests {
             )
             .await
             .unwrap();
-        let now = unix_now();
+        // Noon UTC today: which days are over everywhere (two days ago in UTC and before)
+        // must not depend on the hour the test runs at.
+        let now = {
+            let today = jiff::Timestamp::from_second(unix_now())
+                .unwrap()
+                .to_zoned(jiff::tz::TimeZone::UTC)
+                .date();
+            today
+                .at(12, 0, 0, 0)
+                .to_zoned(jiff::tz::TimeZone::UTC)
+                .unwrap()
+                .timestamp()
+                .as_second()
+        };
         let day = |secs_ago: i64| {
             jiff::Timestamp::from_second(now - secs_ago)
                 .unwrap()

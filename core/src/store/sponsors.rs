@@ -3,19 +3,22 @@
 //!
 //! # The order of payment
 //!
-//! An institution's spend of a local day is paid, once the day is over everywhere (two days
-//! ago in UTC, as [`super::retention`] decides for patrons' daily sums), first by the sponsor
-//! pools it is a member of, in the order it joined them, each up to the pool's balance and the
-//! member's monthly cap, and each only for days from the one it joined on; what they do not
-//! cover is the institution's own spend. A draw is
-//! recorded once per pool, institution and day, so settling again changes nothing.
+//! An institution's spend of a local day is paid first by the sponsor pools it is a member of,
+//! in the order it joined them, each up to the pool's balance and the member's monthly cap, and
+//! each only for days from the one it joined on (UTC date); what they do not cover is the
+//! institution's own spend. Settling (hourly, or at once through the admin API) pays each day
+//! the difference between its spend so far and what pools already paid for it, so a day settled
+//! while it runs, or usage that reaches the ledger late, is paid when the next settlement sees
+//! it, and settling again with nothing new pays nothing.
 //!
 //! What a pool paid also gives the institution room: its own `cost_per_month_usd` limit is
 //! raised by the month's draws ([`Store::limits_table`] adds them), so subsidised spend does
-//! not use up the institution's own budget. The room arrives when the day is settled.
+//! not use up the institution's own budget.
 //!
-//! Draws are computed by the replica that settles (from its view of the ledger) and written as
-//! a command carrying the amounts, so every replica records the same draws.
+//! The settling replica reads each member's daily spend from its view of the ledger and writes
+//! it in a command; applying the command computes the draws from the pools' ledger, which every
+//! replica holds alike, so every replica records the same draws, and two replicas settling at
+//! once cannot pay a day twice or overdraw a pool.
 
 use std::collections::HashMap;
 
@@ -51,13 +54,7 @@ CREATE TABLE sponsor_ledger (
     by               TEXT NOT NULL,
     at               TEXT NOT NULL
 );
-CREATE UNIQUE INDEX sponsor_draw_once ON sponsor_ledger (pool_id, institution_id, day)
-    WHERE kind = 'draw';
-CREATE TABLE sponsor_settled (
-    institution_id  TEXT NOT NULL,
-    day             TEXT NOT NULL,
-    PRIMARY KEY (institution_id, day)
-) WITHOUT ROWID;
+CREATE INDEX sponsor_draws ON sponsor_ledger (institution_id, day) WHERE kind = 'draw';
 "#;
 
 /// A pool.
@@ -112,20 +109,16 @@ pub struct SponsorEntry {
     pub at: String,
 }
 
-/// An institution and one of its local days.
-pub type InstitutionDay = (String, String);
-
-/// A draw to record.
+/// A member institution's spend on one of its local days, as the settling replica's ledger
+/// has it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Draw {
-    /// The pool that pays.
-    pub pool_id: String,
-    /// The institution it pays for.
+pub struct DayCost {
+    /// The institution.
     pub institution_id: String,
-    /// The institution's local day.
+    /// Its local day.
     pub day: String,
-    /// Nano-dollars.
-    pub amount_nano_usd: i64,
+    /// What it spent that day so far, nano-dollars.
+    pub cost_nano_usd: i64,
 }
 
 pub(super) fn create_pool(
@@ -192,44 +185,69 @@ pub(super) fn top_up(
     Ok(())
 }
 
-/// Records draws (each once) and marks the days settled. Returns the draws recorded.
-pub(super) fn record_draws(
+/// Pays `days` from the members' pools, in the documented order: each day what its spend is
+/// beyond what pools already paid for it. Returns the draws recorded.
+pub(super) fn settle_days(
     c: &mut Connection,
     w: &mut WriteCtx,
-    draws: &[Draw],
-    settled: &[InstitutionDay],
+    days: &[DayCost],
 ) -> Result<usize, StoreError> {
     let tx = c.savepoint()?;
+    let mut balance = balances(&tx)?;
+    let mut drawn = drawn_by_pool_member_month(&tx)?;
     let mut n = 0;
-    for d in draws {
-        // A day settled by another replica first is not drawn on twice.
-        let done: bool = tx.query_row(
-            "SELECT EXISTS(SELECT 1 FROM sponsor_settled WHERE institution_id = ?1 AND day = ?2)",
-            params![d.institution_id, d.day],
-            |r| r.get(0),
+    {
+        let mut paid_stmt = tx.prepare_cached(
+            "SELECT COALESCE(SUM(amount_nano_usd), 0) FROM sponsor_ledger
+             WHERE kind = 'draw' AND institution_id = ?1 AND day = ?2",
         )?;
-        if done {
-            continue;
-        }
-        n += tx.execute(
-            "INSERT OR IGNORE INTO sponsor_ledger
+        let mut members_stmt = tx.prepare_cached(
+            "SELECT pool_id, monthly_cap_nano_usd FROM sponsor_members
+             WHERE institution_id = ?1 AND substr(joined_at, 1, 10) <= ?2
+             ORDER BY joined_at, pool_id",
+        )?;
+        let mut insert = tx.prepare_cached(
+            "INSERT INTO sponsor_ledger
                 (id, pool_id, kind, amount_nano_usd, institution_id, day, by, at)
              VALUES (?1, ?2, 'draw', ?3, ?4, ?5, 'carrel', ?6)",
-            params![
-                w.id("spl"),
-                d.pool_id,
-                d.amount_nano_usd,
-                d.institution_id,
-                d.day,
-                w.now()
-            ],
         )?;
-    }
-    for (inst, day) in settled {
-        tx.execute(
-            "INSERT OR IGNORE INTO sponsor_settled (institution_id, day) VALUES (?1, ?2)",
-            params![inst, day],
-        )?;
+        for d in days {
+            let paid: i64 = paid_stmt.query_row(params![d.institution_id, d.day], |r| r.get(0))?;
+            let mut due = d.cost_nano_usd - paid;
+            if due <= 0 {
+                continue;
+            }
+            let month = d.day.get(..7).unwrap_or_default().to_owned();
+            let pools: Vec<(String, Option<i64>)> = members_stmt
+                .query_map(params![d.institution_id, d.day], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })?
+                .collect::<Result<_, _>>()?;
+            for (pool, cap) in pools {
+                if due == 0 {
+                    break;
+                }
+                let key = (pool.clone(), d.institution_id.clone(), month.clone());
+                let used = drawn.get(&key).copied().unwrap_or(0);
+                let room = cap.map_or(i64::MAX, |cap| (cap - used).max(0));
+                let have = balance.get(&pool).copied().unwrap_or(0).max(0);
+                let amount = due.min(room).min(have);
+                if amount > 0 {
+                    due -= amount;
+                    *balance.entry(pool.clone()).or_default() -= amount;
+                    *drawn.entry(key).or_default() += amount;
+                    insert.execute(params![
+                        w.id("spl"),
+                        pool,
+                        amount,
+                        d.institution_id,
+                        d.day,
+                        w.now()
+                    ])?;
+                    n += 1;
+                }
+            }
+        }
     }
     tx.commit()?;
     Ok(n)
@@ -257,64 +275,27 @@ pub(super) fn drawn_by_month(c: &Connection) -> Result<HashMap<(String, String),
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
-/// The draws that would pay for the days of member institutions that are over (`last_day` and
-/// before, local dates) and not yet settled, in the documented order; and those days.
-pub(super) fn due_draws(
+/// Member institutions' spend on each of their days from `first_day` to `last_day` (local
+/// dates), oldest first.
+pub(super) fn member_days(
     c: &Connection,
+    first_day: &str,
     last_day: &str,
-) -> Result<(Vec<Draw>, Vec<InstitutionDay>), StoreError> {
-    let mut balance = balances(c)?;
-    let mut drawn = drawn_by_pool_member_month(c)?;
-    // Members' days with spend, not yet settled, oldest first.
-    let mut days_stmt = c.prepare_cached(
-        "SELECT d.institution_id, d.day, SUM(d.cost_nano_usd) FROM usage_daily d
-         WHERE d.institution_id IN (SELECT institution_id FROM sponsor_members)
-           AND d.day <= ?1
-           AND NOT EXISTS (SELECT 1 FROM sponsor_settled s
-                           WHERE s.institution_id = d.institution_id AND s.day = d.day)
-         GROUP BY d.institution_id, d.day ORDER BY d.day, d.institution_id",
+) -> Result<Vec<DayCost>, StoreError> {
+    let mut stmt = c.prepare_cached(
+        "SELECT institution_id, day, SUM(cost_nano_usd) FROM usage_daily
+         WHERE institution_id IN (SELECT institution_id FROM sponsor_members)
+           AND day >= ?1 AND day <= ?2
+         GROUP BY institution_id, day ORDER BY day, institution_id",
     )?;
-    let days: Vec<(String, String, i64)> = days_stmt
-        .query_map([last_day], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-        .collect::<Result<_, _>>()?;
-    let mut members_stmt = c.prepare_cached(
-        "SELECT pool_id, monthly_cap_nano_usd FROM sponsor_members
-         WHERE institution_id = ?1 AND substr(joined_at, 1, 10) <= ?2
-         ORDER BY joined_at, pool_id",
-    )?;
-    let mut draws = Vec::new();
-    let mut settled = Vec::new();
-    for (inst, day, cost) in days {
-        let month = day.get(..7).unwrap_or_default().to_owned();
-        let mut left = cost.max(0);
-        // A pool pays for days from the one its member joined on (UTC date).
-        let pools: Vec<(String, Option<i64>)> = members_stmt
-            .query_map([&inst, &day], |r| Ok((r.get(0)?, r.get(1)?)))?
-            .collect::<Result<_, _>>()?;
-        for (pool, cap) in pools {
-            if left == 0 {
-                break;
-            }
-            let key = (pool.clone(), inst.clone(), month.clone());
-            let used = drawn.get(&key).copied().unwrap_or(0);
-            let room = cap.map_or(i64::MAX, |cap| (cap - used).max(0));
-            let have = balance.get(&pool).copied().unwrap_or(0).max(0);
-            let amount = left.min(room).min(have);
-            if amount > 0 {
-                left -= amount;
-                *balance.entry(pool.clone()).or_default() -= amount;
-                *drawn.entry(key).or_default() += amount;
-                draws.push(Draw {
-                    pool_id: pool,
-                    institution_id: inst.clone(),
-                    day: day.clone(),
-                    amount_nano_usd: amount,
-                });
-            }
-        }
-        settled.push((inst, day));
-    }
-    Ok((draws, settled))
+    let days = stmt.query_map(params![first_day, last_day], |r| {
+        Ok(DayCost {
+            institution_id: r.get(0)?,
+            day: r.get(1)?,
+            cost_nano_usd: r.get(2)?,
+        })
+    })?;
+    Ok(days.collect::<Result<_, _>>()?)
 }
 
 /// What each pool drew for each member in each month.
@@ -380,15 +361,19 @@ impl Store {
         .await
     }
 
-    /// Pays for member institutions' days up to `last_day` (local dates) from their pools, in
-    /// the documented order. Returns the draws recorded.
-    pub async fn settle_sponsor_draws(&self, last_day: &str) -> Result<usize, StoreError> {
-        let last_day = last_day.to_owned();
-        let (draws, settled) = self.call(move |c| due_draws(c, &last_day)).await?;
-        if settled.is_empty() {
+    /// Pays member institutions' days from `first_day` to `last_day` (local dates) from their
+    /// pools, in the documented order. Returns the draws recorded.
+    pub async fn settle_sponsor_draws(
+        &self,
+        first_day: &str,
+        last_day: &str,
+    ) -> Result<usize, StoreError> {
+        let (first, last) = (first_day.to_owned(), last_day.to_owned());
+        let days = self.call(move |c| member_days(c, &first, &last)).await?;
+        if days.is_empty() {
             return Ok(0);
         }
-        self.write(super::write::Command::RecordSponsorDraws { draws, settled })
+        self.write(super::write::Command::SettleSponsorDays { days })
             .await
     }
 

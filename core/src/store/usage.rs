@@ -142,12 +142,10 @@ pub struct UsageLine {
     pub savings_usd: f64,
 }
 
-/// Migration 15: the daily sums count cached answers, what they saved, and the requests that
-/// named a patron (so reports can tell a key's own use from the patrons it served).
+/// Migration 15: the daily sums count cached answers and what they saved.
 pub(super) const MIGRATION_SAVINGS: &str = r#"
 ALTER TABLE usage_daily ADD COLUMN cached INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE usage_daily ADD COLUMN saved_nano_usd INTEGER NOT NULL DEFAULT 0;
-ALTER TABLE usage_daily ADD COLUMN patron_requests INTEGER NOT NULL DEFAULT 0;
 "#;
 
 impl Store {
@@ -299,7 +297,6 @@ struct Sums {
     cost_nano_usd: i64,
     cached: i64,
     saved_nano_usd: i64,
-    patron_requests: i64,
 }
 
 pub(super) fn insert_usage(
@@ -338,7 +335,6 @@ pub(super) fn insert_usage(
         sums.cost_nano_usd = sums.cost_nano_usd.saturating_add(r.cost_nano_usd);
         sums.cached += i64::from(r.cached);
         sums.saved_nano_usd = sums.saved_nano_usd.saturating_add(r.saved_nano_usd);
-        sums.patron_requests += i64::from(r.patron_ref.is_some());
         if let Some(patron) = &r.patron_ref {
             patrons
                 .entry([&*r.institution_id, r.day.as_str(), &**patron])
@@ -350,8 +346,8 @@ pub(super) fn insert_usage(
         let mut stmt = tx.prepare_cached(
             "INSERT INTO usage_daily (institution_id, day, key_id, model, site_id, group_id,
                 requests, incomplete, prompt_tokens, completion_tokens, cost_nano_usd, cached,
-                saved_nano_usd, patron_requests)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
+                saved_nano_usd)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
              ON CONFLICT (institution_id, day, key_id, model, site_id, group_id) DO UPDATE SET
                 requests = requests + excluded.requests,
                 incomplete = incomplete + excluded.incomplete,
@@ -359,8 +355,7 @@ pub(super) fn insert_usage(
                 completion_tokens = completion_tokens + excluded.completion_tokens,
                 cost_nano_usd = cost_nano_usd + excluded.cost_nano_usd,
                 cached = cached + excluded.cached,
-                saved_nano_usd = saved_nano_usd + excluded.saved_nano_usd,
-                patron_requests = patron_requests + excluded.patron_requests",
+                saved_nano_usd = saved_nano_usd + excluded.saved_nano_usd",
         )?;
         for ([inst, day, key, model, site, group], s) in &rows {
             stmt.execute(params![
@@ -376,8 +371,7 @@ pub(super) fn insert_usage(
                 s.completion_tokens,
                 s.cost_nano_usd,
                 s.cached,
-                s.saved_nano_usd,
-                s.patron_requests
+                s.saved_nano_usd
             ])?;
         }
     }

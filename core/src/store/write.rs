@@ -213,9 +213,8 @@ pub(crate) enum Command {
         note: Option<String>,
         by: String,
     },
-    RecordSponsorDraws {
-        draws: Vec<super::sponsors::Draw>,
-        settled: Vec<super::sponsors::InstitutionDay>,
+    SettleSponsorDays {
+        days: Vec<super::sponsors::DayCost>,
     },
 }
 
@@ -407,9 +406,7 @@ impl Command {
                 note.as_deref(),
                 &by,
             )),
-            Command::RecordSponsorDraws { draws, settled } => {
-                boxed(super::sponsors::record_draws(c, w, &draws, &settled))
-            }
+            Command::SettleSponsorDays { days } => boxed(super::sponsors::settle_days(c, w, &days)),
         }
     }
 
@@ -427,7 +424,7 @@ impl Command {
             }
             Command::RotateKey { old_id, .. } => StoreEvent::KeyChanged(old_id.clone()),
             // Draws raise the institutions' own money limits (see `sponsors`).
-            Command::SetLimits { .. } | Command::RecordSponsorDraws { .. } => {
+            Command::SetLimits { .. } | Command::SettleSponsorDays { .. } => {
                 StoreEvent::LimitsChanged
             }
             Command::AddPatronExtension {

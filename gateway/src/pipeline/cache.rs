@@ -32,7 +32,10 @@ pub async fn run(
     let stream = ctx.fields().stream;
     let (answer, coalesced) = match cache.lookup(key, !stream).await {
         Lookup::Hit { answer, coalesced } => (answer, coalesced),
-        Lookup::Lead(leader) => {
+        Lookup::Lead(mut leader) => {
+            if ctx.patron_ref.is_some() {
+                leader.keep_local();
+            }
             ctx.cache_leader = Some(leader);
             return Ok(miss(cache, ctx));
         }

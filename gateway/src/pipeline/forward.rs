@@ -41,7 +41,7 @@ pub fn meter(state: &AppState, ctx: &mut RequestCtx, reservation: Option<Reserva
 }
 
 /// Sends the request to one of the model's deployments, and on a failure that reached no client
-/// byte and left no work done (a connect error, a 429, a 5xx) to another, up to
+/// byte and left no work done (a connect error, a 429, a 502, a 503) to another, up to
 /// `upstream.retries` more times (see [`crate::upstream::routing`]). Returns the last answer
 /// and the deployment that gave it.
 async fn send(
@@ -94,8 +94,11 @@ async fn send(
         // A refusal (429, 5xx) or no connection: the provider did not do the work, so trying
         // again costs nothing twice. A timeout or a connection broken mid-request may have
         // been worked on (and billed): it marks the deployment but is not sent again.
+        // Any 429 or 5xx, or no answer, marks the deployment; only some may be sent again.
         let failed = match &resp {
-            Ok(r) => !r.status().is_success() && refused_or_unreachable(&resp),
+            Ok(r) => {
+                r.status() == http::StatusCode::TOO_MANY_REQUESTS || r.status().is_server_error()
+            }
             Err(e) => e.is_upstream_failure(),
         };
         let retryable = refused_or_unreachable(&resp);
@@ -117,11 +120,17 @@ async fn send(
     }
 }
 
-/// Whether an attempt's outcome left no work done at the provider: it refused (429, 5xx) or
-/// could not be reached. Such a request may be sent again, or to another model.
+/// Whether an attempt's outcome left no work done at the provider: it refused (429, 502, 503)
+/// or could not be reached. Such a request may be sent again, or to another model. A 500 or a
+/// 504 may come after the work was done (and billed), so it is not.
 fn refused_or_unreachable(resp: &Result<Response<ResponseBody>, GatewayError>) -> bool {
     match resp {
-        Ok(r) => r.status() == http::StatusCode::TOO_MANY_REQUESTS || r.status().is_server_error(),
+        Ok(r) => matches!(
+            r.status(),
+            http::StatusCode::TOO_MANY_REQUESTS
+                | http::StatusCode::BAD_GATEWAY
+                | http::StatusCode::SERVICE_UNAVAILABLE
+        ),
         Err(e) => e.is_connect_failure(),
     }
 }
@@ -206,6 +215,9 @@ pub async fn run(
             // with (the limits of the model asked for).
             ctx.price = fallback.prices.at(carrel_core::domain::unix_now());
             ctx.route = Some(Arc::clone(&fallback));
+            // Not the answer of the model the cache key names: identical requests waiting for
+            // it ask for themselves.
+            ctx.cache_leader = None;
             route = fallback;
             (resp, served_by) = (r, i);
         }

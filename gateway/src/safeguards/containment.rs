@@ -53,12 +53,12 @@ impl ContainedSet {
             && self.keys.is_empty()
     }
 
-    /// The first switch that stops `s`, model first.
     /// Whether provider `p` is contained.
     pub fn stops_provider(&self, p: &str) -> bool {
         self.providers.contains(p)
     }
 
+    /// The first switch that stops `s`, model first.
     pub fn stops(&self, s: &Subject) -> Option<ContainmentKind> {
         if self.is_empty() {
             return None;

@@ -8,15 +8,17 @@
 //!   outcome closes the breaker or opens it again.
 //! - **Active health checks.** Every `upstream.health_check_interval_ms` each provider of a
 //!   model with several deployments is asked for `GET {base_url}/models` ([`probe_all`]). No
-//!   answer or a 5xx opens the breakers of its deployments; any other answer closes them, so a
-//!   provider that comes back is used again without waiting for a trial.
+//!   answer or a 5xx opens the breakers of its deployments; any other answer closes those a
+//!   probe opened, so a provider that comes back is used again without waiting for a trial (a
+//!   breaker opened by real 429s or 5xx keeps its open period: a provider may answer probes
+//!   and still refuse work).
 //! - **Retries.** A request goes to a deployment picked by weight among those whose breaker
 //!   lets it through (weight 0: a standby, picked only when no weighted one can be). After a
-//!   connect error, a 429 or a 5xx — failures where the provider did no work — it tries again,
-//!   another deployment first, up to `upstream.retries` times with a short backoff. A timeout
-//!   or a connection broken mid-request is not sent again: the provider may have done (and
-//!   billed) the work. Once a response head is relayed nothing is retried: the client has seen
-//!   the first byte.
+//!   connect error, a 429, a 502 or a 503 — failures where the provider did no work — it tries
+//!   again, another deployment first, up to `upstream.retries` times with a short backoff. A
+//!   timeout, a 500, a 504 or a connection broken mid-request is not sent again: the provider
+//!   may have done (and billed) the work. Once a response head is relayed nothing is retried:
+//!   the client has seen the first byte.
 //!
 //! When every breaker is open the request still goes to a deployment (picked by weight): a
 //! total outage answers as the provider does, and the first success closes its breaker.
@@ -53,6 +55,9 @@ pub struct Breaker {
     open_for: u64,
     /// Times it has opened.
     pub opened: AtomicU64,
+    /// Whether a health probe opened it (and so a probe that answers may close it; a breaker
+    /// opened by real failures waits for its trial).
+    by_probe: std::sync::atomic::AtomicBool,
 }
 
 impl Breaker {
@@ -65,6 +70,7 @@ impl Breaker {
             threshold: threshold.max(1),
             open_for: open_for.as_millis().max(1) as u64,
             opened: AtomicU64::new(0),
+            by_probe: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -129,8 +135,26 @@ impl Breaker {
         }
     }
 
+    /// A health probe found the provider down: opens it, unless it is open already.
+    pub fn probe_failed(&self) {
+        if !self.is_open() {
+            self.open();
+            self.by_probe.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// A health probe found the provider answering: closes it if a probe opened it. One that
+    /// real requests opened (a 429 or 5xx while the provider still answers probes) keeps its
+    /// open period and trial.
+    pub fn probe_succeeded(&self) {
+        if self.by_probe.swap(false, Ordering::Relaxed) {
+            self.succeeded();
+        }
+    }
+
     /// Opens it now, for the open period.
     pub fn open(&self) {
+        self.by_probe.store(false, Ordering::Relaxed);
         let was = self
             .open_until
             .swap(now_ms() + self.open_for, Ordering::Relaxed);
@@ -301,8 +325,9 @@ pub fn roll() -> u64 {
 
 /// Probes every provider serving a model that has more than one deployment, once, all at the
 /// same time: `GET {base_url}/models`. A provider that does not answer, or answers 5xx, has
-/// those deployments' breakers opened; one that answers anything else has them closed. A model
-/// with one deployment always goes there, so its provider is not probed.
+/// those deployments' breakers opened; one that answers anything else has the breakers that
+/// probes opened closed. A model with one deployment always goes there, so its provider is not
+/// probed.
 pub async fn probe_all(upstream: &super::Upstream, catalog: &super::catalog::Catalog) {
     let mut by_provider: HashMap<&str, (&Arc<super::catalog::HttpTarget>, Vec<&Arc<Breaker>>)> =
         HashMap::new();
@@ -324,9 +349,9 @@ pub async fn probe_all(upstream: &super::Upstream, catalog: &super::catalog::Cat
             let up = upstream.probe(target).await;
             for b in breakers {
                 if up {
-                    b.succeeded();
-                } else if !b.is_open() {
-                    b.open();
+                    b.probe_succeeded();
+                } else {
+                    b.probe_failed();
                 }
             }
         });

@@ -1,13 +1,25 @@
-//! Reports by sector and region end to end (issue 8, item 6): patrons served through the real
-//! pipeline, counted in the ledger, summed across institutions; a cell of 3 patrons is never
-//! shown, and every level still adds up to the whole.
+//! Reports by sector and region end to end (issue 8, item 6): patrons' usage in the ledger,
+//! summed across institutions for a month that is over; a cell of 3 patrons is never shown,
+//! and every level still adds up to the whole.
 
+use carrel_core::store::UsageRecord;
 use carrel_tests::Gateway;
 use reqwest::Method;
 use serde_json::{Value, json};
 
-/// An institution in `sector` and `region` whose service key serves `patrons` distinct patrons
-/// (by the OpenAI `user` field), one request each.
+/// The month before last (`YYYY-MM`): over everywhere, whatever today is.
+fn past_month() -> String {
+    let today = jiff::Timestamp::now()
+        .to_zoned(jiff::tz::TimeZone::UTC)
+        .date();
+    let first = today.first_of_month() - jiff::Span::new().months(2);
+    first.to_string()[..7].to_owned()
+}
+
+/// An institution in `sector` and `region` whose service key served `patrons` distinct
+/// patrons, one request each, on a day of `month`: usage records written to the ledger as the
+/// gateway's writer writes them (a report covers only months that are over, which requests made
+/// now cannot reach).
 async fn served(gw: &Gateway, name: &str, sector: &str, region: &str, patrons: usize) {
     let (status, inst) = gw
         .admin(
@@ -18,23 +30,32 @@ async fn served(gw: &Gateway, name: &str, sector: &str, region: &str, patrons: u
         )
         .await;
     assert_eq!(status, 201, "{inst}");
-    let (_, key) = gw
-        .create_key(
-            inst["id"].as_str().unwrap(),
-            json!({"name": "desk", "kind": "service"}),
-        )
+    let inst = inst["id"].as_str().unwrap().to_owned();
+    let (key_id, _) = gw
+        .create_key(&inst, json!({"name": "desk", "kind": "service"}))
         .await;
-    for p in 0..patrons {
-        let resp = gw
-            .post(
-                "/v1/chat/completions",
-                &key,
-                &json!({"model": "mock-model", "user": format!("{name}-patron-{p}"),
-                        "messages": [{"role": "user", "content": "hello"}]}),
-            )
-            .await;
-        assert_eq!(resp.status(), 200);
-    }
+    let day = format!("{}-10", past_month());
+    let at = format!("{day}T12:00:00Z")
+        .parse::<jiff::Timestamp>()
+        .unwrap()
+        .as_second();
+    let (p, c) = carrel_tests::mock::MOCK_USAGE;
+    let records = (0..patrons)
+        .map(|i| UsageRecord {
+            request_id: format!("req_{name}_{i}"),
+            at,
+            day: day.clone(),
+            institution_id: inst.as_str().into(),
+            key_id: key_id.as_str().into(),
+            patron_ref: Some(format!("{name}-patron-{i}").into()),
+            model: "mock-model".into(),
+            prompt_tokens: p,
+            completion_tokens: c,
+            cost_nano_usd: (p * 150 + c * 600) as i64,
+            ..UsageRecord::default()
+        })
+        .collect();
+    gw.app.state.store.record_usage(records).await.unwrap();
 }
 
 fn sum(rows: &[Value], field: &str) -> u64 {
@@ -49,11 +70,17 @@ async fn a_cell_of_three_patrons_is_suppressed_and_the_levels_add_up() {
     served(&gw, "Charlie", "public_library", "US-WI", 3).await;
     served(&gw, "Delta", "k12", "US-IL", 11).await;
 
+    let month = past_month();
     let (status, report) = gw
-        .admin(Method::GET, "/admin/v1/reports/sectors", None)
+        .admin(
+            Method::GET,
+            &format!("/admin/v1/reports/sectors?month={month}"),
+            None,
+        )
         .await;
     assert_eq!(status, 200, "{report}");
     assert_eq!(report["k"], 10);
+    assert_eq!(report["from"], format!("{month}-01"));
     let total = &report["total"];
     assert_eq!(total["requests"], 36, "{report}");
     assert_eq!(total["subjects"], 36, "{report}");
@@ -109,7 +136,9 @@ async fn a_cell_of_three_patrons_is_suppressed_and_the_levels_add_up() {
     // The CSV says the same, and names no small cell either.
     let resp = gw
         .http
-        .get(gw.admin_url("/admin/v1/reports/sectors?format=csv&k=12"))
+        .get(gw.admin_url(&format!(
+            "/admin/v1/reports/sectors?format=csv&k=12&month={month}"
+        )))
         .bearer_auth(carrel_tests::ADMIN_TOKEN)
         .send()
         .await
@@ -136,11 +165,23 @@ async fn a_cell_of_three_patrons_is_suppressed_and_the_levels_add_up() {
         "{csv}"
     );
 
-    // k below 10 is refused; so is anyone but an operator.
+    // k below 10 is refused; so is a month that is not over, and anyone but an operator.
     let (status, err) = gw
         .admin(Method::GET, "/admin/v1/reports/sectors?k=3", None)
         .await;
     assert_eq!((status, err["error"]["param"].clone()), (422, json!("k")));
+    let this_month = &jiff::Timestamp::now().to_string()[..7];
+    let (status, err) = gw
+        .admin(
+            Method::GET,
+            &format!("/admin/v1/reports/sectors?month={this_month}"),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (status, err["error"]["param"].clone()),
+        (422, json!("month"))
+    );
     let inst = gw.institution("Echo").await;
     let admin = gw
         .session("echo-admin", "institution_admin", Some(&inst))

@@ -116,7 +116,7 @@ async fn pools_pay_in_the_order_joined_and_give_the_budget_room() {
         "the institution's own budget is spent"
     );
 
-    // Settle today: the first pool pays what it holds, the second the rest.
+    // Settle today so far: the first pool pays what it holds, the second the rest.
     let today = jiff::Timestamp::now()
         .to_zoned(jiff::tz::TimeZone::UTC)
         .date();
@@ -184,6 +184,17 @@ async fn pools_pay_in_the_order_joined_and_give_the_budget_room() {
     assert_eq!(again["draws"], 0);
     // What the pools paid is room in the institution's own budget again.
     assert_eq!(ask(&gw, &key).await, 200);
+    // The day runs on: the next settlement pays what it spent since, from the pool with money.
+    let later = ok(&gw, Method::POST, "/admin/v1/sponsor-pools/settle", None).await;
+    assert_eq!(later["draws"], 1, "{later}");
+    assert_eq!(
+        ledger(second.clone()).await,
+        [
+            ("top_up".to_owned(), 1_000_000_000),
+            ("draw".to_owned(), ANSWER_NANO),
+            ("draw".to_owned(), ANSWER_NANO)
+        ]
+    );
 }
 
 #[tokio::test]
