@@ -43,14 +43,15 @@ pub fn meter(state: &AppState, ctx: &mut RequestCtx, reservation: Option<Reserva
 /// Sends the request to one of the model's deployments, and on a failure that reached no client
 /// byte and left no work done (a connect error, a 429, a 502, a 503) to another, up to
 /// `upstream.retries` more times (see [`crate::upstream::routing`]). Returns the last answer
-/// and the deployment that gave it.
+/// and the deployment that gave it, or the error of a body the rewrite cannot read (then
+/// nothing was sent).
 async fn send(
     state: &AppState,
     ctx: &RequestCtx,
     route: &ModelRoute,
     requested: &str,
     rewrite: &Rewrite<'_>,
-) -> (Result<Response<ResponseBody>, GatewayError>, usize) {
+) -> Result<(Result<Response<ResponseBody>, GatewayError>, usize), GatewayError> {
     let mut tried = Tried::default();
     // A provider an operator contained is not tried (its model's own provider stops the
     // model at authorize).
@@ -70,10 +71,7 @@ async fn send(
             ..*rewrite
         };
         let body = if rewrite.is_needed() {
-            match rewrite.apply(&ctx.body) {
-                Ok(body) => body,
-                Err(e) => return (Err(e), i),
-            }
+            rewrite.apply(&ctx.body)?
         } else {
             ctx.body.clone()
         };
@@ -104,12 +102,12 @@ async fn send(
         let retryable = refused_or_unreachable(&resp);
         if !failed {
             d.breaker.succeeded();
-            return (resp, i);
+            return Ok((resp, i));
         }
         d.breaker.failed();
         attempt += 1;
         if !retryable || attempt > state.upstream_config().retries {
-            return (resp, i);
+            return Ok((resp, i));
         }
         state
             .retries
@@ -170,7 +168,9 @@ async fn fall_back(
         if fallback.tier > route.tier || !allowed || stopped {
             continue;
         }
-        let (resp, i) = send(state, ctx, fallback, &route.name, rewrite).await;
+        let Ok((resp, i)) = send(state, ctx, fallback, &route.name, rewrite).await else {
+            continue;
+        };
         if !refused_or_unreachable(&resp) {
             state
                 .fallbacks
@@ -201,12 +201,9 @@ pub async fn run(
         include_usage: ask_usage,
         drop_user: fields.user.is_some(),
     };
-    // A body the rewrite cannot read is the client's mistake: refused before any attempt.
-    if rewrite.is_needed() {
-        rewrite.apply(&ctx.body)?;
-    }
     let requested = Arc::clone(&route.name);
-    let (mut resp, mut served_by) = send(state, ctx, &route, &requested, &rewrite).await;
+    // A body the rewrite cannot read is the client's mistake: refused with no usage record.
+    let (mut resp, mut served_by) = send(state, ctx, &route, &requested, &rewrite).await?;
     let mut route = route;
     if refused_or_unreachable(&resp) && ctx.principal().economy.allow_fallback {
         if let Some((fallback, r, i)) = fall_back(state, ctx, &route, &rewrite).await {
