@@ -35,7 +35,7 @@ use crate::AdminState;
 use crate::auth::{Action, AdminPrincipal};
 use crate::error::{AdminError, ErrorBody};
 use crate::query::{AdminQuery, SectorParams};
-use crate::usage::csv_field;
+use crate::usage::{csv_field, wants_csv};
 
 /// The smallest number of subjects a shown row stands for, unless a caller asks for more.
 pub const DEFAULT_K: u64 = 10;
@@ -239,11 +239,7 @@ pub fn suppress(cells: &[SectorCell], k: u64) -> (Option<Sums>, Vec<SectorRow>) 
 /// one that is over everywhere. Only whole months that are over: two reports of overlapping
 /// spans, or of one span at two times, could otherwise be subtracted to isolate a few days.
 fn month(query: &AdminQuery) -> Result<(Date, Date), AdminError> {
-    // The last day that is over in every time zone.
-    let today = carrel_core::domain::local_date(unix_now(), "UTC");
-    let over = today
-        .checked_sub(jiff::Span::new().days(2))
-        .unwrap_or(today);
+    let over = carrel_core::domain::last_day_over_everywhere(unix_now());
     let first = match query.text("month") {
         Some(v) => format!("{v}-01").parse::<Date>().map_err(|_| {
             AdminError::field(
@@ -296,16 +292,7 @@ pub async fn sector_report(
 ) -> Result<Response, AdminError> {
     principal.authorize(Action::ReadAggregates, None)?;
     query.only(&["month", "k", "format"])?;
-    let csv = match query.text("format") {
-        None | Some("json") => false,
-        Some("csv") => true,
-        Some(other) => {
-            return Err(AdminError::field(
-                "format",
-                format!("format: `{other}` is not json or csv"),
-            ));
-        }
-    };
+    let csv = wants_csv(&query)?;
     let k = query.parsed::<u64>("k")?.unwrap_or(DEFAULT_K);
     if k < DEFAULT_K {
         return Err(AdminError::field(

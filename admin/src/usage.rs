@@ -95,16 +95,7 @@ pub async fn usage_report(
 ) -> Result<Response, AdminError> {
     principal.authorize(Action::ReadUsage, Some(&id))?;
     query.only(&["from", "to", "group_by", "format"])?;
-    let csv = match query.text("format") {
-        None | Some("json") => false,
-        Some("csv") => true,
-        Some(other) => {
-            return Err(AdminError::field(
-                "format",
-                format!("format: `{other}` is not json or csv"),
-            ));
-        }
-    };
+    let csv = wants_csv(&query)?;
     let group_by = query
         .parsed::<UsageGroupBy>("group_by")?
         .unwrap_or(UsageGroupBy::Day);
@@ -160,6 +151,18 @@ pub async fn usage_report(
         totals,
     })
     .into_response())
+}
+
+/// Whether a report's `format` asks for CSV (`csv`) rather than JSON (`json`, the default).
+pub(crate) fn wants_csv(query: &AdminQuery) -> Result<bool, AdminError> {
+    match query.text("format") {
+        None | Some("json") => Ok(false),
+        Some("csv") => Ok(true),
+        Some(other) => Err(AdminError::field(
+            "format",
+            format!("format: `{other}` is not json or csv"),
+        )),
+    }
 }
 
 /// The report as CSV (RFC 4180), the first column named after `group_by`.

@@ -815,6 +815,12 @@ pub fn local_date(at: i64, tz: &str) -> jiff::civil::Date {
         .date()
 }
 
+/// The last local day that is over in every time zone at `at` (Unix seconds): two days ago in
+/// UTC, since no zone is that far behind.
+pub fn last_day_over_everywhere(at: i64) -> jiff::civil::Date {
+    local_date(at - 2 * 86_400, "UTC")
+}
+
 /// ISO 3166-1 alpha-2 country codes: the first part of every ISO 3166-2 region code.
 const COUNTRIES: &str = "AD AE AF AG AI AL AM AO AQ AR AS AT AU AW AX AZ BA BB BD BE BF BG BH BI \
 BJ BL BM BN BO BQ BR BS BT BV BW BY BZ CA CC CD CF CG CH CI CK CL CM CN CO CR CU CV CW CX CY CZ DE \

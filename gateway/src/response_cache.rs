@@ -136,11 +136,7 @@ impl SharedTier {
 
     /// `{P:cache:<hex>}`: each answer its own hash tag, so answers spread over a cluster.
     fn redis_key(&self, key: &Key) -> String {
-        let mut hex = String::with_capacity(64);
-        for b in key {
-            hex.push_str(&format!("{b:02x}"));
-        }
-        format!("{{{}:cache:{hex}}}", self.prefix)
+        format!("{{{}:cache:{}}}", self.prefix, hex::encode(key))
     }
 
     fn failed(&self, what: &str, e: &dyn std::fmt::Display) {

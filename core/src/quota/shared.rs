@@ -659,8 +659,8 @@ impl Shared {
         if replies.len() != 2 * levels.len() {
             return Err(Unreachable("a short pipeline reply".into()));
         }
-        let day = windows.current_day(now);
-        let month = windows.current_month(now);
+        let day = i64::from(windows.current_day(now).id);
+        let month = i64::from(windows.current_month(now).id);
         replies
             .chunks(2)
             .map(|pair| {
@@ -695,17 +695,18 @@ impl Shared {
     ) -> Result<(), Unreachable> {
         let mut conn = self.conn.clone();
         let key = self.hash_key(institution, Level::Patron, patron);
+        let day = windows.current_day(now);
         let mut pipe = redis::pipe();
         pipe.cmd("HSET")
             .arg(&key)
             .arg("d")
-            .arg(windows.current_day(now))
+            .arg(day.id)
             .arg("dt")
             .arg(0)
             .ignore()
             .cmd("PEXPIREAT")
             .arg(&key)
-            .arg(windows.current_day_end(now).as_millisecond())
+            .arg(day.resets_at.as_millisecond())
             .ignore();
         let write = pipe.query_async::<()>(&mut conn);
         match tokio::time::timeout(self.timeout * 5, write).await {
@@ -773,29 +774,21 @@ impl Windows {
             .arg(self.next_month.id);
     }
 
-    fn current_day(&self, now: Timestamp) -> i64 {
-        i64::from(if now >= self.day.resets_at {
-            self.next_day.id
-        } else {
-            self.day.id
-        })
-    }
-
-    /// When the day current at `now` ends: when a patron's counters go.
-    fn current_day_end(&self, now: Timestamp) -> Timestamp {
+    /// The day current at `now` (its end is when a patron's counters go).
+    fn current_day(&self, now: Timestamp) -> Window {
         if now >= self.day.resets_at {
-            self.next_day.resets_at
+            self.next_day
         } else {
-            self.day.resets_at
+            self.day
         }
     }
 
-    fn current_month(&self, now: Timestamp) -> i64 {
-        i64::from(if now >= self.month.resets_at {
-            self.next_month.id
+    fn current_month(&self, now: Timestamp) -> Window {
+        if now >= self.month.resets_at {
+            self.next_month
         } else {
-            self.month.id
-        })
+            self.month
+        }
     }
 }
 

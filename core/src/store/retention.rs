@@ -113,9 +113,7 @@ impl Store {
                 }
                 done.references += changed;
             }
-            let before = jiff::Timestamp::from_second(now - 2 * 86_400)
-                .map(|t| t.to_zoned(jiff::tz::TimeZone::UTC).date().to_string())
-                .unwrap_or_default();
+            let before = crate::domain::last_day_over_everywhere(now).to_string();
             tx.execute(
                 "INSERT INTO patron_counts (institution_id, day, patrons)
                  SELECT institution_id, day, COUNT(*) FROM patron_daily WHERE day <= ?1
