@@ -56,7 +56,7 @@ pub fn run(state: &AppState, ctx: &mut RequestCtx) -> Result<Flow, GatewayError>
             TierRefusal::AttestationRequired => GatewayError::AttestationRequired(model),
         });
     }
-    ctx.price = route.prices.at(unix_now());
+    ctx.price = route.prices.now();
     ctx.route = Some(Arc::clone(route));
     Ok(Flow::Continue)
 }

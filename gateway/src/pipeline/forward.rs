@@ -54,16 +54,18 @@ async fn send(
 ) -> Result<(Result<Response<ResponseBody>, GatewayError>, usize), GatewayError> {
     let mut tried = Tried::default();
     // A provider an operator contained is not tried (its model's own provider stops the
-    // model at authorize).
-    let contained = state.containment.load();
-    for (i, d) in route.deployments.iter().enumerate().skip(1) {
-        if contained.stops_provider(&d.provider) {
-            tried.exclude(i);
+    // model at authorize, so a model with one deployment has nothing to check here).
+    if route.deployments.len() > 1 {
+        let contained = state.containment.load();
+        for (i, d) in route.deployments.iter().enumerate().skip(1) {
+            if contained.stops_provider(&d.provider) {
+                tried.exclude(i);
+            }
         }
     }
     let mut attempt = 0;
     loop {
-        let i = routing::pick(route, tried, routing::roll());
+        let i = routing::pick(route, tried);
         tried.add(i);
         let d = &route.deployments[i];
         let rewrite = Rewrite {
@@ -210,7 +212,7 @@ pub async fn run(
             // The fallback answered: the answer, its record, its price and its signature are
             // the fallback model's; the reservation stays the one the request was admitted
             // with (the limits of the model asked for).
-            ctx.price = fallback.prices.at(carrel_core::domain::unix_now());
+            ctx.price = fallback.prices.now();
             ctx.route = Some(Arc::clone(&fallback));
             // Not the answer of the model the cache key names: identical requests waiting for
             // it ask for themselves.

@@ -127,6 +127,15 @@ impl Prices {
         }
     }
 
+    /// The price in force now: the clock is read only when the model has versions.
+    pub fn now(&self) -> Price {
+        if self.versions.is_empty() {
+            self.base
+        } else {
+            self.at(carrel_core::domain::unix_now())
+        }
+    }
+
     /// The price in force at `unix` seconds.
     pub fn at(&self, unix: i64) -> Price {
         match self.versions.partition_point(|(from, _)| *from <= unix) {

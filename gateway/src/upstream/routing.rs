@@ -256,12 +256,14 @@ impl Tried {
 
 /// The deployment for the next attempt of a request that has tried `tried`: by weight among
 /// untried ones whose breaker admits it; then untried standbys; then any whose breaker admits
-/// it; and when no breaker admits anything, by weight regardless. `roll` is a random number.
-pub fn pick(route: &ModelRoute, mut tried: Tried, roll: u64) -> usize {
+/// it; and when no breaker admits anything, by weight regardless. A model with one
+/// deployment makes no choice (and draws no random number).
+pub fn pick(route: &ModelRoute, mut tried: Tried) -> usize {
     let deps = &route.deployments;
     if deps.len() == 1 {
         return 0;
     }
+    let roll = roll();
     let choose = |pass: &dyn Fn(usize, &Deployment) -> bool| -> Option<usize> {
         let total: u64 = deps
             .iter()
