@@ -98,6 +98,7 @@ struct RawServer {
     shutdown_grace_ms: Option<i64>,
     h2_max_concurrent_streams: Option<i64>,
     workers: Option<i64>,
+    overhead_header: Option<bool>,
     tls: Option<RawTls>,
 }
 
@@ -322,6 +323,9 @@ pub struct ServerConfig {
     pub h2_max_concurrent_streams: u32,
     /// Threads serving the public listener, each with its own runtime and upstream pool.
     pub workers: usize,
+    /// Whether inference responses carry `x-carrel-overhead-us`: the microseconds Carrel spent
+    /// on the request before its response head, less the time it waited on providers.
+    pub overhead_header: bool,
     /// TLS on the public listener, when configured.
     pub tls: Option<TlsConfig>,
 }
@@ -784,6 +788,7 @@ impl Config {
                 0 => std::thread::available_parallelism().map_or(1, usize::from),
                 n => n as usize,
             },
+            overhead_header: s.overhead_header.unwrap_or(false),
             tls: s.tls.map(|t| TlsConfig {
                 cert: t.cert,
                 key: t.key,

@@ -79,6 +79,10 @@ pub struct Inner {
     pub retries: std::sync::atomic::AtomicU64,
     /// Requests answered by a fallback model.
     pub fallbacks: std::sync::atomic::AtomicU64,
+    /// Carrel's own time per inference request (`carrel_overhead_seconds`).
+    pub overhead: crate::metrics::Histogram,
+    /// Whether inference responses carry `x-carrel-overhead-us` (`server.overhead_header`).
+    pub overhead_header: bool,
     /// Request limits.
     pub limits: Limits,
     /// Pause between the demo model's streamed words.
@@ -130,6 +134,8 @@ pub struct StateParts {
     pub cache: carrel_core::config::CacheConfig,
     /// The safeguard screener.
     pub screener: Arc<Screener>,
+    /// `server.overhead_header`.
+    pub overhead_header: bool,
 }
 
 impl AppState {
@@ -158,6 +164,8 @@ impl AppState {
             ),
             retries: std::sync::atomic::AtomicU64::new(0),
             fallbacks: std::sync::atomic::AtomicU64::new(0),
+            overhead: crate::metrics::Histogram::new(crate::metrics::OVERHEAD_BOUNDS),
+            overhead_header: parts.overhead_header,
             upstream_config: parts.upstream,
             limits: parts.limits,
             demo_word_delay: parts.demo_word_delay,

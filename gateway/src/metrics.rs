@@ -7,6 +7,7 @@
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
@@ -39,6 +40,77 @@ struct Family<'a> {
     name: &'a str,
     help: &'a str,
     values: Vec<(Option<(&'a str, &'a str)>, u64)>,
+}
+
+/// Bucket bounds of `carrel_overhead_seconds`, in nanoseconds: 5 µs to 1 s.
+pub const OVERHEAD_BOUNDS: &[u64] = &[
+    5_000,
+    10_000,
+    25_000,
+    50_000,
+    100_000,
+    250_000,
+    500_000,
+    1_000_000,
+    2_500_000,
+    5_000_000,
+    10_000_000,
+    25_000_000,
+    100_000_000,
+    1_000_000_000,
+];
+
+/// A Prometheus histogram of durations with fixed bounds: one relaxed atomic add per bucket
+/// and one for the sum per observation, no lock.
+#[derive(Debug)]
+pub struct Histogram {
+    /// Upper bounds (inclusive), in nanoseconds, ascending.
+    bounds: &'static [u64],
+    /// Observations per bucket, not cumulative; the last one is past every bound.
+    counts: Box<[AtomicU64]>,
+    sum_nanos: AtomicU64,
+}
+
+impl Histogram {
+    /// An empty histogram over `bounds` (nanoseconds, ascending).
+    pub fn new(bounds: &'static [u64]) -> Self {
+        debug_assert!(bounds.is_sorted());
+        Histogram {
+            bounds,
+            counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum_nanos: AtomicU64::new(0),
+        }
+    }
+
+    /// Counts one duration.
+    pub fn observe(&self, d: Duration) {
+        let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        let bucket = self.bounds.partition_point(|&b| b < nanos);
+        self.counts[bucket].fetch_add(1, Ordering::Relaxed);
+        self.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+
+    /// Appends the histogram in the exposition format, in seconds.
+    fn render(&self, name: &str, help: &str, out: &mut String) {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (i, count) in self.counts.iter().enumerate() {
+            cumulative += load(count);
+            match self.bounds.get(i) {
+                Some(&b) => {
+                    let le = Duration::from_nanos(b).as_secs_f64();
+                    let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
+                }
+                None => {
+                    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
+                }
+            }
+        }
+        let sum = Duration::from_nanos(load(&self.sum_nanos)).as_secs_f64();
+        let _ = writeln!(out, "{name}_sum {sum}");
+        let _ = writeln!(out, "{name}_count {cumulative}");
+    }
 }
 
 fn load(c: &AtomicU64) -> u64 {
@@ -274,5 +346,35 @@ pub fn render(state: &AppState) -> String {
             }
         }
     }
+    state.overhead.render(
+        "carrel_overhead_seconds",
+        "Time Carrel spent on an inference request before its response head went out, less \
+         the time it waited on providers (or on an identical request in flight).",
+        &mut out,
+    );
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_histogram_counts_each_duration_in_its_bucket_and_renders_cumulatively() {
+        let h = Histogram::new(&[10_000, 100_000]);
+        for micros in [3, 10, 11, 99, 2_000] {
+            h.observe(Duration::from_micros(micros));
+        }
+        let mut out = String::new();
+        h.render("t_seconds", "Test.", &mut out);
+        assert_eq!(
+            out,
+            "# HELP t_seconds Test.\n# TYPE t_seconds histogram\n\
+             t_seconds_bucket{le=\"0.00001\"} 2\n\
+             t_seconds_bucket{le=\"0.0001\"} 4\n\
+             t_seconds_bucket{le=\"+Inf\"} 5\n\
+             t_seconds_sum 0.002123\n\
+             t_seconds_count 5\n"
+        );
+    }
 }

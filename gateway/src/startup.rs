@@ -176,6 +176,7 @@ impl App {
             },
             demo_word_delay: opts.demo_word_delay,
             env_keys,
+            overhead_header: config.server.overhead_header,
         })
         .map_err(|e| InitError::Tls(format!("upstream client: {e}")))?;
         if let (Some(cache), Some(shared)) = (&state.cache, &config.cache.shared) {

@@ -404,6 +404,25 @@ impl SseReader {
     }
 }
 
+/// Reads `frames` as a metered stream reads a provider's stream, with no reservation to cut
+/// at: the output tokens it counted, the usage the provider reported, and the bytes it passes
+/// on. The reader alone, for the micro-benchmarks (`gateway/benches/hot_path.rs`).
+pub fn read_stream(
+    frames: &[Bytes],
+    strip_usage: bool,
+    tokenizer: Tokenizer,
+) -> (u64, Option<Usage>, usize) {
+    let mut reader = SseReader::new(strip_usage, u64::MAX / 4, tokenizer);
+    let mut out = VecDeque::new();
+    let mut passed = 0;
+    for frame in frames {
+        reader.feed(frame, &mut out);
+        passed += out.drain(..).map(|b| b.len()).sum::<usize>();
+    }
+    passed += reader.rest().map_or(0, |b| b.len());
+    (reader.counted, reader.usage, passed)
+}
+
 enum Event {
     Keep,
     Drop,

@@ -30,8 +30,15 @@ pub async fn run(
     };
     // A stream is not read whole, so it never leads; it takes what is already stored.
     let stream = ctx.fields().stream;
+    let looked = std::time::Instant::now();
     let (answer, coalesced) = match cache.lookup(key, !stream).await {
-        Lookup::Hit { answer, coalesced } => (answer, coalesced),
+        Lookup::Hit { answer, coalesced } => {
+            if coalesced {
+                // Waited for an identical request's provider: the provider's time.
+                ctx.upstream_wait += looked.elapsed();
+            }
+            (answer, coalesced)
+        }
         Lookup::Lead(mut leader) => {
             if ctx.patron_ref.is_some() {
                 leader.keep_local();

@@ -3,6 +3,7 @@
 //! refusal by the provider refunds it and is recorded as such.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use carrel_core::quota::Reservation;
 use http::Response;
@@ -205,7 +206,9 @@ pub async fn run(
     };
     let requested = Arc::clone(&route.name);
     // A body the rewrite cannot read is the client's mistake: refused with no usage record.
-    let (mut resp, mut served_by) = send(state, ctx, &route, &requested, &rewrite).await?;
+    let asked = Instant::now();
+    let sent = send(state, ctx, &route, &requested, &rewrite).await;
+    let (mut resp, mut served_by) = sent?;
     let mut route = route;
     if refused_or_unreachable(&resp) && ctx.principal().economy.allow_fallback {
         if let Some((fallback, r, i)) = fall_back(state, ctx, &route, &rewrite).await {
@@ -221,6 +224,7 @@ pub async fn run(
             (resp, served_by) = (r, i);
         }
     }
+    ctx.upstream_wait += asked.elapsed();
     let meter = meter(state, ctx, reservation);
     let resp = match resp {
         Ok(resp) if resp.status().is_success() => resp,
@@ -276,6 +280,8 @@ pub async fn run(
             MeteredBody::json(body, meter).boxed()
         }
     });
+    // Whether the body has been read whole (then later steps read it at no cost).
+    let mut held = false;
     // The leader of identical cacheable requests reads the answer whole, stores it and hands it
     // to the others; one too large to keep goes on as it is, and they ask for themselves.
     let resp = match ctx.cache_leader.take() {
@@ -285,11 +291,13 @@ pub async fn run(
                 && !resp.headers().contains_key(http::header::CONTENT_ENCODING) =>
         {
             let (parts, body) = resp.into_parts();
-            match crate::body::read_up_to(body, leader.max_bytes())
+            match ctx
+                .waiting(crate::body::read_up_to(body, leader.max_bytes()))
                 .await
                 .map_err(GatewayError::UpstreamFailed)?
             {
                 Ok(bytes) => {
+                    held = true;
                     leader.publish(bytes.clone());
                     Response::from_parts(parts, crate::body::full(bytes))
                 }
@@ -303,7 +311,11 @@ pub async fn run(
             // The answer is read whole and screened; a blocked one becomes the 400 (its tokens
             // were spent, and are settled all the same). One too large to hold is refused.
             let (parts, body) = resp.into_parts();
-            let bytes = crate::body::read_whole(body, crate::signing::MAX_SIGNED_BODY)
+            let bytes = ctx
+                .waiting(crate::body::read_whole(
+                    body,
+                    crate::signing::MAX_SIGNED_BODY,
+                ))
                 .await
                 .map_err(GatewayError::UpstreamFailed)?
                 .ok_or_else(|| GatewayError::ContentBlocked {
@@ -312,9 +324,30 @@ pub async fn run(
             let text = answer_text(&bytes);
             screener.screen_answer(&screen, &text)?;
             screener.moderate_answer(&screen, &text).await?;
+            held = true;
             Response::from_parts(parts, crate::body::full(bytes))
         }
         _ => resp,
+    };
+    // The signature covers the body's digest: the body is read whole first (the provider's
+    // time, not Carrel's).
+    let resp = if state.signer.is_some() && !is_sse && !held {
+        let (parts, body) = resp.into_parts();
+        let body = match ctx
+            .waiting(crate::body::read_up_to(
+                body,
+                crate::signing::MAX_SIGNED_BODY,
+            ))
+            .await
+            .map_err(GatewayError::UpstreamFailed)?
+        {
+            Ok(bytes) => crate::body::full(bytes),
+            // Too large to hold: the signer sends it on unsigned.
+            Err(body) => body,
+        };
+        Response::from_parts(parts, body)
+    } else {
+        resp
     };
     sign(state, ctx, resp).await
 }

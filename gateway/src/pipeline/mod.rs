@@ -120,6 +120,9 @@ pub struct RequestCtx {
     pub recorded_as: Option<HeaderValue>,
     /// When the request arrived.
     pub started: Instant,
+    /// Time spent waiting on providers (every attempt, and reading a body held whole) or on
+    /// an identical request in flight: what `carrel_overhead_seconds` leaves out.
+    pub upstream_wait: std::time::Duration,
 }
 
 impl RequestCtx {
@@ -142,7 +145,16 @@ impl RequestCtx {
             request_id: crate::metering::request_id(),
             recorded_as: None,
             started: Instant::now(),
+            upstream_wait: std::time::Duration::ZERO,
         }
+    }
+
+    /// Awaits `f`, counting the time as spent waiting on a provider.
+    pub async fn waiting<T>(&mut self, f: impl Future<Output = T>) -> T {
+        let start = Instant::now();
+        let out = f.await;
+        self.upstream_wait += start.elapsed();
+        out
     }
 
     /// The authenticated principal. Stages after authenticate may rely on it.
@@ -295,8 +307,20 @@ async fn inference(
             HeaderValue::from_static(status.as_str()),
         );
     }
+    let overhead = ctx.started.elapsed().saturating_sub(ctx.upstream_wait);
+    state.overhead.observe(overhead);
+    if state.overhead_header {
+        resp.headers_mut().insert(
+            OVERHEAD_HEADER,
+            HeaderValue::from(u64::try_from(overhead.as_micros()).unwrap_or(u64::MAX)),
+        );
+    }
     resp
 }
+
+/// With `server.overhead_header`: the microseconds Carrel spent on the request before its
+/// response head, less the time it waited on providers (see `carrel_overhead_seconds`).
+pub const OVERHEAD_HEADER: http::HeaderName = http::HeaderName::from_static("x-carrel-overhead-us");
 
 /// The id of a request's usage record, on every response to a request that reached the
 /// provider: what a patron or an institution quotes when asking about one request.

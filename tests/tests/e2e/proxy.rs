@@ -503,3 +503,74 @@ async fn health_and_readiness() {
     let body: Value = ready.json().await.unwrap();
     assert_eq!(body["models"], 3);
 }
+
+/// `carrel_overhead_seconds` counts every inference request, and with `server.overhead_header`
+/// each answer says Carrel's own time: the provider's time is left out, so Carrel's time and
+/// the provider's together never exceed what the client waited.
+#[tokio::test]
+async fn the_overhead_header_and_histogram_leave_the_provider_s_time_out() {
+    let mock = MockUpstream::start().await;
+    let gw = Gateway::start_with(&config_for(&mock.base_url(), ""), |c| {
+        c.server.overhead_header = true;
+    })
+    .await;
+    let (_, key) = gw.new_key(None).await;
+    let provider = Duration::from_millis(300);
+    mock.script_with_latency("mock-model", Reply::Auto, provider);
+    let http = reqwest::Client::new();
+    for stream in [false, true] {
+        let sent = Instant::now();
+        let resp = http
+            .post(gw.url("/v1/chat/completions"))
+            .bearer_auth(&key)
+            .json(&chat("mock-model", stream))
+            .send()
+            .await
+            .unwrap();
+        let waited = sent.elapsed();
+        assert_eq!(resp.status(), 200);
+        let overhead: u64 = resp.headers()["x-carrel-overhead-us"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let overhead = Duration::from_micros(overhead);
+        assert!(
+            overhead + provider <= waited,
+            "{overhead:?} overhead and {provider:?} at the provider, but the client waited \
+             {waited:?}"
+        );
+        resp.bytes().await.unwrap();
+    }
+    // A refusal before the provider is Carrel's time too.
+    let resp = http
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(&chat("no-such-model", false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+    assert!(resp.headers().contains_key("x-carrel-overhead-us"));
+    let metrics = gw.metrics().await;
+    assert_eq!(
+        carrel_tests::metric(&metrics, "carrel_overhead_seconds_count"),
+        3
+    );
+    assert_eq!(
+        carrel_tests::metric(&metrics, r#"carrel_overhead_seconds_bucket{le="+Inf"}"#),
+        3
+    );
+
+    // Off by default.
+    let (mock, gw, key) = started().await;
+    drop(mock);
+    let resp = http
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(&chat("no-such-model", false))
+        .send()
+        .await
+        .unwrap();
+    assert!(!resp.headers().contains_key("x-carrel-overhead-us"));
+}
