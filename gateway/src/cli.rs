@@ -402,6 +402,28 @@ fn init_tracing(config: &Config) {
     }
 }
 
+/// Every open stream holds two sockets (the client's and the provider's): a gateway needs far
+/// more open files than the usual default soft limit of 1,024. Raise it to the hard limit, as
+/// nginx's `worker_rlimit_nofile` and Go's runtime do; what the operator capped stays capped.
+fn raise_open_files_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if let (Some(current), Some(hard)) = (limit.current, limit.maximum)
+        && current < hard
+    {
+        let raised = rustix::process::Rlimit {
+            current: Some(hard),
+            maximum: Some(hard),
+        };
+        match setrlimit(Resource::Nofile, raised) {
+            Ok(()) => tracing::info!(from = current, to = hard, "raised the open files limit"),
+            Err(e) => {
+                tracing::warn!(error = %e, limit = current, "could not raise the open files limit")
+            }
+        }
+    }
+}
+
 async fn serve(config: Config, demo: bool) -> Result<(), InitError> {
     let mut opts = StartOptions::from_env();
     if demo && opts.admin_token.is_none() {
@@ -410,6 +432,7 @@ async fn serve(config: Config, demo: bool) -> Result<(), InitError> {
             carrel_core::ids::random_base62(32)
         ));
     }
+    raise_open_files_limit();
     let app = App::build(&config, &opts).await?;
     let bind = |addr: SocketAddr| async move {
         TcpListener::bind(addr)
