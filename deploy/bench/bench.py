@@ -37,13 +37,23 @@ STREAM = json.dumps({"model": MODEL, "stream": True,
 # request every one is a hit (issue 8). nginx and the mock see the same body.
 CACHED = json.dumps({"model": MODEL, "temperature": 0,
                      "messages": [{"role": "user", "content": "Hello, library!"}]})
+EMBED = json.dumps({"model": MODEL, "input": "Hello, library!"})
+CHAT_PATH, EMBED_PATH = "/v1/chat/completions", "/v1/embeddings"
 SCENARIOS = [
-    # name, concurrency, body
-    ("chat c=1", 1, CHAT),
-    ("chat c=64", 64, CHAT),
-    ("stream c=64", 64, STREAM),
-    ("cached c=64", 64, CACHED),
+    # name, concurrency, body, path, tool: `oha`, or `carrel-load` for streams (oha cannot time
+    # a stream's first byte: its p50/p99 there are the time to the first event)
+    ("chat c=1", 1, CHAT, CHAT_PATH, "oha"),
+    ("chat c=64", 64, CHAT, CHAT_PATH, "oha"),
+    ("stream c=64", 64, STREAM, CHAT_PATH, "oha"),
+    ("stream ttfb c=16", 16, STREAM, CHAT_PATH, "carrel-load"),
+    # Embeddings are deterministic, so Carrel caches them by policy; this one asks past the
+    # cache (`x-carrel-cache: bypass`) to measure the way to the provider.
+    ("embeddings c=64", 64, EMBED, EMBED_PATH, "oha"),
+    ("cached c=64", 64, CACHED, CHAT_PATH, "oha"),
 ]
+# The mock streams this model a word a second (the open-streams measure, `--open-streams`).
+SLOW = json.dumps({"model": "slow-model", "stream": True,
+                   "messages": [{"role": "user", "content": "Tell me a long story."}]})
 REDIS_URL = "redis://127.0.0.1:6379"
 # Carrel on Redis refuses to start without a pepper (replicas must share one); any fixed 64 hex
 # digits do for a benchmark.
@@ -96,9 +106,10 @@ def wait_http(url, attempts=100):
 def nginx_conf(work, port, upstream):
     return f"""
 worker_processes {os.cpu_count()};
+worker_rlimit_nofile 65536;
 pid {work}/nginx.pid;
 error_log {work}/error.log warn;
-events {{ worker_connections 4096; }}
+events {{ worker_connections 32768; }}
 http {{
     access_log off;
     client_body_temp_path {work}/body;
@@ -124,6 +135,8 @@ http {{
 def oha(url, concurrency, body, seconds, token):
     cmd = ["oha", "-z", f"{seconds}s", "-c", str(concurrency), "--no-tui", "--output-format", "json",
            "-m", "POST", "-H", "content-type: application/json", "-d", body, url]
+    if url.endswith(EMBED_PATH):
+        cmd[1:1] = ["-H", "x-carrel-cache: bypass"]
     if token:
         cmd[1:1] = ["-H", f"authorization: Bearer {token}"]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
@@ -143,6 +156,90 @@ def oha(url, concurrency, body, seconds, token):
         "non2xx": bad,
         "errors": errors,
     }
+
+
+def carrel_load(binary, mode, url, body, n, seconds, token):
+    """Runs `carrel-load stream` and returns its numbers in oha's shape: streams/s as req/s,
+    and the time to the first event as p50/p99."""
+    cmd = [str(binary), mode, url, body, str(n), str(seconds)] + ([token] if token else [])
+    data = json.loads(subprocess.run(cmd, check=True, capture_output=True,
+                                     text=True).stdout.splitlines()[-1])
+    return {
+        "requests": data["streams"],
+        "rps": data["streams_per_sec"],
+        "p50_us": data["ttfb_p50_us"],
+        "p99_us": data["ttfb_p99_us"],
+        "total_p50_us": data["total_p50_us"],
+        "non2xx": 0,
+        "errors": data["errors"],
+    }
+
+
+def rss_kib(root_pid, field="VmRSS"):
+    """Resident memory of a process and its direct children (nginx's workers), in KiB; with
+    `field="VmHWM"`, the peak each reached."""
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = (entry / "status").read_text()
+        except OSError:
+            continue
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        pid, ppid = int(entry.name), int(fields.get("PPid", "0").strip() or 0)
+        if (pid == root_pid or ppid == root_pid) and field in fields:
+            total += int(fields[field].split()[0])
+    return total
+
+
+def raise_fd_limit(wanted):
+    """Lets this process and its children (the proxies, the load generators) open `wanted`
+    files; returns how many they may."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    for limit in [(wanted, max(wanted, hard)), (min(wanted, hard), hard)]:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, limit)
+            return limit[0]
+        except (ValueError, OSError):
+            continue
+    return soft
+
+
+def open_streams(load_bin, targets, n, seconds=8):
+    """For each proxy: its memory idle, then with `n` slow streams open through it (each on
+    its own client connection and its own upstream connection). Returns rows for the report."""
+    rows = []
+    for name, base, token, pid in targets:
+        before = rss_kib(pid)
+        proc = subprocess.Popen([str(load_bin), "hold", base + CHAT_PATH, SLOW, str(n),
+                                 str(seconds)] + ([token] if token else []),
+                                stdout=subprocess.PIPE, text=True)
+        line = proc.stdout.readline().split()
+        opened = int(line[1]) if len(line) == 2 and line[0] == "open" else 0
+        # Measured once the streams are settled in, not in the burst of opening them.
+        time.sleep(seconds / 2)
+        during = rss_kib(pid)
+        summary = json.loads(proc.stdout.read().splitlines()[-1])
+        proc.wait()
+        rows.append({"target": name, "asked": n, "open": opened, "before_kib": before,
+                     "during_kib": during, "seconds_to_open": summary["seconds_to_open"]})
+        print(f"open streams {name:7} {opened}/{n} open  RSS {before / 1024:.1f} → "
+              f"{during / 1024:.1f} MiB  ({(during - before) / max(opened, 1):.1f} KiB a stream)",
+              flush=True)
+    return rows
+
+
+def open_streams_lines(rows):
+    lines = ["| target | streams open | RSS idle MiB | RSS with the streams open MiB "
+             "| KiB per stream | seconds to open them all |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['target']} | {r['open']} of {r['asked']} | {r['before_kib'] / 1024:.1f} "
+                     f"| {r['during_kib'] / 1024:.1f} "
+                     f"| {(r['during_kib'] - r['before_kib']) / max(r['open'], 1):.1f} "
+                     f"| {r['seconds_to_open']:.1f} |")
+    return lines
 
 
 def cpu_seconds(root_pid):
@@ -243,6 +340,10 @@ provider = "mock"
 tier = "baseline"
 input_price_per_mtok = 0.15
 output_price_per_mtok = 0.6
+[[models]]
+name = "slow-model"
+provider = "mock"
+tier = "baseline"
 """ + store
 
 
@@ -361,7 +462,7 @@ def redis_table(results, scenarios):
              "| redis p50 µs | embedded p99 µs | redis p99 µs | embedded CPU µs/req "
              "| redis CPU µs/req | Redis server CPU µs/req |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for scenario, _, _ in scenarios:
+    for scenario, *_ in scenarios:
         e, r = (results[(scenario, t)] for t in ("carrel", "redis"))
         server = f"{r['redis_cpu_us']:.1f}" if "redis_cpu_us" in r else "n/a"
         lines.append(
@@ -394,7 +495,17 @@ def main():
                     "end (default: %(default)s, Carrel embedded only)")
     ap.add_argument("--redis-url", default=REDIS_URL,
                     help="the Redis of `--store redis` (default: %(default)s)")
+    ap.add_argument("--carrel-load", default=str(RELEASE / "carrel-load"),
+                    help="the `carrel-load` binary (default: %(default)s)")
+    ap.add_argument("--open-streams", type=int, default=0, metavar="N",
+                    help="after the scenarios, open N slow streams at once through nginx and "
+                    "Carrel and measure each one's memory with them open (issue 9: 10000)")
     args = ap.parse_args()
+    # Each open stream is a client and an upstream connection in the proxy.
+    fds = raise_fd_limit(max(65536, 3 * args.open_streams + 1024))
+    if args.open_streams and 2 * args.open_streams + 512 > fds:
+        raise SystemExit(f"--open-streams {args.open_streams} needs "
+                         f"{2 * args.open_streams + 512} files per process; the limit is {fds}")
 
     procs = []
     work = Path(tempfile.mkdtemp(prefix="carrel-bench-"))
@@ -441,40 +552,46 @@ def main():
         wait_http(f"http://127.0.0.1:{nginx_port}/v1/models")
 
         targets = [
-            ("direct", f"http://{mock_addr}/v1/chat/completions", None, None),
-            ("nginx", f"http://127.0.0.1:{nginx_port}/v1/chat/completions", None, nginx.pid),
-            ("carrel", f"{carrel_url}/v1/chat/completions", key, carrel.pid),
+            ("direct", f"http://{mock_addr}", None, None),
+            ("nginx", f"http://127.0.0.1:{nginx_port}", None, nginx.pid),
+            ("carrel", carrel_url, key, carrel.pid),
         ]
         if baseline:
-            targets.append(("baseline", f"{baseline_url}/v1/chat/completions", baseline_key,
-                            baseline.pid))
+            targets.append(("baseline", baseline_url, baseline_key, baseline.pid))
         if unsigned:
-            targets.append(("unsigned", f"{unsigned_url}/v1/chat/completions", unsigned_key,
-                            unsigned.pid))
+            targets.append(("unsigned", unsigned_url, unsigned_key, unsigned.pid))
         if on_redis:
-            targets.append(("redis", f"{redis_url}/v1/chat/completions", redis_key, on_redis.pid))
+            targets.append(("redis", redis_url, redis_key, on_redis.pid))
         # Warm every path (connection pools, caches) before measuring.
-        warm_up = {name: oha(url, 8, CHAT, 2, token) for name, url, token, _ in targets}
+        warm_up = {name: oha(base + CHAT_PATH, 8, CHAT, 2, token)
+                   for name, base, token, _ in targets}
 
         runs = {}
         scenarios = [s for s in SCENARIOS if not args.only or s[0] in args.only.split(",")]
-        for scenario, conc, body in scenarios:
+        for scenario, conc, body, path, tool in scenarios:
             for rnd in range(args.rounds):
                 # Alternate the order each round so no target always runs first.
                 order = targets if rnd % 2 == 0 else list(reversed(targets))
-                for name, url, token, pid in order:
+                for name, base, token, pid in order:
                     before = cpu_seconds(pid) if pid else 0.0
                     # The Redis server works for the `redis` target only: its CPU is charged there.
                     server_pid = redis_pid if name == "redis" else None
                     server_before = cpu_seconds(server_pid) if server_pid else 0.0
-                    r = oha(url, conc, body, args.duration, token)
+                    if tool == "oha":
+                        r = oha(base + path, conc, body, args.duration, token)
+                    else:
+                        r = carrel_load(args.carrel_load, "stream", base + path, body, conc,
+                                        args.duration, token)
                     if pid:
                         r["cpu_us"] = (cpu_seconds(pid) - before) * 1e6 / max(r["requests"], 1)
+                        # Resident memory as the load ends (nginx: master and workers).
+                        r["rss_mib"] = rss_kib(pid) / 1024
                     if server_pid:
                         r["redis_cpu_us"] = ((cpu_seconds(server_pid) - server_before) * 1e6
                                              / max(r["requests"], 1))
                     runs.setdefault((scenario, name), []).append(r)
-                    cpu = f"  proxy CPU {r['cpu_us']:6.1f} µs/req" if pid else ""
+                    cpu = (f"  proxy CPU {r['cpu_us']:6.1f} µs/req  RSS {r['rss_mib']:5.1f} MiB"
+                           if pid else "")
                     if server_pid:
                         cpu += f"  Redis CPU {r['redis_cpu_us']:6.1f} µs/req"
                     print(f"{scenario:12} {name:7} {r['rps']:10.0f} req/s  p50 {r['p50_us']:8.0f} µs"
@@ -484,20 +601,23 @@ def main():
 
         lines = ["| scenario | direct req/s | nginx req/s | Carrel req/s | Carrel/nginx req/s "
                  "| nginx p50 µs | Carrel p50 µs | Carrel−nginx p50 µs | nginx p99 µs | Carrel p99 µs "
-                 "| nginx CPU µs/req | Carrel CPU µs/req |",
-                 "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for scenario, _, _ in scenarios:
+                 "| nginx CPU µs/req | Carrel CPU µs/req | nginx RSS MiB | Carrel RSS MiB |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for scenario, *_ in scenarios:
             d, n, c = (results[(scenario, t)] for t in ("direct", "nginx", "carrel"))
             lines.append(
                 f"| {scenario} | {d['rps']:.0f} | {n['rps']:.0f} | {c['rps']:.0f} | "
                 f"{c['rps'] / n['rps']:.2f} | {n['p50_us']:.0f} | {c['p50_us']:.0f} | "
                 f"{c['p50_us'] - n['p50_us']:+.0f} | {n['p99_us']:.0f} | {c['p99_us']:.0f} | "
-                f"{n['cpu_us']:.1f} | {c['cpu_us']:.1f} |")
+                f"{n['cpu_us']:.1f} | {c['cpu_us']:.1f} | {n['rss_mib']:.1f} | "
+                f"{c['rss_mib']:.1f} |")
+        lines += ["", "`stream ttfb` is measured by `carrel-load`: req/s is streams/s, p50 and p99 "
+                  "are the time to the first event."]
         if baseline:
             lines += ["", "| scenario | baseline req/s | Carrel req/s | Carrel/baseline req/s "
                       "| baseline p50 µs | Carrel p50 µs | baseline CPU µs/req | Carrel CPU µs/req |",
                       "|---|---|---|---|---|---|---|---|"]
-            for scenario, _, _ in scenarios:
+            for scenario, *_ in scenarios:
                 b, c = (results[(scenario, t)] for t in ("baseline", "carrel"))
                 lines.append(
                     f"| {scenario} | {b['rps']:.0f} | {c['rps']:.0f} | {c['rps'] / b['rps']:.2f} | "
@@ -508,20 +628,29 @@ def main():
                       "| unsigned/nginx req/s | signed/nginx req/s | unsigned p50 µs "
                       "| signed p50 µs | unsigned CPU µs/req | signed CPU µs/req |",
                       "|---|---|---|---|---|---|---|---|---|---|"]
-            for scenario, _, _ in scenarios:
+            for scenario, *_ in scenarios:
                 u, c, n = (results[(scenario, t)] for t in ("unsigned", "carrel", "nginx"))
                 lines.append(
                     f"| {scenario} | {u['rps']:.0f} | {c['rps']:.0f} | {c['rps'] / u['rps']:.2f} | "
                     f"{u['rps'] / n['rps']:.2f} | {c['rps'] / n['rps']:.2f} | "
                     f"{u['p50_us']:.0f} | {c['p50_us']:.0f} | {u['cpu_us']:.1f} | "
                     f"{c['cpu_us']:.1f} |")
-        names = [s for s, _, _ in scenarios]
+        names = [s for s, *_ in scenarios]
         if "cached c=64" in names and "chat c=64" in names:
             hit, miss = results[("cached c=64", "carrel")], results[("chat c=64", "carrel")]
             lines += ["", f"Cache-hit path: Carrel answers {hit['rps']:.0f} req/s from its cache "
                       f"against {miss['rps']:.0f} req/s asking the provider, "
                       f"{hit['rps'] / miss['rps']:.2f}× (CPU {hit['cpu_us']:.1f} against "
                       f"{miss['cpu_us']:.1f} µs/req)."]
+        if args.open_streams:
+            proxies = [t for t in targets if t[0] in ("nginx", "carrel")]
+            lines += ["", f"{args.open_streams} slow streams open at once (the mock sends a "
+                      "word a second), memory of each proxy:", ""]
+            lines += open_streams_lines(open_streams(args.carrel_load, proxies,
+                                                     args.open_streams))
+        peak = {name: rss_kib(pid, "VmHWM") / 1024 for name, _, _, pid in targets if pid}
+        lines += ["", "Peak resident memory over the whole run (VmHWM): " + ", ".join(
+            f"{name} {mib:.1f} MiB" for name, mib in peak.items()) + "."]
         memory = None
         if on_redis:
             lines += [""] + redis_table(results, scenarios)

@@ -26,5 +26,5 @@ case " $* " in
       as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-tools >/dev/null
     fi ;;
 esac
-cargo build --release --locked -p carrel-gateway -p carrel-tests --bin carrel --bin mock-upstream
+cargo build --release --locked -p carrel-gateway -p carrel-tests --bin carrel --bin mock-upstream --bin carrel-load
 exec python3 deploy/bench/bench.py "$@"

@@ -1,9 +1,12 @@
 //! A fast mock upstream for the benchmark: `mock-upstream [ADDR]` prints
-//! `listening http://ADDR` and serves until killed.
+//! `listening http://ADDR` and serves until killed. Every model answers at once, except
+//! `slow-model`, which streams a word a second for five minutes (the open-streams benchmark).
 
 #![allow(clippy::disallowed_methods)]
 
-use carrel_tests::mock::MockUpstream;
+use std::time::Duration;
+
+use carrel_tests::mock::{MockUpstream, Reply, StreamScript};
 
 #[tokio::main]
 async fn main() {
@@ -14,6 +17,15 @@ async fn main() {
         .await
         .unwrap_or_else(|e| panic!("cannot bind {addr}: {e}"));
     let mock = MockUpstream::serve_with(listener, false);
+    mock.script(
+        "slow-model",
+        Reply::Stream(StreamScript {
+            pieces: vec![" word".to_owned(); 300],
+            usage: true,
+            chunk_delay: Duration::from_secs(1),
+            gate: None,
+        }),
+    );
     println!("listening http://{}", mock.addr());
     let _ = tokio::signal::ctrl_c().await;
 }
