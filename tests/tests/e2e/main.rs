@@ -5,6 +5,7 @@
 mod accounts;
 mod admin;
 mod audit_log;
+mod bench_smoke;
 mod cache;
 mod deploy_files;
 mod docs;
