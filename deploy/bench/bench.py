@@ -231,6 +231,23 @@ def open_streams(load_bin, targets, n, seconds=8):
     return rows
 
 
+def soak(targets, seconds, every=10):
+    """Chat at concurrency 64 through Carrel for `seconds`, its resident memory read every
+    `every` seconds; the report line compares the samples after the first minute."""
+    _, base, token, pid = next(t for t in targets if t[0] == "carrel")
+    samples, served = [], 0
+    for _ in range(max(seconds // every, 1)):
+        served += oha(base + CHAT_PATH, 64, CHAT, every, token)["requests"]
+        samples.append(rss_kib(pid) / 1024)
+        print(f"soak {len(samples) * every:5d} s  RSS {samples[-1]:6.1f} MiB", flush=True)
+    settled = samples[6:] or samples
+    low, high = min(settled), max(settled)
+    return [f"Soak: {served} chat requests at concurrency 64 over {len(samples) * every} s; "
+            f"Carrel's RSS after the first minute stayed between {low:.1f} and {high:.1f} MiB "
+            f"({(high - low) / low * 100:.1f}% apart); samples every {every} s: "
+            + ", ".join(f"{m:.1f}" for m in samples) + " MiB."]
+
+
 def open_streams_lines(rows):
     lines = ["| target | streams open | RSS idle MiB | RSS with the streams open MiB "
              "| KiB per stream | seconds to open them all |", "|---|---|---|---|---|---|"]
@@ -497,6 +514,9 @@ def main():
                     help="the Redis of `--store redis` (default: %(default)s)")
     ap.add_argument("--carrel-load", default=str(RELEASE / "carrel-load"),
                     help="the `carrel-load` binary (default: %(default)s)")
+    ap.add_argument("--soak", type=int, default=0, metavar="SECONDS",
+                    help="after the scenarios, drive Carrel with chat at concurrency 64 for "
+                    "SECONDS, reading its resident memory every 10 s (issue 9: 600, flat ±10%%)")
     ap.add_argument("--open-streams", type=int, default=0, metavar="N",
                     help="after the scenarios, open N slow streams at once through nginx and "
                     "Carrel and measure each one's memory with them open (issue 9: 10000)")
@@ -648,6 +668,8 @@ def main():
                       "word a second), memory of each proxy:", ""]
             lines += open_streams_lines(open_streams(args.carrel_load, proxies,
                                                      args.open_streams))
+        if args.soak:
+            lines += [""] + soak(targets, args.soak)
         peak = {name: rss_kib(pid, "VmHWM") / 1024 for name, _, _, pid in targets if pid}
         lines += ["", "Peak resident memory over the whole run (VmHWM): " + ", ".join(
             f"{name} {mib:.1f} MiB" for name, mib in peak.items()) + "."]

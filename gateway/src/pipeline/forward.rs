@@ -207,8 +207,7 @@ pub async fn run(
     let requested = Arc::clone(&route.name);
     // A body the rewrite cannot read is the client's mistake: refused with no usage record.
     let asked = Instant::now();
-    let sent = send(state, ctx, &route, &requested, &rewrite).await;
-    let (mut resp, mut served_by) = sent?;
+    let (mut resp, mut served_by) = send(state, ctx, &route, &requested, &rewrite).await?;
     let mut route = route;
     if refused_or_unreachable(&resp) && ctx.principal().economy.allow_fallback {
         if let Some((fallback, r, i)) = fall_back(state, ctx, &route, &rewrite).await {

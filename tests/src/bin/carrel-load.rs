@@ -155,6 +155,7 @@ async fn hold(target: Arc<Target>, streams: usize, seconds: u64) {
     let open_wait = Instant::now();
     // Streams that fail never count as open: give up waiting after a minute.
     let _ = tokio::time::timeout(Duration::from_secs(60), all_open.notified()).await;
+    let to_open = open_wait.elapsed().as_secs_f64();
     let open = opened.load(Ordering::SeqCst);
     println!("open {open}");
     tokio::time::sleep(Duration::from_secs(seconds)).await;
@@ -170,7 +171,7 @@ async fn hold(target: Arc<Target>, streams: usize, seconds: u64) {
         json!({
             "asked": streams,
             "open": open,
-            "seconds_to_open": open_wait.elapsed().as_secs_f64() - seconds as f64,
+            "seconds_to_open": to_open,
             "held_to_the_end": kept,
         })
     );
