@@ -106,3 +106,11 @@ impl Body for Replay {
         self.frames.is_empty() && self.rest.is_end_stream()
     }
 }
+
+/// Whether a response's `Content-Type` says it is a stream of server-sent events.
+pub fn is_event_stream(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"))
+}

@@ -233,11 +233,7 @@ impl ResponseSigner {
         };
         let created = carrel_core::domain::unix_now();
         let date = http_date(created);
-        let is_sse = parts
-            .headers
-            .get(http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("text/event-stream"));
+        let is_sse = crate::body::is_event_stream(&parts.headers);
         let headers = &mut parts.headers;
         headers.insert(X_REQUEST_ID, id);
         headers.insert(MODEL_HEADER, model_value);

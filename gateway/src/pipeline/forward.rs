@@ -238,11 +238,7 @@ pub async fn run(
             return Err(e);
         }
     };
-    let is_sse = resp
-        .headers()
-        .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("text/event-stream"));
+    let is_sse = crate::body::is_event_stream(resp.headers());
     let watch = is_sse.then(|| {
         let p = ctx.principal();
         state.containment.watch(Subject {
@@ -279,8 +275,6 @@ pub async fn run(
             MeteredBody::json(body, meter).boxed()
         }
     });
-    // Whether the body has been read whole (then later steps read it at no cost).
-    let mut held = false;
     // The leader of identical cacheable requests reads the answer whole, stores it and hands it
     // to the others; one too large to keep goes on as it is, and they ask for themselves.
     let resp = match ctx.cache_leader.take() {
@@ -296,7 +290,6 @@ pub async fn run(
                 .map_err(GatewayError::UpstreamFailed)?
             {
                 Ok(bytes) => {
-                    held = true;
                     leader.publish(bytes.clone());
                     Response::from_parts(parts, crate::body::full(bytes))
                 }
@@ -323,14 +316,28 @@ pub async fn run(
             let text = answer_text(&bytes);
             screener.screen_answer(&screen, &text)?;
             screener.moderate_answer(&screen, &text).await?;
-            held = true;
             Response::from_parts(parts, crate::body::full(bytes))
         }
         _ => resp,
     };
-    // The signature covers the body's digest: the body is read whole first (the provider's
-    // time, not Carrel's).
-    let resp = if state.signer.is_some() && !is_sse && !held {
+    sign(state, ctx, resp).await
+}
+
+/// Signs an answer when `signing.enabled`, over the request's id (`x-carrel-request-id`, set
+/// by [`meter`]) and the public model name.
+/// A JSON answer is read whole first, for its digest: waiting for the rest of a provider's
+/// body is the provider's time, not Carrel's (a body already held reads at once).
+pub async fn sign(
+    state: &AppState,
+    ctx: &mut RequestCtx,
+    resp: Response<ResponseBody>,
+) -> Result<Response<ResponseBody>, GatewayError> {
+    let (Some(signer), Some(id)) = (&state.signer, ctx.recorded_as.clone()) else {
+        return Ok(resp);
+    };
+    let resp = if crate::body::is_event_stream(resp.headers()) {
+        resp
+    } else {
         let (parts, body) = resp.into_parts();
         let body = match ctx
             .waiting(crate::body::read_up_to(
@@ -345,22 +352,9 @@ pub async fn run(
             Err(body) => body,
         };
         Response::from_parts(parts, body)
-    } else {
-        resp
     };
-    sign(state, ctx, resp).await
-}
-
-/// Signs an answer when `signing.enabled`, over the request's id (`x-carrel-request-id`, set
-/// by [`meter`]) and the public model name.
-pub async fn sign(
-    state: &AppState,
-    ctx: &RequestCtx,
-    resp: Response<ResponseBody>,
-) -> Result<Response<ResponseBody>, GatewayError> {
-    let id = ctx.recorded_as.as_ref().and_then(|v| v.to_str().ok());
-    match (&state.signer, id) {
-        (Some(signer), Some(id)) => signer.sign(resp, id, &ctx.route().name).await,
-        _ => Ok(resp),
+    match id.to_str() {
+        Ok(id) => signer.sign(resp, id, &ctx.route().name).await,
+        Err(_) => Ok(resp),
     }
 }

@@ -136,11 +136,7 @@ impl Upstream {
 
         let (mut parts, incoming) = resp.into_parts();
         strip_headers(&mut parts.headers);
-        let sse = parts
-            .headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|ct| ct.starts_with("text/event-stream"));
+        let sse = crate::body::is_event_stream(&parts.headers);
         let body = body::UpstreamBody::new(
             incoming,
             self.idle_timeout,
