@@ -54,6 +54,20 @@ async fn chat(
     (status, cache, resp.text().await.unwrap())
 }
 
+/// A service key of each of two institutions, Springfield's first.
+async fn two_institutions_keys(gw: &Gateway) -> Vec<String> {
+    let mut keys = Vec::new();
+    for name in ["Springfield", "Shelbyville"] {
+        let inst = gw.institution(name).await;
+        keys.push(
+            gw.create_key(&inst, json!({"name": "desk", "kind": "service"}))
+                .await
+                .1,
+        );
+    }
+    keys
+}
+
 #[tokio::test]
 async fn a_hundred_identical_requests_make_one_upstream_call_and_hits_cost_nothing() {
     let (mock, gw) = Gateway::with_mock().await;
@@ -156,15 +170,7 @@ async fn a_hundred_identical_requests_make_one_upstream_call_and_hits_cost_nothi
 #[tokio::test]
 async fn answers_stay_in_their_institution_and_only_deterministic_requests_use_the_cache() {
     let (mock, gw) = Gateway::with_mock().await;
-    let mut keys = Vec::new();
-    for name in ["Springfield", "Shelbyville"] {
-        let inst = gw.institution(name).await;
-        keys.push(
-            gw.create_key(&inst, json!({"name": "desk", "kind": "service"}))
-                .await
-                .1,
-        );
-    }
+    let keys = two_institutions_keys(&gw).await;
     let body = ask(0.0);
     assert_eq!(chat(&gw, &keys[0], &body, None).await.1, "miss");
     assert_eq!(chat(&gw, &keys[0], &body, None).await.1, "hit");
@@ -441,15 +447,7 @@ public_cache = ["single_turn"]
 "#,
     ))
     .await;
-    let mut keys = Vec::new();
-    for name in ["Springfield", "Shelbyville"] {
-        let inst = gw.institution(name).await;
-        keys.push(
-            gw.create_key(&inst, json!({"name": "desk", "kind": "service"}))
-                .await
-                .1,
-        );
-    }
+    let keys = two_institutions_keys(&gw).await;
     let mut public = ask(0.0);
     public["model"] = json!("public-model");
     assert_eq!(chat(&gw, &keys[0], &public, None).await.1, "miss");

@@ -517,16 +517,16 @@ async fn the_overhead_header_and_histogram_leave_the_provider_s_time_out() {
     let (_, key) = gw.new_key(None).await;
     let provider = Duration::from_millis(300);
     mock.script_with_latency("mock-model", Reply::Auto, provider);
-    let http = reqwest::Client::new();
+    let ask = |gw: &Gateway, key: &str, body: Value| {
+        gw.http
+            .post(gw.url("/v1/chat/completions"))
+            .bearer_auth(key)
+            .json(&body)
+            .send()
+    };
     for stream in [false, true] {
         let sent = Instant::now();
-        let resp = http
-            .post(gw.url("/v1/chat/completions"))
-            .bearer_auth(&key)
-            .json(&chat("mock-model", stream))
-            .send()
-            .await
-            .unwrap();
+        let resp = ask(&gw, &key, chat("mock-model", stream)).await.unwrap();
         let waited = sent.elapsed();
         assert_eq!(resp.status(), 200);
         let overhead: u64 = resp.headers()["x-carrel-overhead-us"]
@@ -543,13 +543,7 @@ async fn the_overhead_header_and_histogram_leave_the_provider_s_time_out() {
         resp.bytes().await.unwrap();
     }
     // A refusal before the provider is Carrel's time too.
-    let resp = http
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(&key)
-        .json(&chat("no-such-model", false))
-        .send()
-        .await
-        .unwrap();
+    let resp = ask(&gw, &key, chat("no-such-model", false)).await.unwrap();
     assert_eq!(resp.status(), 404);
     assert!(resp.headers().contains_key("x-carrel-overhead-us"));
     let metrics = gw.metrics().await;
@@ -565,12 +559,6 @@ async fn the_overhead_header_and_histogram_leave_the_provider_s_time_out() {
     // Off by default.
     let (mock, gw, key) = started().await;
     drop(mock);
-    let resp = http
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(&key)
-        .json(&chat("no-such-model", false))
-        .send()
-        .await
-        .unwrap();
+    let resp = ask(&gw, &key, chat("no-such-model", false)).await.unwrap();
     assert!(!resp.headers().contains_key("x-carrel-overhead-us"));
 }
